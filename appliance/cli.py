@@ -1,0 +1,244 @@
+"""The ``appliance`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from . import __version__
+
+
+def _die(msg: str, code: int = 2) -> None:
+    print(f"appliance: {msg}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def _need_root(what: str) -> None:
+    if os.geteuid() != 0:
+        _die(f"{what} needs root (network namespaces, iptables, NFQUEUE)")
+
+
+# --- API client ------------------------------------------------------------------
+
+def api_get(path: str, api: str, token: str) -> object:
+    req = urllib.request.Request(api.rstrip("/") + path, headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        _die(f"{path}: HTTP {exc.code}: {exc.read().decode(errors='replace')}")
+    except OSError as exc:
+        _die(f"cannot reach the API at {api}: {exc}")
+    return None
+
+
+def _api_args(args: argparse.Namespace) -> tuple[str, str]:
+    from . import lab
+
+    token = args.token
+    if not token:
+        tf = Path(args.token_file) if args.token_file else lab.run_dir() / "token"
+        try:
+            token = tf.read_text().strip()
+        except OSError:
+            _die(f"no token: pass --token or --token-file (looked in {tf})")
+    return args.api, token
+
+
+# --- commands ----------------------------------------------------------------------
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from .config import ConfigError, load
+    from .daemon import run
+
+    try:
+        cfg = load(args.config)
+    except ConfigError as exc:
+        _die(f"bad config: {exc}")
+    _need_root("appliance run")
+    run(cfg, listen_fd=args.listen_fd)
+
+
+def cmd_check_config(args: argparse.Namespace) -> None:
+    from .config import ConfigError, load
+
+    try:
+        cfg = load(args.config)
+    except ConfigError as exc:
+        _die(f"bad config: {exc}")
+    print(f"ok: {len(cfg.services)} service(s), API on {cfg.api.listen}")
+
+
+def cmd_cleanup(args: argparse.Namespace) -> None:
+    _need_root("appliance cleanup")
+    from .daemon import cleanup
+
+    for line in cleanup():
+        print(line)
+
+
+def cmd_lab(args: argparse.Namespace) -> None:
+    from . import lab
+
+    _need_root("the lab")
+    if args.lab_cmd == "up":
+        info = lab.up(clients=args.clients, backups=args.backups, appliance=not args.no_appliance)
+        _print_lab(info)
+    elif args.lab_cmd == "down":
+        for item in lab.down():
+            print(f"removed {item}")
+    elif args.lab_cmd == "status":
+        print(json.dumps(lab.status(), indent=2))
+    elif args.lab_cmd == "exec":
+        cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
+        if not cmd:
+            _die("lab exec HOST -- COMMAND...")
+        ns = args.host if args.host.startswith(lab.PREFIX) else lab.PREFIX + args.host
+        raise SystemExit(subprocess.call(["ip", "netns", "exec", ns, *cmd]))
+    elif args.lab_cmd == "demo":
+        demo(args)
+
+
+def _print_lab(info: dict) -> None:
+    print(f"lab up in {info['run_dir']}")
+    for h in info["hosts"]:
+        print(f"  {h['ns']:<14} {h['address']:<15} {h['role']}")
+    print(f"  service VIP     {info['vip']}")
+    if info.get("appliance_pid"):
+        print(f"panel and API:  {info['api']}  (token in {info['token_file']})")
+        print(f"token:          {info['token']}")
+
+
+def demo(args: argparse.Namespace) -> None:
+    """The lab demo: a real download through the gateway, watched live."""
+    from . import lab
+
+    info = lab.up(clients=1, backups=1)
+    _print_lab(info)
+    api, token = info["api"], info["token"]
+    name = args.file
+    expected = info["files"][name]
+    out = Path(info["run_dir"]) / "demo-download.bin"
+    url = f"http://{lab.VIP}/{name}"
+    print(f"\nclient: curl {url} at {args.rate} ...")
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", "lab-client", "curl", "-sS", "--fail", "--limit-rate", args.rate, "-o", str(out), url]
+    )
+    seen: dict = {}
+
+    def watch() -> None:
+        while proc.poll() is None:
+            conns = api_get("/api/v1/connections", api, token) or []
+            for c in conns:
+                if c["state"] != "CLOSED":
+                    seen.update(c)
+            if seen:
+                print(f"  conn {seen['id']} {seen['client']} -> {seen['backend']} {seen['state']:<11} "
+                      f"server bytes {seen['bytes_from_server']:>10}  server seq {seen['server_next_seq']}"
+                      f"  TSval {seen['server_tsval']}", flush=True)
+            time.sleep(1)
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    rc = proc.wait()
+    t.join(timeout=2)
+    got = _sha256(out)
+    out.unlink(missing_ok=True)
+    print(f"\ncurl exit {rc}; sha256 {'matches' if got == expected else 'DIFFERS'} ({got[:16]}...)")
+    conns = api_get("/api/v1/connections", api, token) or []
+    if conns:
+        print("final record as the gateway tracked it:")
+        print(json.dumps(conns[-1], indent=1))
+    print(f"\nThe panel stays up at {api}/ (token {token}).  `appliance lab down` removes the lab.")
+    if rc != 0 or got != expected:
+        raise SystemExit(1)
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    api, token = _api_args(args)
+    print(json.dumps(api_get("/api/v1/status", api, token), indent=2))
+
+
+def cmd_connections(args: argparse.Namespace) -> None:
+    api, token = _api_args(args)
+    path = "/api/v1/connections" if args.id is None else f"/api/v1/connections/{args.id}"
+    data = api_get(path, api, token)
+    if args.json or args.id is not None:
+        print(json.dumps(data, indent=2))
+        return
+    print(f"{'id':>5} {'client':<22} {'backend':<10} {'state':<12} {'from client':>12} {'from server':>12}")
+    for c in data:
+        print(f"{c['id']:>5} {c['client']:<22} {c['backend']:<10} {c['state']:<12} "
+              f"{c['bytes_from_client']:>12} {c['bytes_from_server']:>12}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="appliance", description="A failover gateway that keeps TCP connections alive.")
+    p.add_argument("--version", action="version", version=f"appliance {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    r = sub.add_parser("run", help="run the gateway")
+    r.add_argument("--config", required=True, help="TOML configuration file")
+    r.add_argument("--listen-fd", type=int, default=None, help="serve the API on this inherited listening socket")
+    r.set_defaults(func=cmd_run)
+
+    c = sub.add_parser("check-config", help="validate a configuration file")
+    c.add_argument("config")
+    c.set_defaults(func=cmd_check_config)
+
+    sub.add_parser("cleanup", help="remove rules and fallback left by a crashed gateway").set_defaults(func=cmd_cleanup)
+
+    lab = sub.add_parser("lab", help="the namespace lab")
+    lsub = lab.add_subparsers(dest="lab_cmd", required=True)
+    up = lsub.add_parser("up", help="create (or complete) the lab and start the gateway in it")
+    up.add_argument("--clients", type=int, default=1)
+    up.add_argument("--backups", type=int, default=1)
+    up.add_argument("--no-appliance", action="store_true", help="topology and servers only")
+    lsub.add_parser("down", help="remove everything the lab made")
+    lsub.add_parser("status", help="what is up")
+    ex = lsub.add_parser("exec", help="run a command in a lab host (client, primary, backup, gateway)")
+    ex.add_argument("host")
+    ex.add_argument("command", nargs=argparse.REMAINDER)
+    dm = lsub.add_parser("demo", help="lab up, a download through the gateway, the record it tracked")
+    dm.add_argument("--file", default="100M.bin", choices=["1M.bin", "100M.bin", "1G.bin"])
+    dm.add_argument("--rate", default="20M", help="curl --limit-rate for the download")
+    lab.set_defaults(func=cmd_lab)
+
+    for name, fn, helptext in (("status", cmd_status, "the gateway's status (via the API)"),
+                               ("connections", cmd_connections, "tracked connections (via the API)")):
+        sp = sub.add_parser(name, help=helptext)
+        sp.add_argument("--api", default="http://127.0.0.1:8080")
+        sp.add_argument("--token")
+        sp.add_argument("--token-file")
+        if name == "connections":
+            sp.add_argument("id", nargs="?", type=int)
+            sp.add_argument("--json", action="store_true")
+        sp.set_defaults(func=fn)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

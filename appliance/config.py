@@ -1,0 +1,293 @@
+"""Appliance configuration: a TOML file, validated into typed settings.
+
+Every error names the field it is about, as a dotted path
+(``service[0].backend[1].address``), so an operator can fix a file without
+reading code.  Unknown keys are errors too: a misspelt option silently
+ignored is how appliances end up running with defaults nobody chose.
+
+Example::
+
+    [gateway]
+    queue_num = 0
+    on_malformed = "accept"      # or "drop": what to do with packets we cannot parse
+    max_connections = 65536
+
+    [api]
+    listen = "127.0.0.1:8080"
+    token = "change-me"          # or token_file = "/etc/appliance/token"
+
+    [[service]]
+    name = "web"
+    vip = "203.0.113.10"
+    port = 80
+
+    [[service.backend]]
+    name = "primary"
+    address = "198.51.100.10"
+
+    [[service.backend]]
+    name = "backup"
+    address = "198.51.100.20"
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration problem; ``field`` is the dotted path of the culprit."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class BackendConfig:
+    name: str
+    address: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceConfig:
+    name: str
+    vip: str
+    port: int
+    backends: tuple[BackendConfig, ...]
+
+    def backend(self, name: str) -> BackendConfig | None:
+        return next((b for b in self.backends if b.name == name), None)
+
+
+@dataclass(frozen=True, slots=True)
+class TimeoutConfig:
+    opening: float = 30.0
+    established: float = 3600.0
+    closing: float = 120.0
+    finished: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    queue_num: int = 0
+    on_malformed: str = "accept"
+    max_connections: int = 65536
+    fail_open: bool = True
+    timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class ApiConfig:
+    listen: str = "127.0.0.1:8080"
+    token: str = ""
+
+    @property
+    def host(self) -> str:
+        return self.listen.rsplit(":", 1)[0]
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rsplit(":", 1)[1])
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    gateway: GatewayConfig
+    api: ApiConfig
+    services: tuple[ServiceConfig, ...]
+
+    def service(self, name: str) -> ServiceConfig | None:
+        return next((s for s in self.services if s.name == name), None)
+
+
+# --- validation helpers -----------------------------------------------------
+
+def _table(data: Any, where: str) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise ConfigError(where, f"must be a table, got {type(data).__name__}")
+    return data
+
+
+def _no_unknown(data: dict[str, Any], allowed: set[str], where: str) -> None:
+    for key in data:
+        if key not in allowed:
+            path = f"{where}.{key}" if where else key
+            raise ConfigError(path, f"unknown setting (allowed: {', '.join(sorted(allowed))})")
+
+
+def _int(data: dict[str, Any], key: str, where: str, default: int, lo: int, hi: int) -> int:
+    v = data.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ConfigError(f"{where}.{key}", f"must be an integer, got {v!r}")
+    if not lo <= v <= hi:
+        raise ConfigError(f"{where}.{key}", f"must be between {lo} and {hi}, got {v}")
+    return v
+
+
+def _float(data: dict[str, Any], key: str, where: str, default: float, lo: float) -> float:
+    v = data.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ConfigError(f"{where}.{key}", f"must be a number, got {v!r}")
+    if v < lo:
+        raise ConfigError(f"{where}.{key}", f"must be at least {lo}, got {v}")
+    return float(v)
+
+
+def _str(data: dict[str, Any], key: str, where: str, default: str | None = None) -> str:
+    if key not in data:
+        if default is None:
+            raise ConfigError(f"{where}.{key}", "is required")
+        return default
+    v = data[key]
+    if not isinstance(v, str) or not v:
+        raise ConfigError(f"{where}.{key}", f"must be a non-empty string, got {v!r}")
+    return v
+
+
+def _ipv4(data: dict[str, Any], key: str, where: str) -> str:
+    v = _str(data, key, where)
+    try:
+        return str(ipaddress.IPv4Address(v))
+    except ValueError:
+        raise ConfigError(f"{where}.{key}", f"{v!r} is not an IPv4 address") from None
+
+
+def _choice(data: dict[str, Any], key: str, where: str, default: str, choices: tuple[str, ...]) -> str:
+    v = _str(data, key, where, default)
+    if v not in choices:
+        raise ConfigError(f"{where}.{key}", f"must be one of {', '.join(choices)}, got {v!r}")
+    return v
+
+
+def _name(data: dict[str, Any], where: str) -> str:
+    v = _str(data, "name", where)
+    if not v.replace("-", "").replace("_", "").isalnum():
+        raise ConfigError(f"{where}.name", f"{v!r}: use letters, digits, '-' and '_' only")
+    return v
+
+
+# --- sections ------------------------------------------------------------------
+
+def _gateway(data: dict[str, Any]) -> GatewayConfig:
+    where = "gateway"
+    _no_unknown(data, {"queue_num", "on_malformed", "max_connections", "fail_open", "timeouts"}, where)
+    fail_open = data.get("fail_open", True)
+    if not isinstance(fail_open, bool):
+        raise ConfigError(f"{where}.fail_open", f"must be true or false, got {fail_open!r}")
+    t = _table(data.get("timeouts", {}), f"{where}.timeouts")
+    tw = f"{where}.timeouts"
+    _no_unknown(t, {"opening", "established", "closing", "finished"}, tw)
+    timeouts = TimeoutConfig(
+        opening=_float(t, "opening", tw, 30.0, 0.1),
+        established=_float(t, "established", tw, 3600.0, 0.1),
+        closing=_float(t, "closing", tw, 120.0, 0.1),
+        finished=_float(t, "finished", tw, 10.0, 0.1),
+    )
+    return GatewayConfig(
+        queue_num=_int(data, "queue_num", where, 0, 0, 65535),
+        on_malformed=_choice(data, "on_malformed", where, "accept", ("accept", "drop")),
+        max_connections=_int(data, "max_connections", where, 65536, 1, 10_000_000),
+        fail_open=fail_open,
+        timeouts=timeouts,
+    )
+
+
+def _api(data: dict[str, Any], base: Path) -> ApiConfig:
+    where = "api"
+    _no_unknown(data, {"listen", "token", "token_file"}, where)
+    listen = _str(data, "listen", where, "127.0.0.1:8080")
+    host, sep, port = listen.rpartition(":")
+    try:
+        ipaddress.ip_address(host)
+        ok = bool(sep) and 0 < int(port) < 65536
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ConfigError(f"{where}.listen", f"{listen!r} is not ADDRESS:PORT")
+    if "token" in data and "token_file" in data:
+        raise ConfigError(f"{where}.token", "give token or token_file, not both")
+    if "token_file" in data:
+        path = base / _str(data, "token_file", where)
+        try:
+            token = path.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"{where}.token_file", f"cannot read {path}: {exc.strerror}") from None
+    else:
+        token = _str(data, "token", where)
+    if len(token) < 8:
+        raise ConfigError(f"{where}.token", "must be at least 8 characters")
+    return ApiConfig(listen=listen, token=token)
+
+
+def _service(data: Any, i: int) -> ServiceConfig:
+    where = f"service[{i}]"
+    data = _table(data, where)
+    _no_unknown(data, {"name", "vip", "port", "backend"}, where)
+    name = _name(data, where)
+    vip = _ipv4(data, "vip", where)
+    port = _int(data, "port", where, 80, 1, 65535)
+    raw = data.get("backend")
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(f"{where}.backend", "at least one [[service.backend]] is required")
+    backends = []
+    for j, b in enumerate(raw):
+        bw = f"{where}.backend[{j}]"
+        b = _table(b, bw)
+        _no_unknown(b, {"name", "address", "port"}, bw)
+        backends.append(BackendConfig(name=_name(b, bw), address=_ipv4(b, "address", bw), port=_int(b, "port", bw, port, 1, 65535)))
+    names = [b.name for b in backends]
+    for j, n in enumerate(names):
+        if names.index(n) != j:
+            raise ConfigError(f"{where}.backend[{j}].name", f"duplicate backend name {n!r}")
+    addrs = [(b.address, b.port) for b in backends]
+    for j, a in enumerate(addrs):
+        if addrs.index(a) != j:
+            raise ConfigError(f"{where}.backend[{j}].address", f"{a[0]}:{a[1]} is listed twice")
+        if a[0] == vip:
+            raise ConfigError(f"{where}.backend[{j}].address", "must differ from the service's vip")
+    return ServiceConfig(name=name, vip=vip, port=port, backends=tuple(backends))
+
+
+def parse(data: dict[str, Any], base: Path = Path(".")) -> Config:
+    _no_unknown(data, {"gateway", "api", "service"}, "")
+    gateway = _gateway(_table(data.get("gateway", {}), "gateway"))
+    api = _api(_table(data.get("api", {}), "api"), base)
+    raw = data.get("service")
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError("service", "at least one [[service]] is required")
+    services = tuple(_service(s, i) for i, s in enumerate(raw))
+    seen: dict[str, int] = {}
+    fronts: dict[tuple[str, int], int] = {}
+    backs: dict[tuple[str, int], int] = {}
+    for i, s in enumerate(services):
+        if s.name in seen:
+            raise ConfigError(f"service[{i}].name", f"duplicate service name {s.name!r}")
+        seen[s.name] = i
+        if (s.vip, s.port) in fronts:
+            raise ConfigError(f"service[{i}].vip", f"{s.vip}:{s.port} is already service[{fronts[(s.vip, s.port)]}]")
+        fronts[(s.vip, s.port)] = i
+        for j, b in enumerate(s.backends):
+            if (b.address, b.port) in backs and backs[(b.address, b.port)] != i:
+                raise ConfigError(f"service[{i}].backend[{j}].address", "a backend address:port may serve one service only")
+            backs[(b.address, b.port)] = i
+    return Config(gateway=gateway, api=api, services=services)
+
+
+def load(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(str(path), f"cannot read: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), f"not valid TOML: {exc}") from None
+    return parse(data, path.parent)

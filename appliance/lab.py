@@ -1,0 +1,365 @@
+"""The lab: a client, a gateway and servers as network namespaces on one machine.
+
+::
+
+    lab-client  192.0.2.10 ─┐                         ┌─ 198.51.100.10  lab-primary (nginx)
+    lab-client2 192.0.2.11 ─┤ br-client   br-server ├─ 198.51.100.20  lab-backup  (nginx)
+                 ...        └── 192.0.2.1 ─ lab-gateway ─ 198.51.100.1 ──┘  ...
+                                 service VIP 203.0.113.10:80
+
+Every address is from the documentation ranges (RFC 5737) and lives only in
+namespaces the lab creates.  Each host is joined to a bridge in
+``lab-gateway`` by a veth pair (MTU 1500): the host side is ``eth0``, the
+gateway side ``v-<host>`` (so cutting a host's link is
+``ip -n lab-gateway link set v-primary down``).  Clients and servers route
+everything through the gateway; the VIP is owned by no one, the appliance
+translates it.
+
+``up`` is idempotent (it creates what is missing), writes everything it
+needs under the run directory (``$APPLIANCE_LAB_DIR``, default
+``/run/appliance-lab``): the gateway's config, the API token, nginx
+configs, pid files, logs and the seeded test files.  ``down`` removes every
+``lab-*`` namespace after killing every process in it, and the run
+directory, whatever state a crash left them in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+PREFIX = "lab-"
+GATEWAY = "lab-gateway"
+VIP = "203.0.113.10"
+SERVICE_PORT = 80
+CLIENT_NET = "192.0.2"
+SERVER_NET = "198.51.100"
+API_HOST = "127.0.0.1"
+API_PORT = 8080
+# name -> size; contents from random.Random(seed) so every run, primary and
+# backup alike, serve the same bytes
+TEST_FILES = {"1M.bin": 1 << 20, "100M.bin": 100 << 20, "1G.bin": 1 << 30}
+
+
+def run_dir() -> Path:
+    return Path(os.environ.get("APPLIANCE_LAB_DIR", "/run/appliance-lab"))
+
+
+@dataclass(frozen=True)
+class Host:
+    ns: str
+    address: str
+    role: str  # client | primary | backup
+
+    @property
+    def short(self) -> str:
+        return self.ns[len(PREFIX):]
+
+    @property
+    def gw_if(self) -> str:
+        return f"v-{self.short}"[:15]
+
+
+def topology(clients: int = 1, backups: int = 1) -> list[Host]:
+    hosts = [Host(f"{PREFIX}client{'' if i == 0 else i + 1}", f"{CLIENT_NET}.{10 + i}", "client") for i in range(clients)]
+    hosts.append(Host(f"{PREFIX}primary", f"{SERVER_NET}.10", "primary"))
+    hosts += [Host(f"{PREFIX}backup{'' if i == 0 else i + 1}", f"{SERVER_NET}.{20 + i}", "backup") for i in range(backups)]
+    return hosts
+
+
+# --- shell helpers ---------------------------------------------------------------
+
+def sh(*args: str, check: bool = True, quiet: bool = False) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run(args, capture_output=True, text=True)
+    if check and res.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed ({res.returncode}): {res.stderr.strip()}")
+    return res
+
+
+def nsexec(ns: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return sh("ip", "netns", "exec", ns, *args, check=check)
+
+
+def namespaces() -> list[str]:
+    out = sh("ip", "netns", "list", check=False).stdout
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+def lab_namespaces() -> list[str]:
+    return [ns for ns in namespaces() if ns.startswith(PREFIX)]
+
+
+def link_exists(ns: str, dev: str) -> bool:
+    return sh("ip", "-n", ns, "link", "show", "dev", dev, check=False).returncode == 0
+
+
+def pid_alive(pidfile: Path) -> int | None:
+    try:
+        pid = int(pidfile.read_text().strip())
+        os.kill(pid, 0)
+        return pid
+    except (OSError, ValueError):
+        return None
+
+
+# --- up ----------------------------------------------------------------------------
+
+def _ensure_ns(ns: str) -> None:
+    if ns not in namespaces():
+        sh("ip", "netns", "add", ns)
+    sh("ip", "-n", ns, "link", "set", "lo", "up")
+
+
+def _ensure_bridge(name: str, cidr: str) -> None:
+    if not link_exists(GATEWAY, name):
+        sh("ip", "-n", GATEWAY, "link", "add", name, "type", "bridge")
+    sh("ip", "-n", GATEWAY, "addr", "replace", cidr, "dev", name)
+    sh("ip", "-n", GATEWAY, "link", "set", name, "up")
+
+
+def _ensure_host(h: Host) -> None:
+    _ensure_ns(h.ns)
+    if not link_exists(h.ns, "eth0"):
+        if link_exists(GATEWAY, h.gw_if):
+            sh("ip", "-n", GATEWAY, "link", "del", h.gw_if)
+        sh("ip", "link", "add", h.gw_if, "netns", GATEWAY, "mtu", "1500", "type", "veth",
+           "peer", "name", "eth0", "netns", h.ns, "mtu", "1500")
+    bridge = "br-client" if h.role == "client" else "br-server"
+    gw = f"{CLIENT_NET}.1" if h.role == "client" else f"{SERVER_NET}.1"
+    sh("ip", "-n", GATEWAY, "link", "set", h.gw_if, "master", bridge, "up")
+    sh("ip", "-n", h.ns, "addr", "replace", f"{h.address}/24", "dev", "eth0")
+    sh("ip", "-n", h.ns, "link", "set", "eth0", "up")
+    sh("ip", "-n", h.ns, "route", "replace", "default", "via", gw)
+
+
+def make_test_files(www: Path) -> dict[str, str]:
+    """Write the seeded test files (once) and return name -> sha256."""
+    www.mkdir(parents=True, exist_ok=True)
+    sums_file = www / "SHA256SUMS"
+    sums = {}
+    if sums_file.exists():
+        for line in sums_file.read_text().splitlines():
+            digest, name = line.split()
+            sums[name] = digest
+    for name, size in TEST_FILES.items():
+        path = www / name
+        if name in sums and path.exists() and path.stat().st_size == size:
+            continue
+        rng = random.Random(f"appliance-lab/{name}")
+        h = hashlib.sha256()
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            left = size
+            while left:
+                chunk = rng.randbytes(min(left, 1 << 20))
+                h.update(chunk)
+                f.write(chunk)
+                left -= len(chunk)
+        tmp.rename(path)
+        sums[name] = h.hexdigest()
+    sums_file.write_text("".join(f"{d}  {n}\n" for n, d in sorted(sums.items())))
+    return sums
+
+
+NGINX_CONF = """\
+worker_processes 1;
+pid {run}/nginx-{name}.pid;
+error_log {run}/nginx-{name}.error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_timeout 65;
+    keepalive_requests 10000;
+    default_type application/octet-stream;
+    client_body_temp_path {run}/nginx-{name}.tmp/body;
+    proxy_temp_path {run}/nginx-{name}.tmp/proxy;
+    fastcgi_temp_path {run}/nginx-{name}.tmp/fastcgi;
+    uwsgi_temp_path {run}/nginx-{name}.tmp/uwsgi;
+    scgi_temp_path {run}/nginx-{name}.tmp/scgi;
+    server {{
+        listen {address}:{port};
+        root {www};
+        location / {{ }}
+    }}
+}}
+"""
+
+
+def start_nginx(h: Host, www: Path) -> None:
+    rd = run_dir()
+    name = h.short
+    conf = rd / f"nginx-{name}.conf"
+    if pid_alive(rd / f"nginx-{name}.pid"):
+        return
+    (rd / f"nginx-{name}.tmp").mkdir(parents=True, exist_ok=True)
+    conf.write_text(NGINX_CONF.format(run=rd, name=name, address=h.address, port=SERVICE_PORT, www=www))
+    nsexec(h.ns, "nginx", "-c", str(conf), "-p", str(rd))
+
+
+def gateway_config(hosts: list[Host], token_file: Path) -> str:
+    backends = "".join(
+        f'\n[[service.backend]]\nname = "{h.short}"\naddress = "{h.address}"\nport = {SERVICE_PORT}\n'
+        for h in hosts if h.role in ("primary", "backup")
+    )
+    return (
+        "# written by `appliance lab up`\n"
+        "[gateway]\nqueue_num = 0\n\n"
+        f'[api]\nlisten = "{API_HOST}:{API_PORT}"\ntoken_file = "{token_file}"\n\n'
+        f'[[service]]\nname = "web"\nvip = "{VIP}"\nport = {SERVICE_PORT}\n{backends}'
+    )
+
+
+def start_appliance(config: Path, extra_args: list[str] | None = None) -> int:
+    """Start ``appliance run`` inside lab-gateway, serving the API on a socket
+    opened here, in the host namespace (a socket keeps the namespace it was
+    made in), handed down as an inherited descriptor."""
+    rd = run_dir()
+    pidfile = rd / "appliance.pid"
+    pid = pid_alive(pidfile)
+    if pid:
+        return pid
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((API_HOST, API_PORT))
+    sock.listen(128)
+    fd = sock.fileno()
+    log = open(rd / "appliance.log", "ab")
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", GATEWAY, sys.executable, "-m", "appliance", "run",
+         "--config", str(config), "--listen-fd", str(fd), *(extra_args or [])],
+        pass_fds=(fd,), stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+        cwd=str(Path(__file__).resolve().parent.parent),
+    )
+    sock.close()
+    log.close()
+    pidfile.write_text(f"{proc.pid}\n")
+    wait_api(proc)
+    return proc.pid
+
+
+def wait_api(proc: subprocess.Popen | None = None, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"appliance exited with {proc.returncode}; see {run_dir() / 'appliance.log'}")
+        try:
+            with urllib.request.urlopen(f"http://{API_HOST}:{API_PORT}/healthz", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"appliance API did not come up; see {run_dir() / 'appliance.log'}")
+
+
+def stop_appliance(timeout: float = 10.0) -> None:
+    pidfile = run_dir() / "appliance.pid"
+    pid = pid_alive(pidfile)
+    if pid:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and pid_alive(pidfile):
+            time.sleep(0.05)
+        if pid_alive(pidfile):
+            os.kill(pid, signal.SIGKILL)
+    pidfile.unlink(missing_ok=True)
+
+
+def up(clients: int = 1, backups: int = 1, appliance: bool = True) -> dict[str, object]:
+    if clients < 1 or backups < 1:
+        raise ValueError("--clients and --backups must be at least 1")
+    rd = run_dir()
+    rd.mkdir(parents=True, exist_ok=True)
+    hosts = topology(clients, backups)
+    _ensure_ns(GATEWAY)
+    for k, v in (("net.ipv4.ip_forward", "1"), ("net.ipv4.conf.all.rp_filter", "0"),
+                 ("net.ipv4.conf.default.rp_filter", "0")):
+        nsexec(GATEWAY, "sysctl", "-qw", f"{k}={v}")
+    _ensure_bridge("br-client", f"{CLIENT_NET}.1/24")
+    _ensure_bridge("br-server", f"{SERVER_NET}.1/24")
+    for h in hosts:
+        _ensure_host(h)
+    www = rd / "www"
+    sums = make_test_files(www)
+    for h in hosts:
+        if h.role != "client":
+            start_nginx(h, www)
+    token_file = rd / "token"
+    if not token_file.exists():
+        token_file.write_text(secrets.token_urlsafe(24) + "\n")
+        token_file.chmod(0o600)
+    config = rd / "gateway.toml"
+    config.write_text(gateway_config(hosts, token_file))
+    (rd / "topology.json").write_text(json.dumps([h.__dict__ for h in hosts], indent=1))
+    pid = start_appliance(config) if appliance else None
+    return {
+        "run_dir": str(rd),
+        "hosts": [h.__dict__ for h in hosts],
+        "vip": f"{VIP}:{SERVICE_PORT}",
+        "api": f"http://{API_HOST}:{API_PORT}",
+        "token_file": str(token_file),
+        "token": token_file.read_text().strip(),
+        "appliance_pid": pid,
+        "files": sums,
+    }
+
+
+# --- down / status --------------------------------------------------------------------
+
+def down() -> list[str]:
+    """Remove everything the lab made, whatever state it is in."""
+    removed = []
+    if run_dir().exists():
+        try:
+            stop_appliance(timeout=5.0)
+        except OSError:
+            pass
+    for ns in lab_namespaces():
+        pids = sh("ip", "netns", "pids", ns, check=False).stdout.split()
+        for p in pids:
+            try:
+                os.kill(int(p), signal.SIGKILL)
+            except (OSError, ValueError):
+                pass
+        for _ in range(50):
+            if not sh("ip", "netns", "pids", ns, check=False).stdout.split():
+                break
+            time.sleep(0.05)
+        sh("ip", "netns", "del", ns, check=False)
+        removed.append(ns)
+    rd = run_dir()
+    if rd.exists():
+        shutil.rmtree(rd, ignore_errors=True)
+        removed.append(str(rd))
+    return removed
+
+
+def status() -> dict[str, object]:
+    rd = run_dir()
+    nss = lab_namespaces()
+    procs = {}
+    for ns in nss:
+        procs[ns] = sh("ip", "netns", "pids", ns, check=False).stdout.split()
+    token_file = rd / "token"
+    return {
+        "up": GATEWAY in nss,
+        "namespaces": nss,
+        "processes": procs,
+        "appliance_pid": pid_alive(rd / "appliance.pid"),
+        "api": f"http://{API_HOST}:{API_PORT}",
+        "token_file": str(token_file) if token_file.exists() else None,
+        "run_dir": str(rd),
+    }

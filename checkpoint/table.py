@@ -1,0 +1,152 @@
+"""The connection table: every tracked connection, bounded in size and time.
+
+Theory of operation
+-------------------
+Records are keyed by the client-side 4-tuple (client ip, client port, VIP,
+service port), which is what a connection is called on the wire the client
+sees and stays its name across failovers.  The table keeps records in
+least-recently-seen order (an ``OrderedDict`` moved to the end on each
+segment), so expiry and eviction look at the oldest first.
+
+* Timeouts (seconds, from ``Timeouts``) depend on the state: a half-open
+  handshake, an idle established connection, one closing (FIN seen), and one
+  finished (TIME_WAIT or reset).  ``expire(now)`` removes the records past
+  theirs and returns them.
+* ``max_connections`` bounds the table.  When a new connection would exceed it
+  the least recently seen *finished* record is evicted; if there is none the
+  new connection is refused (``admit`` returns None, counted in
+  ``refused_full``) rather than dropping a live connection's protection.
+* A SYN (without ACK) for a key whose record is finished starts a new
+  incarnation: the old record is replaced.
+
+No I/O and no clock: ``now`` is passed in.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Iterator
+
+from .ici import ConnectionRecord, TcpState
+from .segment import ACK, RST, SYN, SegmentLike
+from .tracker import observe
+
+Key = tuple[str, int, str, int]
+FINISHED = (TcpState.TIME_WAIT, TcpState.CLOSED)
+CLOSING = (TcpState.FIN_WAIT, TcpState.CLOSE_WAIT, TcpState.LAST_ACK)
+OPENING = (TcpState.SYN_SENT, TcpState.SYN_RECV)
+
+
+@dataclass(slots=True)
+class Timeouts:
+    opening: float = 30.0       # SYN_SENT / SYN_RECV
+    established: float = 3600.0  # idle ESTABLISHED
+    closing: float = 120.0      # FIN_WAIT / CLOSE_WAIT / LAST_ACK
+    finished: float = 10.0      # TIME_WAIT / CLOSED
+
+    def for_state(self, state: TcpState) -> float:
+        if state in FINISHED:
+            return self.finished
+        if state in CLOSING:
+            return self.closing
+        if state in OPENING:
+            return self.opening
+        return self.established
+
+
+class ConnectionTable:
+    def __init__(self, max_connections: int = 65536, timeouts: Timeouts | None = None) -> None:
+        if max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
+        self.max_connections = max_connections
+        self.timeouts = timeouts or Timeouts()
+        self._by_key: OrderedDict[Key, ConnectionRecord] = OrderedDict()
+        self._by_id: dict[int, ConnectionRecord] = {}
+        self._next_id = 1
+        self.refused_full = 0
+        self.evicted = 0
+        self.expired = 0
+        self.created = 0
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+    def __iter__(self) -> Iterator[ConnectionRecord]:
+        return iter(list(self._by_key.values()))
+
+    def get(self, key: Key) -> ConnectionRecord | None:
+        return self._by_key.get(key)
+
+    def by_id(self, cid: int) -> ConnectionRecord | None:
+        return self._by_id.get(cid)
+
+    def admit(
+        self,
+        key: Key,
+        seg: SegmentLike,
+        *,
+        service: str,
+        backend: str,
+        backend_ip: str,
+        backend_port: int,
+        now: float,
+    ) -> ConnectionRecord | None:
+        """The record for a client segment of ``key``, creating one when the
+        segment may open (or pick up) a connection.  None: not tracked."""
+        rec = self._by_key.get(key)
+        flags = seg.flags
+        is_syn = bool(flags & SYN) and not flags & ACK
+        if rec is not None:
+            if not (is_syn and rec.state in FINISHED and rec.client.isn != seg.seq):
+                return rec
+            self._remove(rec)
+        if flags & RST:
+            return None  # a RST never opens anything
+        if len(self._by_key) >= self.max_connections and not self._evict_one():
+            self.refused_full += 1
+            return None
+        rec = ConnectionRecord(
+            id=self._next_id,
+            client_ip=key[0],
+            client_port=key[1],
+            vip=key[2],
+            vport=key[3],
+            service=service,
+            backend=backend,
+            backend_ip=backend_ip,
+            backend_port=backend_port,
+            created=now,
+            last_seen=now,
+        )
+        self._next_id += 1
+        self._by_key[key] = rec
+        self._by_id[rec.id] = rec
+        self.created += 1
+        return rec
+
+    def observe(self, rec: ConnectionRecord, seg: SegmentLike, from_client: bool, now: float) -> None:
+        observe(rec, seg, from_client, now)
+        self._by_key.move_to_end(rec.key)
+
+    def expire(self, now: float) -> list[ConnectionRecord]:
+        gone = [
+            rec for rec in self._by_key.values()
+            if now - rec.last_seen >= self.timeouts.for_state(rec.state)
+        ]
+        for rec in gone:
+            self._remove(rec)
+        self.expired += len(gone)
+        return gone
+
+    def _evict_one(self) -> bool:
+        for rec in self._by_key.values():  # oldest first
+            if rec.state in FINISHED:
+                self._remove(rec)
+                self.evicted += 1
+                return True
+        return False
+
+    def _remove(self, rec: ConnectionRecord) -> None:
+        self._by_key.pop(rec.key, None)
+        self._by_id.pop(rec.id, None)

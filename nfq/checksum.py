@@ -1,0 +1,47 @@
+"""Internet checksums: full (RFC 1071) and incremental (RFC 1624).
+
+The hot path never recomputes a checksum over a packet: a field change of m to
+m' turns checksum HC into HC' = ~(~HC + ~m + m') (RFC 1624 eqn. 3), a few
+integer operations whatever the packet's size.
+"""
+
+from __future__ import annotations
+
+
+def _fold(s: int) -> int:
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return s
+
+
+def update16(csum: int, old: int, new: int) -> int:
+    """Checksum after a 16-bit word changed from ``old`` to ``new``."""
+    s = (~csum & 0xFFFF) + (~old & 0xFFFF) + (new & 0xFFFF)
+    return ~_fold(s) & 0xFFFF
+
+
+def update32(csum: int, old: int, new: int) -> int:
+    """Checksum after a 32-bit field (two words) changed from ``old`` to ``new``."""
+    s = (
+        (~csum & 0xFFFF)
+        + (~(old >> 16) & 0xFFFF)
+        + (~old & 0xFFFF)
+        + ((new >> 16) & 0xFFFF)
+        + (new & 0xFFFF)
+    )
+    return ~_fold(s) & 0xFFFF
+
+
+def checksum(data: bytes | bytearray | memoryview) -> int:
+    """Full Internet checksum of ``data`` (odd length padded with a zero byte)."""
+    b = bytes(data)
+    if len(b) % 2:
+        b += b"\0"
+    s = sum(int.from_bytes(b[i:i + 2], "big") for i in range(0, len(b), 2))
+    return ~_fold(s) & 0xFFFF
+
+
+def tcp_checksum(src: bytes, dst: bytes, tcp: bytes | bytearray | memoryview) -> int:
+    """TCP checksum over the IPv4 pseudo-header and ``tcp`` (checksum field as found)."""
+    pseudo = src + dst + bytes((0, 6)) + len(tcp).to_bytes(2, "big")
+    return checksum(pseudo + bytes(tcp))

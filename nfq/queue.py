@@ -1,0 +1,159 @@
+"""The NFQUEUE binding: packets in, one verdict out for every one of them.
+
+``PacketQueue`` wraps NetfilterQueue.  The handler is a plain function from
+the packet's bytes (a ``bytearray`` it may rewrite in place) to a
+:class:`Verdict`; the wrapper turns that into the library calls and
+guarantees a verdict even when the handler raises (the packet is then
+treated by the error policy and the error counted): NetfilterQueue leaves a
+packet without a verdict if the callback raises, and the kernel would hold it
+until the queue fills.
+
+Reading is non-blocking (``run(block=False)`` drains the socket), so the
+queue plugs into an asyncio loop with ``add_reader``.  ``set_fail_open``
+sets ``NFQA_CFG_F_FAIL_OPEN`` by sending an ``NFQNL_MSG_CONFIG`` message on
+the queue's own netlink socket (the library has no API for queue flags):
+when the queue is full the kernel then accepts packets instead of dropping
+them.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import socket
+import struct
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+# Copy at most this much of each packet.  NetfilterQueue's receive buffer is
+# 4096 bytes with 80 of metadata; a payload set on a truncated copy would
+# truncate the real packet, so the handler refuses to rewrite those
+# (PacketView raises on a truncated copy) and they pass unmodified.
+COPY_RANGE = 4016
+
+
+class Verdict(enum.IntEnum):
+    ACCEPT = 0      # pass unchanged
+    REWRITTEN = 1   # pass with the handler's changes to the bytes
+    DROP = 2
+
+
+Handler = Callable[[bytearray], Verdict]
+
+
+@dataclass
+class QueueStats:
+    packets: int = 0
+    accepted: int = 0
+    rewritten: int = 0
+    dropped: int = 0
+    handler_errors: int = 0
+    busy_seconds: float = 0.0
+    last_error: str | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "packets": self.packets,
+            "accepted": self.accepted,
+            "rewritten": self.rewritten,
+            "dropped": self.dropped,
+            "handler_errors": self.handler_errors,
+            "busy_seconds": round(self.busy_seconds, 6),
+            "last_error": self.last_error,
+        }
+
+
+class PacketQueue:
+    def __init__(
+        self,
+        queue_num: int,
+        handler: Handler,
+        *,
+        on_error: Verdict = Verdict.ACCEPT,
+        max_len: int = 4096,
+        sock_len: int = 8 * 1024 * 1024,
+    ) -> None:
+        from netfilterqueue import NetfilterQueue
+
+        self.queue_num = queue_num
+        self.handler = handler
+        self.on_error = on_error
+        self.stats = QueueStats()
+        self._nfq = NetfilterQueue()
+        self._nfq.bind(queue_num, self._callback, max_len=max_len, range=COPY_RANGE, sock_len=sock_len)
+
+    def fileno(self) -> int:
+        return self._nfq.get_fd()
+
+    def _callback(self, pkt) -> None:  # NetfilterQueue's Packet
+        t0 = time.perf_counter()
+        st = self.stats
+        st.packets += 1
+        try:
+            buf = bytearray(pkt.get_payload())
+            verdict = self.handler(buf)
+        except Exception as exc:  # never leave a packet without a verdict
+            st.handler_errors += 1
+            st.last_error = f"{type(exc).__name__}: {exc}"
+            log.exception("handler failed; verdict %s", self.on_error.name)
+            verdict = self.on_error
+            buf = None
+        if verdict is Verdict.REWRITTEN and buf is not None:
+            pkt.set_payload(bytes(buf))
+            pkt.accept()
+            st.rewritten += 1
+        elif verdict is Verdict.DROP:
+            pkt.drop()
+            st.dropped += 1
+        else:
+            pkt.accept()
+            st.accepted += 1
+        st.busy_seconds += time.perf_counter() - t0
+
+    def process_pending(self) -> None:
+        """Handle every packet waiting on the socket, then return."""
+        self._nfq.run(block=False)
+
+    def run_forever(self) -> None:
+        self._nfq.run(block=True)
+
+    def set_fail_open(self, enabled: bool = True) -> None:
+        set_queue_flags(self.fileno(), self.queue_num, NFQA_CFG_F_FAIL_OPEN if enabled else 0, NFQA_CFG_F_FAIL_OPEN)
+
+    def close(self) -> None:
+        try:
+            self._nfq.unbind()
+        except Exception:  # already unbound
+            pass
+
+
+# --- nfnetlink queue configuration (linux/netfilter/nfnetlink_queue.h) ------
+NFNL_SUBSYS_QUEUE = 3
+NFQNL_MSG_CONFIG = 2
+NFQA_CFG_MASK = 4
+NFQA_CFG_FLAGS = 5
+NFQA_CFG_F_FAIL_OPEN = 1 << 0
+NLM_F_REQUEST = 1
+
+
+def config_message(queue_num: int, flags: int, mask: int, seq: int = 0) -> bytes:
+    """An ``NFQNL_MSG_CONFIG`` netlink message setting ``flags`` under ``mask``."""
+    # nlattr headers are host-endian; attribute payloads are big-endian
+    attrs = struct.pack("=HH", 8, NFQA_CFG_MASK) + struct.pack("!I", mask)
+    attrs += struct.pack("=HH", 8, NFQA_CFG_FLAGS) + struct.pack("!I", flags)
+    nfgen = struct.pack("=BB", socket.AF_UNSPEC, 0) + struct.pack("!H", queue_num)
+    body = nfgen + attrs
+    header = struct.pack("=IHHII", 16 + len(body), (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_CONFIG, NLM_F_REQUEST, seq, 0)
+    return header + body
+
+
+def set_queue_flags(fd: int, queue_num: int, flags: int, mask: int) -> None:
+    sock = socket.socket(fileno=os.dup(fd))
+    try:
+        sock.sendto(config_message(queue_num, flags, mask), (0, 0))
+    finally:
+        sock.close()

@@ -1,0 +1,132 @@
+"""The appliance's iptables rules, through python-iptables (iptables-legacy).
+
+Everything lives in one chain of our own in the ``raw`` table, ``APPLIANCE``,
+jumped to from ``PREROUTING`` (packets arriving from clients and servers)
+and from ``OUTPUT`` (packets the appliance itself injects).  Queuing in
+``raw`` acts before conntrack; each matched flow is first marked NOTRACK so
+the kernel's conntrack neither NATs nor judges flows whose addresses and
+sequence numbers the appliance rewrites (DESIGN.md), then queued with
+``--queue-bypass``: while no process is bound to the queue (the appliance
+died), the kernel accepts the packets instead of dropping them.
+
+The whole table is written in one commit (python-iptables with
+``autocommit = False``: one ``iptc_commit``, which replaces the table
+atomically), so a reader never sees a half-built chain.  ``remove`` takes the
+jumps and the chain away again; both are idempotent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+CHAIN = "APPLIANCE"
+HOOKS = ("PREROUTING", "OUTPUT")
+COMMENT_PREFIX = "appliance:"
+
+
+@dataclass(frozen=True, slots=True)
+class FlowMatch:
+    """One direction of a service's traffic: TCP to ``dst:dport`` or from ``src:sport``."""
+
+    comment: str
+    dst: str | None = None
+    dport: int | None = None
+    src: str | None = None
+    sport: int | None = None
+
+
+def _iptc():  # imported lazily: loading libiptc needs the shared library, not root
+    import iptc
+
+    return iptc
+
+
+def _rule(iptc, flow: FlowMatch, target: str, **target_args: str):
+    r = iptc.Rule()
+    r.protocol = "tcp"
+    if flow.dst:
+        r.dst = f"{flow.dst}/32"
+    if flow.src:
+        r.src = f"{flow.src}/32"
+    m = r.create_match("tcp")
+    if flow.dport is not None:
+        m.dport = str(flow.dport)
+    if flow.sport is not None:
+        m.sport = str(flow.sport)
+    c = r.create_match("comment")
+    c.comment = f"{COMMENT_PREFIX} {flow.comment}"
+    t = r.create_target(target)
+    for k, v in target_args.items():
+        setattr(t, k, v)
+    return r
+
+
+def install(flows: list[FlowMatch], queue_num: int, queue_count: int = 1) -> None:
+    """(Re)write the ``APPLIANCE`` chain for ``flows`` and hook it, atomically."""
+    iptc = _iptc()
+    table = iptc.Table(iptc.Table.RAW)
+    table.autocommit = False
+    try:
+        table.refresh()
+        if table.is_chain(CHAIN):
+            chain = iptc.Chain(table, CHAIN)
+            chain.flush()
+        else:
+            chain = table.create_chain(CHAIN)
+        for flow in flows:
+            chain.append_rule(_rule(iptc, flow, "CT", notrack=""))
+            if queue_count > 1:
+                q = {"queue_balance": f"{queue_num}:{queue_num + queue_count - 1}"}
+            else:
+                q = {"queue_num": str(queue_num)}
+            chain.append_rule(_rule(iptc, flow, "NFQUEUE", queue_bypass="", **q))
+        for hook in HOOKS:
+            builtin = iptc.Chain(table, hook)
+            if not any(r.target.name == CHAIN for r in builtin.rules):
+                jump = iptc.Rule()
+                jump.create_target(CHAIN)
+                builtin.insert_rule(jump)
+        table.commit()
+    finally:
+        table.autocommit = True
+        table.refresh()
+
+
+def remove() -> bool:
+    """Remove the jumps and the chain.  True when there was something to remove."""
+    iptc = _iptc()
+    table = iptc.Table(iptc.Table.RAW)
+    table.autocommit = False
+    found = False
+    try:
+        table.refresh()
+        for hook in HOOKS:
+            builtin = iptc.Chain(table, hook)
+            for r in list(builtin.rules):
+                if r.target.name == CHAIN:
+                    builtin.delete_rule(r)
+                    found = True
+        if table.is_chain(CHAIN):
+            chain = iptc.Chain(table, CHAIN)
+            chain.flush()
+            chain.delete()
+            found = True
+        table.commit()
+    finally:
+        table.autocommit = True
+        table.refresh()
+    return found
+
+
+def listing() -> list[str]:
+    """The chain's rules in ``iptables -S`` style (for status output and tests)."""
+    iptc = _iptc()
+    table = iptc.Table(iptc.Table.RAW)
+    table.refresh()
+    if not table.is_chain(CHAIN):
+        return []
+    out = []
+    for r in iptc.Chain(table, CHAIN).rules:
+        d = iptc.easy.decode_iptc_rule(r)
+        out.append(str(d))
+    return out

@@ -93,7 +93,7 @@ def cmd_lab(args: argparse.Namespace) -> None:
         info = lab.up(clients=args.clients, backups=args.backups, appliance=not args.no_appliance)
         _print_lab(info)
     elif args.lab_cmd == "down":
-        for item in lab.down():
+        for item in lab.down(purge=args.purge):
             print(f"removed {item}")
     elif args.lab_cmd == "status":
         print(json.dumps(lab.status(), indent=2))
@@ -212,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--clients", type=int, default=1)
     up.add_argument("--backups", type=int, default=1)
     up.add_argument("--no-appliance", action="store_true", help="topology and servers only")
-    lsub.add_parser("down", help="remove everything the lab made")
+    dn = lsub.add_parser("down", help="remove everything the lab made")
+    dn.add_argument("--purge", action="store_true", help="also remove the cached test files")
     lsub.add_parser("status", help="what is up")
     ex = lsub.add_parser("exec", help="run a command in a lab host (client, primary, backup, gateway)")
     ex.add_argument("host")

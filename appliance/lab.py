@@ -18,9 +18,11 @@ translates it.
 ``up`` is idempotent (it creates what is missing), writes everything it
 needs under the run directory (``$APPLIANCE_LAB_DIR``, default
 ``/run/appliance-lab``): the gateway's config, the API token, nginx
-configs, pid files, logs and the seeded test files.  ``down`` removes every
+configs, pid files and logs.  ``down`` removes every
 ``lab-*`` namespace after killing every process in it, and the run
-directory, whatever state a crash left them in.
+directory, whatever state a crash left them in.  The seeded test files are
+made once and kept in a cache directory (``$APPLIANCE_LAB_CACHE``, default
+``/var/cache/appliance-lab``) that only ``down --purge`` removes.
 """
 
 from __future__ import annotations
@@ -55,6 +57,12 @@ TEST_FILES = {"1M.bin": 1 << 20, "100M.bin": 100 << 20, "1G.bin": 1 << 30}
 
 def run_dir() -> Path:
     return Path(os.environ.get("APPLIANCE_LAB_DIR", "/run/appliance-lab"))
+
+
+def cache_dir() -> Path:
+    """Where the seeded test files are kept between labs (``down --purge`` removes it):
+    1 GiB of pseudo-random bytes takes seconds to make, and they never change."""
+    return Path(os.environ.get("APPLIANCE_LAB_CACHE", "/var/cache/appliance-lab"))
 
 
 @dataclass(frozen=True)
@@ -106,12 +114,20 @@ def link_exists(ns: str, dev: str) -> bool:
 
 
 def pid_alive(pidfile: Path) -> int | None:
+    """The pid in ``pidfile`` if that process runs (a zombie does not)."""
     try:
         pid = int(pidfile.read_text().strip())
-        os.kill(pid, 0)
-        return pid
     except (OSError, ValueError):
         return None
+    try:
+        os.waitpid(pid, os.WNOHANG)  # reap it if it is our dead child
+    except ChildProcessError:
+        pass
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+    return None if state in ("Z", "X") else pid
 
 
 # --- up ----------------------------------------------------------------------------
@@ -292,7 +308,7 @@ def up(clients: int = 1, backups: int = 1, appliance: bool = True) -> dict[str, 
     _ensure_bridge("br-server", f"{SERVER_NET}.1/24")
     for h in hosts:
         _ensure_host(h)
-    www = rd / "www"
+    www = cache_dir() / "www"
     sums = make_test_files(www)
     for h in hosts:
         if h.role != "client":
@@ -319,8 +335,9 @@ def up(clients: int = 1, backups: int = 1, appliance: bool = True) -> dict[str, 
 
 # --- down / status --------------------------------------------------------------------
 
-def down() -> list[str]:
-    """Remove everything the lab made, whatever state it is in."""
+def down(purge: bool = False) -> list[str]:
+    """Remove everything the lab made, whatever state it is in (and with
+    ``purge`` the cached test files too)."""
     removed = []
     if run_dir().exists():
         try:
@@ -344,6 +361,9 @@ def down() -> list[str]:
     if rd.exists():
         shutil.rmtree(rd, ignore_errors=True)
         removed.append(str(rd))
+    if purge and cache_dir().exists():
+        shutil.rmtree(cache_dir(), ignore_errors=True)
+        removed.append(str(cache_dir()))
     return removed
 
 

@@ -60,7 +60,9 @@ def observe(rec: ConnectionRecord, seg: SegmentLike, from_client: bool, now: flo
         return
 
     if flags & SYN:
-        _observe_syn(rec, me, seg, from_client)
+        if not _observe_syn(rec, me, seg, from_client):
+            rec.state = derive_state(rec)
+            return  # another incarnation's SYN: counted, the record left alone
     elif me.next_seq is None:
         # Picked up mid-stream: this segment defines the origin of the stream.
         me.data_base = seq
@@ -126,8 +128,10 @@ def observe(rec: ConnectionRecord, seg: SegmentLike, from_client: bool, now: flo
     rec.state = derive_state(rec)
 
 
-def _observe_syn(rec: ConnectionRecord, me: HalfConnection, seg: SegmentLike, from_client: bool) -> None:
+def _observe_syn(rec: ConnectionRecord, me: HalfConnection, seg: SegmentLike, from_client: bool) -> bool:
+    """False when the SYN carries another ISN than the one recorded."""
     opts = seg.options
+    accepted = True
     if me.isn is None or me.isn == seg.seq:
         me.isn = seg.seq
         me.data_base = seq_add(seg.seq, 1)
@@ -139,11 +143,13 @@ def _observe_syn(rec: ConnectionRecord, me: HalfConnection, seg: SegmentLike, fr
         me.ts_offered = opts.tsval is not None
     else:
         me.retransmissions += 1  # a SYN with another ISN: counted, the first one kept
+        accepted = False
     if from_client:
         if not seg.flags & ACK:
             rec.syn_seen = True
     elif seg.flags & ACK:
         rec.synack_seen = True
+    return accepted
 
 
 def _rst_acceptable(me: HalfConnection, peer: HalfConnection, seg: SegmentLike) -> bool:

@@ -395,12 +395,23 @@ def test_syn_with_other_isn_does_not_corrupt_record(established):
     r = established
     observe(r, cseg(1001, 5001, ACK, b"a" * 100), True, 1)
     before = copy.deepcopy(r.client)
-    observe(r, cseg(1001 + 50_000, 0, SYN, window=3, mss=536, wscale=2), True, 2)
+    observe(r, cseg(1001 + 50_000, 0, SYN, window=3, mss=536, wscale=2, tsval=900, tsecr=0), True, 2)
     c = r.client
     assert c.retransmissions == before.retransmissions + 1
     assert c.isn == C_ISN and c.mss == 1460 and c.wscale == 7
     assert c.next_seq == before.next_seq and c.bytes == 100
-    assert c.window == before.window
+    assert c.window == before.window and c.tsval == before.tsval
+    assert r.state is TcpState.ESTABLISHED
+
+
+def test_synack_with_other_isn_does_not_corrupt_record(established):
+    r = established
+    before = copy.deepcopy(r.server)
+    observe(r, sseg(S_ISN + 777, C_ISN + 1, SYN | ACK, window=9, mss=536, wscale=1, tsval=7500,
+                    tsecr=100), False, 1)
+    s = r.server
+    assert s.retransmissions == 1 and s.isn == S_ISN and s.mss == 1400 and s.wscale == 9
+    assert s.next_seq == before.next_seq and s.window == before.window and s.tsval == before.tsval
 
 
 # ----- scapy packets through PacketView ----------------------------------------------

@@ -1,0 +1,36 @@
+"""Fixtures that build the real lab (namespaces, nginx, the appliance) and
+always take it down again, also when a test fails."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from appliance import lab
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        pytest.fail("lab tests need root (namespaces, iptables, NFQUEUE): use the README's test command")
+
+
+@pytest.fixture(scope="module")
+def lab_up() -> Iterator[dict]:
+    """A lab with one client, primary and backup, and the appliance running."""
+    require_root()
+    lab.down()  # whatever an earlier run left behind
+    try:
+        info = lab.up(clients=1, backups=1)
+        yield info
+    finally:
+        lab.down()
+
+
+@pytest.fixture
+def appliance_running(lab_up: dict) -> Iterator[dict]:
+    """The lab's appliance, (re)started if a test killed it."""
+    lab.start_appliance(lab.run_dir() / "gateway.toml")
+    yield lab_up
+    lab.start_appliance(lab.run_dir() / "gateway.toml")

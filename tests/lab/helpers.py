@@ -1,0 +1,108 @@
+"""Helpers for tests that drive the namespace lab with real programs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import subprocess
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from appliance import lab
+
+
+def api(path: str, method: str = "GET", body: Any = None, token: str | None = None) -> Any:
+    tok = token if token is not None else (lab.run_dir() / "token").read_text().strip()
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(
+        f"http://{lab.API_HOST}:{lab.API_PORT}{path}", data=data, method=method,
+        headers={"Authorization": f"Bearer {tok}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def expected_sha(name: str) -> str:
+    for line in (lab.cache_dir() / "www" / "SHA256SUMS").read_text().splitlines():
+        digest, n = line.split()
+        if n == name:
+            return digest
+    raise KeyError(name)
+
+
+@dataclass
+class Download:
+    proc: subprocess.Popen
+    out: Path
+
+    def wait(self, timeout: float = 300) -> tuple[int, int]:
+        """(curl exit code, local port)."""
+        stdout, stderr = self.proc.communicate(timeout=timeout)
+        port = int(stdout.strip() or 0) if stdout.strip().isdigit() else 0
+        if self.proc.returncode != 0:
+            print("curl stderr:", stderr)
+        return self.proc.returncode, port
+
+
+def start_download(name: str, out: Path, rate: str | None = None, client: str = "lab-client") -> Download:
+    cmd = ["ip", "netns", "exec", client, "curl", "-sS", "--fail", "-o", str(out), "-w", "%{local_port}",
+           "--max-time", "280"]
+    if rate:
+        cmd += ["--limit-rate", rate]
+    cmd.append(f"http://{lab.VIP}:{lab.SERVICE_PORT}/{name}")
+    return Download(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), out)
+
+
+class Capture:
+    """tcpdump in a lab namespace, written packet by packet to a pcap file."""
+
+    def __init__(self, ns: str, path: Path, bpf: str = "tcp port 80", iface: str = "eth0", snaplen: int = 200):
+        self.path = path
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", ns, "tcpdump", "-i", iface, "-U", "-n", "-s", str(snaplen), "-w", str(path), bpf],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )
+        deadline = time.monotonic() + 10
+        # tcpdump says "listening on ..." once the socket is open
+        line = self.proc.stderr.readline()
+        if "listening" not in line or time.monotonic() > deadline:
+            self.proc.kill()
+            raise RuntimeError(f"tcpdump did not start: {line}")
+
+    def stop(self) -> Path:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.path
+
+    def __enter__(self) -> "Capture":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def wait_for(pred, timeout: float = 10.0, interval: float = 0.1, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}")

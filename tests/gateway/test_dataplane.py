@@ -1,0 +1,120 @@
+"""The per-packet logic, driven with crafted packets (sans-I/O, no root)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scapy.all import IP, TCP, Raw
+
+from appliance.config import parse
+from appliance.dataplane import Dataplane
+from nfq.queue import Verdict
+
+CFG = {
+    "api": {"token": "a-long-token"},
+    "service": [{"name": "web", "vip": "203.0.113.10", "port": 80,
+                 "backend": [{"name": "primary", "address": "198.51.100.10"},
+                             {"name": "backup", "address": "198.51.100.20"}]}],
+}
+CLIENT = "192.0.2.10"
+
+
+def raw(pkt) -> bytearray:
+    return bytearray(bytes(pkt))
+
+
+def checksums_ok(buf: bytearray) -> bool:
+    p = IP(bytes(buf))
+    q = p.copy()
+    del q.chksum
+    del q[TCP].chksum
+    q = IP(bytes(q))
+    return p.chksum == q.chksum and p[TCP].chksum == q[TCP].chksum
+
+
+def handshake(dp: Dataplane, now: float = 100.0) -> None:
+    syn = raw(IP(src=CLIENT, dst="203.0.113.10") / TCP(sport=40000, dport=80, flags="S", seq=1000,
+                                                      options=[("MSS", 1460), ("WScale", 7)]))
+    assert dp.handle(syn, now) is Verdict.REWRITTEN
+    assert IP(bytes(syn)).dst == "198.51.100.10" and checksums_ok(syn)
+    synack = raw(IP(src="198.51.100.10", dst=CLIENT) / TCP(sport=80, dport=40000, flags="SA", seq=5000, ack=1001,
+                                                          options=[("MSS", 1400), ("WScale", 9)]))
+    assert dp.handle(synack, now) is Verdict.REWRITTEN
+    assert IP(bytes(synack)).src == "203.0.113.10" and checksums_ok(synack)
+    ack = raw(IP(src=CLIENT, dst="203.0.113.10") / TCP(sport=40000, dport=80, flags="A", seq=1001, ack=5001))
+    assert dp.handle(ack, now) is Verdict.REWRITTEN
+
+
+def test_connection_pinned_to_active_backend_and_tracked() -> None:
+    dp = Dataplane(parse(CFG))
+    handshake(dp)
+    (rec,) = dp.connections()
+    assert rec.backend == "primary" and rec.state.value == "ESTABLISHED"
+    assert (rec.client.isn, rec.server.isn, rec.client.mss, rec.server.mss) == (1000, 5000, 1460, 1400)
+    # switching the active backend does not move an existing connection
+    dp.services["web"].active = "backup"
+    data = raw(IP(src=CLIENT, dst="203.0.113.10") / TCP(sport=40000, dport=80, flags="PA", seq=1001, ack=5001)
+               / Raw(b"GET / HTTP/1.1\r\n\r\n"))
+    assert dp.handle(data, 101.0) is Verdict.REWRITTEN
+    assert IP(bytes(data)).dst == "198.51.100.10"
+    assert rec.client.bytes == 18
+    # ... but a new one goes to the new active backend
+    syn = raw(IP(src=CLIENT, dst="203.0.113.10") / TCP(sport=40001, dport=80, flags="S", seq=7))
+    dp.handle(syn, 102.0)
+    assert IP(bytes(syn)).dst == "198.51.100.20"
+
+
+def test_packets_from_a_backend_not_serving_the_connection_are_dropped() -> None:
+    dp = Dataplane(parse(CFG))
+    handshake(dp)
+    stray = raw(IP(src="198.51.100.20", dst=CLIENT) / TCP(sport=80, dport=40000, flags="A", seq=5001, ack=1001))
+    assert dp.handle(stray, 101.0) is Verdict.DROP
+    assert dp.counters.fenced_drops == 1
+
+
+def test_foreign_traffic_is_left_alone() -> None:
+    dp = Dataplane(parse(CFG))
+    other = raw(IP(src=CLIENT, dst="203.0.113.99") / TCP(sport=1, dport=22, flags="S"))
+    before = bytes(other)
+    assert dp.handle(other, 1.0) is Verdict.ACCEPT
+    assert bytes(other) == before and dp.counters.foreign == 1 and len(dp.table) == 0
+
+
+@pytest.mark.parametrize("policy,verdict", [("accept", Verdict.ACCEPT), ("drop", Verdict.DROP)])
+def test_malformed_packets_counted_and_handled_per_policy(policy: str, verdict: Verdict) -> None:
+    dp = Dataplane(parse(CFG | {"gateway": {"on_malformed": policy}}))
+    good = bytes(IP(src=CLIENT, dst="203.0.113.10") / TCP(sport=1, dport=80))
+    for bad in (b"", b"\x45" * 10, good[:30], b"\x60" + good[1:], bytes(IP(dst="203.0.113.10", proto=17) / Raw(b"x" * 30))):
+        assert dp.handle(bytearray(bad), 1.0) is verdict
+    assert dp.counters.malformed == 5
+    assert len(dp.table) == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=120))
+def test_random_bytes_never_raise(blob: bytes) -> None:
+    dp = Dataplane(parse(CFG))
+    assert dp.handle(bytearray(blob), 1.0) in (Verdict.ACCEPT, Verdict.DROP, Verdict.REWRITTEN)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(min_size=0, max_size=80), st.integers(0, 39))
+def test_mutated_real_packets_never_raise(noise: bytes, at: int) -> None:
+    dp = Dataplane(parse(CFG))
+    pkt = bytearray(bytes(IP(src=CLIENT, dst="203.0.113.10") / TCP(sport=9, dport=80, flags="S",
+                                                                 options=[("MSS", 1460), ("Timestamp", (1, 0))])))
+    pkt[at:at + len(noise)] = noise
+    dp.handle(pkt, 1.0)
+
+
+def test_full_table_refuses_new_connections_and_counts() -> None:
+    dp = Dataplane(parse(CFG | {"gateway": {"max_connections": 2}}))
+    verdicts = []
+    for port in (1, 2, 3):
+        syn = raw(IP(src=CLIENT, dst="203.0.113.10") / TCP(sport=port, dport=80, flags="S", seq=port))
+        verdicts.append(dp.handle(syn, 1.0))
+    assert verdicts == [Verdict.REWRITTEN, Verdict.REWRITTEN, Verdict.DROP]
+    assert dp.counters.table_full_drops == 1 and dp.table.refused_full == 1

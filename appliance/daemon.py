@@ -1,14 +1,21 @@
 """``appliance run``: the gateway process.
 
 One asyncio loop does everything, so the data plane and the API share state
-without locks: the NFQUEUE socket is a reader on the loop (each wake-up drains
-every waiting packet through :class:`~appliance.dataplane.Dataplane`), a
-periodic task expires idle connections, and uvicorn serves the REST API and
+without locks: the two NFQUEUE sockets are readers on the loop (each wake-up
+drains every waiting packet through :class:`~appliance.dataplane.Dataplane`),
+a periodic task expires idle connections, and uvicorn serves the REST API and
 the panel on the same loop.
 
-Start-up installs, in this order: the fail-open kernel fallback, the queue
-binding (with the kernel's fail-open flag), then the iptables rules that feed
-the queue — so no packet is ever queued to a queue nobody reads.  A clean
+Two queues, numbered from ``gateway.queue_num``: ``queue_num`` holds
+client->service packets (full copies, rewritten by the appliance);
+``queue_num + 1`` carries the return path (header-only copies, GSO
+super-packets whole, never rewritten: the kernel translates their source,
+see ``nfq.kernelnat``).
+
+Start-up installs, in this order: the kernel NAT table (return path and
+fail-open fallback), the queue bindings (with the kernel's fail-open flag),
+then the iptables rules that feed the queues — so no packet is ever queued
+to a queue nobody reads.  A clean
 exit (SIGTERM, SIGINT) removes them in the reverse order.  SIGKILL removes
 nothing, on purpose: the rules' ``--queue-bypass`` and the fallback carry the
 traffic until the appliance is started again (``appliance cleanup`` removes
@@ -25,8 +32,8 @@ import socket
 import time
 from typing import Any
 
-from nfq import failopen, rules
-from nfq.queue import PacketQueue
+from nfq import kernelnat, rules
+from nfq.queue import PacketQueue, Verdict
 
 from .config import Config
 from .dataplane import Dataplane
@@ -34,18 +41,27 @@ from .dataplane import Dataplane
 log = logging.getLogger("appliance")
 
 
+# header bytes copied from return-path packets: IPv4 and TCP headers with options
+RETURN_COPY = 128
+
+
 def flows_for(config: Config) -> list[rules.FlowMatch]:
+    q = config.gateway.queue_num
     flows = []
     for svc in config.services:
-        flows.append(rules.FlowMatch(comment=f"{svc.name} client->vip", dst=svc.vip, dport=svc.port))
+        flows.append(rules.FlowMatch(comment=f"{svc.name} client->vip", queue=q, dst=svc.vip, dport=svc.port))
         for b in svc.backends:
-            flows.append(rules.FlowMatch(comment=f"{svc.name} {b.name}->client", src=b.address, sport=b.port))
+            flows.append(rules.FlowMatch(comment=f"{svc.name} {b.name}->client", queue=q + 1,
+                                         src=b.address, sport=b.port))
     return flows
 
 
-def fallbacks_for(dp: Dataplane) -> list[failopen.Fallback]:
+def nat_for(dp: Dataplane) -> list[kernelnat.ServiceNat]:
     return [
-        failopen.Fallback(vip=s.vip, port=s.port, backend_ip=s.active_backend.address, backend_port=s.active_backend.port)
+        kernelnat.ServiceNat(
+            vip=s.vip, port=s.port, active=(s.active_backend.address, s.active_backend.port),
+            backends=tuple((b.address, b.port) for b in s.backends.values()),
+        )
         for s in dp.services.values()
     ]
 
@@ -58,29 +74,35 @@ class Gateway:
         self.dataplane = Dataplane(config)
         self.started = time.time()
         self.kernel = kernel
-        self.queue: PacketQueue | None = None
+        self.queues: list[PacketQueue] = []
 
     # --- lifecycle ---------------------------------------------------------------
     def start_kernel(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self.config.gateway.fail_open:
-            failopen.install(fallbacks_for(self.dataplane))
+        g = self.config.gateway
+        kernelnat.install(nat_for(self.dataplane))
         dp = self.dataplane
-        self.queue = PacketQueue(self.config.gateway.queue_num, lambda buf: dp.handle(buf, time.time()))
-        if self.config.gateway.fail_open:
-            self.queue.set_fail_open(True)
-        loop.add_reader(self.queue.fileno(), self.queue.process_pending)
-        rules.install(flows_for(self.config), self.config.gateway.queue_num)
-        log.info("data plane up: queue %d, %d services", self.config.gateway.queue_num, len(self.config.services))
+
+        def handle(buf: bytearray) -> Verdict:
+            return dp.handle(buf, time.time())
+
+        self.queues = [
+            PacketQueue(g.queue_num, handle, fail_open=g.fail_open),
+            PacketQueue(g.queue_num + 1, handle, fail_open=g.fail_open, gso=True, copy_range=RETURN_COPY),
+        ]
+        for q in self.queues:
+            loop.add_reader(q.fileno(), q.process_pending)
+        rules.install(flows_for(self.config))
+        log.info("data plane up: queues %d-%d, %d services", g.queue_num, g.queue_num + 1, len(self.config.services))
 
     def stop_kernel(self, loop: asyncio.AbstractEventLoop | None) -> None:
         rules.remove()
-        if self.queue is not None:
+        for q in self.queues:
             if loop is not None:
-                loop.remove_reader(self.queue.fileno())
-            self.queue.close()
-            self.queue = None
-        failopen.remove()
-        log.info("data plane down: rules and fallback removed")
+                loop.remove_reader(q.fileno())
+            q.close()
+        self.queues = []
+        kernelnat.remove()
+        log.info("data plane down: rules and kernel NAT removed")
 
     async def housekeeping(self) -> None:
         while True:
@@ -90,7 +112,7 @@ class Gateway:
     # --- what the API shows ----------------------------------------------------------
     def status(self) -> dict[str, Any]:
         dp = self.dataplane
-        q = self.queue.stats.as_dict() if self.queue else None
+        q = _sum_stats([q.stats.as_dict() for q in self.queues]) if self.queues else None
         states: dict[str, int] = {}
         for rec in dp.table:
             states[rec.state.value] = states.get(rec.state.value, 0) + 1
@@ -144,6 +166,19 @@ class Gateway:
     def connection(self, cid: int) -> dict[str, Any] | None:
         rec = self.dataplane.table.by_id(cid)
         return None if rec is None else rec.to_dict(time.time())
+
+
+def _sum_stats(stats: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for st in stats:
+        for k, v in st.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[k] = out.get(k, 0) + v
+            elif v is not None:
+                out[k] = v
+    out.setdefault("last_error", None)
+    out["busy_seconds"] = round(out.get("busy_seconds", 0.0), 6)
+    return out
 
 
 def _version() -> str:
@@ -201,6 +236,6 @@ def cleanup() -> list[str]:
     done = []
     if rules.remove():
         done.append(f"removed iptables chain {rules.CHAIN}")
-    if failopen.remove():
-        done.append(f"removed nftables table {failopen.TABLE}")
+    if kernelnat.remove():
+        done.append(f"removed nftables table {kernelnat.TABLE}")
     return done

@@ -5,16 +5,18 @@ Theory of operation
 Every packet of a service reaches :meth:`Dataplane.handle` as the bytes of
 an IPv4 datagram (from the NFQUEUE binding, or from a test).  It is one of:
 
-* **client -> service**: destination is a service's VIP:port.  The
-  connection's record is looked up by the client 4-tuple, or admitted (a new
-  connection is pinned to the service's *active* backend at that moment);
-  the tracker folds the segment in, and the destination is rewritten to the
-  record's backend.  Sequence numbers are untouched: the client's view is
-  the wire's.
-* **server -> client**: source is a backend's address:port.  The record is
-  found by the destination (client) 4-tuple; the tracker folds it in and the
-  source is rewritten to the VIP.  A packet from a backend that is not the
-  record's backend is dropped (it belongs to a connection that moved).
+* **client -> service** (held: a full copy, rewritten here): destination is
+  a service's VIP:port.  The connection's record is looked up by the client
+  4-tuple, or admitted (a new connection is pinned to the service's *active*
+  backend at that moment); the tracker folds the segment in, and the
+  destination is rewritten to the record's backend.  Sequence numbers are
+  untouched: the client's view is the wire's.
+* **server -> client** (observed: a header-only copy, GSO super-packets
+  whole): source is a backend's address:port.  The record is found by the
+  destination (client) 4-tuple and the tracker folds the segment in; the
+  packet passes unchanged and the kernel rewrites its source to the VIP
+  (``nfq.kernelnat``).  A packet from a backend that is not the record's
+  backend is dropped (it belongs to a connection that moved).
 * anything else is passed untouched (counted as ``foreign``).
 
 Packets that cannot be parsed are counted and accepted or dropped according to
@@ -115,13 +117,9 @@ class Dataplane:
 
     def handle(self, buf: bytearray, now: float) -> Verdict:
         try:
-            pv = PacketView(buf)
+            pv = PacketView(buf, allow_truncated=True)
         except MalformedPacket as exc:
-            c = self.counters
-            c.malformed += 1
-            reason = str(exc).split(" (")[0].split(":")[0]
-            c.malformed_reasons[reason] = c.malformed_reasons.get(reason, 0) + 1
-            return self.malformed_verdict
+            return self._malformed(str(exc))
         sport, dport = pv.ports
         svc = self._fronts.get((bytes(buf[16:20]), dport))
         if svc is not None:
@@ -134,6 +132,8 @@ class Dataplane:
 
     def _from_client(self, pv: PacketView, svc: ServiceRuntime, sport: int, dport: int, now: float) -> Verdict:
         self.counters.client_packets += 1
+        if pv.truncated:  # larger than the queue copies: cannot be rewritten here
+            return self._malformed("truncated client packet")
         key = (pv.src, sport, svc.vip, dport)
         table = self.table
         rec = table.get(key)
@@ -145,28 +145,39 @@ class Dataplane:
             if rec is None:
                 if pv.flags & 0x04:  # a stray RST: nothing to track, let it reach the backend
                     self.counters.untracked += 1
-                    pv.set_dst(svc.active_backend.raw)
+                    self._to_backend(pv, svc, svc.active_backend)
                     return Verdict.REWRITTEN
                 self.counters.table_full_drops += 1
                 return Verdict.DROP
         table.observe(rec, pv, True, now)
-        pv.set_dst(svc.backends[rec.backend].raw)
+        self._to_backend(pv, svc, svc.backends[rec.backend])
         return Verdict.REWRITTEN
+
+    @staticmethod
+    def _to_backend(pv: PacketView, svc: ServiceRuntime, be: BackendRuntime) -> None:
+        pv.set_dst(be.raw)
+        if be.port != svc.port:
+            pv.set_dport(be.port)
 
     def _from_server(self, pv: PacketView, svc: ServiceRuntime, be: BackendRuntime, dport: int, now: float) -> Verdict:
         self.counters.server_packets += 1
         rec = self.table.get((pv.dst, dport, svc.vip, svc.port))
         if rec is None:
-            # Not tracked (table full, or expired): translate statelessly, as the
-            # kernel fallback would, rather than break the connection.
+            # Not tracked (table full, or expired): the kernel still translates it.
             self.counters.untracked += 1
         elif rec.backend != be.name:
             self.counters.fenced_drops += 1
             return Verdict.DROP
         else:
             self.table.observe(rec, pv, False, now)
-        pv.set_src(svc.vip_raw)
-        return Verdict.REWRITTEN
+        return Verdict.ACCEPT
+
+    def _malformed(self, why: str) -> Verdict:
+        c = self.counters
+        c.malformed += 1
+        reason = why.split(" (")[0].split(":")[0]
+        c.malformed_reasons[reason] = c.malformed_reasons.get(reason, 0) + 1
+        return self.malformed_verdict
 
     def connections(self) -> list[ConnectionRecord]:
         return list(self.table)

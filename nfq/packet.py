@@ -8,6 +8,12 @@ costs the same for a 40-byte ACK and a 1500-byte segment.
 
 The view satisfies ``checkpoint.segment.SegmentLike``: the tracker consumes
 it directly, without a copy.
+
+A header-only copy (the queue copied fewer bytes than the IPv4 total length,
+as for the observed return path) is accepted with ``allow_truncated=True``:
+every header field reads normally, ``payload_len`` comes from the IPv4 total
+length, and any rewrite raises, since setting a truncated payload would
+truncate the real packet.
 """
 
 from __future__ import annotations
@@ -32,9 +38,9 @@ class MalformedPacket(ValueError):
 
 
 class PacketView:
-    __slots__ = ("buf", "ihl", "thl", "total_len", "_opts")
+    __slots__ = ("buf", "ihl", "thl", "total_len", "truncated", "_opts")
 
-    def __init__(self, buf: bytearray) -> None:
+    def __init__(self, buf: bytearray, allow_truncated: bool = False) -> None:
         n = len(buf)
         if n < 40:
             raise MalformedPacket(f"too short for IPv4+TCP ({n} bytes)")
@@ -45,7 +51,8 @@ class PacketView:
         if ihl < 20:
             raise MalformedPacket(f"bad IPv4 header length {ihl}")
         total = _H.unpack_from(buf, 2)[0]
-        if total > n:
+        truncated = total > n
+        if truncated and not allow_truncated:
             raise MalformedPacket(f"truncated: IPv4 total length {total} > {n} bytes captured")
         if total < ihl + 20:
             raise MalformedPacket(f"IPv4 total length {total} too small")
@@ -53,13 +60,18 @@ class PacketView:
             raise MalformedPacket(f"not TCP (protocol {buf[9]})")
         if _H.unpack_from(buf, 6)[0] & 0x3FFF:
             raise MalformedPacket("IPv4 fragment")
+        if ihl + 20 > n:
+            raise MalformedPacket("truncated: TCP header not captured")
         thl = (buf[ihl + 12] >> 4) * 4
         if thl < 20 or ihl + thl > total:
             raise MalformedPacket(f"bad TCP data offset {thl}")
+        if ihl + thl > n:
+            raise MalformedPacket("truncated: TCP options not captured")
         self.buf = buf
         self.ihl = ihl
         self.thl = thl
         self.total_len = total
+        self.truncated = truncated
         self._opts: TcpOptions | None = None
 
     # ----- IPv4 -------------------------------------------------------------
@@ -86,6 +98,8 @@ class PacketView:
         self._set_addr(16, addr)
 
     def _set_addr(self, off: int, addr: bytes) -> None:
+        if self.truncated:
+            raise MalformedPacket("cannot rewrite a truncated copy")
         buf = self.buf
         old = _I.unpack_from(buf, off)[0]
         new = _I.unpack(addr)[0]
@@ -132,9 +146,13 @@ class PacketView:
 
     @property
     def payload(self) -> bytes:
+        if self.truncated:
+            raise MalformedPacket("payload not captured")
         return bytes(self.buf[self.ihl + self.thl:self.total_len])
 
     def _set_tcp32(self, rel: int, value: int) -> None:
+        if self.truncated:
+            raise MalformedPacket("cannot rewrite a truncated copy")
         buf, off = self.buf, self.ihl + rel
         old = _I.unpack_from(buf, off)[0]
         if old == value:
@@ -144,6 +162,8 @@ class PacketView:
         _H.pack_into(buf, coff, update32(_H.unpack_from(buf, coff)[0], old, value))
 
     def _set_tcp16(self, rel: int, value: int) -> None:
+        if self.truncated:
+            raise MalformedPacket("cannot rewrite a truncated copy")
         buf, off = self.buf, self.ihl + rel
         old = _H.unpack_from(buf, off)[0]
         if old == value:
@@ -151,6 +171,12 @@ class PacketView:
         _H.pack_into(buf, off, value)
         coff = self.ihl + 16
         _H.pack_into(buf, coff, update16(_H.unpack_from(buf, coff)[0], old, value))
+
+    def set_sport(self, value: int) -> None:
+        self._set_tcp16(0, value)
+
+    def set_dport(self, value: int) -> None:
+        self._set_tcp16(2, value)
 
     def set_seq(self, value: int) -> None:
         self._set_tcp32(4, value & 0xFFFFFFFF)

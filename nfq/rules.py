@@ -29,6 +29,7 @@ class FlowMatch:
     """One direction of a service's traffic: TCP to ``dst:dport`` or from ``src:sport``."""
 
     comment: str
+    queue: int
     dst: str | None = None
     dport: int | None = None
     src: str | None = None
@@ -61,7 +62,7 @@ def _rule(iptc, flow: FlowMatch, target: str, **target_args: str):
     return r
 
 
-def install(flows: list[FlowMatch], queue_num: int, queue_count: int = 1) -> None:
+def install(flows: list[FlowMatch]) -> None:
     """(Re)write the ``APPLIANCE`` chain for ``flows`` and hook it, atomically."""
     iptc = _iptc()
     table = iptc.Table(iptc.Table.RAW)
@@ -75,11 +76,7 @@ def install(flows: list[FlowMatch], queue_num: int, queue_count: int = 1) -> Non
             chain = table.create_chain(CHAIN)
         for flow in flows:
             chain.append_rule(_rule(iptc, flow, "CT", notrack=""))
-            if queue_count > 1:
-                q = {"queue_balance": f"{queue_num}:{queue_num + queue_count - 1}"}
-            else:
-                q = {"queue_num": str(queue_num)}
-            chain.append_rule(_rule(iptc, flow, "NFQUEUE", queue_bypass="", **q))
+            chain.append_rule(_rule(iptc, flow, "NFQUEUE", queue_bypass="", queue_num=str(flow.queue)))
         for hook in HOOKS:
             builtin = iptc.Chain(table, hook)
             if not any(r.target.name == CHAIN for r in builtin.rules):
@@ -119,14 +116,8 @@ def remove() -> bool:
 
 
 def listing() -> list[str]:
-    """The chain's rules in ``iptables -S`` style (for status output and tests)."""
-    iptc = _iptc()
-    table = iptc.Table(iptc.Table.RAW)
-    table.refresh()
-    if not table.is_chain(CHAIN):
-        return []
-    out = []
-    for r in iptc.Chain(table, CHAIN).rules:
-        d = iptc.easy.decode_iptc_rule(r)
-        out.append(str(d))
-    return out
+    """The chain's rules in ``iptables -S`` form (status output and tests)."""
+    import subprocess
+
+    res = subprocess.run(["iptables-legacy", "-t", "raw", "-S", CHAIN], capture_output=True, text=True)
+    return res.stdout.splitlines() if res.returncode == 0 else []

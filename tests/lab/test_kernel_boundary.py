@@ -92,7 +92,7 @@ def _state(ns: str) -> tuple[bool, bool]:
     raw = subprocess.run(["ip", "netns", "exec", ns, "iptables-legacy", "-t", "raw", "-S"],
                          capture_output=True, text=True).stdout
     nft = subprocess.run(["ip", "netns", "exec", ns, "nft", "list", "tables"], capture_output=True, text=True).stdout
-    return "-N APPLIANCE" in raw, "appliance_failopen" in nft
+    return "-N APPLIANCE" in raw, "appliance_nat" in nft
 
 
 def _start(ns: str, cfg: Path) -> subprocess.Popen:

@@ -28,8 +28,8 @@ def leftovers() -> list[str]:
     if "APPLIANCE" in raw:
         found.append("host iptables chain APPLIANCE")
     nft = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
-    if "appliance_failopen" in nft:
-        found.append("host nft table appliance_failopen")
+    if "appliance_nat" in nft:
+        found.append("host nft table appliance_nat")
     if lab.run_dir().exists():
         found.append(str(lab.run_dir()))
     return found

@@ -64,7 +64,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     except ConfigError as exc:
         _die(f"bad config: {exc}")
     _need_root("appliance run")
-    run(cfg, listen_fd=args.listen_fd)
+    run(cfg, listen_fd=args.listen_fd, profile=args.profile)
 
 
 def cmd_check_config(args: argparse.Namespace) -> None:
@@ -105,6 +105,15 @@ def cmd_lab(args: argparse.Namespace) -> None:
         raise SystemExit(subprocess.call(["ip", "netns", "exec", ns, *cmd]))
     elif args.lab_cmd == "demo":
         demo(args)
+    elif args.lab_cmd == "bench":
+        from . import bench
+
+        results = bench.run_bench(rounds=args.rounds, seconds=args.seconds, profile=args.profile)
+        if args.json:
+            bench.save(results, Path(args.json))
+        print(bench.markdown(results))
+        for line in results.get("profile", []):
+            print(line)
 
 
 def _print_lab(info: dict) -> None:
@@ -198,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run the gateway")
     r.add_argument("--config", required=True, help="TOML configuration file")
     r.add_argument("--listen-fd", type=int, default=None, help="serve the API on this inherited listening socket")
+    r.add_argument("--profile", metavar="FILE", help="run under cProfile and write the stats to FILE on exit")
     r.set_defaults(func=cmd_run)
 
     c = sub.add_parser("check-config", help="validate a configuration file")
@@ -221,6 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     dm = lsub.add_parser("demo", help="lab up, a download through the gateway, the record it tracked")
     dm.add_argument("--file", default="100M.bin", choices=["1M.bin", "100M.bin", "1G.bin"])
     dm.add_argument("--rate", default="20M", help="curl --limit-rate for the download")
+    bn = lsub.add_parser("bench", help="throughput through the gateway against plain forwarding")
+    bn.add_argument("--rounds", type=int, default=3)
+    bn.add_argument("--seconds", type=int, default=8)
+    bn.add_argument("--profile", action="store_true", help="also profile the appliance during a download")
+    bn.add_argument("--json", metavar="FILE", help="write the raw figures here")
     lab.set_defaults(func=cmd_lab)
 
     for name, fn, helptext in (("status", cmd_status, "the gateway's status (via the API)"),

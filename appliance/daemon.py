@@ -113,6 +113,8 @@ class Gateway:
     def status(self) -> dict[str, Any]:
         dp = self.dataplane
         q = _sum_stats([q.stats.as_dict() for q in self.queues]) if self.queues else None
+        names = ("held", "observed")
+        per_queue = {names[i] if i < 2 else str(i): q.stats.as_dict() for i, q in enumerate(self.queues)}
         states: dict[str, int] = {}
         for rec in dp.table:
             states[rec.state.value] = states.get(rec.state.value, 0) + 1
@@ -133,6 +135,7 @@ class Gateway:
             },
             "dataplane": dp.counters.as_dict(),
             "queue": q,
+            "queues": per_queue,
         }
 
     def services(self) -> list[dict[str, Any]]:
@@ -226,9 +229,20 @@ async def serve(config: Config, listen_fd: int | None = None) -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def run(config: Config, listen_fd: int | None = None) -> None:
+def run(config: Config, listen_fd: int | None = None, profile: str | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(config, listen_fd))
+    if profile is None:
+        asyncio.run(serve(config, listen_fd))
+        return
+    import cProfile
+
+    prof = cProfile.Profile()
+    prof.enable()
+    try:
+        asyncio.run(serve(config, listen_fd))
+    finally:
+        prof.disable()
+        prof.dump_stats(profile)
 
 
 def cleanup() -> list[str]:

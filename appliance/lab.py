@@ -46,6 +46,11 @@ PREFIX = "lab-"
 GATEWAY = "lab-gateway"
 VIP = "203.0.113.10"
 SERVICE_PORT = 80
+# ports that are not a service: traffic to them is plainly routed by the
+# gateway's kernel (the benchmarks' baseline)
+PLAIN_HTTP_PORT = 8080
+IPERF_PORT = 5201        # the "iperf" service (through the appliance)
+PLAIN_IPERF_PORT = 5202  # the same server, plainly forwarded
 CLIENT_NET = "192.0.2"
 SERVER_NET = "198.51.100"
 API_HOST = "127.0.0.1"
@@ -208,6 +213,7 @@ http {{
     scgi_temp_path {run}/nginx-{name}.tmp/scgi;
     server {{
         listen {address}:{port};
+        listen {address}:{plain_port};
         root {www};
         location / {{ }}
     }}
@@ -222,20 +228,32 @@ def start_nginx(h: Host, www: Path) -> None:
     if pid_alive(rd / f"nginx-{name}.pid"):
         return
     (rd / f"nginx-{name}.tmp").mkdir(parents=True, exist_ok=True)
-    conf.write_text(NGINX_CONF.format(run=rd, name=name, address=h.address, port=SERVICE_PORT, www=www))
+    conf.write_text(NGINX_CONF.format(run=rd, name=name, address=h.address, port=SERVICE_PORT,
+                                      plain_port=PLAIN_HTTP_PORT, www=www))
     nsexec(h.ns, "nginx", "-c", str(conf), "-p", str(rd))
 
 
+def start_iperf(h: Host) -> None:
+    rd = run_dir()
+    for port in (IPERF_PORT, PLAIN_IPERF_PORT):
+        pidfile = rd / f"iperf3-{h.short}-{port}.pid"
+        if not pid_alive(pidfile):
+            nsexec(h.ns, "iperf3", "-s", "-D", "-B", h.address, "-p", str(port), "-I", str(pidfile))
+
+
 def gateway_config(hosts: list[Host], token_file: Path) -> str:
-    backends = "".join(
-        f'\n[[service.backend]]\nname = "{h.short}"\naddress = "{h.address}"\nport = {SERVICE_PORT}\n'
-        for h in hosts if h.role in ("primary", "backup")
-    )
+    def backends(port: int) -> str:
+        return "".join(
+            f'\n[[service.backend]]\nname = "{h.short}"\naddress = "{h.address}"\nport = {port}\n'
+            for h in hosts if h.role in ("primary", "backup")
+        )
+
     return (
         "# written by `appliance lab up`\n"
         "[gateway]\nqueue_num = 0\n\n"
         f'[api]\nlisten = "{API_HOST}:{API_PORT}"\ntoken_file = "{token_file}"\n\n'
-        f'[[service]]\nname = "web"\nvip = "{VIP}"\nport = {SERVICE_PORT}\n{backends}'
+        f'[[service]]\nname = "web"\nvip = "{VIP}"\nport = {SERVICE_PORT}\n{backends(SERVICE_PORT)}\n'
+        f'[[service]]\nname = "iperf"\nvip = "{VIP}"\nport = {IPERF_PORT}\n{backends(IPERF_PORT)}'
     )
 
 
@@ -313,6 +331,7 @@ def up(clients: int = 1, backups: int = 1, appliance: bool = True) -> dict[str, 
     for h in hosts:
         if h.role != "client":
             start_nginx(h, www)
+            start_iperf(h)
     token_file = rd / "token"
     if not token_file.exists():
         token_file.write_text(secrets.token_urlsafe(24) + "\n")

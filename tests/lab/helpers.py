@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import signal
 import subprocess
 import time
@@ -70,8 +71,10 @@ class Capture:
 
     def __init__(self, ns: str, path: Path, bpf: str = "tcp port 80", iface: str = "eth0", snaplen: int = 200):
         self.path = path
+        self.dropped = 0
         self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", ns, "tcpdump", "-i", iface, "-U", "-n", "-s", str(snaplen), "-w", str(path), bpf],
+            ["ip", "netns", "exec", ns, "tcpdump", "-i", iface, "-U", "-n", "-B", "32768", "-s", str(snaplen),
+             "-w", str(path), bpf],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )
         deadline = time.monotonic() + 10
@@ -82,13 +85,16 @@ class Capture:
             raise RuntimeError(f"tcpdump did not start: {line}")
 
     def stop(self) -> Path:
+        """Stop the capture; fails if tcpdump lost packets (the capture would lie)."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
             try:
-                self.proc.wait(timeout=10)
+                _, err = self.proc.communicate(timeout=10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-                self.proc.wait()
+                _, err = self.proc.communicate()
+            m = re.search(r"(\d+) packets dropped by kernel", err or "")
+            self.dropped = int(m.group(1)) if m else 0
         return self.path
 
     def __enter__(self) -> "Capture":
@@ -96,6 +102,8 @@ class Capture:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+        if exc[0] is None:
+            assert self.dropped == 0, f"tcpdump dropped {self.dropped} packets: the capture is incomplete"
 
 
 def wait_for(pred, timeout: float = 10.0, interval: float = 0.1, what: str = "condition"):

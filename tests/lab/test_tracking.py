@@ -61,7 +61,8 @@ def test_record_matches_client_capture(appliance_running: dict, tmp_path: Path) 
     out = tmp_path / "100M.bin"
     pcap = tmp_path / "client.pcap"
     with Capture("lab-client", pcap):
-        rc, port = start_download("100M.bin", out).wait()
+        # rate-limited so that tcpdump keeps up (its drops would fail the test)
+        rc, port = start_download("100M.bin", out, rate="40M").wait()
         assert rc == 0
         # let the closing handshake's last ACK pass the gateway and the capture
         wait_for(lambda: any(c["client"].endswith(f":{port}") and c["state"] == "TIME_WAIT"

@@ -111,3 +111,14 @@ def test_api_requires_token(appliance_running: dict) -> None:
     svc = api("/api/v1/services")
     assert [b["name"] for b in svc[0]["backends"]] == ["primary", "backup"]
     assert svc[0]["active_backend"] == "primary"
+
+
+def test_demo_runs_end_to_end(appliance_running: dict) -> None:
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "appliance", "lab", "demo", "--file", "1M.bin", "--rate", "1M"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "sha256 matches" in res.stdout
+    assert '"client_isn"' in res.stdout  # it printed the tracked record

@@ -21,6 +21,23 @@ Example::
     vip = "203.0.113.10"
     port = 80
 
+    [service.health]             # optional; these are the defaults
+    check = "tcp"                # or "http": GET path, status within expect
+    interval = 0.1               # seconds between probe starts
+    # timeout = 0.1              # defaults to the interval
+    rise = 2                     # consecutive successes: down -> up
+    fall = 3                     # consecutive failures: up -> down
+    path = "/"                   # http only
+    expect = [200, 399]          # http only: statuses that count as up
+
+    [service.failover]           # optional; these are the defaults
+    auto = true                  # fail over when the active backend goes down
+    mode = "replay"              # the only mode for now
+    max_log_bytes = 16777216     # client bytes kept per connection for replay
+    verify = "full"              # hash every server byte for the divergence check
+    syn_retries = 6
+    move_timeout = 10.0          # seconds
+
     [[service.backend]]
     name = "primary"
     address = "198.51.100.10"
@@ -28,6 +45,7 @@ Example::
     [[service.backend]]
     name = "backup"
     address = "198.51.100.20"
+    admin_state = "ready"        # or "drain", "maint"
 """
 
 from __future__ import annotations
@@ -37,6 +55,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .health import HealthConfig
 
 
 class ConfigError(ValueError):
@@ -53,6 +73,17 @@ class BackendConfig:
     name: str
     address: str
     port: int
+    admin_state: str = "ready"      # "ready" | "drain" | "maint"
+
+
+@dataclass(frozen=True, slots=True)
+class FailoverConfig:
+    auto: bool = True               # fail over when the active backend goes down
+    mode: str = "replay"            # the only mode for now
+    max_log_bytes: int = 16 << 20   # client byte log kept per connection for replay
+    verify: str = "full"            # the only mode for now: every server byte is hashed
+    syn_retries: int = 6
+    move_timeout: float = 10.0      # seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +92,8 @@ class ServiceConfig:
     vip: str
     port: int
     backends: tuple[BackendConfig, ...]
+    health: HealthConfig = field(default_factory=HealthConfig)
+    failover: FailoverConfig = field(default_factory=FailoverConfig)
 
     def backend(self, name: str) -> BackendConfig | None:
         return next((b for b in self.backends if b.name == name), None)
@@ -140,6 +173,13 @@ def _float(data: dict[str, Any], key: str, where: str, default: float, lo: float
     return float(v)
 
 
+def _bool(data: dict[str, Any], key: str, where: str, default: bool) -> bool:
+    v = data.get(key, default)
+    if not isinstance(v, bool):
+        raise ConfigError(f"{where}.{key}", f"must be true or false, got {v!r}")
+    return v
+
+
 def _str(data: dict[str, Any], key: str, where: str, default: str | None = None) -> str:
     if key not in data:
         if default is None:
@@ -178,9 +218,7 @@ def _name(data: dict[str, Any], where: str) -> str:
 def _gateway(data: dict[str, Any]) -> GatewayConfig:
     where = "gateway"
     _no_unknown(data, {"queue_num", "on_malformed", "max_connections", "fail_open", "timeouts"}, where)
-    fail_open = data.get("fail_open", True)
-    if not isinstance(fail_open, bool):
-        raise ConfigError(f"{where}.fail_open", f"must be true or false, got {fail_open!r}")
+    fail_open = _bool(data, "fail_open", where, True)
     t = _table(data.get("timeouts", {}), f"{where}.timeouts")
     tw = f"{where}.timeouts"
     _no_unknown(t, {"opening", "established", "closing", "finished"}, tw)
@@ -226,10 +264,51 @@ def _api(data: dict[str, Any], base: Path) -> ApiConfig:
     return ApiConfig(listen=listen, token=token)
 
 
+def _health(data: dict[str, Any], where: str) -> HealthConfig:
+    d = HealthConfig()
+    _no_unknown(data, {"check", "interval", "timeout", "rise", "fall", "path", "expect"}, where)
+    check = _choice(data, "check", where, d.check, ("tcp", "http"))
+    interval = _float(data, "interval", where, d.interval, 0.01)
+    timeout = None
+    if "timeout" in data:
+        t = data["timeout"]
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0:
+            raise ConfigError(f"{where}.timeout", f"must be a number more than 0, got {t!r}")
+        timeout = float(t)
+    rise = _int(data, "rise", where, d.rise, 1, 100)
+    fall = _int(data, "fall", where, d.fall, 1, 100)
+    path = _str(data, "path", where, d.path)
+    if not path.startswith("/") or any(c.isspace() or not c.isprintable() for c in path):
+        raise ConfigError(f"{where}.path", f"must start with '/' and hold no spaces or control characters, got {path!r}")
+    expect = data.get("expect", list(d.expect))
+    if (not isinstance(expect, list) or len(expect) != 2
+            or any(isinstance(x, bool) or not isinstance(x, int) for x in expect)
+            or not 100 <= expect[0] <= expect[1] <= 599):
+        raise ConfigError(f"{where}.expect", f"must be [lo, hi] with 100 <= lo <= hi <= 599, got {expect!r}")
+    return HealthConfig(check=check, interval=interval, timeout=timeout, rise=rise, fall=fall,
+                        path=path, expect=(expect[0], expect[1]))
+
+
+def _failover(data: dict[str, Any], where: str) -> FailoverConfig:
+    d = FailoverConfig()
+    _no_unknown(data, {"auto", "mode", "max_log_bytes", "verify", "syn_retries", "move_timeout"}, where)
+    mode = _str(data, "mode", where, d.mode)
+    if mode != "replay":
+        raise ConfigError(f"{where}.mode", f"only 'replay' is supported for now, got {mode!r}")
+    return FailoverConfig(
+        auto=_bool(data, "auto", where, d.auto),
+        mode=mode,
+        max_log_bytes=_int(data, "max_log_bytes", where, d.max_log_bytes, 1024, 1 << 31),
+        verify=_choice(data, "verify", where, d.verify, ("full",)),
+        syn_retries=_int(data, "syn_retries", where, d.syn_retries, 1, 20),
+        move_timeout=_float(data, "move_timeout", where, d.move_timeout, 0.1),
+    )
+
+
 def _service(data: Any, i: int) -> ServiceConfig:
     where = f"service[{i}]"
     data = _table(data, where)
-    _no_unknown(data, {"name", "vip", "port", "backend"}, where)
+    _no_unknown(data, {"name", "vip", "port", "backend", "health", "failover"}, where)
     name = _name(data, where)
     vip = _ipv4(data, "vip", where)
     port = _int(data, "port", where, 80, 1, 65535)
@@ -240,8 +319,11 @@ def _service(data: Any, i: int) -> ServiceConfig:
     for j, b in enumerate(raw):
         bw = f"{where}.backend[{j}]"
         b = _table(b, bw)
-        _no_unknown(b, {"name", "address", "port"}, bw)
-        backends.append(BackendConfig(name=_name(b, bw), address=_ipv4(b, "address", bw), port=_int(b, "port", bw, port, 1, 65535)))
+        _no_unknown(b, {"name", "address", "port", "admin_state"}, bw)
+        backends.append(BackendConfig(
+            name=_name(b, bw), address=_ipv4(b, "address", bw), port=_int(b, "port", bw, port, 1, 65535),
+            admin_state=_choice(b, "admin_state", bw, "ready", ("ready", "drain", "maint")),
+        ))
     names = [b.name for b in backends]
     for j, n in enumerate(names):
         if names.index(n) != j:
@@ -252,7 +334,9 @@ def _service(data: Any, i: int) -> ServiceConfig:
             raise ConfigError(f"{where}.backend[{j}].address", f"{a[0]}:{a[1]} is listed twice")
         if a[0] == vip:
             raise ConfigError(f"{where}.backend[{j}].address", "must differ from the service's vip")
-    return ServiceConfig(name=name, vip=vip, port=port, backends=tuple(backends))
+    health = _health(_table(data.get("health", {}), f"{where}.health"), f"{where}.health")
+    failover = _failover(_table(data.get("failover", {}), f"{where}.failover"), f"{where}.failover")
+    return ServiceConfig(name=name, vip=vip, port=port, backends=tuple(backends), health=health, failover=failover)
 
 
 def parse(data: dict[str, Any], base: Path = Path(".")) -> Config:

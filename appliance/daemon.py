@@ -1,48 +1,46 @@
 """``appliance run``: the gateway process.
 
-One asyncio loop does everything, so the data plane and the API share state
-without locks: the two NFQUEUE sockets are readers on the loop (each wake-up
-drains every waiting packet through :class:`~appliance.dataplane.Dataplane`),
-a periodic task expires idle connections, and uvicorn serves the REST API and
-the panel on the same loop.
+One asyncio loop does everything, so the data plane, the controller and the
+API share state without locks: the NFQUEUE sockets are readers on the loop
+(each wake-up drains every waiting packet through the data plane, then sends
+what it asked to inject), the health checker's probes are tasks, a 10 ms
+tick drives the moves' timers, and uvicorn serves the REST API and the panel.
 
-Two queues, numbered from ``gateway.queue_num``: ``queue_num`` holds
-client->service packets (full copies, rewritten by the appliance);
-``queue_num + 1`` carries the return path (header-only copies, GSO
-super-packets whole, never rewritten: the kernel translates their source,
-see ``nfq.kernelnat``).
+Two queues, numbered from ``gateway.queue_num``, both with full copies:
+``queue_num`` holds client->service packets (tracked, logged, rewritten);
+``queue_num + 1`` holds backend->client packets (tracked, hashed for the
+divergence check, translated for moved connections; the kernel rewrites the
+source of the others, see ``nfq.kernelnat``).
 
 Start-up installs, in this order: the kernel NAT table (return path and
 fail-open fallback), the queue bindings (with the kernel's fail-open flag),
-then the iptables rules that feed the queues — so no packet is ever queued
-to a queue nobody reads.  A clean
-exit (SIGTERM, SIGINT) removes them in the reverse order.  SIGKILL removes
-nothing, on purpose: the rules' ``--queue-bypass`` and the fallback carry the
-traffic until the appliance is started again (``appliance cleanup`` removes
-them by hand).
+the injector, then the iptables rules that feed the queues — so no packet is
+ever queued to a queue nobody reads.  A clean exit (SIGTERM, SIGINT) removes
+them in the reverse order.  SIGKILL removes nothing, on purpose: the rules'
+``--queue-bypass`` and the kernel NAT carry the traffic of connections that
+were not moved until the appliance is started again (``appliance cleanup``
+removes them by hand).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import socket
 import time
-from typing import Any
 
 from nfq import kernelnat, rules
+from nfq.inject import INJECT_MARK, Injector
 from nfq.queue import PacketQueue, Verdict
 
 from .config import Config
 from .dataplane import Dataplane
+from .gateway import Gateway
+from .health import HealthChecker
 
 log = logging.getLogger("appliance")
-
-
-# header bytes copied from return-path packets: IPv4 and TCP headers with options
-RETURN_COPY = 128
+TICK = 0.01
 
 
 def flows_for(config: Config) -> list[rules.FlowMatch]:
@@ -52,7 +50,7 @@ def flows_for(config: Config) -> list[rules.FlowMatch]:
         flows.append(rules.FlowMatch(comment=f"{svc.name} client->vip", queue=q, dst=svc.vip, dport=svc.port))
         for b in svc.backends:
             flows.append(rules.FlowMatch(comment=f"{svc.name} {b.name}->client", queue=q + 1,
-                                         src=b.address, sport=b.port))
+                                         src=b.address, sport=b.port, not_local=True))
     return flows
 
 
@@ -66,128 +64,70 @@ def nat_for(dp: Dataplane) -> list[kernelnat.ServiceNat]:
     ]
 
 
-class Gateway:
-    """The running appliance: data plane, queue, and what the API reads."""
+class Kernel:
+    """What the appliance installs in the kernel, and takes away again."""
 
-    def __init__(self, config: Config, *, kernel: bool = True) -> None:
-        self.config = config
-        self.dataplane = Dataplane(config)
-        self.started = time.time()
-        self.kernel = kernel
-        self.queues: list[PacketQueue] = []
+    def __init__(self, gw: Gateway, loop: asyncio.AbstractEventLoop) -> None:
+        self.gw = gw
+        self.loop = loop
+        self.injector: Injector | None = None
 
-    # --- lifecycle ---------------------------------------------------------------
-    def start_kernel(self, loop: asyncio.AbstractEventLoop) -> None:
-        g = self.config.gateway
-        kernelnat.install(nat_for(self.dataplane))
-        dp = self.dataplane
+    def start(self) -> None:
+        gw, g = self.gw, self.gw.config.gateway
+        kernelnat.install(nat_for(gw.dataplane))
+        dp = gw.dataplane
+        clock = gw.clock
 
         def handle(buf: bytearray) -> Verdict:
-            return dp.handle(buf, time.time())
+            return dp.handle(buf, clock())
 
-        self.queues = [
+        gw.queues = [
             PacketQueue(g.queue_num, handle, fail_open=g.fail_open),
-            PacketQueue(g.queue_num + 1, handle, fail_open=g.fail_open, gso=True, copy_range=RETURN_COPY),
+            PacketQueue(g.queue_num + 1, handle, fail_open=g.fail_open),
         ]
-        for q in self.queues:
-            loop.add_reader(q.fileno(), q.process_pending)
-        rules.install(flows_for(self.config))
-        log.info("data plane up: queues %d-%d, %d services", g.queue_num, g.queue_num + 1, len(self.config.services))
+        for q in gw.queues:
+            self.loop.add_reader(q.fileno(), self._drain, q)
+        self.injector = Injector()
+        gw.send = self.injector.send
+        gw.on_active_change = self.repoint
+        rules.install(flows_for(gw.config), inject_mark=INJECT_MARK)
+        log.info("data plane up: queues %d-%d, %d services", g.queue_num, g.queue_num + 1, len(gw.config.services))
 
-    def stop_kernel(self, loop: asyncio.AbstractEventLoop | None) -> None:
+    def _drain(self, q: PacketQueue) -> None:
+        q.process_pending()
+        self.gw.flush()
+
+    def repoint(self) -> None:
+        """The active backend changed: move the fail-open fallback along (off the loop)."""
+        nat = nat_for(self.gw.dataplane)
+        self.loop.run_in_executor(None, kernelnat.install, nat)
+
+    def stop(self) -> None:
+        gw = self.gw
         rules.remove()
-        for q in self.queues:
-            if loop is not None:
-                loop.remove_reader(q.fileno())
+        for q in gw.queues:
+            self.loop.remove_reader(q.fileno())
             q.close()
-        self.queues = []
+        gw.queues = []
+        if self.injector is not None:
+            self.injector.close()
+            gw.send = None
         kernelnat.remove()
         log.info("data plane down: rules and kernel NAT removed")
 
-    async def housekeeping(self) -> None:
-        while True:
-            await asyncio.sleep(1.0)
-            self.dataplane.table.expire(time.time())
 
-    # --- what the API shows ----------------------------------------------------------
-    def status(self) -> dict[str, Any]:
-        dp = self.dataplane
-        q = _sum_stats([q.stats.as_dict() for q in self.queues]) if self.queues else None
-        names = ("held", "observed")
-        per_queue = {names[i] if i < 2 else str(i): q.stats.as_dict() for i, q in enumerate(self.queues)}
-        states: dict[str, int] = {}
-        for rec in dp.table:
-            states[rec.state.value] = states.get(rec.state.value, 0) + 1
-        return {
-            "version": _version(),
-            "pid": os.getpid(),
-            "uptime_seconds": round(time.time() - self.started, 3),
-            "queue_num": self.config.gateway.queue_num,
-            "fail_open": self.config.gateway.fail_open,
-            "connections": len(dp.table),
-            "connections_by_state": states,
-            "table": {
-                "max_connections": dp.table.max_connections,
-                "created": dp.table.created,
-                "expired": dp.table.expired,
-                "evicted": dp.table.evicted,
-                "refused_full": dp.table.refused_full,
-            },
-            "dataplane": dp.counters.as_dict(),
-            "queue": q,
-            "queues": per_queue,
-        }
-
-    def services(self) -> list[dict[str, Any]]:
-        out = []
-        counts: dict[tuple[str, str], int] = {}
-        for rec in self.dataplane.table:
-            counts[(rec.service, rec.backend)] = counts.get((rec.service, rec.backend), 0) + 1
-        for s in self.dataplane.services.values():
-            out.append({
-                "name": s.name,
-                "vip": s.vip,
-                "port": s.port,
-                "active_backend": s.active,
-                "backends": [
-                    {
-                        "name": b.name,
-                        "address": b.address,
-                        "port": b.port,
-                        "active": b.name == s.active,
-                        "connections": counts.get((s.name, b.name), 0),
-                    }
-                    for b in s.backends.values()
-                ],
-            })
-        return out
-
-    def connections(self) -> list[dict[str, Any]]:
-        now = time.time()
-        return [rec.to_dict(now) for rec in self.dataplane.table]
-
-    def connection(self, cid: int) -> dict[str, Any] | None:
-        rec = self.dataplane.table.by_id(cid)
-        return None if rec is None else rec.to_dict(time.time())
-
-
-def _sum_stats(stats: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for st in stats:
-        for k, v in st.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                out[k] = out.get(k, 0) + v
-            elif v is not None:
-                out[k] = v
-    out.setdefault("last_error", None)
-    out["busy_seconds"] = round(out.get("busy_seconds", 0.0), 6)
-    return out
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__
+async def housekeeping(gw: Gateway) -> None:
+    last_expire = 0.0
+    while True:
+        await asyncio.sleep(TICK)
+        try:
+            gw.tick()
+            now = time.monotonic()
+            if now - last_expire >= 1.0:
+                last_expire = now
+                gw.dataplane.table.expire(gw.clock())
+        except Exception:  # the loop must survive whatever one tick does
+            log.exception("housekeeping tick failed")
 
 
 def listen_socket(host: str, port: int) -> socket.socket:
@@ -205,10 +145,7 @@ async def serve(config: Config, listen_fd: int | None = None) -> None:
 
     loop = asyncio.get_running_loop()
     gw = Gateway(config)
-    if listen_fd is not None:
-        sock = socket.socket(fileno=listen_fd)
-    else:
-        sock = listen_socket(config.api.host, config.api.port)
+    sock = socket.socket(fileno=listen_fd) if listen_fd is not None else listen_socket(config.api.host, config.api.port)
     sock.setblocking(False)
     app = create_app(gw)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
@@ -216,14 +153,18 @@ async def serve(config: Config, listen_fd: int | None = None) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    gw.start_kernel(loop)
-    tasks = [asyncio.create_task(gw.housekeeping()), asyncio.create_task(server.serve(sockets=[sock]))]
+    kernel = Kernel(gw, loop)
+    kernel.start()
+    gw.health = HealthChecker(gw.health_targets(), gw.on_health)
+    tasks = [asyncio.create_task(housekeeping(gw)), asyncio.create_task(server.serve(sockets=[sock])),
+             asyncio.create_task(gw.health.run())]
     log.info("API on %s", sock.getsockname())
     try:
         await stop.wait()
     finally:
         server.should_exit = True
-        gw.stop_kernel(loop)
+        gw.health.stop()
+        kernel.stop()
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -246,7 +187,7 @@ def run(config: Config, listen_fd: int | None = None, profile: str | None = None
 
 
 def cleanup() -> list[str]:
-    """Remove rules and fallback left by an appliance that did not exit cleanly."""
+    """Remove rules and kernel NAT left by an appliance that did not exit cleanly."""
     done = []
     if rules.remove():
         done.append(f"removed iptables chain {rules.CHAIN}")

@@ -1,43 +1,56 @@
-"""The per-packet logic of the gateway: classify, track, translate addresses.
+"""The per-packet logic of the gateway: classify, track, protect, translate.
 
 Theory of operation
 -------------------
 Every packet of a service reaches :meth:`Dataplane.handle` as the bytes of
-an IPv4 datagram (from the NFQUEUE binding, or from a test).  It is one of:
+an IPv4 datagram (from an NFQUEUE binding, or from a test).  It is one of:
 
-* **client -> service** (held: a full copy, rewritten here): destination is
-  a service's VIP:port.  The connection's record is looked up by the client
-  4-tuple, or admitted (a new connection is pinned to the service's *active*
-  backend at that moment); the tracker folds the segment in, and the
-  destination is rewritten to the record's backend.  Sequence numbers are
-  untouched: the client's view is the wire's.
-* **server -> client** (observed: a header-only copy, GSO super-packets
-  whole): source is a backend's address:port.  The record is found by the
-  destination (client) 4-tuple and the tracker folds the segment in; the
-  packet passes unchanged and the kernel rewrites its source to the VIP
-  (``nfq.kernelnat``).  A packet from a backend that is not the record's
-  backend is dropped (it belongs to a connection that moved).
-* anything else is passed untouched (counted as ``foreign``).
+* **client -> service** (queue ``queue_num``, full copy): destination is a
+  service's VIP:port.  The record is looked up by the client 4-tuple, or
+  admitted (a new connection is pinned to the service's *active* backend);
+  the tracker folds the segment in and its payload is appended to the
+  connection's client byte log.  An ordinary connection's packet then gets
+  its destination rewritten to the backend; a moved one goes through its
+  :class:`~checkpoint.splice.Splice` (translated, or dropped while the
+  backup is being caught up).
+* **server -> client** (queue ``queue_num + 1``, full copy): source is a
+  backend's address:port.  For an ordinary connection the tracker folds it
+  in, its payload goes into the stream digest, and it passes unchanged: the
+  kernel rewrites its source to the VIP (``nfq.kernelnat``).  A FIN or RST
+  from the backend is held back (dropped) and reported as a *suspect* until a
+  health probe says the backend is alive (then the FIN's retransmission is let
+  through, or the RST is re-sent): a server that was killed closes its
+  connections, and the client must not see that.  Packets of a moved
+  connection from its new backend go through the splice; packets from a
+  backend that no longer owns the connection are dropped (fenced) and answered
+  with a RST on the client's behalf.
+* anything else passes untouched (``foreign``).
 
-Packets that cannot be parsed are counted and accepted or dropped according to
-``gateway.on_malformed``; a packet that would open a connection in a full
-table is dropped (the client retransmits its SYN) and counted.
-
-Sans-I/O: ``handle(buf, now)`` only reads and rewrites ``buf`` and returns a
-:class:`~nfq.queue.Verdict`.
+Packets that cannot be parsed are counted by reason and accepted or dropped
+per ``gateway.on_malformed``.  Segments the gateway must send (replay,
+acknowledgments, resets) are appended to ``outbox``, which the I/O layer
+drains after each batch.  Sans-I/O: ``handle(buf, now)`` only reads and
+rewrites ``buf``.
 """
 
 from __future__ import annotations
 
 import socket
 from dataclasses import dataclass, field
+from typing import Any
 
-from checkpoint.ici import ConnectionRecord
+from checkpoint.ici import ConnectionRecord, TcpState
+from checkpoint.segment import FIN, RST, SYN
+from checkpoint.seqnum import seq_add, seq_diff
+from checkpoint.splice import Decision, Endpoint, Out, Rewrite, Splice, SpliceOptions
+from checkpoint.streamlog import ByteLog, StreamDigest
 from checkpoint.table import ConnectionTable, Timeouts
 from nfq.packet import MalformedPacket, PacketView
 from nfq.queue import Verdict
 
-from .config import BackendConfig, Config, ServiceConfig
+from .config import BackendConfig, Config, FailoverConfig, ServiceConfig
+
+FENCE_RST_INTERVAL = 1.0  # seconds between RSTs to an old primary, per connection
 
 
 @dataclass
@@ -47,10 +60,16 @@ class BackendRuntime:
     address: str
     port: int
     raw: bytes
+    admin_state: str = "ready"
 
     @classmethod
     def from_config(cls, svc: ServiceConfig, b: BackendConfig) -> "BackendRuntime":
-        return cls(name=b.name, service=svc.name, address=b.address, port=b.port, raw=socket.inet_aton(b.address))
+        return cls(name=b.name, service=svc.name, address=b.address, port=b.port,
+                   raw=socket.inet_aton(b.address), admin_state=getattr(b, "admin_state", "ready"))
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return Endpoint(self.name, self.address, self.port)
 
 
 @dataclass
@@ -61,10 +80,22 @@ class ServiceRuntime:
     vip_raw: bytes
     backends: dict[str, BackendRuntime]
     active: str
+    failover: FailoverConfig
 
     @property
     def active_backend(self) -> BackendRuntime:
         return self.backends[self.active]
+
+
+@dataclass
+class Suspect:
+    """A backend closed (FIN) or reset (RST) a connection; held until probed."""
+
+    conn_id: int
+    service: str
+    backend: str
+    kind: str               # "FIN" or "RST"
+    rst: Out | None = None  # the RST to re-send to the client if the backend is fine
 
 
 @dataclass
@@ -74,6 +105,7 @@ class DataplaneCounters:
     untracked: int = 0
     table_full_drops: int = 0
     fenced_drops: int = 0
+    held_closes: int = 0
     client_packets: int = 0
     server_packets: int = 0
     malformed_reasons: dict[str, int] = field(default_factory=dict)
@@ -85,10 +117,37 @@ class DataplaneCounters:
             "untracked": self.untracked,
             "table_full_drops": self.table_full_drops,
             "fenced_drops": self.fenced_drops,
+            "held_closes": self.held_closes,
             "client_packets": self.client_packets,
             "server_packets": self.server_packets,
             "malformed_reasons": dict(self.malformed_reasons),
         }
+
+
+def apply_rewrite(pv: PacketView, rw: Rewrite) -> None:
+    if rw.src is not None:
+        pv.set_src(socket.inet_aton(rw.src))
+    if rw.dst is not None:
+        pv.set_dst(socket.inet_aton(rw.dst))
+    if rw.sport is not None:
+        pv.set_sport(rw.sport)
+    if rw.dport is not None:
+        pv.set_dport(rw.dport)
+    if rw.seq is not None:
+        pv.set_seq(rw.seq)
+    if rw.ack is not None:
+        pv.set_ack(rw.ack)
+    if rw.window is not None:
+        pv.set_window(rw.window)
+    if rw.tsecr is not None or rw.tsval is not None:
+        tsval, tsecr = pv.tsval, pv.tsecr
+        if tsval is not None:
+            pv.set_timestamps(rw.tsval if rw.tsval is not None else tsval,
+                              rw.tsecr if rw.tsecr is not None else tsecr)
+    if rw.strip_sack:
+        pv.strip_sack()
+    elif rw.sack is not None:
+        pv.set_sack_blocks(list(rw.sack))
 
 
 class Dataplane:
@@ -104,17 +163,24 @@ class Dataplane:
         self.services: dict[str, ServiceRuntime] = {}
         self._fronts: dict[tuple[bytes, int], ServiceRuntime] = {}
         self._backs: dict[tuple[bytes, int], tuple[ServiceRuntime, BackendRuntime]] = {}
+        self.splices: dict[int, Splice] = {}
+        self.outbox: list[Out] = []
+        self.suspects: list[Suspect] = []
+        self.finished_splices: list[Splice] = []
+        self._fence_sent: dict[int, float] = {}
         for svc in config.services:
             backends = {b.name: BackendRuntime.from_config(svc, b) for b in svc.backends}
             rt = ServiceRuntime(
                 name=svc.name, vip=svc.vip, port=svc.port, vip_raw=socket.inet_aton(svc.vip),
                 backends=backends, active=svc.backends[0].name,
+                failover=getattr(svc, "failover", None) or FailoverConfig(),
             )
             self.services[svc.name] = rt
             self._fronts[(rt.vip_raw, rt.port)] = rt
             for b in backends.values():
                 self._backs[(b.raw, b.port)] = (rt, b)
 
+    # --- classification -------------------------------------------------------------
     def handle(self, buf: bytearray, now: float) -> Verdict:
         try:
             pv = PacketView(buf, allow_truncated=True)
@@ -130,48 +196,6 @@ class Dataplane:
         self.counters.foreign += 1
         return Verdict.ACCEPT
 
-    def _from_client(self, pv: PacketView, svc: ServiceRuntime, sport: int, dport: int, now: float) -> Verdict:
-        self.counters.client_packets += 1
-        if pv.truncated:  # larger than the queue copies: cannot be rewritten here
-            return self._malformed("truncated client packet")
-        key = (pv.src, sport, svc.vip, dport)
-        table = self.table
-        rec = table.get(key)
-        if rec is None or rec.state.value in ("TIME_WAIT", "CLOSED"):
-            be = svc.active_backend
-            rec = table.admit(
-                key, pv, service=svc.name, backend=be.name, backend_ip=be.address, backend_port=be.port, now=now,
-            )
-            if rec is None:
-                if pv.flags & 0x04:  # a stray RST: nothing to track, let it reach the backend
-                    self.counters.untracked += 1
-                    self._to_backend(pv, svc, svc.active_backend)
-                    return Verdict.REWRITTEN
-                self.counters.table_full_drops += 1
-                return Verdict.DROP
-        table.observe(rec, pv, True, now)
-        self._to_backend(pv, svc, svc.backends[rec.backend])
-        return Verdict.REWRITTEN
-
-    @staticmethod
-    def _to_backend(pv: PacketView, svc: ServiceRuntime, be: BackendRuntime) -> None:
-        pv.set_dst(be.raw)
-        if be.port != svc.port:
-            pv.set_dport(be.port)
-
-    def _from_server(self, pv: PacketView, svc: ServiceRuntime, be: BackendRuntime, dport: int, now: float) -> Verdict:
-        self.counters.server_packets += 1
-        rec = self.table.get((pv.dst, dport, svc.vip, svc.port))
-        if rec is None:
-            # Not tracked (table full, or expired): the kernel still translates it.
-            self.counters.untracked += 1
-        elif rec.backend != be.name:
-            self.counters.fenced_drops += 1
-            return Verdict.DROP
-        else:
-            self.table.observe(rec, pv, False, now)
-        return Verdict.ACCEPT
-
     def _malformed(self, why: str) -> Verdict:
         c = self.counters
         c.malformed += 1
@@ -179,5 +203,203 @@ class Dataplane:
         c.malformed_reasons[reason] = c.malformed_reasons.get(reason, 0) + 1
         return self.malformed_verdict
 
+    # --- client -> service ----------------------------------------------------------------
+    def _from_client(self, pv: PacketView, svc: ServiceRuntime, sport: int, dport: int, now: float) -> Verdict:
+        self.counters.client_packets += 1
+        if pv.truncated:  # larger than the queue copies: cannot be logged or rewritten
+            return self._malformed("truncated client packet")
+        key = (pv.src, sport, svc.vip, dport)
+        table = self.table
+        rec = table.get(key)
+        if rec is None or rec.state in (TcpState.TIME_WAIT, TcpState.CLOSED):
+            be = svc.active_backend
+            old = rec
+            rec = table.admit(
+                key, pv, service=svc.name, backend=be.name, backend_ip=be.address, backend_port=be.port, now=now,
+            )
+            if rec is None:
+                if pv.flags & RST:  # a stray RST: nothing to track, let it reach the backend
+                    self.counters.untracked += 1
+                    self._to_backend(pv, svc, svc.active_backend)
+                    return Verdict.REWRITTEN
+                self.counters.table_full_drops += 1
+                return Verdict.DROP
+            if rec is not old:
+                if old is not None:
+                    self.splices.pop(old.id, None)
+                if pv.flags & SYN:
+                    rec.log = ByteLog(svc.failover.max_log_bytes)
+                    rec.digest = StreamDigest()
+        table.observe(rec, pv, True, now)
+        self._log_client(rec, pv)
+        sp = self.splices.get(rec.id)
+        if sp is not None:
+            return self._apply(pv, sp.on_client(pv, now), sp, now)
+        self._to_backend(pv, svc, svc.backends[rec.backend])
+        return Verdict.REWRITTEN
+
+    @staticmethod
+    def _log_client(rec: ConnectionRecord, pv: PacketView) -> None:
+        log = rec.log
+        if log is None or rec.client.isn is None:
+            return
+        flags = pv.flags
+        n = pv.payload_len
+        start = pv.seq + (1 if flags & SYN else 0)
+        off = seq_diff(start, seq_add(rec.client.isn, 1))
+        if n and off >= 0:
+            log.add(off, pv.payload)
+        if flags & FIN and log.fin_offset is None and off >= 0:
+            log.fin_offset = off + n
+
+    @staticmethod
+    def _to_backend(pv: PacketView, svc: ServiceRuntime, be: BackendRuntime) -> None:
+        pv.set_dst(be.raw)
+        if be.port != svc.port:
+            pv.set_dport(be.port)
+
+    # --- server -> client ------------------------------------------------------------------
+    def _from_server(self, pv: PacketView, svc: ServiceRuntime, be: BackendRuntime, dport: int, now: float) -> Verdict:
+        self.counters.server_packets += 1
+        rec = self.table.get((pv.dst, dport, svc.vip, svc.port))
+        if rec is None:
+            # Not tracked (table full, or expired): the kernel still translates it.
+            self.counters.untracked += 1
+            return Verdict.ACCEPT
+        if rec.backend != be.name:
+            return self._fence(rec, pv, be, now)
+        sp = self.splices.get(rec.id)
+        if sp is not None:
+            if pv.truncated:
+                return self._malformed("truncated server packet")
+            return self._apply(pv, sp.on_backend(pv, pv.payload, now), sp, now, observe_rec=rec)
+        flags = pv.flags
+        if flags & (FIN | RST) and not rec.server_close_ok and rec.state not in (TcpState.TIME_WAIT, TcpState.CLOSED):
+            return self._hold_close(rec, svc, be, pv)
+        self.table.observe(rec, pv, False, now)
+        if rec.digest is not None and pv.payload_len and not pv.truncated and rec.server.isn is not None:
+            start = pv.seq + (1 if flags & SYN else 0)
+            rec.digest.add(seq_diff(start, seq_add(rec.server.isn, 1)), pv.payload)
+        return Verdict.ACCEPT
+
+    def _hold_close(self, rec: ConnectionRecord, svc: ServiceRuntime, be: BackendRuntime, pv: PacketView) -> Verdict:
+        """A backend closes or resets a live connection: maybe it is dying.
+        Keep it from the client until a probe has spoken."""
+        self.counters.held_closes += 1
+        kind = "RST" if pv.flags & RST else "FIN"
+        if not any(s.conn_id == rec.id for s in self.suspects):
+            rst = None
+            if kind == "RST":
+                rst = Out(src=svc.vip, dst=rec.client_ip, sport=svc.port, dport=rec.client_port,
+                          seq=pv.seq, ack=pv.ack, flags=pv.flags, to="client")
+            self.suspects.append(Suspect(rec.id, svc.name, be.name, kind, rst))
+        return Verdict.DROP
+
+    def release_suspect(self, s: Suspect) -> None:
+        """The probe found the backend alive: its close was genuine."""
+        rec = self.table.by_id(s.conn_id)
+        if rec is None:
+            return
+        rec.server_close_ok = True
+        if s.rst is not None:
+            self.outbox.append(s.rst)
+
+    def _fence(self, rec: ConnectionRecord, pv: PacketView, be: BackendRuntime, now: float) -> Verdict:
+        self.counters.fenced_drops += 1
+        last = self._fence_sent.get(rec.id, 0.0)
+        if not pv.flags & RST and now - last >= FENCE_RST_INTERVAL:
+            self._fence_sent[rec.id] = now
+            self.outbox.append(Out(src=rec.client_ip, dst=be.address, sport=rec.client_port, dport=be.port,
+                                   seq=pv.ack, ack=0, flags=RST, to="old"))
+        return Verdict.DROP
+
+    # --- moved connections -----------------------------------------------------------------
+    def _apply(self, pv: PacketView, d: Decision, sp: Splice, now: float,
+               observe_rec: ConnectionRecord | None = None) -> Verdict:
+        self.outbox.extend(d.inject)
+        if not sp.active:
+            self._end_splice(sp)
+        if not d.forward:
+            return Verdict.DROP
+        if d.rewrite is not None:
+            apply_rewrite(pv, d.rewrite)
+        if observe_rec is not None:  # a backend segment, now in the client's view
+            self.table.observe(observe_rec, pv, False, now)
+            dg = observe_rec.digest
+            if dg is not None and pv.payload_len and observe_rec.server.isn is not None:
+                dg.add(seq_diff(pv.seq, seq_add(observe_rec.server.isn, 1)), pv.payload)
+        return Verdict.REWRITTEN
+
+    def _end_splice(self, sp: Splice) -> None:
+        if self.splices.get(sp.rec.id) is sp:
+            del self.splices[sp.rec.id]
+            self.finished_splices.append(sp)
+            if sp.phase.value == "FAILED":
+                sp.rec.rst_seen = True
+                sp.rec.rst_from = "gateway"
+                sp.rec.state = TcpState.CLOSED
+
+    def move(self, rec: ConnectionRecord, target: BackendRuntime, now: float) -> Splice:
+        """Start moving ``rec`` to ``target`` (replay).  Raises ValueError with
+        the reason when it cannot be moved; the caller resets it then."""
+        svc = self.services[rec.service]
+        reason = rec.unprotected_reason
+        if reason is None and rec.client.isn is not None and rec.server.ack is not None and rec.log is not None:
+            # I1: the server must not have acknowledged bytes the log lacks
+            acked = seq_diff(rec.server.ack, seq_add(rec.client.isn, 1))
+            have = rec.log.end + (1 if rec.log.fin_offset is not None else 0)
+            if acked > have:
+                reason = f"server acknowledged {acked} client bytes, the log has {have}"
+        if reason is not None:
+            raise ValueError(f"unprotected: {reason}")
+        if rec.server.isn is None:
+            # the old backend never answered the SYN: the client's retransmitted SYN goes to the new one
+            rec.backend, rec.backend_ip, rec.backend_port = target.name, target.address, target.port
+            rec.moves += 1
+            raise LookupError("not yet established: re-pinned without replay")
+        old = svc.backends[rec.backend]
+        sp = Splice(rec, rec.log, rec.digest.snapshot(), vip=svc.vip, vport=svc.port, old=old.endpoint,
+                    target=target.endpoint, now=now,
+                    options=SpliceOptions(syn_retries=svc.failover.syn_retries, move_timeout=svc.failover.move_timeout))
+        self.outbox.extend(sp.start(now))
+        rec.backend, rec.backend_ip, rec.backend_port = target.name, target.address, target.port
+        rec.moves += 1
+        rec.server_close_ok = False
+        self.splices[rec.id] = sp
+        self.suspects = [s for s in self.suspects if s.conn_id != rec.id]
+        return sp
+
+    def reset(self, rec: ConnectionRecord, now: float) -> None:
+        """Reset a connection cleanly on both sides (the client and its backend)."""
+        svc = self.services[rec.service]
+        be = svc.backends.get(rec.backend)
+        if rec.client.ack is not None:
+            self.outbox.append(Out(src=svc.vip, dst=rec.client_ip, sport=svc.port, dport=rec.client_port,
+                                   seq=rec.client.ack, ack=rec.client.next_seq or 0, flags=RST | 0x10, to="client"))
+        if be is not None and rec.server.ack is not None:
+            self.outbox.append(Out(src=rec.client_ip, dst=be.address, sport=rec.client_port, dport=be.port,
+                                   seq=rec.server.ack, ack=0, flags=RST, to="old"))
+        sp = self.splices.pop(rec.id, None)
+        if sp is not None:
+            sp.phase = sp.phase.__class__.CLOSED
+        rec.rst_seen = True
+        rec.rst_from = "gateway"
+        rec.state = TcpState.CLOSED
+        rec.closed_at = now
+
+    def poll(self, now: float) -> None:
+        """Timers of the moves under way."""
+        for sp in list(self.splices.values()):
+            self.outbox.extend(sp.poll(now))
+            if not sp.active:
+                self._end_splice(sp)
+
     def connections(self) -> list[ConnectionRecord]:
         return list(self.table)
+
+    def splice_of(self, cid: int) -> Splice | None:
+        return self.splices.get(cid)
+
+    def describe_move(self, cid: int) -> dict[str, Any] | None:
+        sp = self.splices.get(cid)
+        return sp.describe() if sp else None

@@ -102,6 +102,28 @@ class ConnectionRecord:
     rst_seen: bool = False
     rst_from: str | None = None
     closed_at: float | None = None
+    # failover protection (kept by the data plane): the client byte log and the
+    # digest of the server stream (checkpoint.streamlog), None when not kept
+    log: Any = None
+    digest: Any = None
+    moves: int = 0
+    server_close_ok: bool = False   # a FIN/RST from this backend was vetted by a probe
+
+    @property
+    def protected(self) -> bool:
+        return self.unprotected_reason is None
+
+    @property
+    def unprotected_reason(self) -> str | None:
+        if self.mid_stream:
+            return "picked up mid-stream: no log from the SYN"
+        if self.log is None or self.digest is None:
+            return "no client log"
+        if self.log.overflow:
+            return self.log.overflow
+        if self.digest.overflow:
+            return self.digest.overflow
+        return None
 
     @property
     def key(self) -> tuple[str, int, str, int]:
@@ -162,6 +184,11 @@ class ConnectionRecord:
             "client_fin_seq": c.fin_seq,
             "server_fin_seq": s.fin_seq,
             "rst_from": self.rst_from,
+            "protected": self.protected,
+            "unprotected_reason": self.unprotected_reason,
+            "log_bytes": self.log.end if self.log is not None else 0,
+            "server_bytes_hashed": self.digest.end if self.digest is not None else 0,
+            "moves": self.moves,
             "created": self.created,
             "last_seen": self.last_seen,
             "idle_seconds": None if now is None else round(now - self.last_seen, 3),

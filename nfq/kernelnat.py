@@ -15,7 +15,8 @@ One nftables table, one chain on the prerouting hook at priority raw+10,
 right after the iptables ``raw`` table (priority raw) where the queues are:
 
 * ``ip saddr <backend> tcp sport P  ip saddr set VIP`` for every backend of
-  every service (the return path, always);
+  every service (the return path, always; not for packets addressed to the
+  gateway itself, such as the answers to its health checks);
 * ``ip daddr VIP tcp dport P  ip daddr set <active backend>`` for every
   service: the fail-open fallback.  While the appliance runs, a client packet
   leaves the queue already rewritten and does not match; if the appliance
@@ -52,7 +53,7 @@ def ruleset(services: list[ServiceNat]) -> str:
     for s in services:
         for addr, port in s.backends:
             snat = f"ip saddr set {s.vip}" + (f" tcp sport set {s.port}" if port != s.port else "")
-            lines.append(f'    ip saddr {addr} tcp sport {port} {snat} comment "return path"')
+            lines.append(f'    ip saddr {addr} tcp sport {port} fib daddr type != local {snat} comment "return path"')
         addr, port = s.active
         dnat = f"ip daddr set {addr}" + (f" tcp dport set {port}" if port != s.port else "")
         lines.append(f'    ip daddr {s.vip} tcp dport {s.port} {dnat} comment "fail-open fallback"')

@@ -238,6 +238,30 @@ class PacketView:
             self._set_tcp32(rel + 4, right)
         self._opts = None
 
+    def strip_sack(self) -> None:
+        """Turn the SACK option into NOPs (same header length, checksum fixed)."""
+        kind = self.sack_offset()
+        if kind < 0:
+            return
+        if self.truncated:
+            raise MalformedPacket("cannot rewrite a truncated copy")
+        buf = self.buf
+        ln = buf[kind + 1]
+        tcp0 = self.ihl
+        lo = kind - ((kind - tcp0) % 2)          # word-aligned to the TCP header
+        hi = kind + ln + ((kind + ln - tcp0) % 2)
+        old = bytes(buf[lo:hi])
+        buf[kind:kind + ln] = b"\x01" * ln
+        coff = self.ihl + 16
+        c = _H.unpack_from(buf, coff)[0]
+        for i in range(0, hi - lo, 2):
+            o = (old[i] << 8) | old[i + 1]
+            n = (buf[lo + i] << 8) | buf[lo + i + 1]
+            if o != n:
+                c = update16(c, o, n)
+        _H.pack_into(buf, coff, c)
+        self._opts = None
+
     def __repr__(self) -> str:
         return (
             f"<PacketView {self.src}:{self.sport} > {self.dst}:{self.dport} "

@@ -9,6 +9,13 @@ sequence numbers the appliance rewrites (DESIGN.md), then queued with
 ``--queue-bypass``: while no process is bound to the queue (the appliance
 died), the kernel accepts the packets instead of dropping them.
 
+Packets the appliance injects itself carry a mark (``nfq.inject``); the
+chain's first rules mark them NOTRACK and return them, so they are never
+queued.  Return-path matches exclude packets addressed to the gateway itself
+(``addrtype ! --dst-type LOCAL``): the appliance's own health checks talk to
+the backends from the gateway's address, and their answers are not service
+traffic.
+
 The whole table is written in one commit (python-iptables with
 ``autocommit = False``: one ``iptc_commit``, which replaces the table
 atomically), so a reader never sees a half-built chain.  ``remove`` takes the
@@ -34,6 +41,7 @@ class FlowMatch:
     dport: int | None = None
     src: str | None = None
     sport: int | None = None
+    not_local: bool = False  # only packets not addressed to this host
 
 
 def _iptc():  # imported lazily: loading libiptc needs the shared library, not root
@@ -54,6 +62,9 @@ def _rule(iptc, flow: FlowMatch, target: str, **target_args: str):
         m.dport = str(flow.dport)
     if flow.sport is not None:
         m.sport = str(flow.sport)
+    if flow.not_local:
+        a = r.create_match("addrtype")
+        a.dst_type = "!LOCAL"
     c = r.create_match("comment")
     c.comment = f"{COMMENT_PREFIX} {flow.comment}"
     t = r.create_target(target)
@@ -62,7 +73,19 @@ def _rule(iptc, flow: FlowMatch, target: str, **target_args: str):
     return r
 
 
-def install(flows: list[FlowMatch]) -> None:
+def _mark_rule(iptc, mark: int, target: str, **target_args: str):
+    r = iptc.Rule()
+    m = r.create_match("mark")
+    m.mark = hex(mark)
+    c = r.create_match("comment")
+    c.comment = f"{COMMENT_PREFIX} injected by the appliance"
+    t = r.create_target(target)
+    for k, v in target_args.items():
+        setattr(t, k, v)
+    return r
+
+
+def install(flows: list[FlowMatch], inject_mark: int | None = None) -> None:
     """(Re)write the ``APPLIANCE`` chain for ``flows`` and hook it, atomically."""
     iptc = _iptc()
     table = iptc.Table(iptc.Table.RAW)
@@ -74,6 +97,9 @@ def install(flows: list[FlowMatch]) -> None:
             chain.flush()
         else:
             chain = table.create_chain(CHAIN)
+        if inject_mark is not None:
+            chain.append_rule(_mark_rule(iptc, inject_mark, "CT", notrack=""))
+            chain.append_rule(_mark_rule(iptc, inject_mark, "RETURN"))
         for flow in flows:
             chain.append_rule(_rule(iptc, flow, "CT", notrack=""))
             chain.append_rule(_rule(iptc, flow, "NFQUEUE", queue_bypass="", queue_num=str(flow.queue)))

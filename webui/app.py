@@ -19,10 +19,11 @@ import secrets
 from pathlib import Path
 from typing import Any, Protocol
 
-from fastapi import Depends, FastAPI, Form, HTTPException, Request
+from fastapi import Body, Depends, FastAPI, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.templating import Jinja2Templates
+from pydantic import BaseModel, ConfigDict, Field
 
 HERE = Path(__file__).parent
 COOKIE = "appliance_session"
@@ -30,11 +31,39 @@ COOKIE = "appliance_session"
 
 class GatewayView(Protocol):
     config: Any
+    events: Any
 
     def status(self) -> dict[str, Any]: ...
     def services(self) -> list[dict[str, Any]]: ...
     def connections(self) -> list[dict[str, Any]]: ...
     def connection(self, cid: int) -> dict[str, Any] | None: ...
+    def failover(self, service: str, to: str | None = None, reason: str = "manual") -> dict[str, Any]: ...
+    def migrate(self, cid: int, to: str, mode: str = "replay", reason: str = "manual") -> dict[str, Any]: ...
+    def reset_connection(self, cid: int, reason: str = "manual") -> dict[str, Any]: ...
+
+
+class FailoverRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    to: str | None = Field(None, description="backend to fail over to (default: the first ready, healthy one)",
+                           min_length=1, max_length=64)
+
+
+class MigrateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    to: str = Field(..., description="backend to move the connection to", min_length=1, max_length=64)
+    mode: str = Field("replay", pattern="^(replay)$", description="how to resume it: replay (unmodified backend)")
+
+
+def _call(fn, *args, **kwargs) -> dict[str, Any]:
+    """Controller errors as HTTP: NotFound -> 404, Conflict -> 409."""
+    from appliance.gateway import Conflict, NotFound
+
+    try:
+        return fn(*args, **kwargs)
+    except NotFound as exc:
+        raise HTTPException(404, str(exc)) from None
+    except Conflict as exc:
+        raise HTTPException(409, str(exc)) from None
 
 
 def create_app(gw: GatewayView) -> FastAPI:
@@ -91,6 +120,28 @@ def create_app(gw: GatewayView) -> FastAPI:
         if c is None:
             raise HTTPException(404, f"no connection with id {cid}")
         return c
+
+    @app.post("/api/v1/services/{name}/failover", dependencies=auth, tags=["failover"], status_code=202)
+    def failover(name: str, body: FailoverRequest | None = Body(None)) -> dict[str, Any]:
+        """Move every open connection of the service's active backend to another backend."""
+        return _call(gw.failover, name, body.to if body else None, reason="manual (API)")
+
+    @app.post("/api/v1/connections/{cid}/migrate", dependencies=auth, tags=["failover"], status_code=202)
+    def migrate(cid: int, body: MigrateRequest) -> dict[str, Any]:
+        """Move one connection to another backend."""
+        return _call(gw.migrate, cid, body.to, body.mode, reason="manual (API)")
+
+    @app.delete("/api/v1/connections/{cid}", dependencies=auth, tags=["connections"])
+    def reset_connection(cid: int) -> dict[str, Any]:
+        """Reset a connection on both sides."""
+        return _call(gw.reset_connection, cid, reason="manual (API)")
+
+    @app.get("/api/v1/events", dependencies=auth, tags=["events"])
+    def events(kind: str | None = None, service: str | None = None, connection: int | None = None,
+               since_id: int | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        limit = max(1, min(limit, 10000))
+        return [e.to_dict() for e in gw.events.list(kind=kind, service=service, connection=connection,
+                                                      since_id=since_id, limit=limit)]
 
     # --- panel --------------------------------------------------------------------
     def logged_in(request: Request) -> bool:

@@ -6,7 +6,7 @@ from fastapi.testclient import TestClient
 from scapy.all import IP, TCP
 
 from appliance.config import parse
-from appliance.daemon import Gateway
+from appliance.gateway import Gateway
 from webui.app import create_app
 
 TOKEN = "api-test-token"

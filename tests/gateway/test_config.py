@@ -77,3 +77,100 @@ def test_token_file_and_toml_errors(tmp_path) -> None:
         load(cfg)
     with pytest.raises(ConfigError, match="cannot read"):
         load(tmp_path / "missing.toml")
+
+
+# --- health, failover and admin state ----------------------------------------------
+
+def test_health_failover_and_admin_state_defaults() -> None:
+    from appliance.config import BackendConfig, FailoverConfig, ServiceConfig
+    from appliance.health import HealthConfig
+
+    web = parse(GOOD).service("web")
+    assert web.health == HealthConfig()
+    assert (web.health.check, web.health.interval, web.health.timeout, web.health.rise, web.health.fall,
+            web.health.path, web.health.expect) == ("tcp", 0.1, None, 2, 3, "/", (200, 399))
+    assert web.health.probe_timeout == 0.1                     # no timeout: the interval
+    assert web.failover == FailoverConfig()
+    assert (web.failover.auto, web.failover.mode, web.failover.max_log_bytes, web.failover.verify,
+            web.failover.syn_retries, web.failover.move_timeout) == (True, "replay", 16 << 20, "full", 6, 10.0)
+    assert [b.admin_state for b in web.backends] == ["ready", "ready"]
+    # code that builds these by hand keeps working
+    b = BackendConfig(name="p", address="198.51.100.1", port=80)
+    s = ServiceConfig(name="s", vip="203.0.113.1", port=80, backends=(b,))
+    assert b.admin_state == "ready" and s.health == HealthConfig() and s.failover == FailoverConfig()
+
+
+def test_health_failover_and_admin_state_are_parsed() -> None:
+    d = variant(["service", 0, "health"], {"check": "http", "interval": 0.5, "timeout": 2, "rise": 1,
+                                           "fall": 5, "path": "/healthz", "expect": [200, 204]})
+    d["service"][0]["failover"] = {"auto": False, "max_log_bytes": 1024, "verify": "full",
+                                   "syn_retries": 20, "move_timeout": 0.1}
+    d["service"][0]["backend"][1]["admin_state"] = "drain"
+    web = parse(d).service("web")
+    assert (web.health.check, web.health.interval, web.health.timeout, web.health.rise, web.health.fall,
+            web.health.path, web.health.expect) == ("http", 0.5, 2.0, 1, 5, "/healthz", (200, 204))
+    assert web.health.probe_timeout == 2.0
+    assert (web.failover.auto, web.failover.mode, web.failover.max_log_bytes, web.failover.verify,
+            web.failover.syn_retries, web.failover.move_timeout) == (False, "replay", 1024, "full", 20, 0.1)
+    assert web.backend("backup").admin_state == "drain"
+    assert web.backend("primary").admin_state == "ready"
+
+
+def test_docstring_example_parses() -> None:
+    import textwrap
+    import tomllib
+
+    import appliance.config
+
+    example = textwrap.dedent(appliance.config.__doc__.split("Example::", 1)[1])
+    cfg = parse(tomllib.loads(example))
+    web = cfg.service("web")
+    assert web.health.check == "tcp" and web.failover.mode == "replay"
+    assert web.backend("backup").admin_state == "ready"
+
+
+@pytest.mark.parametrize(
+    "path,value,field",
+    [
+        (["service", 0, "health"], {"check": "icmp"}, "service[0].health.check"),
+        (["service", 0, "health"], {"interval": 0.001}, "service[0].health.interval"),
+        (["service", 0, "health"], {"interval": "fast"}, "service[0].health.interval"),
+        (["service", 0, "health"], {"timeout": 0}, "service[0].health.timeout"),
+        (["service", 0, "health"], {"timeout": -1.5}, "service[0].health.timeout"),
+        (["service", 0, "health"], {"rise": 0}, "service[0].health.rise"),
+        (["service", 0, "health"], {"fall": 101}, "service[0].health.fall"),
+        (["service", 0, "health"], {"fall": 2.5}, "service[0].health.fall"),
+        (["service", 0, "health"], {"path": "health"}, "service[0].health.path"),
+        (["service", 0, "health"], {"path": "/a b"}, "service[0].health.path"),
+        (["service", 0, "health"], {"expect": [200]}, "service[0].health.expect"),
+        (["service", 0, "health"], {"expect": [99, 200]}, "service[0].health.expect"),
+        (["service", 0, "health"], {"expect": [300, 200]}, "service[0].health.expect"),
+        (["service", 0, "health"], {"expect": [200, 600]}, "service[0].health.expect"),
+        (["service", 0, "health"], {"expect": "200-399"}, "service[0].health.expect"),
+        (["service", 0, "health"], {"retries": 3}, "service[0].health.retries"),
+        (["service", 0, "health"], "tcp", "service[0].health"),
+        (["service", 0, "failover"], {"auto": "yes"}, "service[0].failover.auto"),
+        (["service", 0, "failover"], {"mode": "repair"}, "service[0].failover.mode"),
+        (["service", 0, "failover"], {"max_log_bytes": 1023}, "service[0].failover.max_log_bytes"),
+        (["service", 0, "failover"], {"max_log_bytes": (1 << 31) + 1}, "service[0].failover.max_log_bytes"),
+        (["service", 0, "failover"], {"verify": "none"}, "service[0].failover.verify"),
+        (["service", 0, "failover"], {"syn_retries": 0}, "service[0].failover.syn_retries"),
+        (["service", 0, "failover"], {"syn_retries": 21}, "service[0].failover.syn_retries"),
+        (["service", 0, "failover"], {"move_timeout": 0.05}, "service[0].failover.move_timeout"),
+        (["service", 0, "failover"], {"fast": True}, "service[0].failover.fast"),
+        (["service", 0, "backend", 1, "admin_state"], "maintenance", "service[0].backend[1].admin_state"),
+        (["service", 0, "backend", 0, "admin_state"], "", "service[0].backend[0].admin_state"),
+    ],
+)
+def test_new_settings_errors_name_the_field(path: list, value, field: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse(variant(path, value))
+    assert e.value.field == field
+    assert str(e.value).startswith(field + ":")
+
+
+def test_failover_mode_error_says_only_replay() -> None:
+    with pytest.raises(ConfigError, match="only 'replay' is supported"):
+        parse(variant(["service", 0, "failover"], {"mode": "repair"}))
+    for state in ("ready", "drain", "maint"):
+        assert parse(variant(["service", 0, "backend", 1, "admin_state"], state)).services[0].backends[1].admin_state == state

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import socket
 import struct
 
@@ -174,6 +176,38 @@ def test_truncated():
         PacketView(buf[:-1])
 
 
+def test_truncated_copy_allowed_for_reading_only():
+    """NFQUEUE may hand over a partial copy: headers readable, nothing rewritable."""
+    full = bytes(tcp_pkt(b"y" * 500, options=[("NOP", None), ("NOP", None), ("Timestamp", (8, 9))]))
+    v = PacketView(bytearray(full[:80]), allow_truncated=True)
+    assert v.truncated
+    assert (v.sport, v.dport, v.seq, v.ack, v.flags) == (40000, 80, 1001, 5001, PSH | ACK)
+    assert v.payload_len == 500 and v.total_len == len(full)  # from the IPv4 header
+    assert (v.tsval, v.tsecr) == (8, 9) and v.options.tsval == 8
+    before = bytes(v.buf)
+    for rewrite in (lambda: v.payload, lambda: v.set_seq(1), lambda: v.set_ack(1),
+                    lambda: v.set_window(1), lambda: v.set_sport(1), lambda: v.set_dport(1),
+                    lambda: v.set_src(b"\1\2\3\4"), lambda: v.set_dst(b"\1\2\3\4"),
+                    lambda: v.set_timestamps(1, 2)):
+        with pytest.raises(MalformedPacket):
+            rewrite()
+    assert bytes(v.buf) == before
+    complete = PacketView(bytearray(full), allow_truncated=True)
+    assert not complete.truncated and complete.payload == b"y" * 500
+
+
+def test_truncated_copy_must_hold_tcp_header_and_options():
+    from scapy.layers.inet import IPOption_NOP
+    pkt = IP(src="1.2.3.4", dst="5.6.7.8", options=[IPOption_NOP()] * 8) / TCP(
+        options=[("NOP", None), ("NOP", None), ("Timestamp", (1, 2))]) / Raw(b"z" * 100)
+    raw = bytes(pkt)  # ihl 28, thl 32
+    with pytest.raises(MalformedPacket, match="TCP header"):
+        PacketView(bytearray(raw[:45]), allow_truncated=True)
+    with pytest.raises(MalformedPacket, match="options"):
+        PacketView(bytearray(raw[:28 + 24]), allow_truncated=True)
+    assert PacketView(bytearray(raw[:28 + 32]), allow_truncated=True).tsval == 1
+
+
 def test_total_length_too_small():
     buf = bytearray(bytes(tcp_pkt(b"x" * 30)))
     struct.pack_into("!H", buf, 2, 39)
@@ -202,6 +236,21 @@ def test_malformed_is_value_error():
 
 # ----- option parsing robustness -----------------------------------------------------
 
+@contextlib.contextmanager
+def finishes_within(seconds: int):
+    """Fail (instead of hanging) if an option walk stops advancing."""
+    def _alarm(signum, frame):
+        raise AssertionError(f"did not finish within {seconds}s (option loop not advancing?)")
+
+    old = signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
 @pytest.mark.parametrize("raw, expect_mss", [
     (b"\x02\x04\x05\xb4" + b"\x08\x00" + b"\x00" * 6, 1460),        # zero length after MSS
     (b"\x02\x04\x05\xb4" + b"\x08\x01" + b"\x00" * 6, 1460),        # length 1
@@ -212,10 +261,12 @@ def test_malformed_is_value_error():
     (b"\x02\x03\x05\xb4", None),                                     # MSS wrong length: skipped
 ])
 def test_parse_options_malformed(raw, expect_mss):
-    o = parse_options(raw, 0, len(raw))
+    with finishes_within(5):
+        o = parse_options(raw, 0, len(raw))
+        off = find_option(raw, 0, len(raw), 8, 10)
     assert o.mss == expect_mss
     assert o.tsval is None and o.tsecr is None
-    assert find_option(raw, 0, len(raw), 8, 10) == -1
+    assert off == -1
 
 
 def test_parse_options_skips_unknown_and_bad_sack():
@@ -237,7 +288,8 @@ def test_packetview_with_malformed_options_does_not_raise():
     buf = bytearray(bytes(tcp_pkt(b"pl", options=[("NOP", None), ("NOP", None), ("Timestamp", (1, 2))])))
     buf[43] = 40  # TS option length now runs past the header
     v = PacketView(buf)
-    assert v.tsval is None and v.tsecr is None and v.options.tsval is None
+    with finishes_within(5):
+        assert v.tsval is None and v.tsecr is None and v.options.tsval is None
     with pytest.raises(MalformedPacket):
         v.set_timestamps(1, 2)
     assert v.payload == b"pl"
@@ -246,8 +298,9 @@ def test_packetview_with_malformed_options_does_not_raise():
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=40))
 def test_parse_options_never_raises(raw):
-    o = parse_options(raw, 0, len(raw))
-    off = find_option(raw, 0, len(raw), 8, 10)
+    with finishes_within(5):
+        o = parse_options(raw, 0, len(raw))
+        off = find_option(raw, 0, len(raw), 8, 10)
     assert off == -1 or 2 <= off <= len(raw) - 8
     if o.tsval is not None:
         assert off >= 0
@@ -261,6 +314,7 @@ def test_setters_change_fields_and_keep_checksums():
     v = view(tcp_pkt(b"payload!", options=[("NOP", None), ("NOP", None), ("Timestamp", (1, 2)),
                                           ("NOP", None), ("NOP", None), ("SAck", (10, 20, 30, 40))]))
     assert_checksums_valid(v.buf)
+    assert v.options.tsval == 1 and v.options.sack_blocks == ((10, 20), (30, 40))  # cached now
     v.set_src(socket.inet_aton("10.1.2.3"))
     v.set_dst(socket.inet_aton("10.4.5.6"))
     v.set_seq(0x1_0000_0005)  # masked to 32 bits
@@ -325,6 +379,7 @@ def test_rewrites_keep_checksums_valid(src, dst, new_src, new_dst, sport, dport,
     assert v.payload == payload
 
     new_sack = data.draw(st.lists(st.tuples(u32, u32), min_size=len(sack), max_size=len(sack)))
+    new_ports = data.draw(st.tuples(u16, u16))
     ops = [
         lambda: v.set_src(socket.inet_aton(new_src)),
         lambda: v.set_dst(socket.inet_aton(new_dst)),
@@ -333,6 +388,8 @@ def test_rewrites_keep_checksums_valid(src, dst, new_src, new_dst, sport, dport,
         lambda: v.set_window(new_window),
         lambda: v.set_timestamps(*new_ts),
         lambda: v.set_sack_blocks(new_sack),
+        lambda: v.set_sport(new_ports[0]),
+        lambda: v.set_dport(new_ports[1]),
     ]
     order = data.draw(st.permutations(range(len(ops))))
     n = data.draw(st.integers(1, len(ops)))
@@ -346,8 +403,11 @@ def test_rewrites_keep_checksums_valid(src, dst, new_src, new_dst, sport, dport,
     assert v.ack == (new_ack if 3 in done else ack)
     assert v.window == (new_window if 4 in done else window)
     assert (v.tsval, v.tsecr) == (new_ts if 5 in done else ts)
+    assert (v.options.tsval, v.options.tsecr) == (new_ts if 5 in done else ts)
     assert v.options.sack_blocks == tuple(new_sack if 6 in done else sack)
-    assert v.payload == payload and v.sport == sport and v.dport == dport
+    assert v.sport == (new_ports[0] if 7 in done else sport)
+    assert v.dport == (new_ports[1] if 8 in done else dport)
+    assert v.payload == payload
 
 
 # ----- checksum primitives -----------------------------------------------------------

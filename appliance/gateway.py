@@ -1,0 +1,368 @@
+"""The running appliance: data plane, failover controller, and what the API reads.
+
+Theory of operation
+-------------------
+:class:`Gateway` owns the :class:`~appliance.dataplane.Dataplane` (per-packet
+work), the :class:`~appliance.events.EventLog` and, when running for real,
+the health checker and the packet injector.  It is the *failover controller*:
+
+* ``failover(service, to=None, reason)`` picks a target (the named backend,
+  or the first other backend that is ready and not down), makes it the
+  service's active backend (new connections go there), points the kernel's
+  fail-open NAT at it, and moves every open connection of the old backend
+  to it: each is replayed (:meth:`Dataplane.move`), or reset cleanly when it
+  is not protected (its log overflowed, it was picked up mid-stream).  One
+  ``failover`` event says what happened; each connection's move ends in a
+  ``migration`` event (with its timings), a ``divergence`` or a ``reset``.
+* ``migrate(id, to)`` moves one connection.
+* health transitions arrive through ``on_health``: an active backend going
+  down fails its service over when ``failover.auto`` is set.
+* a backend that closes or resets a connection is *suspected*: the data plane
+  holds the FIN/RST back and the controller probes the backend at once; a dead
+  backend fails over (the client never sees the close), a live one has its
+  close released.
+
+Time comes from ``clock`` (``time.time`` by default); nothing here blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Callable
+
+from checkpoint.ici import TcpState
+from checkpoint.splice import Out, Phase, Splice
+from nfq.build import tcp_options, tcp_packet
+from nfq.queue import PacketQueue
+
+from .config import Config
+from .dataplane import BackendRuntime, Dataplane, ServiceRuntime, Suspect
+from .events import EventLog
+from .health import HealthChecker, Target
+
+log = logging.getLogger("appliance")
+
+
+class NotFound(LookupError):
+    """No such service, connection or backend."""
+
+
+class Conflict(RuntimeError):
+    """The request cannot be carried out in the current state."""
+
+
+def build_packet(o: Out) -> bytes:
+    syn = bool(o.flags & 0x02)
+    opts = tcp_options(mss=o.mss, wscale=o.wscale, sack_permitted=o.sack_permitted,
+                       tsval=o.tsval, tsecr=o.tsecr, syn=syn)
+    return tcp_packet(o.src, o.dst, o.sport, o.dport, o.seq, o.ack, o.flags, o.window, opts, o.payload)
+
+
+class Gateway:
+    def __init__(self, config: Config, *, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.clock = clock
+        self.dataplane = Dataplane(config)
+        self.events = EventLog()
+        self.started = clock()
+        self.queues: list[PacketQueue] = []
+        self.health: HealthChecker | None = None
+        self.send: Callable[[bytes], None] | None = None  # the injector, when running for real
+        self.on_active_change: Callable[[], None] | None = None  # re-point the kernel's fallback
+        self.unsent: list[Out] = []       # what was to be sent without an injector (tests)
+        self.last_failover: dict[str, Any] | None = None
+        self._reported: set[int] = set()
+        self._probing: dict[tuple[str, str], asyncio.Task] = {}
+        self._probe_waiters: dict[tuple[str, str], list[Suspect]] = {}
+
+    # --- output -----------------------------------------------------------------------
+    def flush(self) -> None:
+        dp = self.dataplane
+        if not dp.outbox:
+            return
+        out, dp.outbox = dp.outbox, []
+        if self.send is None:
+            self.unsent.extend(out)
+            return
+        for o in out:
+            self.send(build_packet(o))
+
+    # --- failover ----------------------------------------------------------------------
+    def _service(self, name: str) -> ServiceRuntime:
+        svc = self.dataplane.services.get(name)
+        if svc is None:
+            raise NotFound(f"no service named {name!r}")
+        return svc
+
+    def _health_state(self, svc: ServiceRuntime, b: BackendRuntime) -> str:
+        return self.health.state(svc.name, b.name) if self.health else "unknown"
+
+    def _target(self, svc: ServiceRuntime, to: str | None, exclude: str) -> BackendRuntime:
+        if to is not None:
+            b = svc.backends.get(to)
+            if b is None:
+                raise NotFound(f"service {svc.name!r} has no backend named {to!r}")
+            if b.name == exclude:
+                raise Conflict(f"{to!r} is already the backend in use")
+            if b.admin_state != "ready":
+                raise Conflict(f"backend {to!r} is in admin state {b.admin_state!r}")
+            if self._health_state(svc, b) == "down":
+                raise Conflict(f"backend {to!r} is down")
+            return b
+        candidates = [b for b in svc.backends.values() if b.name != exclude and b.admin_state == "ready"
+                      and self._health_state(svc, b) != "down"]
+        candidates.sort(key=lambda b: self._health_state(svc, b) != "up")  # up before unknown
+        if not candidates:
+            raise Conflict(f"service {svc.name!r} has no other backend that is ready and not down")
+        return candidates[0]
+
+    def failover(self, service: str, to: str | None = None, reason: str = "manual") -> dict[str, Any]:
+        now = self.clock()
+        dp = self.dataplane
+        svc = self._service(service)
+        old = svc.active
+        target = self._target(svc, to, old)
+        svc.active = target.name
+        if self.on_active_change is not None:
+            self.on_active_change()
+        moved, repinned, reset = [], [], []
+        for rec in list(dp.table):
+            if rec.service != service or rec.backend != old or rec.state in (TcpState.TIME_WAIT, TcpState.CLOSED):
+                continue
+            outcome = self._move(rec, target, now, reason)
+            {"moved": moved, "repinned": repinned, "reset": reset}[outcome].append(rec.id)
+        self.flush()
+        self.last_failover = {
+            "time": now, "service": service, "from": old, "to": target.name, "reason": reason,
+            "connections": len(moved), "reset": len(reset), "pending": set(moved), "duration_ms": None,
+        }
+        if not moved:
+            self.last_failover["duration_ms"] = 0.0
+        ev = self.events.add("failover", reason, service=service, backend=target.name, now=now,
+                             **{"from": old, "moved": moved, "repinned": repinned, "reset": reset})
+        log.warning("failover of %s: %s -> %s (%s): %d moved, %d reset", service, old, target.name, reason,
+                    len(moved), len(reset))
+        return ev.to_dict()
+
+    def _move(self, rec, target: BackendRuntime, now: float, reason: str) -> str:
+        dp = self.dataplane
+        try:
+            dp.move(rec, target, now)
+            return "moved"
+        except LookupError:
+            return "repinned"
+        except ValueError as exc:
+            dp.reset(rec, now)
+            self.events.add("reset", str(exc), service=rec.service, backend=target.name, connection=rec.id,
+                            now=now, cause=reason)
+            return "reset"
+
+    def migrate(self, cid: int, to: str, mode: str = "replay", reason: str = "manual") -> dict[str, Any]:
+        if mode != "replay":
+            raise Conflict(f"mode {mode!r} is not available: only 'replay' is supported")
+        dp = self.dataplane
+        rec = dp.table.by_id(cid)
+        if rec is None:
+            raise NotFound(f"no connection with id {cid}")
+        if rec.state in (TcpState.TIME_WAIT, TcpState.CLOSED):
+            raise Conflict(f"connection {cid} is {rec.state.value}")
+        if cid in dp.splices:
+            raise Conflict(f"connection {cid} is being moved already")
+        svc = self._service(rec.service)
+        target = self._target(svc, to, rec.backend)
+        now = self.clock()
+        old = rec.backend
+        outcome = self._move(rec, target, now, reason)
+        self.flush()
+        ev = self.events.add("migration", f"{reason}: {outcome}", service=svc.name, backend=target.name,
+                             connection=cid, now=now, **{"from": old, "outcome": outcome})
+        if outcome == "reset":
+            raise Conflict(f"connection {cid} could not be moved and was reset: "
+                           f"{self.events.last('reset').reason if self.events.last('reset') else ''}")
+        return ev.to_dict()
+
+    def reset_connection(self, cid: int, reason: str = "manual") -> dict[str, Any]:
+        rec = self.dataplane.table.by_id(cid)
+        if rec is None:
+            raise NotFound(f"no connection with id {cid}")
+        self.dataplane.reset(rec, self.clock())
+        self.flush()
+        return self.events.add("reset", reason, service=rec.service, backend=rec.backend, connection=cid).to_dict()
+
+    # --- health -----------------------------------------------------------------------
+    def health_targets(self) -> list[Target]:
+        return [Target(service=s.name, backend=b.name, address=b.address, port=b.port, config=sc.health)
+                for sc in self.config.services for s in [self.dataplane.services[sc.name]]
+                for b in s.backends.values()]
+
+    def on_health(self, target: Target, old: str, new: str, detail: str) -> None:
+        self.events.add("health", f"{target.backend} {old} -> {new}: {detail}", service=target.service,
+                        backend=target.backend)
+        svc = self.dataplane.services.get(target.service)
+        if svc is None or new != "down" or svc.active != target.backend or not svc.failover.auto:
+            return
+        try:
+            self.failover(svc.name, reason=f"health check: {target.backend} down ({detail})")
+        except Conflict as exc:
+            self.events.add("refusal", f"cannot fail over: {exc}", service=svc.name, backend=target.backend)
+
+    # --- the periodic part --------------------------------------------------------------
+    def tick(self) -> None:
+        """Timers of moves, events for moves that ended, suspects to probe."""
+        dp = self.dataplane
+        now = self.clock()
+        dp.poll(now)
+        for sp in list(dp.splices.values()):
+            if sp.phase is Phase.SPLICED and sp.verifier.done and sp.rec.id not in self._reported:
+                self._report(sp, now)
+        while dp.finished_splices:
+            sp = dp.finished_splices.pop()
+            if sp.rec.id not in self._reported:
+                self._report(sp, now)
+        if dp.suspects:
+            suspects, dp.suspects = dp.suspects, []
+            for s in suspects:
+                self._suspect(s)
+        self.flush()
+
+    def _report(self, sp: Splice, now: float) -> None:
+        self._reported.add(sp.rec.id)
+        d = sp.describe()
+        if sp.phase is Phase.FAILED:
+            kind = "divergence" if (sp.reason or "").startswith("divergence") else "reset"
+            self.events.add(kind, sp.reason or "move failed", service=sp.rec.service, backend=sp.target.name,
+                            connection=sp.rec.id, now=now, **d)
+        else:
+            self.events.add("migration", "moved", service=sp.rec.service, backend=sp.target.name,
+                            connection=sp.rec.id, now=now, **d)
+        lf = self.last_failover
+        if lf and sp.rec.id in lf["pending"]:
+            lf["pending"].discard(sp.rec.id)
+            if not lf["pending"]:
+                lf["duration_ms"] = round((now - lf["time"]) * 1000, 3)
+
+    def _suspect(self, s: Suspect) -> None:
+        key = (s.service, s.backend)
+        self._probe_waiters.setdefault(key, []).append(s)
+        if key in self._probing or self.health is None:
+            if self.health is None:  # nothing to ask: let the close through
+                for w in self._probe_waiters.pop(key, []):
+                    self.dataplane.release_suspect(w)
+            return
+        self._probing[key] = asyncio.get_running_loop().create_task(self._probe_suspect(key))
+
+    async def _probe_suspect(self, key: tuple[str, str]) -> None:
+        service, backend = key
+        try:
+            ok = await self.health.probe_now(service, backend)
+        except Exception as exc:  # a probe that cannot run says nothing good
+            log.warning("probe of %s/%s failed to run: %s", service, backend, exc)
+            ok = False
+        finally:
+            self._probing.pop(key, None)
+        waiters = self._probe_waiters.pop(key, [])
+        if ok:
+            for w in waiters:
+                self.dataplane.release_suspect(w)
+            return
+        svc = self.dataplane.services[service]
+        reason = f"{backend} closed {len(waiters)} connection(s) and failed a probe"
+        try:
+            if svc.active == backend:
+                self.failover(service, reason=reason)
+            else:
+                for w in waiters:
+                    rec = self.dataplane.table.by_id(w.conn_id)
+                    if rec is not None and rec.backend == backend:
+                        self.migrate(w.conn_id, svc.active, reason=reason)
+        except (Conflict, NotFound) as exc:
+            self.events.add("refusal", f"cannot move after {reason}: {exc}", service=service, backend=backend)
+            for w in waiters:
+                self.dataplane.release_suspect(w)
+        self.flush()
+
+    # --- what the API shows ---------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        dp = self.dataplane
+        states: dict[str, int] = {}
+        protected = 0
+        for rec in dp.table:
+            states[rec.state.value] = states.get(rec.state.value, 0) + 1
+            protected += rec.protected
+        per_queue = {("held" if i == 0 else "return" if i == 1 else str(i)): q.stats.as_dict()
+                     for i, q in enumerate(self.queues)}
+        lf = None
+        if self.last_failover:
+            lf = {k: v for k, v in self.last_failover.items() if k != "pending"}
+            lf["pending"] = len(self.last_failover["pending"])
+        from . import __version__
+
+        return {
+            "version": __version__,
+            "uptime_seconds": round(self.clock() - self.started, 3),
+            "queue_num": self.config.gateway.queue_num,
+            "fail_open": self.config.gateway.fail_open,
+            "connections": len(dp.table),
+            "protected": protected,
+            "moving": len(dp.splices),
+            "connections_by_state": states,
+            "table": {
+                "max_connections": dp.table.max_connections,
+                "created": dp.table.created,
+                "expired": dp.table.expired,
+                "evicted": dp.table.evicted,
+                "refused_full": dp.table.refused_full,
+            },
+            "dataplane": dp.counters.as_dict(),
+            "queues": per_queue,
+            "last_failover": lf,
+            "events": len(self.events),
+        }
+
+    def services(self) -> list[dict[str, Any]]:
+        out = []
+        counts: dict[tuple[str, str], int] = {}
+        for rec in self.dataplane.table:
+            if rec.state not in (TcpState.TIME_WAIT, TcpState.CLOSED):
+                counts[(rec.service, rec.backend)] = counts.get((rec.service, rec.backend), 0) + 1
+        health = self.health.status(self.clock()) if self.health else {}
+        for s in self.dataplane.services.values():
+            out.append({
+                "name": s.name,
+                "vip": s.vip,
+                "port": s.port,
+                "active_backend": s.active,
+                "failover": {"auto": s.failover.auto, "mode": s.failover.mode, "verify": s.failover.verify},
+                "backends": [
+                    {
+                        "name": b.name,
+                        "address": b.address,
+                        "port": b.port,
+                        "active": b.name == s.active,
+                        "admin_state": b.admin_state,
+                        "health": health.get(f"{s.name}/{b.name}", {"state": "unknown"}),
+                        "connections": counts.get((s.name, b.name), 0),
+                    }
+                    for b in s.backends.values()
+                ],
+            })
+        return out
+
+    def connections(self) -> list[dict[str, Any]]:
+        now = self.clock()
+        out = []
+        for rec in self.dataplane.table:
+            d = rec.to_dict(now)
+            d["move"] = self.dataplane.describe_move(rec.id)
+            out.append(d)
+        return out
+
+    def connection(self, cid: int) -> dict[str, Any] | None:
+        rec = self.dataplane.table.by_id(cid)
+        if rec is None:
+            return None
+        d = rec.to_dict(self.clock())
+        d["move"] = self.dataplane.describe_move(cid)
+        return d

@@ -1,0 +1,505 @@
+"""The splice engine: moves one connection to an unmodified backup by replay.
+
+Theory of operation
+-------------------
+A connection between a client and the old primary is to continue on a backup
+that knows nothing of it.  The engine opens a connection to the backup *as
+the client* and then stands in the middle of it for the rest of its life:
+
+``CONNECTING``
+    A SYN from the client's address and port with the client's ISN and the
+    options the original connection negotiated (MSS, window scale,
+    SACK-permitted, timestamps with the client's latest TSval).  Resent with
+    exponential back-off; after ``syn_retries`` the move fails.
+``REPLAYING``
+    The backup's SYN-ACK is absorbed and answered; the translation is fixed
+    (sequence delta from the ISNs, timestamp delta from the first backup
+    TSval so the client's view of the server clock never goes back).  The
+    logged client bytes (and FIN) are sent again within the backup's window
+    and MSS, resent go-back-N on timeout, until the backup has acknowledged
+    all of them.  Client packets meanwhile are only logged (by the data
+    plane) and dropped: the replay delivers their bytes.
+``SPLICED``
+    Client packets are translated and forwarded; the acknowledgment is
+    clamped to what the backup has sent (tcpcp 6.1, invariant I6) and a pure
+    ACK that tells the backup nothing new is dropped, so the backup never
+    sees a flood of duplicate ACKs while it regenerates.
+
+Backup data is handled the same way in every phase after the handshake, by
+its stream offset:
+
+* it is fed to the :class:`~checkpoint.streamlog.StreamVerifier`, which
+  compares it with the digest of what the old primary sent; a mismatch is a
+  *divergence*: both sides are reset (fail closed), never a wrong byte;
+* below what the client already acknowledged it is *suppressed*: dropped,
+  and acknowledged to the backup by the gateway;
+* above that it is forwarded, translated, once every byte of it that the
+  client may already have is verified; until then it is held in a buffer
+  (never acknowledged by the gateway, so the backup keeps responsibility for
+  it) and sent when its chunk verifies.  Out-of-order backup segments in
+  that region are dropped unacknowledged: the backup resends them.
+
+Each method returns a :class:`Decision` (forward with a :class:`Rewrite`, or
+drop) and segments to inject (:class:`Out`); ``poll(now)`` drives the timers.
+No sockets, no clock: ``now`` comes from the caller.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from .ici import ConnectionRecord
+from .segment import ACK, FIN, PSH, RST, SYN, SegmentLike
+from .seqnum import MASK, seq_add, seq_diff
+from .streamlog import ByteLog, DigestSnapshot, StreamDigest, StreamVerifier
+from .translate import Translation, choose_ts_delta
+
+DEFAULT_MSS = 536
+INITIAL_RTO = 0.2
+MAX_RTO = 3.0
+
+
+class Phase(str, enum.Enum):
+    CONNECTING = "CONNECTING"
+    REPLAYING = "REPLAYING"
+    SPLICED = "SPLICED"
+    FAILED = "FAILED"
+    CLOSED = "CLOSED"
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    name: str
+    ip: str
+    port: int
+
+
+@dataclass(slots=True)
+class Out:
+    """A segment for the gateway to build and send."""
+
+    src: str
+    dst: str
+    sport: int
+    dport: int
+    seq: int
+    ack: int
+    flags: int
+    window: int = 0
+    tsval: int | None = None
+    tsecr: int | None = None
+    payload: bytes = b""
+    mss: int | None = None
+    wscale: int | None = None
+    sack_permitted: bool = False
+    to: str = "backend"  # backend | client | old
+
+
+@dataclass(slots=True)
+class Rewrite:
+    """Changes to make to a forwarded packet (None: leave the field alone)."""
+
+    src: str | None = None
+    dst: str | None = None
+    sport: int | None = None
+    dport: int | None = None
+    seq: int | None = None
+    ack: int | None = None
+    window: int | None = None
+    tsval: int | None = None
+    tsecr: int | None = None
+    sack: tuple[tuple[int, int], ...] | None = None
+    strip_sack: bool = False
+
+
+@dataclass(slots=True)
+class Decision:
+    forward: bool
+    rewrite: Rewrite | None = None
+    inject: list[Out] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class SpliceOptions:
+    syn_retries: int = 6
+    move_timeout: float = 10.0
+
+
+class Splice:
+    def __init__(
+        self,
+        rec: ConnectionRecord,
+        log: ByteLog,
+        snap: DigestSnapshot,
+        *,
+        vip: str,
+        vport: int,
+        old: Endpoint,
+        target: Endpoint,
+        now: float,
+        options: SpliceOptions = SpliceOptions(),
+    ) -> None:
+        c, s = rec.client, rec.server
+        if c.isn is None or s.isn is None:
+            raise ValueError("cannot splice a connection whose ISNs are unknown")
+        self.rec = rec
+        self.log = log
+        self.snap = snap
+        self.vip, self.vport = vip, vport
+        self.old, self.target = old, target
+        self.opts = options
+        self.phase = Phase.CONNECTING
+        self.reason: str | None = None
+        self.c_base = seq_add(c.isn, 1)
+        self.s_base = seq_add(s.isn, 1)
+        # the client's acknowledged point in the server stream (offsets)
+        self.client_acked = max(0, seq_diff(c.ack, self.s_base)) if c.ack is not None else 0
+        self.ts = rec.ts_ok
+        self.verifier = StreamVerifier(snap)
+        self.tr: Translation | None = None
+        self.b_isn: int | None = None
+        self.b_base = 0
+        self.b_mss = DEFAULT_MSS
+        self.b_window = 65535
+        self.b_wscale = 0
+        self.b_high = 0          # highest backup stream offset seen (incl. FIN)
+        self.b_tsval: int | None = None
+        self.b_ts_first: int | None = None
+        self.acked_to_b = 0      # highest backup stream offset acknowledged to it
+        self.replay_next = 0     # next client log offset to send
+        self.replay_acked = 0    # client log offset the backup acknowledged
+        self.fin_sent = False
+        self.pending: dict[int, tuple[bytes, int]] = {}  # verified-later backup segments
+        self.tries = 0
+        self.rto = INITIAL_RTO
+        self.last_tx = now
+        self.t_start = now
+        self.timings: dict[str, float] = {}
+        self.stats = {"suppressed": 0, "suppressed_bytes": 0, "buffered": 0, "forwarded": 0,
+                      "replayed_bytes": 0, "replay_retransmits": 0, "acks_clamped": 0, "acks_dropped": 0}
+
+    # --- helpers -------------------------------------------------------------------
+    @property
+    def active(self) -> bool:
+        return self.phase in (Phase.CONNECTING, Phase.REPLAYING, Phase.SPLICED)
+
+    def _client_tsval(self) -> int | None:
+        return self.rec.client.tsval if self.ts else None
+
+    def _mark(self, name: str, now: float) -> None:
+        self.timings.setdefault(name, round((now - self.t_start) * 1000, 3))
+
+    def _to_backend(self, seq: int, ack: int, flags: int, payload: bytes = b"") -> Out:
+        return Out(
+            src=self.rec.client_ip, dst=self.target.ip, sport=self.rec.client_port, dport=self.target.port,
+            seq=seq, ack=ack, flags=flags, window=self.rec.client.window_raw or 65535,
+            tsval=self._client_tsval(), tsecr=self.b_tsval if self.ts else None, payload=payload,
+        )
+
+    def _ack_value_for_backend(self) -> int:
+        return seq_add(self.b_base, self.acked_to_b)
+
+    # --- start ---------------------------------------------------------------------------
+    def start(self, now: float) -> list[Out]:
+        """The SYN to the backup, and a RST to the old primary (fencing)."""
+        out = [self._syn()]
+        self.last_tx = now
+        fence = self.fence_old(self.rec.server.ack)
+        if fence:
+            out.append(fence)
+        return out
+
+    def _syn(self) -> Out:
+        rec = self.rec
+        c = rec.client
+        self.tries += 1
+        return Out(
+            src=rec.client_ip, dst=self.target.ip, sport=rec.client_port, dport=self.target.port,
+            seq=c.isn, ack=0, flags=SYN, window=min(c.window_raw or 65535, 0xFFFF),
+            tsval=self._client_tsval(), tsecr=0 if self.ts else None,
+            mss=c.mss or DEFAULT_MSS, wscale=c.wscale if rec.wscale_ok else None,
+            sack_permitted=rec.sack_ok,
+        )
+
+    def fence_old(self, rcv_nxt: int | None) -> Out | None:
+        """A RST to the old primary on the client's behalf (its rcv_nxt exactly,
+        as RFC 5961 receivers want), so it frees the socket."""
+        if rcv_nxt is None:
+            return None
+        return Out(src=self.rec.client_ip, dst=self.old.ip, sport=self.rec.client_port, dport=self.old.port,
+                   seq=rcv_nxt, ack=0, flags=RST, to="old")
+
+    def fail(self, reason: str, now: float) -> list[Out]:
+        """Reset both sides (fail closed)."""
+        if not self.active:
+            return []
+        self.phase = Phase.FAILED
+        self.reason = reason
+        self._mark("failed_ms", now)
+        rec = self.rec
+        out = []
+        if rec.client.ack is not None:
+            # exactly the client's rcv_nxt, so it is accepted
+            out.append(Out(src=self.vip, dst=rec.client_ip, sport=self.vport, dport=rec.client_port,
+                           seq=rec.client.ack, ack=rec.client.next_seq or 0, flags=RST | ACK, to="client"))
+        if self.b_isn is not None:
+            out.append(Out(src=rec.client_ip, dst=self.target.ip, sport=rec.client_port, dport=self.target.port,
+                           seq=seq_add(self.c_base, self.replay_acked), ack=0, flags=RST))
+        return out
+
+    # --- timers ---------------------------------------------------------------------------
+    def poll(self, now: float) -> list[Out]:
+        if not self.active:
+            return []
+        if self.phase is not Phase.SPLICED and now - self.t_start > self.opts.move_timeout:
+            return self.fail(f"move not done after {self.opts.move_timeout} s ({self.phase.value})", now)
+        if self.phase is Phase.CONNECTING:
+            if now - self.last_tx >= self.rto:
+                if self.tries > self.opts.syn_retries:
+                    return self.fail(f"backup {self.target.name} did not answer {self.tries} SYNs", now)
+                self.last_tx = now
+                self.rto = min(self.rto * 2, MAX_RTO)
+                return [self._syn()]
+            return []
+        if self.phase is Phase.REPLAYING:
+            out = []
+            self._maybe_spliced(now)
+            if now - self.last_tx >= self.rto and self._replay_outstanding():
+                self.replay_next = self.replay_acked
+                self.fin_sent = False
+                self.rto = min(self.rto * 2, MAX_RTO)
+                self.stats["replay_retransmits"] += 1
+            out += self._replay(now)
+            return out
+        return []
+
+    def _replay_outstanding(self) -> bool:
+        fin = 1 if self.log.fin_offset is not None else 0
+        return self.replay_acked < self.log.end + fin
+
+    def _replay(self, now: float) -> list[Out]:
+        out = []
+        limit = self.replay_acked + max(self.b_window, self.b_mss)
+        while self.replay_next < self.log.end and self.replay_next < limit:
+            n = min(self.b_mss, self.log.end - self.replay_next, limit - self.replay_next)
+            data = self.log.read(self.replay_next, n)
+            out.append(self._to_backend(seq_add(self.c_base, self.replay_next), self._ack_value_for_backend(),
+                                        ACK | PSH, data))
+            self.replay_next += n
+            self.stats["replayed_bytes"] += n
+        if (self.log.fin_offset is not None and self.replay_next >= self.log.end and not self.fin_sent
+                and self.log.fin_offset == self.log.end):
+            out.append(self._to_backend(seq_add(self.c_base, self.log.end), self._ack_value_for_backend(), ACK | FIN))
+            self.fin_sent = True
+        if out:
+            self.last_tx = now
+        return out
+
+    # --- segments from the backup ---------------------------------------------------------
+    def on_backend(self, seg: SegmentLike, payload: bytes, now: float) -> Decision:
+        if not self.active:
+            return Decision(False)
+        flags = seg.flags
+        if flags & SYN:
+            return self._on_synack(seg, now)
+        if self.b_isn is None:
+            return Decision(False)  # nothing but a SYN-ACK makes sense before the handshake
+        if flags & RST:
+            if self.phase is Phase.SPLICED and self.verifier.done:
+                self.phase = Phase.CLOSED
+                return Decision(True, self._rewrite_to_client(seg))
+            return Decision(False, inject=self.fail("the backup reset the connection during the move", now))
+        if seg.tsval is not None:
+            self.b_tsval = seg.tsval
+        if flags & ACK:
+            acked = seq_diff(seg.ack, self.c_base)
+            if acked > self.replay_acked:
+                self.replay_acked = min(acked, self.log.end + (1 if self.log.fin_offset is not None else 0))
+                self.rto = INITIAL_RTO
+        self.b_window = seg.window << self.b_wscale
+        out: list[Out] = []
+        if self.phase is Phase.REPLAYING:
+            out += self._replay(now)
+            self._maybe_spliced(now)
+        n = len(payload)
+        if not n and not flags & FIN:
+            if self.phase is Phase.SPLICED and self.verifier.done:
+                return Decision(True, self._rewrite_to_client(seg), out)
+            return Decision(False, inject=out)
+        return self._on_backend_data(seg, payload, now, out)
+
+    def _on_synack(self, seg: SegmentLike, now: float) -> Decision:
+        if not seg.flags & ACK or seg.ack != self.c_base:
+            return Decision(False)
+        if self.b_isn is None:
+            rec = self.rec
+            opts = seg.options
+            self.b_isn = seg.seq
+            self.b_base = seq_add(seg.seq, 1)
+            self.b_mss = min(opts.mss or DEFAULT_MSS, rec.client.mss or DEFAULT_MSS)
+            self.b_wscale = opts.wscale if (rec.wscale_ok and opts.wscale is not None) else 0
+            self.b_window = seg.window  # never scaled in a SYN
+            ts_delta = 0
+            if self.ts and seg.tsval is not None:
+                self.b_tsval = self.b_ts_first = seg.tsval
+                s = rec.server
+                last_seen, when = (s.tsval, s.ts_last[0]) if s.ts_last else (s.tsval or 0, now)
+                ts_delta = choose_ts_delta(last_seen or 0, now - when, s.tick_rate, seg.tsval)
+            self.tr = Translation(
+                seq_delta=(rec.server.isn - seg.seq) & MASK,
+                ts_delta=ts_delta,
+                backend_wscale=self.b_wscale,
+                client_view_wscale=rec.server.wscale if rec.wscale_ok else 0,
+            )
+            self.phase = Phase.REPLAYING
+            self.rto = INITIAL_RTO
+            self._mark("synack_ms", now)
+        # (re)acknowledge the SYN-ACK, then replay
+        out = [self._to_backend(self.c_base, self._ack_value_for_backend(), ACK)]
+        if self.phase is Phase.REPLAYING:
+            out += self._replay(now)
+            self._maybe_spliced(now)
+        return Decision(False, inject=out)
+
+    def _maybe_spliced(self, now: float) -> None:
+        if self.phase is Phase.REPLAYING and not self._replay_outstanding():
+            self.phase = Phase.SPLICED
+            self._mark("replayed_ms", now)
+
+    def _on_backend_data(self, seg: SegmentLike, payload: bytes, now: float, out: list[Out]) -> Decision:
+        off = seq_diff(seg.seq, self.b_base)
+        n = len(payload)
+        end = off + n + (1 if seg.flags & FIN else 0)
+        if end > self.b_high:
+            self.b_high = end
+        v = self.verifier
+        if off > v.end:
+            return Decision(False, inject=out)  # a gap: the backup will resend
+        if n and not v.add(off, payload):
+            return Decision(False, inject=out + self.fail(
+                f"divergence: backup stream differs from what the client received (chunk at offset {v.mismatch_at})",
+                now))
+        if seg.flags & FIN and off + n < self.snap.end:
+            return Decision(False, inject=out + self.fail(
+                f"divergence: backup stream ended at {off + n}, the client has seen {self.snap.end} bytes", now))
+        if end <= self.client_acked:
+            # the client has all of it: suppress, and acknowledge it ourselves
+            self.stats["suppressed"] += 1
+            self.stats["suppressed_bytes"] += n
+            fin = 1 if (seg.flags & FIN and off + n == v.end) else 0
+            ack_to = min(v.end + fin, self.client_acked)
+            if ack_to > self.acked_to_b:
+                self.acked_to_b = ack_to
+            out.append(self._to_backend(seq_add(self.c_base, self.replay_acked), self._ack_value_for_backend(), ACK))
+            return Decision(False, inject=out)
+        good = v.verified_end()
+        need = min(off + n, self.snap.end)
+        if need <= good:
+            out += self._flush_pending(good)
+            self.stats["forwarded"] += 1
+            if "first_forward_ms" not in self.timings:
+                self._mark("first_forward_ms", now)
+            return Decision(True, self._rewrite_to_client(seg), out)
+        self.pending[off] = (bytes(payload), seg.flags)
+        self.stats["buffered"] += 1
+        return Decision(False, inject=out)
+
+    def _flush_pending(self, good: int) -> list[Out]:
+        out = []
+        for off in sorted(self.pending):
+            data, flags = self.pending[off]
+            if min(off + len(data), self.snap.end) > good:
+                break
+            del self.pending[off]
+            out.append(self._client_out(off, data, flags))
+        return out
+
+    def _client_out(self, off: int, data: bytes, flags: int) -> Out:
+        tr = self.tr
+        assert tr is not None
+        rec = self.rec
+        return Out(
+            src=self.vip, dst=rec.client_ip, sport=self.vport, dport=rec.client_port,
+            seq=tr.seq_to_client(seq_add(self.b_base, off)), ack=rec.client.next_seq or 0,
+            flags=(flags & (FIN | PSH)) | ACK,
+            window=tr.window_to_client(self.b_window >> self.b_wscale),
+            tsval=tr.tsval_to_client(self.b_tsval) if (self.ts and self.b_tsval is not None) else None,
+            tsecr=rec.client.tsval if self.ts else None, payload=data, to="client",
+        )
+
+    def _rewrite_to_client(self, seg: SegmentLike) -> Rewrite:
+        tr = self.tr
+        assert tr is not None
+        return Rewrite(
+            src=self.vip, sport=self.vport,
+            seq=tr.seq_to_client(seg.seq),
+            window=tr.window_to_client(seg.window),
+            tsval=tr.tsval_to_client(seg.tsval) if seg.tsval is not None else None,
+            tsecr=seg.tsecr if seg.tsval is not None else None,
+        )
+
+    # --- segments from the client ----------------------------------------------------------
+    def on_client(self, seg: SegmentLike, now: float) -> Decision:
+        """A client segment of a moved connection (already tracked and logged)."""
+        if not self.active:
+            return Decision(False)
+        flags = seg.flags
+        if flags & ACK:
+            acked = seq_diff(seg.ack, self.s_base)
+            if acked > self.client_acked:
+                self.client_acked = acked
+        if self.phase is not Phase.SPLICED:
+            if flags & RST:
+                return Decision(False, inject=self.fail("the client reset the connection during the move", now))
+            return Decision(False)
+        tr = self.tr
+        assert tr is not None
+        rw = Rewrite(dst=self.target.ip, dport=self.target.port)
+        if flags & ACK:
+            ack_b = tr.ack_to_backend(seg.ack)
+            top = seq_add(self.b_base, self.b_high)
+            if seq_diff(ack_b, top) > 0:
+                ack_b = top  # never acknowledge what the backup has not sent (I6)
+                self.stats["acks_clamped"] += 1
+            off = seq_diff(ack_b, self.b_base)
+            if (seg.payload_len == 0 and not flags & (FIN | RST | SYN) and off <= self.acked_to_b
+                    and self.verifier.done is False):
+                self.stats["acks_dropped"] += 1
+                return Decision(False)  # nothing new for the backup: no duplicate ACKs while it catches up
+            if off > self.acked_to_b:
+                self.acked_to_b = off
+            rw.ack = ack_b
+            opts = seg.options
+            if opts.sack_blocks:
+                blocks = tr.sack_to_backend(opts.sack_blocks)
+                if all(seq_diff(r, top) <= 0 for _, r in blocks):
+                    rw.sack = blocks
+                else:
+                    rw.strip_sack = True
+        if seg.tsecr is not None and self.ts:
+            tsecr = tr.tsecr_to_backend(seg.tsecr)
+            if self.b_ts_first is not None and seq_diff(tsecr, self.b_ts_first) < 0:
+                tsecr = self.b_ts_first  # an echo of the old primary's clock
+            rw.tsecr = tsecr
+        if flags & RST:
+            self.phase = Phase.CLOSED
+        return Decision(True, rw)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "phase": self.phase.value,
+            "reason": self.reason,
+            "from": self.old.name,
+            "to": self.target.name,
+            "timings_ms": dict(self.timings),
+            "client_acked": self.client_acked,
+            "verified": self.verifier.verified_end(),
+            "to_verify": self.snap.end,
+            "replayed": self.replay_acked,
+            "log_bytes": self.log.end,
+            "seq_delta": self.tr.seq_delta if self.tr else None,
+            "ts_delta": self.tr.ts_delta if self.tr else None,
+            **self.stats,
+        }

@@ -1,0 +1,219 @@
+"""The two byte-stream records a replay failover needs.
+
+Theory of operation
+-------------------
+**ByteLog** — every byte the client sent, from stream offset 0 (the byte
+after its SYN), kept so that a backup can be sent the same input again.
+Segments arrive in any order and overlap; the log keeps the contiguous prefix
+in one ``bytearray`` and holds segments beyond a gap aside (bounded) until
+the gap fills.  A byte already logged is never overwritten (the first copy is
+the one the server may have consumed).  When the prefix would exceed
+``limit`` the log stops growing and says why: the connection is then
+*unprotected* (failing it over would lose bytes, so it is reset cleanly
+instead).
+
+**StreamDigest** — what the server sent, not kept but hashed: BLAKE2b per
+64 KiB chunk of the contiguous stream, plus a running hash of the current
+partial chunk.  A :class:`DigestSnapshot` taken at failover time pins the
+stream as far as the client may have seen it.
+
+**StreamVerifier** — fed the backup's regenerated stream in order, it
+recomputes the same chunk hashes and compares them with the snapshot; it
+reports how far the backup's stream is *verified* (every chunk up to there
+matched, the last partial chunk included once reached) and the first
+mismatch.  Bytes past the snapshot's end are new to the client and count as
+verified once everything before them is.
+
+Offsets are stream offsets (0-based, relative to ISN + 1), always smaller than
+2**31 here: a log is capped well below, and a digest stops at 2**31 (tcpcp
+section 6: a checkpoint with 2**31 bytes or more since it is not used).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+CHUNK = 64 * 1024
+DIGEST_SIZE = 16
+MAX_OOO_SEGMENTS = 256
+STREAM_LIMIT = 1 << 31
+
+
+def _h() -> "hashlib._Hash":
+    return hashlib.blake2b(digest_size=DIGEST_SIZE)
+
+
+class ByteLog:
+    __slots__ = ("limit", "data", "ooo", "overflow", "fin_offset")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.data = bytearray()
+        self.ooo: dict[int, bytes] = {}
+        self.overflow: str | None = None  # why the log stopped (None: complete)
+        self.fin_offset: int | None = None
+
+    @property
+    def end(self) -> int:
+        """Length of the contiguous prefix logged."""
+        return len(self.data)
+
+    @property
+    def complete(self) -> bool:
+        return self.overflow is None
+
+    def add(self, offset: int, payload: bytes | memoryview) -> None:
+        if self.overflow is not None or not payload:
+            return
+        end = len(self.data)
+        n = len(payload)
+        if offset + n <= end:
+            return  # all of it logged already
+        if offset > end:
+            if len(self.ooo) >= MAX_OOO_SEGMENTS:
+                self.overflow = "too many out-of-order client segments"
+                return
+            old = self.ooo.get(offset)
+            if old is None or len(old) < n:
+                self.ooo[offset] = bytes(payload)
+            return
+        new = payload[end - offset:]
+        if end + len(new) > self.limit:
+            self.overflow = f"client sent more than the log limit ({self.limit} bytes)"
+            return
+        self.data += new
+        while self.ooo:
+            end = len(self.data)
+            ready = [o for o in self.ooo if o <= end]
+            if not ready:
+                break
+            for o in sorted(ready):
+                seg = self.ooo.pop(o)
+                end = len(self.data)
+                if o + len(seg) > end:
+                    if o + len(seg) > self.limit:
+                        self.overflow = f"client sent more than the log limit ({self.limit} bytes)"
+                        return
+                    self.data += seg[end - o:]
+
+    def read(self, offset: int, n: int) -> bytes:
+        return bytes(self.data[offset:offset + n])
+
+
+@dataclass(frozen=True, slots=True)
+class DigestSnapshot:
+    chunks: tuple[bytes, ...]
+    partial: bytes      # digest of the bytes after the last full chunk
+    end: int            # stream bytes covered
+
+    @property
+    def partial_len(self) -> int:
+        return self.end - len(self.chunks) * CHUNK
+
+
+class StreamDigest:
+    __slots__ = ("chunks", "cur", "end", "ooo", "overflow")
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.cur = _h()
+        self.end = 0
+        self.ooo: dict[int, bytes] = {}   # segments beyond a gap, until it fills
+        self.overflow: str | None = None  # why hashing stopped (None: contiguous)
+
+    def add(self, offset: int, payload: bytes | memoryview) -> None:
+        if self.overflow is not None:
+            return
+        n = len(payload)
+        if offset + n <= self.end or n == 0:
+            return
+        if offset > self.end:
+            if len(self.ooo) >= MAX_OOO_SEGMENTS:
+                self.overflow = "too many out-of-order server segments"
+            elif len(self.ooo.get(offset, b"")) < n:
+                self.ooo[offset] = bytes(payload)
+            return
+        if offset + n > STREAM_LIMIT:
+            self.overflow = "server stream reached 2**31 bytes"
+            return
+        self._hash(memoryview(payload)[self.end - offset:])
+        while self.ooo:
+            ready = sorted(o for o in self.ooo if o <= self.end)
+            if not ready:
+                break
+            for o in ready:
+                seg = self.ooo.pop(o)
+                if o + len(seg) > self.end:
+                    self._hash(memoryview(seg)[self.end - o:])
+
+    def _hash(self, mv: memoryview) -> None:
+        while len(mv):
+            room = CHUNK - (self.end % CHUNK)
+            part = mv[:room]
+            self.cur.update(part)
+            self.end += len(part)
+            mv = mv[len(part):]
+            if self.end % CHUNK == 0:
+                self.chunks.append(self.cur.digest())
+                self.cur = _h()
+
+    def snapshot(self) -> DigestSnapshot:
+        return DigestSnapshot(tuple(self.chunks), self.cur.copy().digest(), self.end)
+
+
+class StreamVerifier:
+    """Checks a regenerated stream, fed in order, against a snapshot."""
+
+    __slots__ = ("snap", "cur", "end", "verified", "mismatch_at")
+
+    def __init__(self, snap: DigestSnapshot) -> None:
+        self.snap = snap
+        self.cur = _h()
+        self.end = 0          # contiguous bytes received
+        self.verified = 0     # [0, verified) matched the snapshot
+        self.mismatch_at: int | None = None
+
+    @property
+    def done(self) -> bool:
+        """Everything the snapshot covers has been checked and matched."""
+        return self.mismatch_at is None and self.end >= self.snap.end
+
+    def verified_end(self) -> int:
+        """Bytes [0, verified_end) are known good (past the snapshot: all received)."""
+        if self.mismatch_at is not None:
+            return 0
+        return self.end if self.end >= self.snap.end else self.verified
+
+    def add(self, offset: int, payload: bytes | memoryview) -> bool:
+        """Feed bytes at ``offset``; False once a mismatch was found.  Bytes
+        beyond ``end`` (a gap) are ignored: the caller feeds in order."""
+        if self.mismatch_at is not None:
+            return False
+        n = len(payload)
+        if offset + n <= self.end or offset > self.end:
+            return True
+        mv = memoryview(payload)[self.end - offset:]
+        snap = self.snap
+        full = len(snap.chunks) * CHUNK
+        while len(mv) and self.end < snap.end:
+            room = (CHUNK - self.end % CHUNK) if self.end < full else (snap.end - self.end)
+            part = mv[:room]
+            self.cur.update(part)
+            self.end += len(part)
+            mv = mv[len(part):]
+            if self.end <= full:
+                if self.end % CHUNK == 0:
+                    idx = self.end // CHUNK - 1
+                    if self.cur.digest() != snap.chunks[idx]:
+                        self.mismatch_at = idx * CHUNK
+                        return False
+                    self.cur = _h()
+                    self.verified = self.end
+            elif self.end == snap.end:
+                if self.cur.digest() != snap.partial:
+                    self.mismatch_at = full
+                    return False
+                self.verified = self.end
+        self.end += len(mv)  # past the snapshot: new bytes
+        return True

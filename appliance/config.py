@@ -35,6 +35,7 @@ Example::
     mode = "replay"              # the only mode for now
     max_log_bytes = 16777216     # client bytes kept per connection for replay
     verify = "full"              # hash every server byte for the divergence check
+    volatile = ["http-date"]     # fields masked before comparing (the default)
     syn_retries = 6
     move_timeout = 10.0          # seconds
 
@@ -55,6 +56,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from checkpoint.streamlog import VOLATILE
 
 from .health import HealthConfig
 
@@ -84,6 +87,8 @@ class FailoverConfig:
     verify: str = "full"            # the only mode for now: every server byte is hashed
     syn_retries: int = 6
     move_timeout: float = 10.0      # seconds
+    # fields whose values may differ in a regenerated stream, masked for the divergence check
+    volatile: tuple[str, ...] = ("http-date",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,8 +296,12 @@ def _health(data: dict[str, Any], where: str) -> HealthConfig:
 
 def _failover(data: dict[str, Any], where: str) -> FailoverConfig:
     d = FailoverConfig()
-    _no_unknown(data, {"auto", "mode", "max_log_bytes", "verify", "syn_retries", "move_timeout"}, where)
+    _no_unknown(data, {"auto", "mode", "max_log_bytes", "verify", "volatile", "syn_retries", "move_timeout"}, where)
     mode = _str(data, "mode", where, d.mode)
+    volatile = data.get("volatile", list(d.volatile))
+    if not isinstance(volatile, list) or any(v not in VOLATILE for v in volatile):
+        raise ConfigError(f"{where}.volatile",
+                          f"must be a list of: {', '.join(sorted(VOLATILE))} (got {volatile!r})")
     if mode != "replay":
         raise ConfigError(f"{where}.mode", f"only 'replay' is supported for now, got {mode!r}")
     return FailoverConfig(
@@ -302,6 +311,7 @@ def _failover(data: dict[str, Any], where: str) -> FailoverConfig:
         verify=_choice(data, "verify", where, d.verify, ("full",)),
         syn_retries=_int(data, "syn_retries", where, d.syn_retries, 1, 20),
         move_timeout=_float(data, "move_timeout", where, d.move_timeout, 0.1),
+        volatile=tuple(volatile),
     )
 
 

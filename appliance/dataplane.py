@@ -229,7 +229,7 @@ class Dataplane:
                     self.splices.pop(old.id, None)
                 if pv.flags & SYN:
                     rec.log = ByteLog(svc.failover.max_log_bytes)
-                    rec.digest = StreamDigest()
+                    rec.digest = StreamDigest(svc.failover.volatile)
         table.observe(rec, pv, True, now)
         self._log_client(rec, pv)
         sp = self.splices.get(rec.id)

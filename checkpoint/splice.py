@@ -490,7 +490,7 @@ class Splice:
     def describe(self) -> dict[str, Any]:
         return {
             "phase": self.phase.value,
-            "reason": self.reason,
+            "failure": self.reason,
             "from": self.old.name,
             "to": self.target.name,
             "timings_ms": dict(self.timings),

@@ -24,6 +24,13 @@ matched, the last partial chunk included once reached) and the first
 mismatch.  Bytes past the snapshot's end are new to the client and count as
 verified once everything before them is.
 
+Both digest and verifier can *mask volatile fields* first: a regenerated
+HTTP response is the same bytes as the original except its ``Date:`` header,
+so a service can name such fields (``VOLATILE``: a byte pattern and the
+fixed length of the value after it) and their values are replaced by ``*``
+on both sides before hashing.  The mask is a function of the bytes before
+the position, so two streams equal up to a point are masked alike up to it.
+
 Offsets are stream offsets (0-based, relative to ISN + 1), always smaller than
 2**31 here: a log is capped well below, and a digest stops at 2**31 (tcpcp
 section 6: a checkpoint with 2**31 bytes or more since it is not used).
@@ -40,8 +47,55 @@ MAX_OOO_SEGMENTS = 256
 STREAM_LIMIT = 1 << 31
 
 
+# name -> (pattern, length of the value that follows it)
+VOLATILE: dict[str, tuple[bytes, int]] = {
+    # RFC 9110 IMF-fixdate is exactly 29 characters: "Sun, 06 Nov 1994 08:49:37 GMT"
+    "http-date": (b"\r\nDate: ", 29),
+}
+
+
 def _h() -> "hashlib._Hash":
     return hashlib.blake2b(digest_size=DIGEST_SIZE)
+
+
+class Masker:
+    """Streaming replacement of volatile field values by ``*`` (fed in order)."""
+
+    __slots__ = ("fields", "keep", "tail", "left")
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.fields = [VOLATILE[n] for n in names]
+        self.keep = max((len(p) for p, _ in self.fields), default=1) - 1
+        self.tail = b""
+        self.left = 0  # bytes still to mask at the start of the next data
+
+    def __call__(self, data: bytes | memoryview) -> bytes | memoryview:
+        if not self.fields:
+            return data
+        n = len(data)
+        out: bytearray | None = None
+        if self.left:
+            k = min(self.left, n)
+            out = bytearray(data)
+            out[:k] = b"*" * k
+            self.left -= k
+        joined = self.tail + bytes(data)
+        t = len(self.tail)
+        for pat, ln in self.fields:
+            i = joined.find(pat)
+            while i >= 0:
+                e = i + len(pat)  # value starts here, in joined coordinates
+                if e > t:  # the match ends inside the new data (else it was handled before)
+                    start, stop = e - t, e - t + ln
+                    if out is None:
+                        out = bytearray(data)
+                    k = max(0, min(stop, n) - start)
+                    out[start:start + k] = b"*" * k
+                    if stop > n:
+                        self.left = max(self.left, stop - n)
+                i = joined.find(pat, i + 1)
+        self.tail = joined[-self.keep:] if self.keep else b""
+        return data if out is None else out
 
 
 class ByteLog:
@@ -106,6 +160,7 @@ class DigestSnapshot:
     chunks: tuple[bytes, ...]
     partial: bytes      # digest of the bytes after the last full chunk
     end: int            # stream bytes covered
+    volatile: tuple[str, ...] = ()  # fields masked before hashing
 
     @property
     def partial_len(self) -> int:
@@ -113,9 +168,11 @@ class DigestSnapshot:
 
 
 class StreamDigest:
-    __slots__ = ("chunks", "cur", "end", "ooo", "overflow")
+    __slots__ = ("chunks", "cur", "end", "ooo", "overflow", "volatile", "mask")
 
-    def __init__(self) -> None:
+    def __init__(self, volatile: tuple[str, ...] = ()) -> None:
+        self.volatile = volatile
+        self.mask = Masker(volatile)
         self.chunks: list[bytes] = []
         self.cur = _h()
         self.end = 0
@@ -148,6 +205,7 @@ class StreamDigest:
                     self._hash(memoryview(seg)[self.end - o:])
 
     def _hash(self, mv: memoryview) -> None:
+        mv = memoryview(self.mask(mv))
         while len(mv):
             room = CHUNK - (self.end % CHUNK)
             part = mv[:room]
@@ -159,16 +217,17 @@ class StreamDigest:
                 self.cur = _h()
 
     def snapshot(self) -> DigestSnapshot:
-        return DigestSnapshot(tuple(self.chunks), self.cur.copy().digest(), self.end)
+        return DigestSnapshot(tuple(self.chunks), self.cur.copy().digest(), self.end, self.volatile)
 
 
 class StreamVerifier:
     """Checks a regenerated stream, fed in order, against a snapshot."""
 
-    __slots__ = ("snap", "cur", "end", "verified", "mismatch_at")
+    __slots__ = ("snap", "cur", "end", "verified", "mismatch_at", "mask")
 
     def __init__(self, snap: DigestSnapshot) -> None:
         self.snap = snap
+        self.mask = Masker(snap.volatile)
         self.cur = _h()
         self.end = 0          # contiguous bytes received
         self.verified = 0     # [0, verified) matched the snapshot
@@ -193,7 +252,7 @@ class StreamVerifier:
         n = len(payload)
         if offset + n <= self.end or offset > self.end:
             return True
-        mv = memoryview(payload)[self.end - offset:]
+        mv = memoryview(self.mask(memoryview(payload)[self.end - offset:]))
         snap = self.snap
         full = len(snap.chunks) * CHUNK
         while len(mv) and self.end < snap.end:

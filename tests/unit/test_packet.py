@@ -332,6 +332,25 @@ def test_setters_change_fields_and_keep_checksums():
     assert p.src == "10.1.2.3" and p[TCP].seq == 5 and p[TCP].window == 7
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_set_timestamps_invalidates_cached_options(fast):
+    opts = [("NOP", None), ("NOP", None)] if fast else [("MSS", 1400)]
+    v = view(tcp_pkt(b"x", options=opts + [("Timestamp", (1, 2))]))
+    assert (v.options.tsval, v.options.tsecr) == (1, 2)
+    v.set_timestamps(0x12345678, 0x9ABCDEF0)
+    assert (v.options.tsval, v.options.tsecr) == (0x12345678, 0x9ABCDEF0)
+    assert (v.tsval, v.tsecr) == (0x12345678, 0x9ABCDEF0)
+    assert_checksums_valid(v.buf)
+
+
+def test_set_sack_blocks_invalidates_cached_options():
+    v = view(tcp_pkt(options=[("NOP", None), ("NOP", None), ("SAck", (1, 2))]))
+    assert v.options.sack_blocks == ((1, 2),)
+    v.set_sack_blocks([(3, 4)])
+    assert v.options.sack_blocks == ((3, 4),)
+    assert_checksums_valid(v.buf)
+
+
 def test_setting_same_value_is_a_no_op():
     v = view(tcp_pkt(b"x"))
     before = bytes(v.buf)

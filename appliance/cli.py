@@ -28,16 +28,27 @@ def _need_root(what: str) -> None:
 
 # --- API client ------------------------------------------------------------------
 
-def api_get(path: str, api: str, token: str) -> object:
-    req = urllib.request.Request(api.rstrip("/") + path, headers={"Authorization": f"Bearer {token}"})
+def api_call(method: str, path: str, api: str, token: str, body: object = None) -> object:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(api.rstrip("/") + path, data=data, method=method,
+                                 headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=10) as r:
             return json.loads(r.read())
     except urllib.error.HTTPError as exc:
-        _die(f"{path}: HTTP {exc.code}: {exc.read().decode(errors='replace')}")
+        detail = exc.read().decode(errors="replace")
+        try:
+            detail = json.loads(detail).get("detail", detail)
+        except (ValueError, AttributeError):
+            pass
+        _die(f"{method} {path}: HTTP {exc.code}: {detail}")
     except OSError as exc:
         _die(f"cannot reach the API at {api}: {exc}")
     return None
+
+
+def api_get(path: str, api: str, token: str) -> object:
+    return api_call("GET", path, api, token)
 
 
 def _api_args(args: argparse.Namespace) -> tuple[str, str]:
@@ -199,6 +210,37 @@ def cmd_connections(args: argparse.Namespace) -> None:
               f"{c['bytes_from_client']:>12} {c['bytes_from_server']:>12}")
 
 
+def cmd_failover(args: argparse.Namespace) -> None:
+    api, token = _api_args(args)
+    body = {"to": args.to} if args.to else None
+    ev = api_call("POST", f"/api/v1/services/{args.service}/failover", api, token, body)
+    d = ev["details"]
+    print(f"{args.service}: {d['from']} -> {ev['backend']}: {len(d['moved'])} connection(s) moving, "
+          f"{len(d['reset'])} reset, {len(d['repinned'])} re-pinned (event {ev['id']})")
+
+
+def cmd_migrate(args: argparse.Namespace) -> None:
+    api, token = _api_args(args)
+    ev = api_call("POST", f"/api/v1/connections/{args.id}/migrate", api, token, {"to": args.to, "mode": args.mode})
+    print(f"connection {args.id}: {ev['details']['from']} -> {ev['backend']} ({ev['details']['outcome']}, event {ev['id']})")
+
+
+def cmd_events(args: argparse.Namespace) -> None:
+    api, token = _api_args(args)
+    q = f"?limit={args.limit}" + (f"&kind={args.kind}" if args.kind else "")
+    events = api_call("GET", f"/api/v1/events{q}", api, token)
+    if args.json:
+        print(json.dumps(events, indent=2))
+        return
+    for e in events:
+        when = time.strftime("%H:%M:%S", time.localtime(e["time"])) + f".{int(e['time'] * 1000) % 1000:03d}"
+        who = "/".join(str(x) for x in (e["service"], e["backend"]) if x)
+        conn = f" conn {e['connection']}" if e["connection"] else ""
+        timings = e["details"].get("timings_ms")
+        extra = f" {timings}" if timings else ""
+        print(f"{e['id']:>5} {when} {e['kind']:<10} {who:<16}{conn} {e['reason']}{extra}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="appliance", description="A failover gateway that keeps TCP connections alive.")
     p.add_argument("--version", action="version", version=f"appliance {__version__}")
@@ -239,13 +281,27 @@ def build_parser() -> argparse.ArgumentParser:
     lab.set_defaults(func=cmd_lab)
 
     for name, fn, helptext in (("status", cmd_status, "the gateway's status (via the API)"),
-                               ("connections", cmd_connections, "tracked connections (via the API)")):
+                               ("connections", cmd_connections, "tracked connections (via the API)"),
+                               ("failover", cmd_failover, "move a service's connections to another backend"),
+                               ("migrate", cmd_migrate, "move one connection to another backend"),
+                               ("events", cmd_events, "failovers, moves, health transitions, divergences")):
         sp = sub.add_parser(name, help=helptext)
         sp.add_argument("--api", default="http://127.0.0.1:8080")
         sp.add_argument("--token")
         sp.add_argument("--token-file")
         if name == "connections":
             sp.add_argument("id", nargs="?", type=int)
+            sp.add_argument("--json", action="store_true")
+        elif name == "failover":
+            sp.add_argument("service")
+            sp.add_argument("--to", help="backend to move to (default: the first ready, healthy one)")
+        elif name == "migrate":
+            sp.add_argument("id", type=int)
+            sp.add_argument("--to", required=True)
+            sp.add_argument("--mode", default="replay", choices=["replay"])
+        elif name == "events":
+            sp.add_argument("--kind")
+            sp.add_argument("--limit", type=int, default=50)
             sp.add_argument("--json", action="store_true")
         sp.set_defaults(func=fn)
     return p

@@ -117,7 +117,8 @@ class GatewayConfig:
     queue_num: int = 0
     on_malformed: str = "accept"
     max_connections: int = 65536
-    fail_open: bool = True
+    fail_open: bool = True          # appliance gone: traffic bypasses the queue (kernel fallback NAT)
+    queue_full: str = "drop"        # queue overflow: "drop" (TCP retransmits) or "accept" unseen
     timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)
 
 
@@ -222,7 +223,7 @@ def _name(data: dict[str, Any], where: str) -> str:
 
 def _gateway(data: dict[str, Any]) -> GatewayConfig:
     where = "gateway"
-    _no_unknown(data, {"queue_num", "on_malformed", "max_connections", "fail_open", "timeouts"}, where)
+    _no_unknown(data, {"queue_num", "on_malformed", "max_connections", "fail_open", "queue_full", "timeouts"}, where)
     fail_open = _bool(data, "fail_open", where, True)
     t = _table(data.get("timeouts", {}), f"{where}.timeouts")
     tw = f"{where}.timeouts"
@@ -238,6 +239,7 @@ def _gateway(data: dict[str, Any]) -> GatewayConfig:
         on_malformed=_choice(data, "on_malformed", where, "accept", ("accept", "drop")),
         max_connections=_int(data, "max_connections", where, 65536, 1, 10_000_000),
         fail_open=fail_open,
+        queue_full=_choice(data, "queue_full", where, "drop", ("drop", "accept")),
         timeouts=timeouts,
     )
 

@@ -74,7 +74,7 @@ class Kernel:
 
     def start(self) -> None:
         gw, g = self.gw, self.gw.config.gateway
-        kernelnat.install(nat_for(gw.dataplane))
+        kernelnat.install(nat_for(gw.dataplane), fallback=g.fail_open)
         dp = gw.dataplane
         clock = gw.clock
 
@@ -82,15 +82,15 @@ class Kernel:
             return dp.handle(buf, clock())
 
         gw.queues = [
-            PacketQueue(g.queue_num, handle, fail_open=g.fail_open),
-            PacketQueue(g.queue_num + 1, handle, fail_open=g.fail_open),
+            PacketQueue(g.queue_num, handle, fail_open=g.queue_full == "accept"),
+            PacketQueue(g.queue_num + 1, handle, fail_open=g.queue_full == "accept"),
         ]
         for q in gw.queues:
             self.loop.add_reader(q.fileno(), self._drain, q)
         self.injector = Injector()
         gw.send = self.injector.send
         gw.on_active_change = self.repoint
-        rules.install(flows_for(gw.config), inject_mark=INJECT_MARK)
+        rules.install(flows_for(gw.config), inject_mark=INJECT_MARK, bypass=g.fail_open)
         log.info("data plane up: queues %d-%d, %d services", g.queue_num, g.queue_num + 1, len(gw.config.services))
 
     def _drain(self, q: PacketQueue) -> None:
@@ -100,7 +100,7 @@ class Kernel:
     def repoint(self) -> None:
         """The active backend changed: move the fail-open fallback along (off the loop)."""
         nat = nat_for(self.gw.dataplane)
-        self.loop.run_in_executor(None, kernelnat.install, nat)
+        self.loop.run_in_executor(None, kernelnat.install, nat, self.gw.config.gateway.fail_open)
 
     def stop(self) -> None:
         gw = self.gw

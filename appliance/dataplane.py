@@ -358,6 +358,10 @@ class Dataplane:
             rec.moves += 1
             raise LookupError("not yet established: re-pinned without replay")
         old = svc.backends[rec.backend]
+        prev = self.splices.pop(rec.id, None)
+        if prev is not None:  # moved before: that splice ends here, the new one starts from the client's view
+            prev.phase = prev.phase.__class__.CLOSED
+            self.finished_splices.append(prev)
         sp = Splice(rec, rec.log, rec.digest.snapshot(), vip=svc.vip, vport=svc.port, old=old.endpoint,
                     target=target.endpoint, now=now,
                     options=SpliceOptions(syn_retries=svc.failover.syn_retries, move_timeout=svc.failover.move_timeout))

@@ -73,7 +73,7 @@ class Gateway:
         self.on_active_change: Callable[[], None] | None = None  # re-point the kernel's fallback
         self.unsent: list[Out] = []       # what was to be sent without an injector (tests)
         self.last_failover: dict[str, Any] | None = None
-        self._reported: set[int] = set()
+        self._reported: set[int] = set()  # id() of splices whose outcome was reported
         self._probing: dict[tuple[str, str], asyncio.Task] = {}
         self._probe_waiters: dict[tuple[str, str], list[Suspect]] = {}
 
@@ -168,8 +168,9 @@ class Gateway:
             raise NotFound(f"no connection with id {cid}")
         if rec.state in (TcpState.TIME_WAIT, TcpState.CLOSED):
             raise Conflict(f"connection {cid} is {rec.state.value}")
-        if cid in dp.splices:
-            raise Conflict(f"connection {cid} is being moved already")
+        sp = dp.splices.get(cid)
+        if sp is not None and not (sp.phase is Phase.SPLICED and sp.verifier.done):
+            raise Conflict(f"connection {cid} is being moved already ({sp.phase.value})")
         svc = self._service(rec.service)
         target = self._target(svc, to, rec.backend)
         now = self.clock()
@@ -215,12 +216,13 @@ class Gateway:
         now = self.clock()
         dp.poll(now)
         for sp in list(dp.splices.values()):
-            if sp.phase is Phase.SPLICED and sp.verifier.done and sp.rec.id not in self._reported:
+            if sp.phase is Phase.SPLICED and sp.verifier.done and id(sp) not in self._reported:
                 self._report(sp, now)
         while dp.finished_splices:
             sp = dp.finished_splices.pop()
-            if sp.rec.id not in self._reported:
+            if id(sp) not in self._reported:
                 self._report(sp, now)
+            self._reported.discard(id(sp))
         if dp.suspects:
             suspects, dp.suspects = dp.suspects, []
             for s in suspects:
@@ -228,7 +230,7 @@ class Gateway:
         self.flush()
 
     def _report(self, sp: Splice, now: float) -> None:
-        self._reported.add(sp.rec.id)
+        self._reported.add(id(sp))
         d = sp.describe()
         if sp.phase is Phase.FAILED:
             kind = "divergence" if (sp.reason or "").startswith("divergence") else "reset"

@@ -57,7 +57,7 @@ API_HOST = "127.0.0.1"
 API_PORT = 8080
 # name -> size; contents from random.Random(seed) so every run, primary and
 # backup alike, serve the same bytes
-TEST_FILES = {"1M.bin": 1 << 20, "100M.bin": 100 << 20, "1G.bin": 1 << 30}
+TEST_FILES = {"1M.bin": 1 << 20, "10M.bin": 10 << 20, "100M.bin": 100 << 20, "1G.bin": 1 << 30}
 
 
 def run_dir() -> Path:
@@ -312,6 +312,20 @@ def stop_appliance(timeout: float = 10.0) -> None:
     pidfile.unlink(missing_ok=True)
 
 
+def down_appliance_state() -> None:
+    """Stop the appliance and put the servers back as ``up`` makes them
+    (original content); ``up`` then starts a fresh appliance."""
+    stop_appliance()
+    rd = run_dir()
+    for conf in rd.glob("nginx-*.conf"):
+        text = conf.read_text()
+        if "www-divergent" in text:
+            conf.write_text(text.replace(str(rd / "www-divergent"), str(cache_dir() / "www")))
+            name = conf.stem[len("nginx-"):]
+            if pid_alive(rd / f"nginx-{name}.pid"):
+                nsexec(PREFIX + name, "nginx", "-c", str(conf), "-p", str(rd), "-s", "reload")
+
+
 def up(clients: int = 1, backups: int = 1, appliance: bool = True) -> dict[str, object]:
     if clients < 1 or backups < 1:
         raise ValueError("--clients and --backups must be at least 1")
@@ -350,6 +364,67 @@ def up(clients: int = 1, backups: int = 1, appliance: bool = True) -> dict[str, 
         "appliance_pid": pid,
         "files": sums,
     }
+
+
+# --- failures and faults, for tests and demos -----------------------------------------
+
+def ns_of(host: str) -> str:
+    return host if host.startswith(PREFIX) else PREFIX + host
+
+
+def cut_link(host: str) -> None:
+    """Silent death: the host's link to the gateway goes down, nothing more leaves it."""
+    sh("ip", "-n", GATEWAY, "link", "set", f"v-{ns_of(host)[len(PREFIX):]}"[:15], "down")
+
+
+def restore_link(host: str) -> None:
+    sh("ip", "-n", GATEWAY, "link", "set", f"v-{ns_of(host)[len(PREFIX):]}"[:15], "up")
+
+
+def kill_server(host: str) -> None:
+    """Kill nginx on ``host`` with SIGKILL (its kernel then closes the connections)."""
+    for pid in sh("ip", "netns", "pids", ns_of(host), check=False).stdout.split():
+        try:
+            if Path(f"/proc/{pid}/comm").read_text().strip() == "nginx":
+                os.kill(int(pid), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
+
+
+def set_loss(host: str, probability: float) -> None:
+    """Random loss on ``host``'s link (both directions), with iptables statistic;
+    0 removes it."""
+    ns = ns_of(host)
+    for chain in ("INPUT", "OUTPUT"):
+        while nsexec(ns, "iptables-legacy", "-D", chain, "-m", "comment", "--comment", "lab-loss", "-m", "statistic",
+                     "--mode", "random", "--probability", str(_last_loss.get(ns, 0.0)), "-j", "DROP",
+                     check=False).returncode == 0:
+            pass
+    if probability > 0:
+        for chain in ("INPUT", "OUTPUT"):
+            nsexec(ns, "iptables-legacy", "-A", chain, "-m", "comment", "--comment", "lab-loss", "-m", "statistic",
+                   "--mode", "random", "--probability", str(probability), "-j", "DROP")
+    _last_loss[ns] = probability
+
+
+_last_loss: dict[str, float] = {}
+
+
+def serve_divergent(host: str) -> None:
+    """Make ``host``'s nginx serve other bytes under the same names: same sizes
+    and times (so the HTTP headers match), the first bytes of each body changed."""
+    rd = run_dir()
+    www = rd / "www-divergent"
+    www.mkdir(parents=True, exist_ok=True)
+    for name, size in TEST_FILES.items():
+        if size <= 100 << 20 and not (www / name).exists():
+            data = bytearray((cache_dir() / "www" / name).read_bytes())
+            data[:16] = b"DIVERGENT BYTES!"
+            (www / name).write_bytes(bytes(data))
+            os.utime(www / name, (time.time(), (cache_dir() / "www" / name).stat().st_mtime))
+    conf = rd / f"nginx-{ns_of(host)[len(PREFIX):]}.conf"
+    conf.write_text(conf.read_text().replace(f"root {cache_dir() / 'www'};", f"root {www};"))
+    nsexec(ns_of(host), "nginx", "-c", str(conf), "-p", str(rd), "-s", "reload")
 
 
 # --- down / status --------------------------------------------------------------------

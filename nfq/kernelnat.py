@@ -46,7 +46,7 @@ class ServiceNat:
     backends: tuple[tuple[str, int], ...]  # every backend's (address, port)
 
 
-def ruleset(services: list[ServiceNat]) -> str:
+def ruleset(services: list[ServiceNat], fallback: bool = True) -> str:
     lines = [f"table ip {TABLE} {{}}", f"delete table ip {TABLE}", f"table ip {TABLE} {{",
              "  chain prerouting {",
              f"    type filter hook prerouting priority {PRIORITY}; policy accept;"]
@@ -54,16 +54,17 @@ def ruleset(services: list[ServiceNat]) -> str:
         for addr, port in s.backends:
             snat = f"ip saddr set {s.vip}" + (f" tcp sport set {s.port}" if port != s.port else "")
             lines.append(f'    ip saddr {addr} tcp sport {port} fib daddr type != local {snat} comment "return path"')
-        addr, port = s.active
-        dnat = f"ip daddr set {addr}" + (f" tcp dport set {port}" if port != s.port else "")
-        lines.append(f'    ip daddr {s.vip} tcp dport {s.port} {dnat} comment "fail-open fallback"')
+        if fallback:
+            addr, port = s.active
+            dnat = f"ip daddr set {addr}" + (f" tcp dport set {port}" if port != s.port else "")
+            lines.append(f'    ip daddr {s.vip} tcp dport {s.port} {dnat} comment "fail-open fallback"')
     lines += ["  }", "}"]
     return "\n".join(lines) + "\n"
 
 
-def install(services: list[ServiceNat]) -> None:
+def install(services: list[ServiceNat], fallback: bool = True) -> None:
     """Replace the table with one for ``services`` (atomically)."""
-    res = subprocess.run(["nft", "-f", "-"], input=ruleset(services), capture_output=True, text=True)
+    res = subprocess.run(["nft", "-f", "-"], input=ruleset(services, fallback), capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"nft: {res.stderr.strip()}")
 

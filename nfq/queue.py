@@ -8,8 +8,12 @@ treated by the error policy and the error counted): NetfilterQueue leaves a
 packet without a verdict if the callback raises, and the kernel would hold it
 until the queue fills.
 
-Reading is non-blocking (``run(block=False)`` drains the socket), so the
-queue plugs into an asyncio loop with ``add_reader``.
+Reading is non-blocking and bounded: ``process_pending`` handles at most
+``budget`` packets and returns, so under a sustained load the event loop the
+queue is plugged into (``add_reader``) still runs its timers and health
+probes between batches.  (NetfilterQueue's own ``run(block=False)`` drains
+until the socket is empty, which under load is never; ``run_socket`` with a
+socket whose ``recv`` reports EAGAIN after ``budget`` messages bounds it.)
 
 Queue flags are set by sending an ``NFQNL_MSG_CONFIG`` message on the
 queue's own netlink socket (the library has no API for them):
@@ -24,6 +28,7 @@ queue's own netlink socket (the library has no API for them):
 from __future__ import annotations
 
 import enum
+import errno
 import logging
 import os
 import socket
@@ -95,6 +100,7 @@ class PacketQueue:
         self.stats = QueueStats()
         self._nfq = NetfilterQueue()
         self._nfq.bind(queue_num, self._callback, max_len=max_len, range=copy_range, sock_len=sock_len)
+        self._budget = _Budget(self.fileno())
         flags = (NFQA_CFG_F_FAIL_OPEN if fail_open else 0) | (NFQA_CFG_F_GSO if gso else 0)
         if flags:
             set_queue_flags(self.fileno(), queue_num, flags, NFQA_CFG_F_FAIL_OPEN | NFQA_CFG_F_GSO)
@@ -127,18 +133,36 @@ class PacketQueue:
             st.accepted += 1
         st.busy_seconds += time.perf_counter() - t0
 
-    def process_pending(self) -> None:
-        """Handle every packet waiting on the socket, then return."""
-        self._nfq.run(block=False)
+    def process_pending(self, budget: int = 64) -> None:
+        """Handle up to ``budget`` waiting packets, then return."""
+        self._budget.left = budget
+        self._nfq.run_socket(self._budget)
 
     def run_forever(self) -> None:
         self._nfq.run(block=True)
 
     def close(self) -> None:
+        self._budget.sock.close()
         try:
             self._nfq.unbind()
         except Exception:  # already unbound
             pass
+
+
+class _Budget:
+    """A non-blocking view of the queue socket whose ``recv`` says EAGAIN after
+    ``left`` messages (what ``NetfilterQueue.run_socket`` stops on)."""
+
+    def __init__(self, fd: int) -> None:
+        self.sock = socket.socket(fileno=os.dup(fd))
+        self.sock.setblocking(False)
+        self.left = 0
+
+    def recv(self, size: int) -> bytes:
+        if self.left <= 0:
+            raise BlockingIOError(errno.EAGAIN, "batch done")
+        self.left -= 1
+        return self.sock.recv(size)
 
 
 # --- nfnetlink queue configuration (linux/netfilter/nfnetlink_queue.h) ------

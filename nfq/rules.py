@@ -85,7 +85,7 @@ def _mark_rule(iptc, mark: int, target: str, **target_args: str):
     return r
 
 
-def install(flows: list[FlowMatch], inject_mark: int | None = None) -> None:
+def install(flows: list[FlowMatch], inject_mark: int | None = None, bypass: bool = True) -> None:
     """(Re)write the ``APPLIANCE`` chain for ``flows`` and hook it, atomically."""
     iptc = _iptc()
     table = iptc.Table(iptc.Table.RAW)
@@ -102,7 +102,10 @@ def install(flows: list[FlowMatch], inject_mark: int | None = None) -> None:
             chain.append_rule(_mark_rule(iptc, inject_mark, "RETURN"))
         for flow in flows:
             chain.append_rule(_rule(iptc, flow, "CT", notrack=""))
-            chain.append_rule(_rule(iptc, flow, "NFQUEUE", queue_bypass="", queue_num=str(flow.queue)))
+            q = {"queue_num": str(flow.queue)}
+            if bypass:
+                q["queue_bypass"] = ""
+            chain.append_rule(_rule(iptc, flow, "NFQUEUE", **q))
         for hook in HOOKS:
             builtin = iptc.Chain(table, hook)
             if not any(r.target.name == CHAIN for r in builtin.rules):

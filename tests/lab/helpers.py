@@ -86,6 +86,16 @@ class Capture:
 
     def stop(self) -> Path:
         """Stop the capture; fails if tcpdump lost packets (the capture would lie)."""
+        # tcpdump drops what is still in its socket buffer at SIGINT: let it catch up
+        last, stable_since = -1, time.monotonic()
+        deadline = time.monotonic() + 10
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            size = self.path.stat().st_size if self.path.exists() else 0
+            if size != last:
+                last, stable_since = size, time.monotonic()
+            elif time.monotonic() - stable_since >= 0.4:
+                break
+            time.sleep(0.05)
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
             try:

@@ -51,6 +51,7 @@ from nfq.queue import Verdict
 from .config import BackendConfig, Config, FailoverConfig, ServiceConfig
 
 FENCE_RST_INTERVAL = 1.0  # seconds between RSTs to an old primary, per connection
+NO_BACKEND = "(reset)"    # the backend of a connection the gateway reset
 
 
 @dataclass
@@ -235,7 +236,10 @@ class Dataplane:
         sp = self.splices.get(rec.id)
         if sp is not None:
             return self._apply(pv, sp.on_client(pv, now), sp, now)
-        self._to_backend(pv, svc, svc.backends[rec.backend])
+        be = svc.backends.get(rec.backend)
+        if be is None:  # the gateway reset it: nothing behind it any more
+            return Verdict.DROP
+        self._to_backend(pv, svc, be)
         return Verdict.REWRITTEN
 
     @staticmethod
@@ -335,9 +339,7 @@ class Dataplane:
             del self.splices[sp.rec.id]
             self.finished_splices.append(sp)
             if sp.phase.value == "FAILED":
-                sp.rec.rst_seen = True
-                sp.rec.rst_from = "gateway"
-                sp.rec.state = TcpState.CLOSED
+                self._disown(sp.rec)
 
     def move(self, rec: ConnectionRecord, target: BackendRuntime, now: float) -> Splice:
         """Start moving ``rec`` to ``target`` (replay).  Raises ValueError with
@@ -386,10 +388,17 @@ class Dataplane:
         sp = self.splices.pop(rec.id, None)
         if sp is not None:
             sp.phase = sp.phase.__class__.CLOSED
+        self._disown(rec)
+        rec.closed_at = now
+
+    @staticmethod
+    def _disown(rec: ConnectionRecord) -> None:
+        """The gateway reset this connection: no backend owns it any more, so
+        whatever a backend still sends for it is fenced."""
         rec.rst_seen = True
         rec.rst_from = "gateway"
         rec.state = TcpState.CLOSED
-        rec.closed_at = now
+        rec.backend = NO_BACKEND
 
     def poll(self, now: float) -> None:
         """Timers of the moves under way."""

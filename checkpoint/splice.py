@@ -34,10 +34,13 @@ its stream offset:
 * below what the client already acknowledged it is *suppressed*: dropped,
   and acknowledged to the backup by the gateway;
 * above that it is forwarded, translated, once every byte of it that the
-  client may already have is verified; until then it is held in a buffer
-  (never acknowledged by the gateway, so the backup keeps responsibility for
-  it) and sent when its chunk verifies.  Out-of-order backup segments in
-  that region are dropped unacknowledged: the backup resends them.
+  client may already have is verified.  Until then it is held in a buffer
+  and acknowledged to the backup by the gateway — the backup must be able
+  to send on to the end of what is to verify, whatever the client's window
+  says — and the gateway takes over its delivery: once its chunk verifies
+  it is sent to the client, and kept until the client acknowledges it, sent
+  again on duplicate ACKs or a timeout.  Out-of-order backup segments in that
+  region are dropped unacknowledged: the backup resends them.
 
 Each method returns a :class:`Decision` (forward with a :class:`Rewrite`, or
 drop) and segments to inject (:class:`Out`); ``poll(now)`` drives the timers.
@@ -171,7 +174,12 @@ class Splice:
         self.replay_next = 0     # next client log offset to send
         self.replay_acked = 0    # client log offset the backup acknowledged
         self.fin_sent = False
-        self.pending: dict[int, tuple[bytes, int]] = {}  # verified-later backup segments
+        self.pending: dict[int, tuple[bytes, int]] = {}   # backup segments awaiting verification
+        self.retained: dict[int, tuple[bytes, int]] = {}  # sent to the client by us, not yet acked
+        self.retained_tx = now
+        self.client_dupacks = 0
+        # the highest TSval the client has seen from "the server": never go below it (I3)
+        self.ts_high = rec.server.tsval if self.ts else None
         self.tries = 0
         self.rto = INITIAL_RTO
         self.last_tx = now
@@ -263,6 +271,8 @@ class Splice:
                 self.rto = min(self.rto * 2, MAX_RTO)
                 return [self._syn()]
             return []
+        if self.retained and now - self.retained_tx >= max(self.rto, INITIAL_RTO):
+            return self._resend_retained(now)
         if self.phase is Phase.REPLAYING:
             out = []
             self._maybe_spliced(now)
@@ -404,6 +414,9 @@ class Splice:
             return Decision(True, self._rewrite_to_client(seg), out)
         self.pending[off] = (bytes(payload), seg.flags)
         self.stats["buffered"] += 1
+        if v.end > self.acked_to_b:  # ours to deliver now: let the backup send on
+            self.acked_to_b = v.end
+            out.append(self._to_backend(seq_add(self.c_base, self.replay_acked), self._ack_value_for_backend(), ACK))
         return Decision(False, inject=out)
 
     def _flush_pending(self, good: int) -> list[Out]:
@@ -413,8 +426,43 @@ class Splice:
             if min(off + len(data), self.snap.end) > good:
                 break
             del self.pending[off]
+            if off + len(data) > self.client_acked:
+                self.retained[off] = (data, flags)
             out.append(self._client_out(off, data, flags))
         return out
+
+    def _resend_retained(self, now: float) -> list[Out]:
+        self.retained_tx = now
+        self.client_dupacks = 0
+        # the highest TSval the client has seen from "the server": never go below it (I3)
+        self.ts_high = rec.server.tsval if self.ts else None
+        self.stats["retained_resent"] = self.stats.get("retained_resent", 0) + len(self.retained)
+        return [self._client_out(off, data, flags) for off, (data, flags) in sorted(self.retained.items())]
+
+    def _client_acked_to(self, acked: int, now: float) -> list[Out]:
+        """Bookkeeping for the segments the gateway delivers itself."""
+        if acked > self.client_acked:
+            self.client_acked = acked
+            self.client_dupacks = 0
+            for off in [o for o, (d, _) in self.retained.items() if o + len(d) <= acked]:
+                del self.retained[off]
+            return []
+        if self.retained and acked == self.client_acked and acked <= min(self.retained):
+            self.client_dupacks += 1
+            if self.client_dupacks >= 2:
+                return self._resend_retained(now)
+        return []
+
+    def _ts_to_client(self, tsval: int | None) -> int | None:
+        """The backend's TSval in the client's view, never below one already shown (I3)."""
+        if tsval is None or self.tr is None:
+            return None
+        t = self.tr.tsval_to_client(tsval)
+        if self.ts_high is not None and seq_diff(t, self.ts_high) < 0:
+            self.stats["ts_raised"] = self.stats.get("ts_raised", 0) + 1
+            return self.ts_high
+        self.ts_high = t
+        return t
 
     def _client_out(self, off: int, data: bytes, flags: int) -> Out:
         tr = self.tr
@@ -425,7 +473,7 @@ class Splice:
             seq=tr.seq_to_client(seq_add(self.b_base, off)), ack=rec.client.next_seq or 0,
             flags=(flags & (FIN | PSH)) | ACK,
             window=tr.window_to_client(self.b_window >> self.b_wscale),
-            tsval=tr.tsval_to_client(self.b_tsval) if (self.ts and self.b_tsval is not None) else None,
+            tsval=self._ts_to_client(self.b_tsval) if self.ts else None,
             tsecr=rec.client.tsval if self.ts else None, payload=data, to="client",
         )
 
@@ -436,7 +484,7 @@ class Splice:
             src=self.vip, sport=self.vport,
             seq=tr.seq_to_client(seg.seq),
             window=tr.window_to_client(seg.window),
-            tsval=tr.tsval_to_client(seg.tsval) if seg.tsval is not None else None,
+            tsval=self._ts_to_client(seg.tsval) if seg.tsval is not None else None,
             tsecr=seg.tsecr if seg.tsval is not None else None,
         )
 
@@ -446,10 +494,9 @@ class Splice:
         if not self.active:
             return Decision(False)
         flags = seg.flags
+        resend: list[Out] = []
         if flags & ACK:
-            acked = seq_diff(seg.ack, self.s_base)
-            if acked > self.client_acked:
-                self.client_acked = acked
+            resend = self._client_acked_to(seq_diff(seg.ack, self.s_base), now)
         if self.phase is not Phase.SPLICED:
             if flags & RST:
                 return Decision(False, inject=self.fail("the client reset the connection during the move", now))
@@ -465,9 +512,10 @@ class Splice:
                 self.stats["acks_clamped"] += 1
             off = seq_diff(ack_b, self.b_base)
             if (seg.payload_len == 0 and not flags & (FIN | RST | SYN) and off <= self.acked_to_b
-                    and self.verifier.done is False):
+                    and (self.verifier.done is False or self.retained)):
                 self.stats["acks_dropped"] += 1
-                return Decision(False)  # nothing new for the backup: no duplicate ACKs while it catches up
+                # nothing new for the backup: no duplicate ACKs while it catches up
+                return Decision(False, inject=resend)
             if off > self.acked_to_b:
                 self.acked_to_b = off
             rw.ack = ack_b
@@ -485,7 +533,7 @@ class Splice:
             rw.tsecr = tsecr
         if flags & RST:
             self.phase = Phase.CLOSED
-        return Decision(True, rw)
+        return Decision(True, rw, resend)
 
     def describe(self) -> dict[str, Any]:
         return {

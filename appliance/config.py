@@ -34,7 +34,7 @@ Example::
     auto = true                  # fail over when the active backend goes down
     mode = "replay"              # the only mode for now
     max_log_bytes = 16777216     # client bytes kept per connection for replay
-    verify = "full"              # hash every server byte for the divergence check
+    verify = "full"              # hash every server byte ("sampled": faster, samples only)
     volatile = ["http-date"]     # fields masked before comparing (the default)
     syn_retries = 6
     move_timeout = 10.0          # seconds
@@ -84,7 +84,7 @@ class FailoverConfig:
     auto: bool = True               # fail over when the active backend goes down
     mode: str = "replay"            # the only mode for now
     max_log_bytes: int = 16 << 20   # client byte log kept per connection for replay
-    verify: str = "full"            # the only mode for now: every server byte is hashed
+    verify: str = "full"            # "full": every server byte hashed; "sampled": observed path, samples
     syn_retries: int = 6
     move_timeout: float = 10.0      # seconds
     # fields whose values may differ in a regenerated stream, masked for the divergence check
@@ -310,7 +310,7 @@ def _failover(data: dict[str, Any], where: str) -> FailoverConfig:
         auto=_bool(data, "auto", where, d.auto),
         mode=mode,
         max_log_bytes=_int(data, "max_log_bytes", where, d.max_log_bytes, 1024, 1 << 31),
-        verify=_choice(data, "verify", where, d.verify, ("full",)),
+        verify=_choice(data, "verify", where, d.verify, ("full", "sampled")),
         syn_retries=_int(data, "syn_retries", where, d.syn_retries, 1, 20),
         move_timeout=_float(data, "move_timeout", where, d.move_timeout, 0.1),
         volatile=tuple(volatile),

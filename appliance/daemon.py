@@ -6,11 +6,19 @@ API share state without locks: the NFQUEUE sockets are readers on the loop
 what it asked to inject), the health checker's probes are tasks, a 10 ms
 tick drives the moves' timers, and uvicorn serves the REST API and the panel.
 
-Two queues, numbered from ``gateway.queue_num``, both with full copies:
-``queue_num`` holds client->service packets (tracked, logged, rewritten);
-``queue_num + 1`` holds backend->client packets (tracked, hashed for the
-divergence check, translated for moved connections; the kernel rewrites the
-source of the others, see ``nfq.kernelnat``).
+Three queues, numbered from ``gateway.queue_num``:
+
+* ``queue_num`` holds client->service packets (full copies: tracked, logged,
+  rewritten);
+* ``queue_num + 1`` holds backend->client packets with full copies: those of
+  services with ``verify = "full"`` (tracked, every byte hashed) and those of
+  moved connections (translated);
+* ``queue_num + 2`` observes backend->client packets of services with
+  ``verify = "sampled"``: a 4016-byte copy, GSO super-packets whole, one
+  verdict each, never rewritten (tracked, sampled).
+
+The kernel rewrites the source of every return packet it was not given
+translated (``nfq.kernelnat``).
 
 Start-up installs, in this order: the kernel NAT table (return path and
 fail-open fallback), the queue bindings (with the kernel's fail-open flag),
@@ -48,8 +56,9 @@ def flows_for(config: Config) -> list[rules.FlowMatch]:
     flows = []
     for svc in config.services:
         flows.append(rules.FlowMatch(comment=f"{svc.name} client->vip", queue=q, dst=svc.vip, dport=svc.port))
+        ret = q + 2 if svc.failover.verify == "sampled" else q + 1
         for b in svc.backends:
-            flows.append(rules.FlowMatch(comment=f"{svc.name} {b.name}->client", queue=q + 1,
+            flows.append(rules.FlowMatch(comment=f"{svc.name} {b.name}->client", queue=ret,
                                          src=b.address, sport=b.port, not_local=True))
     return flows
 
@@ -79,18 +88,28 @@ class Kernel:
         clock = gw.clock
 
         def handle(buf: bytearray) -> Verdict:
-            return dp.handle(buf, clock())
+            verdict = dp.handle(buf, clock())
+            if dp.outbox:
+                # what this packet asked to send leaves before the packet itself:
+                # held segments come earlier in the stream, with earlier TSvals
+                gw.flush()
+            return verdict
 
+        accept = g.queue_full == "accept"
         gw.queues = [
-            PacketQueue(g.queue_num, handle, fail_open=g.queue_full == "accept"),
-            PacketQueue(g.queue_num + 1, handle, fail_open=g.queue_full == "accept"),
+            PacketQueue(g.queue_num, handle, fail_open=accept),
+            PacketQueue(g.queue_num + 1, handle, fail_open=accept, clear_mark=kernelnat.MOVED_MARK),
+            PacketQueue(g.queue_num + 2, handle, fail_open=accept, gso=True),
         ]
         for q in gw.queues:
             self.loop.add_reader(q.fileno(), self._drain, q)
         self.injector = Injector()
         gw.send = self.injector.send
         gw.on_active_change = self.repoint
-        rules.install(flows_for(gw.config), inject_mark=INJECT_MARK, bypass=g.fail_open)
+        gw.on_moved = kernelnat.add_moved
+        gw.on_unmoved = kernelnat.del_moved
+        rules.install(flows_for(gw.config), inject_mark=INJECT_MARK, bypass=g.fail_open,
+                      moved=(kernelnat.MOVED_MARK, g.queue_num + 1))
         log.info("data plane up: queues %d-%d, %d services", g.queue_num, g.queue_num + 1, len(gw.config.services))
 
     def _drain(self, q: PacketQueue) -> None:
@@ -98,9 +117,8 @@ class Kernel:
         self.gw.flush()
 
     def repoint(self) -> None:
-        """The active backend changed: move the fail-open fallback along (off the loop)."""
-        nat = nat_for(self.gw.dataplane)
-        self.loop.run_in_executor(None, kernelnat.install, nat, self.gw.config.gateway.fail_open)
+        """The active backend changed: move the fail-open fallback along."""
+        kernelnat.repoint(nat_for(self.gw.dataplane), self.gw.config.gateway.fail_open)
 
     def stop(self) -> None:
         gw = self.gw
@@ -125,7 +143,7 @@ async def housekeeping(gw: Gateway) -> None:
             now = time.monotonic()
             if now - last_expire >= 1.0:
                 last_expire = now
-                gw.dataplane.table.expire(gw.clock())
+                gw.dataplane.expire(gw.clock())
         except Exception:  # the loop must survive whatever one tick does
             log.exception("housekeeping tick failed")
 

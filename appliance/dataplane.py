@@ -43,7 +43,7 @@ from checkpoint.ici import ConnectionRecord, TcpState
 from checkpoint.segment import FIN, RST, SYN
 from checkpoint.seqnum import seq_add, seq_diff
 from checkpoint.splice import Decision, Endpoint, Out, Rewrite, Splice, SpliceOptions
-from checkpoint.streamlog import ByteLog, StreamDigest
+from checkpoint.streamlog import ByteLog, SampledDigest, StreamDigest
 from checkpoint.table import ConnectionTable, Timeouts
 from nfq.packet import MalformedPacket, PacketView
 from nfq.queue import Verdict
@@ -110,6 +110,7 @@ class DataplaneCounters:
     client_packets: int = 0
     server_packets: int = 0
     malformed_reasons: dict[str, int] = field(default_factory=dict)
+    last_foreign: str | None = None  # what the last packet we had no business with looked like
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -122,6 +123,7 @@ class DataplaneCounters:
             "client_packets": self.client_packets,
             "server_packets": self.server_packets,
             "malformed_reasons": dict(self.malformed_reasons),
+            "last_foreign": self.last_foreign,
         }
 
 
@@ -194,7 +196,9 @@ class Dataplane:
         hit = self._backs.get((bytes(buf[12:16]), sport))
         if hit is not None:
             return self._from_server(pv, hit[0], hit[1], dport, now)
-        self.counters.foreign += 1
+        c = self.counters
+        c.foreign += 1
+        c.last_foreign = f"{pv.src}:{sport} > {pv.dst}:{dport} flags={pv.flags:#x} len={pv.payload_len}"
         return Verdict.ACCEPT
 
     def _malformed(self, why: str) -> Verdict:
@@ -230,7 +234,8 @@ class Dataplane:
                     self.splices.pop(old.id, None)
                 if pv.flags & SYN:
                     rec.log = ByteLog(svc.failover.max_log_bytes)
-                    rec.digest = StreamDigest(svc.failover.volatile)
+                    kind = SampledDigest if svc.failover.verify == "sampled" else StreamDigest
+                    rec.digest = kind(svc.failover.volatile)
         table.observe(rec, pv, True, now)
         self._log_client(rec, pv)
         sp = self.splices.get(rec.id)
@@ -274,16 +279,21 @@ class Dataplane:
             return self._fence(rec, pv, be, now)
         sp = self.splices.get(rec.id)
         if sp is not None:
-            if pv.truncated:
-                return self._malformed("truncated server packet")
+            if pv.truncated:  # cannot be translated: the backup will send it again
+                self._malformed("truncated packet of a moved connection")
+                return Verdict.DROP
             return self._apply(pv, sp.on_backend(pv, pv.payload, now), sp, now, observe_rec=rec)
         flags = pv.flags
         if flags & (FIN | RST) and not rec.server_close_ok and rec.state not in (TcpState.TIME_WAIT, TcpState.CLOSED):
             return self._hold_close(rec, svc, be, pv)
         self.table.observe(rec, pv, False, now)
-        if rec.digest is not None and pv.payload_len and not pv.truncated and rec.server.isn is not None:
-            start = pv.seq + (1 if flags & SYN else 0)
-            rec.digest.add(seq_diff(start, seq_add(rec.server.isn, 1)), pv.payload)
+        dg = rec.digest
+        if dg is not None and pv.payload_len and rec.server.isn is not None:
+            off = seq_diff(pv.seq + (1 if flags & SYN else 0), seq_add(rec.server.isn, 1))
+            if isinstance(dg, SampledDigest):
+                dg.add(off, pv.captured_payload, pv.payload_len)
+            elif not pv.truncated:
+                dg.add(off, pv.payload)
         return Verdict.ACCEPT
 
     def _hold_close(self, rec: ConnectionRecord, svc: ServiceRuntime, be: BackendRuntime, pv: PacketView) -> Verdict:
@@ -331,7 +341,11 @@ class Dataplane:
             self.table.observe(observe_rec, pv, False, now)
             dg = observe_rec.digest
             if dg is not None and pv.payload_len and observe_rec.server.isn is not None:
-                dg.add(seq_diff(pv.seq, seq_add(observe_rec.server.isn, 1)), pv.payload)
+                off = seq_diff(pv.seq, seq_add(observe_rec.server.isn, 1))
+                if isinstance(dg, SampledDigest):
+                    dg.add(off, pv.payload, pv.payload_len)
+                else:
+                    dg.add(off, pv.payload)
         return Verdict.REWRITTEN
 
     def _end_splice(self, sp: Splice) -> None:
@@ -406,6 +420,17 @@ class Dataplane:
             self.outbox.extend(sp.poll(now))
             if not sp.active:
                 self._end_splice(sp)
+
+    def expire(self, now: float) -> list[ConnectionRecord]:
+        """Drop idle and finished records, and the splices of those that moved."""
+        gone = self.table.expire(now)
+        for rec in gone:
+            sp = self.splices.pop(rec.id, None)
+            if sp is not None:
+                sp.phase = sp.phase.__class__.CLOSED
+                self.finished_splices.append(sp)
+            self._fence_sent.pop(rec.id, None)
+        return gone
 
     def connections(self) -> list[ConnectionRecord]:
         return list(self.table)

@@ -71,6 +71,10 @@ class Gateway:
         self.health: HealthChecker | None = None
         self.send: Callable[[bytes], None] | None = None  # the injector, when running for real
         self.on_active_change: Callable[[], None] | None = None  # re-point the kernel's fallback
+        # tell the kernel which flows (backend ip, port, client ip, port) are moved: their
+        # packets must reach the full-copy queue, whatever the service's return path
+        self.on_moved: Callable[[list[tuple[str, int, str, int]]], None] | None = None
+        self.on_unmoved: Callable[[list[tuple[str, int, str, int]]], None] | None = None
         self.unsent: list[Out] = []       # what was to be sent without an injector (tests)
         self.last_failover: dict[str, Any] | None = None
         self._reported: set[int] = set()  # id() of splices whose outcome was reported
@@ -150,6 +154,8 @@ class Gateway:
         dp = self.dataplane
         try:
             dp.move(rec, target, now)
+            if self.on_moved is not None:  # before the SYN leaves (at flush), so the SYN-ACK is marked
+                self.on_moved([(target.address, target.port, rec.client_ip, rec.client_port)])
             return "moved"
         except LookupError:
             return "repinned"
@@ -218,11 +224,15 @@ class Gateway:
         for sp in list(dp.splices.values()):
             if sp.phase is Phase.SPLICED and sp.verifier.done and id(sp) not in self._reported:
                 self._report(sp, now)
+        gone = []
         while dp.finished_splices:
             sp = dp.finished_splices.pop()
             if id(sp) not in self._reported:
                 self._report(sp, now)
             self._reported.discard(id(sp))
+            gone.append((sp.target.ip, sp.target.port, sp.rec.client_ip, sp.rec.client_port))
+        if gone and self.on_unmoved is not None:
+            self.on_unmoved(gone)
         if dp.suspects:
             suspects, dp.suspects = dp.suspects, []
             for s in suspects:

@@ -336,6 +336,11 @@ def up(clients: int = 1, backups: int = 1, appliance: bool = True) -> dict[str, 
     for k, v in (("net.ipv4.ip_forward", "1"), ("net.ipv4.conf.all.rp_filter", "0"),
                  ("net.ipv4.conf.default.rp_filter", "0")):
         nsexec(GATEWAY, "sysctl", "-qw", f"{k}={v}")
+    # frames the gateway's bridges forward are not routed traffic: keep them out of
+    # iptables (br_netfilter would show each routed packet a second time)
+    for k in ("net.bridge.bridge-nf-call-iptables", "net.bridge.bridge-nf-call-ip6tables",
+              "net.bridge.bridge-nf-call-arptables"):
+        nsexec(GATEWAY, "sysctl", "-qw", f"{k}=0", check=False)
     _ensure_bridge("br-client", f"{CLIENT_NET}.1/24")
     _ensure_bridge("br-server", f"{SERVER_NET}.1/24")
     for h in hosts:

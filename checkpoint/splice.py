@@ -56,7 +56,7 @@ from typing import Any
 from .ici import ConnectionRecord
 from .segment import ACK, FIN, PSH, RST, SYN, SegmentLike
 from .seqnum import MASK, seq_add, seq_diff
-from .streamlog import ByteLog, DigestSnapshot, StreamDigest, StreamVerifier
+from .streamlog import ByteLog, DigestSnapshot, SampledSnapshot, SampledVerifier, StreamVerifier
 from .translate import Translation, choose_ts_delta
 
 DEFAULT_MSS = 536
@@ -135,7 +135,7 @@ class Splice:
         self,
         rec: ConnectionRecord,
         log: ByteLog,
-        snap: DigestSnapshot,
+        snap: DigestSnapshot | SampledSnapshot,
         *,
         vip: str,
         vport: int,
@@ -160,7 +160,7 @@ class Splice:
         # the client's acknowledged point in the server stream (offsets)
         self.client_acked = max(0, seq_diff(c.ack, self.s_base)) if c.ack is not None else 0
         self.ts = rec.ts_ok
-        self.verifier = StreamVerifier(snap)
+        self.verifier = StreamVerifier(snap) if isinstance(snap, DigestSnapshot) else SampledVerifier(snap)
         self.tr: Translation | None = None
         self.b_isn: int | None = None
         self.b_base = 0
@@ -434,8 +434,6 @@ class Splice:
     def _resend_retained(self, now: float) -> list[Out]:
         self.retained_tx = now
         self.client_dupacks = 0
-        # the highest TSval the client has seen from "the server": never go below it (I3)
-        self.ts_high = rec.server.tsval if self.ts else None
         self.stats["retained_resent"] = self.stats.get("retained_resent", 0) + len(self.retained)
         return [self._client_out(off, data, flags) for off, (data, flags) in sorted(self.retained.items())]
 

@@ -145,6 +145,11 @@ class PacketView:
         return self.total_len - self.ihl - self.thl
 
     @property
+    def captured_payload(self) -> bytes:
+        """The payload bytes copied to us (all of them unless truncated)."""
+        return bytes(self.buf[self.ihl + self.thl:min(self.total_len, len(self.buf))])
+
+    @property
     def payload(self) -> bytes:
         if self.truncated:
             raise MalformedPacket("payload not captured")

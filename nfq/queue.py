@@ -89,12 +89,14 @@ class PacketQueue:
         copy_range: int = COPY_RANGE,
         fail_open: bool = False,
         gso: bool = False,
+        clear_mark: int | None = None,
     ) -> None:
         from netfilterqueue import NetfilterQueue
 
         if not 0 < copy_range <= COPY_RANGE:
             raise ValueError(f"copy_range must be 1..{COPY_RANGE}")
         self.queue_num = queue_num
+        self.clear_mark = clear_mark  # a mark that only routed the packet here: removed on the way out
         self.handler = handler
         self.on_error = on_error
         self.stats = QueueStats()
@@ -121,6 +123,8 @@ class PacketQueue:
             log.exception("handler failed; verdict %s", self.on_error.name)
             verdict = self.on_error
             buf = None
+        if self.clear_mark is not None and pkt.get_mark() == self.clear_mark:
+            pkt.set_mark(0)  # no second trip through a queue rule (bridged copies, a later hook)
         if verdict is Verdict.REWRITTEN and buf is not None:
             pkt.set_payload(bytes(buf))
             pkt.accept()

@@ -85,7 +85,9 @@ def _mark_rule(iptc, mark: int, target: str, **target_args: str):
     return r
 
 
-def install(flows: list[FlowMatch], inject_mark: int | None = None, bypass: bool = True) -> None:
+def install(flows: list[FlowMatch], inject_mark: int | None = None, bypass: bool = True,
+            moved: tuple[int, int] | None = None) -> None:
+    """``moved``: (mark, queue): packets with that mark go to that queue first."""
     """(Re)write the ``APPLIANCE`` chain for ``flows`` and hook it, atomically."""
     iptc = _iptc()
     table = iptc.Table(iptc.Table.RAW)
@@ -100,6 +102,13 @@ def install(flows: list[FlowMatch], inject_mark: int | None = None, bypass: bool
         if inject_mark is not None:
             chain.append_rule(_mark_rule(iptc, inject_mark, "CT", notrack=""))
             chain.append_rule(_mark_rule(iptc, inject_mark, "RETURN"))
+        if moved is not None:
+            mark, queue = moved
+            q = {"queue_num": str(queue), **({"queue_bypass": ""} if bypass else {})}
+            for target, args in (("CT", {"notrack": ""}), ("NFQUEUE", q)):
+                r = _mark_rule(iptc, mark, target, **args)
+                r.matches[-1].comment = f"{COMMENT_PREFIX} moved connections, from their new backend"
+                chain.append_rule(r)
         for flow in flows:
             chain.append_rule(_rule(iptc, flow, "CT", notrack=""))
             q = {"queue_num": str(flow.queue)}

@@ -10,7 +10,12 @@ interface and returns, per connection, every violation it finds:
 * I2: a byte received at a stream offset that differs from the byte received
   there before (values of volatile fields, such as the HTTP Date header, are
   allowed to differ, as the gateway masks them for its own check);
-* I3: a server TSval lower than one received before (modulo 2**32);
+* I3: a server segment that PAWS would discard: its TSval is below the
+  client's TS.Recent, kept by RFC 7323's rule (updated from segments that
+  start at or before the last acknowledgment the client sent).  Raw arrival
+  order is not the test: a Linux sender's retransmission can carry a lower
+  TSval than a later-scheduled segment (paced departure times), which PAWS
+  accepts because it fills the hole at the left edge;
 * I4: any RST from the service, or a FIN before the end of the stream;
 * stream holes: bytes of the final stream never seen in the capture.
 
@@ -77,7 +82,8 @@ def check(pcap: Path, client_ip: str, vip: str, vport: int) -> dict[int, ConnRep
     stream: dict[int, bytearray] = defaultdict(bytearray)
     have: dict[int, list[tuple[int, int]]] = defaultdict(list)
     client_high: dict[int, int] = {}
-    last_ts: dict[int, int] = {}
+    ts_recent: dict[int, int] = {}
+    last_ack_sent: dict[int, int] = {}
     fins: dict[int, int] = {}
     for _, p in packets(pcap):
         if len(p) < 40 or p[9] != 6:
@@ -109,6 +115,9 @@ def check(pcap: Path, client_ip: str, vip: str, vport: int) -> dict[int, ConnRep
             end = (seq + len(payload) + (1 if flags & 3 else 0)) & 0xFFFFFFFF
             if port not in client_high or ((end - client_high[port]) & 0xFFFFFFFF) < (1 << 31):
                 client_high[port] = end
+            if flags & 0x10 and (port not in last_ack_sent
+                                 or ((ack - last_ack_sent[port]) & 0xFFFFFFFF) < (1 << 31)):
+                last_ack_sent[port] = ack
         elif p[12:16] == sip and p[16:20] == cip and sport == vport:
             port = dport
             r = reports.setdefault(port, ConnReport(port))
@@ -123,10 +132,12 @@ def check(pcap: Path, client_ip: str, vip: str, vport: int) -> dict[int, ConnRep
                 r.add(f"I1: ACK {ack} above what the client sent ({client_high[port]})")
             if tsval is not None:
                 r.tsval_checks += 1
-                if port in last_ts and ((tsval - last_ts[port]) & 0xFFFFFFFF) >= (1 << 31):
-                    r.add(f"I3: TSval went back from {last_ts[port]} to {tsval}")
-                else:
-                    last_ts[port] = tsval
+                recent = ts_recent.get(port)
+                if recent is not None and ((tsval - recent) & 0xFFFFFFFF) >= (1 << 31):
+                    r.add(f"I3: TSval {tsval} below TS.Recent {recent}: PAWS would drop it")
+                elif recent is None or flags & 0x02 or (port in last_ack_sent and (
+                        (last_ack_sent[port] - seq) & 0xFFFFFFFF) < (1 << 31)):
+                    ts_recent[port] = tsval
             if port not in isn:
                 continue
             off = (seq - isn[port] - (0 if flags & 0x02 else 1)) & 0xFFFFFFFF

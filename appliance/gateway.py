@@ -132,11 +132,14 @@ class Gateway:
         if self.on_active_change is not None:
             self.on_active_change()
         moved, repinned, reset = [], [], []
+        marks: list[tuple[str, int, str, int]] = []
         for rec in list(dp.table):
             if rec.service != service or rec.backend != old or rec.state in (TcpState.TIME_WAIT, TcpState.CLOSED):
                 continue
-            outcome = self._move(rec, target, now, reason)
+            outcome = self._move(rec, target, now, reason, marks)
             {"moved": moved, "repinned": repinned, "reset": reset}[outcome].append(rec.id)
+        if marks and self.on_moved is not None:
+            self.on_moved(marks)
         self.flush()
         self.last_failover = {
             "time": now, "service": service, "from": old, "to": target.name, "reason": reason,
@@ -150,12 +153,19 @@ class Gateway:
                     len(moved), len(reset))
         return ev.to_dict()
 
-    def _move(self, rec, target: BackendRuntime, now: float, reason: str) -> str:
+    def _move(self, rec, target: BackendRuntime, now: float, reason: str,
+              marks: list[tuple[str, int, str, int]] | None = None) -> str:
+        """Move one connection; the kernel must mark its flow before the SYN
+        leaves (at flush), so the SYN-ACK is marked: ``marks`` collects the flow
+        for the caller to install in one go, else it is installed here."""
         dp = self.dataplane
         try:
             dp.move(rec, target, now)
-            if self.on_moved is not None:  # before the SYN leaves (at flush), so the SYN-ACK is marked
-                self.on_moved([(target.address, target.port, rec.client_ip, rec.client_port)])
+            flow = (target.address, target.port, rec.client_ip, rec.client_port)
+            if marks is not None:
+                marks.append(flow)
+            elif self.on_moved is not None:
+                self.on_moved([flow])
             return "moved"
         except LookupError:
             return "repinned"

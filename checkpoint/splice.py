@@ -20,7 +20,9 @@ the client* and then stands in the middle of it for the rest of its life:
     all of them.  Client packets meanwhile are only logged (by the data
     plane) and dropped: the replay delivers their bytes.
 ``SPLICED``
-    Client packets are translated and forwarded; the acknowledgment is
+    Client packets are translated and forwarded (a FIN only once the backup has
+    caught up: a server may abort a response it is regenerating when the
+    client half-closes); the acknowledgment is
     clamped to what the backup has sent (tcpcp 6.1, invariant I6) and a pure
     ACK that tells the backup nothing new is dropped, so the backup never
     sees a flood of duplicate ACKs while it regenerates.
@@ -499,6 +501,11 @@ class Splice:
             if flags & RST:
                 return Decision(False, inject=self.fail("the client reset the connection during the move", now))
             return Decision(False)
+        if flags & FIN and not self.verifier.done:
+            # a FIN now would make the backup abort what it is regenerating (nginx does):
+            # hold it, the client sends it again once the backup has caught up
+            self.stats["fins_held"] = self.stats.get("fins_held", 0) + 1
+            return Decision(False, inject=resend)
         tr = self.tr
         assert tr is not None
         rw = Rewrite(dst=self.target.ip, dport=self.target.port)

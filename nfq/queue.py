@@ -143,7 +143,13 @@ class PacketQueue:
         self._nfq.run_socket(self._budget)
 
     def run_forever(self) -> None:
-        self._nfq.run(block=True)
+        """Serve the queue until it is closed (for a dedicated thread or process)."""
+        import select
+
+        fd = self.fileno()
+        while True:
+            select.select([fd], [], [])
+            self.process_pending(budget=1 << 30)
 
     def close(self) -> None:
         self._budget.sock.close()

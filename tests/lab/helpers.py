@@ -73,7 +73,7 @@ class Capture:
         self.path = path
         self.dropped = 0
         self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", ns, "tcpdump", "-i", iface, "-U", "-n", "-B", "32768", "-s", str(snaplen),
+            ["ip", "netns", "exec", ns, "tcpdump", "-i", iface, "-U", "--immediate-mode", "-n", "-B", "32768", "-s", str(snaplen),
              "-w", str(path), bpf],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )
@@ -93,7 +93,7 @@ class Capture:
             size = self.path.stat().st_size if self.path.exists() else 0
             if size != last:
                 last, stable_since = size, time.monotonic()
-            elif time.monotonic() - stable_since >= 0.4:
+            elif time.monotonic() - stable_since >= 1.0:
                 break
             time.sleep(0.05)
         if self.proc.poll() is None:

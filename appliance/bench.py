@@ -165,3 +165,77 @@ def markdown(results: dict[str, Any]) -> str:
 
 def save(results: dict[str, Any], path: Path) -> None:
     path.write_text(json.dumps(results, indent=1))
+
+
+# --- failover time ------------------------------------------------------------------
+
+def _first_backup_bytes(pcap: Path, t0: float, vip: str, client: str) -> dict[int, float]:
+    """Per client port: seconds from ``t0`` (the primary's death) to the first
+    data segment the client received after it (the primary is silent from t0,
+    so that segment came from the backup, through the gateway)."""
+    import socket
+
+    from .pcap import packets, tcp_fields
+
+    v, c = socket.inet_aton(vip), socket.inet_aton(client)
+    first: dict[int, float] = {}
+    for ts, p in packets(pcap):
+        f = tcp_fields(p)
+        if f is None or ts <= t0 + 0.002:
+            continue
+        src, dst, sport, dport, _seq, _ack, _flags, plen = f
+        if src == v and dst == c and plen > 0 and dport not in first:
+            first[dport] = ts - t0
+    return first
+
+
+def failover_bench(runs: int = 10, connections: tuple[int, ...] = (1, 100)) -> dict[str, Any]:
+    """Time from the primary's death (its link cut) to the first byte from the
+    backup at the client, over ``runs`` runs for each number of connections."""
+    import signal as _signal
+
+    rd = lab.run_dir()
+    results: dict[str, Any] = {"runs": runs, "cases": {}}
+    for n in connections:
+        per_run: list[dict[str, float]] = []
+        for _ in range(runs):
+            lab.down_appliance_state()
+            lab.up()
+            pcap = rd / "failover-bench.pcap"
+            cap = subprocess.Popen(["ip", "netns", "exec", "lab-client", "tcpdump", "-i", "eth0", "-U",
+                                    "--immediate-mode", "-n", "-s", "96", "-w", str(pcap), "tcp port 80"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            cap.stderr.readline()
+            rate = "2M" if n == 1 else "100K"
+            procs = [subprocess.Popen(["ip", "netns", "exec", "lab-client", "curl", "-s", "-o", "/dev/null",
+                                       "--max-time", "60", "--limit-rate", rate,
+                                       f"http://{lab.VIP}/10M.bin"]) for _ in range(n)]
+            time.sleep(2.0)
+            t0 = time.time()
+            lab.cut_link("primary")
+            time.sleep(6.0 if n == 1 else 15.0)
+            for p in procs:
+                p.kill()
+            for p in procs:
+                p.wait()
+            time.sleep(0.5)
+            cap.send_signal(_signal.SIGINT)
+            cap.wait(timeout=10)
+            first = _first_backup_bytes(pcap, t0, lab.VIP, "192.0.2.10")
+            lab.restore_link("primary")
+            if len(first) < n:
+                per_run.append({"median_ms": float("nan"), "max_ms": float("nan"), "moved": len(first)})
+                continue
+            vals = sorted(first.values())
+            per_run.append({"median_ms": round(statistics.median(vals) * 1000, 1),
+                            "max_ms": round(vals[-1] * 1000, 1), "moved": len(vals)})
+        ok = [r for r in per_run if r["moved"] >= n]
+        results["cases"][f"{n} connection{'s' if n > 1 else ''}"] = {
+            "runs": per_run,
+            "complete_runs": len(ok),
+            "median_of_medians_ms": round(statistics.median(r["median_ms"] for r in ok), 1) if ok else None,
+            "median_of_max_ms": round(statistics.median(r["max_ms"] for r in ok), 1) if ok else None,
+        }
+    lab.down_appliance_state()
+    lab.up()
+    return results

@@ -388,7 +388,13 @@ class Splice:
             self.b_high = end
         v = self.verifier
         if off > v.end:
-            return Decision(False, inject=out)  # a gap: the backup will resend
+            # a gap: drop it unacknowledged, and tell the backup where we are (its
+            # fast retransmit wants duplicate ACKs, or it waits for its RTO)
+            self.stats["gaps"] = self.stats.get("gaps", 0) + 1
+            if not v.done:
+                out.append(self._to_backend(seq_add(self.c_base, self.replay_acked),
+                                            self._ack_value_for_backend(), ACK))
+            return Decision(False, inject=out)
         if n and not v.add(off, payload):
             return Decision(False, inject=out + self.fail(
                 f"divergence: backup stream differs from what the client received (chunk at offset {v.mismatch_at})",

@@ -84,7 +84,7 @@ class PacketQueue:
         handler: Handler,
         *,
         on_error: Verdict = Verdict.ACCEPT,
-        max_len: int = 4096,
+        max_len: int = 16384,
         sock_len: int = 8 * 1024 * 1024,
         copy_range: int = COPY_RANGE,
         fail_open: bool = False,

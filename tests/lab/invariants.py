@@ -30,29 +30,10 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from appliance.pcap import packets
+
 DATE = b"\r\nDate: "
 DATE_LEN = 29
-
-
-def packets(pcap: Path):
-    """(timestamp, IPv4 packet bytes) from a pcap file (Ethernet or raw IP)."""
-    with open(pcap, "rb") as f:
-        head = f.read(24)
-        magic = struct.unpack("<I", head[:4])[0]
-        endian = "<" if magic in (0xA1B2C3D4, 0xA1B23C4D) else ">"
-        nano = magic in (0xA1B23C4D, 0x4D3CB2A1)
-        link = struct.unpack(endian + "I", head[20:24])[0]
-        skip = 14 if link == 1 else 16 if link == 113 else 0
-        rec = struct.Struct(endian + "IIII")
-        while True:
-            h = f.read(16)
-            if len(h) < 16:
-                return
-            sec, frac, incl, _ = rec.unpack(h)
-            data = f.read(incl)
-            if skip == 14 and data[12:14] != b"\x08\x00":
-                continue
-            yield sec + frac / (1e9 if nano else 1e6), data[skip:]
 
 
 @dataclass

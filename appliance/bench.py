@@ -56,12 +56,14 @@ def run_bench(rounds: int = 3, seconds: int = 8, profile: bool = False) -> dict[
     api, token = info["api"], info["token"]
     prim = "198.51.100.10"
     cases = {
-        "iperf3 download": (lambda: _iperf(prim, lab.PLAIN_IPERF_PORT, seconds, True),
+        "iperf3 download, verify=sampled": (lambda: _iperf(prim, lab.PLAIN_IPERF_PORT, seconds, True),
                             lambda: _iperf(lab.VIP, lab.IPERF_PORT, seconds, True)),
         "iperf3 upload": (lambda: _iperf(prim, lab.PLAIN_IPERF_PORT, seconds, False),
                           lambda: _iperf(lab.VIP, lab.IPERF_PORT, seconds, False)),
-        "curl 1 GiB download": (lambda: _curl(f"http://{prim}:{lab.PLAIN_HTTP_PORT}/1G.bin"),
-                                lambda: _curl(f"http://{lab.VIP}:{lab.SERVICE_PORT}/1G.bin")),
+        "curl 1 GiB download, verify=sampled": (lambda: _curl(f"http://{prim}:{lab.PLAIN_HTTP_PORT}/1G.bin"),
+                                                lambda: _curl(f"http://{lab.VIP}:{lab.SAMPLED_HTTP_PORT}/1G.bin")),
+        "curl 1 GiB download, verify=full": (lambda: _curl(f"http://{prim}:{lab.PLAIN_HTTP_PORT}/1G.bin"),
+                                             lambda: _curl(f"http://{lab.VIP}:{lab.SERVICE_PORT}/1G.bin")),
     }
     results: dict[str, Any] = {"rounds": rounds, "seconds": seconds, "cases": {}}
     for name, (plain, through) in cases.items():

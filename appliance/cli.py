@@ -148,7 +148,8 @@ def _print_lab(info: dict) -> None:
 
 
 def demo(args: argparse.Namespace) -> None:
-    """The lab demo: a real download through the gateway, watched live."""
+    """The lab demo: a real download through the gateway, its primary's death
+    mid-transfer, the connection moved to the backup, watched live."""
     from . import lab
 
     info = lab.up(clients=1, backups=1)
@@ -178,8 +179,19 @@ def demo(args: argparse.Namespace) -> None:
 
     t = threading.Thread(target=watch, daemon=True)
     t.start()
+    if args.fail_after > 0:
+        time.sleep(args.fail_after)
+        if proc.poll() is None:
+            print(f"\n*** cutting the primary's link now (silent death: no FIN, no RST) ***\n", flush=True)
+            lab.cut_link("primary")
     rc = proc.wait()
     t.join(timeout=2)
+    for e in api_get("/api/v1/events?limit=200", api, token) or []:
+        if e["kind"] in ("failover", "migration", "divergence", "reset") and e["service"] == "web":
+            extra = e["details"].get("timings_ms") or ""
+            print(f"  event {e['id']}: {e['kind']} {e['reason']} {extra}")
+    if args.fail_after > 0:
+        lab.restore_link("primary")
     got = _sha256(out)
     out.unlink(missing_ok=True)
     print(f"\ncurl exit {rc}; sha256 {'matches' if got == expected else 'DIFFERS'} ({got[:16]}...)")
@@ -187,7 +199,8 @@ def demo(args: argparse.Namespace) -> None:
     if conns:
         print("final record as the gateway tracked it:")
         print(json.dumps(conns[-1], indent=1))
-    print(f"\nThe panel stays up at {api}/ (token {token}).  `appliance lab down` removes the lab.")
+    print(f"\nThe panel stays up at {api}/ (token {token}).  The primary's link is back; the backup")
+    print("stays active.  `appliance lab down` removes the lab.")
     if rc != 0 or got != expected:
         raise SystemExit(1)
 
@@ -283,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     dm = lsub.add_parser("demo", help="lab up, a download through the gateway, the record it tracked")
     dm.add_argument("--file", default="100M.bin", choices=["1M.bin", "100M.bin", "1G.bin"])
     dm.add_argument("--rate", default="20M", help="curl --limit-rate for the download")
+    dm.add_argument("--fail-after", type=float, default=2.0,
+                    help="cut the primary's link this many seconds into the download (0: never)")
     bn = lsub.add_parser("bench", help="throughput through the gateway against plain forwarding")
     bn.add_argument("--rounds", type=int, default=3)
     bn.add_argument("--seconds", type=int, default=8)

@@ -49,7 +49,8 @@ SERVICE_PORT = 80
 # ports that are not a service: traffic to them is plainly routed by the
 # gateway's kernel (the benchmarks' baseline)
 PLAIN_HTTP_PORT = 8080
-IPERF_PORT = 5201        # the "iperf" service (through the appliance)
+SAMPLED_HTTP_PORT = 8081  # the "web-sampled" service: same files, verify = "sampled"
+IPERF_PORT = 5201        # the "iperf" service (through the appliance, verify = "sampled")
 PLAIN_IPERF_PORT = 5202  # the same server, plainly forwarded
 CLIENT_NET = "192.0.2"
 SERVER_NET = "198.51.100"
@@ -214,6 +215,7 @@ http {{
     server {{
         listen {address}:{port};
         listen {address}:{plain_port};
+        listen {address}:{sampled_port};
         root {www};
         location / {{ }}
     }}
@@ -229,7 +231,7 @@ def start_nginx(h: Host, www: Path) -> None:
         return
     (rd / f"nginx-{name}.tmp").mkdir(parents=True, exist_ok=True)
     conf.write_text(NGINX_CONF.format(run=rd, name=name, address=h.address, port=SERVICE_PORT,
-                                      plain_port=PLAIN_HTTP_PORT, www=www))
+                                      plain_port=PLAIN_HTTP_PORT, sampled_port=SAMPLED_HTTP_PORT, www=www))
     nsexec(h.ns, "nginx", "-c", str(conf), "-p", str(rd))
 
 
@@ -253,7 +255,10 @@ def gateway_config(hosts: list[Host], token_file: Path) -> str:
         "[gateway]\nqueue_num = 0\n\n"
         f'[api]\nlisten = "{API_HOST}:{API_PORT}"\ntoken_file = "{token_file}"\n\n'
         f'[[service]]\nname = "web"\nvip = "{VIP}"\nport = {SERVICE_PORT}\n{backends(SERVICE_PORT)}\n'
-        f'[[service]]\nname = "iperf"\nvip = "{VIP}"\nport = {IPERF_PORT}\n{backends(IPERF_PORT)}'
+        f'[[service]]\nname = "web-sampled"\nvip = "{VIP}"\nport = {SAMPLED_HTTP_PORT}\n'
+        f'[service.failover]\nverify = "sampled"\n{backends(SAMPLED_HTTP_PORT)}\n'
+        f'[[service]]\nname = "iperf"\nvip = "{VIP}"\nport = {IPERF_PORT}\n'
+        f'[service.failover]\nverify = "sampled"\n{backends(IPERF_PORT)}'
     )
 
 

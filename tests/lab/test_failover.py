@@ -170,3 +170,36 @@ def test_manual_failover_and_migrate_back_and_forth(fresh: dict, tmp_path: Path)
     assert rc == 0 and sha256_file(out) == expected_sha("100M.bin")
     assert api(f"/api/v1/connections/{cid}")["moves"] == 2
     assert_clean(check(cap.path, "192.0.2.10", lab.VIP, lab.SERVICE_PORT), expect_connections=1)
+
+
+def test_sampled_verification_survives_and_still_catches_divergence(fresh: dict, tmp_path: Path) -> None:
+    # verify = "sampled" (the lab's web-sampled service on :8081): the return path is
+    # observed, not held, and a backup is checked against hashed samples
+    out = tmp_path / "s.bin"
+    url_port = lab.SAMPLED_HTTP_PORT
+    cmd = ["ip", "netns", "exec", "lab-client", "curl", "-sS", "--fail", "--limit-rate", "20M", "-o", str(out),
+           f"http://{lab.VIP}:{url_port}/100M.bin"]
+    with Capture("lab-client", tmp_path / "c.pcap", bpf=f"tcp port {url_port}", snaplen=65535) as cap:
+        proc = subprocess.Popen(cmd)
+        wait_for(lambda: out.exists() and out.stat().st_size > 20 << 20, timeout=30, what="20 MiB received")
+        lab.cut_link("primary")
+        assert proc.wait(timeout=120) == 0
+    assert sha256_file(out) == expected_sha("100M.bin")
+    assert_clean(check(cap.path, "192.0.2.10", lab.VIP, url_port), expect_connections=1)
+    moves = wait_for(lambda: api("/api/v1/events?kind=migration&service=web-sampled"), what="sampled move")
+    assert moves[0]["details"]["suppressed_bytes"] > 10 << 20
+
+    # and a backup serving other bytes is still refused
+    lab.restore_link("primary")
+    lab.down_appliance_state()
+    lab.up()
+    lab.serve_divergent("backup")
+    out2 = tmp_path / "s2.bin"
+    proc = subprocess.Popen(cmd[:-3] + ["-o", str(out2), cmd[-1]])
+    wait_for(lambda: out2.exists() and out2.stat().st_size > 5 << 20, timeout=30, what="5 MiB received")
+    lab.cut_link("primary")
+    assert proc.wait(timeout=60) != 0
+    good = (lab.cache_dir() / "www" / "100M.bin").read_bytes()
+    got = out2.read_bytes()
+    assert got == good[:len(got)]
+    assert wait_for(lambda: api("/api/v1/events?kind=divergence&service=web-sampled"), what="divergence event")

@@ -117,8 +117,11 @@ def test_demo_runs_end_to_end(appliance_running: dict) -> None:
     import subprocess
     import sys
 
-    res = subprocess.run([sys.executable, "-m", "appliance", "lab", "demo", "--file", "1M.bin", "--rate", "1M"],
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run([sys.executable, "-m", "appliance", "lab", "demo", "--file", "10M.bin", "--rate", "2M",
+                          "--fail-after", "2"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
+    assert "cutting the primary's link" in res.stdout
+    assert "failover" in res.stdout and "migration moved" in res.stdout
     assert "sha256 matches" in res.stdout
     assert '"client_isn"' in res.stdout  # it printed the tracked record
+    lab.down_appliance_state()  # the demo left the backup active: later tests want a fresh appliance

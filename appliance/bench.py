@@ -62,8 +62,8 @@ def run_bench(rounds: int = 3, seconds: int = 8, profile: bool = False) -> dict[
                           lambda: _iperf(lab.VIP, lab.IPERF_PORT, seconds, False)),
         "curl 1 GiB download, verify=sampled": (lambda: _curl(f"http://{prim}:{lab.PLAIN_HTTP_PORT}/1G.bin"),
                                                 lambda: _curl(f"http://{lab.VIP}:{lab.SAMPLED_HTTP_PORT}/1G.bin")),
-        "curl 1 GiB download, verify=full": (lambda: _curl(f"http://{prim}:{lab.PLAIN_HTTP_PORT}/1G.bin"),
-                                             lambda: _curl(f"http://{lab.VIP}:{lab.SERVICE_PORT}/1G.bin")),
+        "curl 100 MiB download, verify=full": (lambda: _curl(f"http://{prim}:{lab.PLAIN_HTTP_PORT}/100M.bin"),
+                                               lambda: _curl(f"http://{lab.VIP}:{lab.SERVICE_PORT}/100M.bin")),
     }
     results: dict[str, Any] = {"rounds": rounds, "seconds": seconds, "cases": {}}
     for name, (plain, through) in cases.items():
@@ -171,43 +171,34 @@ def save(results: dict[str, Any], path: Path) -> None:
 
 # --- failover time ------------------------------------------------------------------
 
-def _first_backup_bytes(pcap: Path, t0: float, vip: str, client: str) -> dict[int, float]:
-    """Per client port: seconds from ``t0`` (the primary's death) to the first
-    data segment the client received after it (the primary is silent from t0,
-    so that segment came from the backup, through the gateway)."""
-    import socket
+def _first_backup_bytes(api: str, token: str, t0: float) -> dict[int, float]:
+    """Per moved connection: seconds from ``t0`` (the primary's death) to the
+    gateway's first forwarding of a backup byte to the client (the failover
+    event's time plus the move's ``first_forward_ms``; same clock, and the
+    client is one veth away)."""
+    from .cli import api_get
 
-    from .pcap import packets, tcp_fields
-
-    v, c = socket.inet_aton(vip), socket.inet_aton(client)
+    events = api_get("/api/v1/events?service=web&limit=10000", api, token) or []
+    starts = [e["time"] for e in events if e["kind"] == "failover"]
+    if not starts:
+        return {}
+    start = starts[0]
     first: dict[int, float] = {}
-    for ts, p in packets(pcap):
-        f = tcp_fields(p)
-        if f is None or ts <= t0 + 0.002:
-            continue
-        src, dst, sport, dport, _seq, _ack, _flags, plen = f
-        if src == v and dst == c and plen > 0 and dport not in first:
-            first[dport] = ts - t0
+    for e in events:
+        if e["kind"] == "migration" and "first_forward_ms" in e["details"].get("timings_ms", {}):
+            first[e["connection"]] = start + e["details"]["timings_ms"]["first_forward_ms"] / 1000 - t0
     return first
 
 
 def failover_bench(runs: int = 10, connections: tuple[int, ...] = (1, 100)) -> dict[str, Any]:
     """Time from the primary's death (its link cut) to the first byte from the
     backup at the client, over ``runs`` runs for each number of connections."""
-    import signal as _signal
-
-    rd = lab.run_dir()
     results: dict[str, Any] = {"runs": runs, "cases": {}}
     for n in connections:
         per_run: list[dict[str, float]] = []
         for _ in range(runs):
             lab.down_appliance_state()
-            lab.up()
-            pcap = rd / "failover-bench.pcap"
-            cap = subprocess.Popen(["ip", "netns", "exec", "lab-client", "tcpdump", "-i", "eth0", "-U",
-                                    "--immediate-mode", "-n", "-s", "96", "-w", str(pcap), "tcp port 80"],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            cap.stderr.readline()
+            info = lab.up()
             rate = "2M" if n == 1 else "100K"
             procs = [subprocess.Popen(["ip", "netns", "exec", "lab-client", "curl", "-s", "-o", "/dev/null",
                                        "--max-time", "60", "--limit-rate", rate,
@@ -220,10 +211,7 @@ def failover_bench(runs: int = 10, connections: tuple[int, ...] = (1, 100)) -> d
                 p.kill()
             for p in procs:
                 p.wait()
-            time.sleep(0.5)
-            cap.send_signal(_signal.SIGINT)
-            cap.wait(timeout=10)
-            first = _first_backup_bytes(pcap, t0, lab.VIP, "192.0.2.10")
+            first = _first_backup_bytes(info["api"], info["token"], t0)
             lab.restore_link("primary")
             if len(first) < n:
                 per_run.append({"median_ms": float("nan"), "max_ms": float("nan"), "moved": len(first)})

@@ -62,6 +62,7 @@ from .streamlog import ByteLog, DigestSnapshot, SampledSnapshot, SampledVerifier
 from .translate import Translation, choose_ts_delta
 
 DEFAULT_MSS = 536
+TS_OPTION_LEN = 12  # NOP, NOP, timestamps: on every segment the gateway sends when timestamps are on
 INITIAL_RTO = 0.2
 MAX_RTO = 3.0
 
@@ -227,7 +228,9 @@ class Splice:
         self.tries += 1
         return Out(
             src=rec.client_ip, dst=self.target.ip, sport=rec.client_port, dport=self.target.port,
-            seq=c.isn, ack=0, flags=SYN, window=min(c.window_raw or 65535, 0xFFFF),
+            # a SYN's window is never scaled: give the client's window in bytes, capped
+            seq=c.isn, ack=0, flags=SYN,
+            window=min((c.window_raw or 65535) << (c.wscale if rec.wscale_ok and c.wscale else 0), 0xFFFF),
             tsval=self._client_tsval(), tsecr=0 if self.ts else None,
             mss=c.mss or DEFAULT_MSS, wscale=c.wscale if rec.wscale_ok else None,
             sack_permitted=rec.sack_ok,
@@ -287,8 +290,13 @@ class Splice:
             return out
         return []
 
+    def _fin_to_replay(self) -> bool:
+        """The client's FIN goes to the backup only once it has caught up: a
+        server may abort the response it is regenerating on a half-close."""
+        return self.log.fin_offset is not None and self.verifier.done
+
     def _replay_outstanding(self) -> bool:
-        fin = 1 if self.log.fin_offset is not None else 0
+        fin = 1 if self._fin_to_replay() else 0
         return self.replay_acked < self.log.end + fin
 
     def _replay(self, now: float) -> list[Out]:
@@ -301,7 +309,7 @@ class Splice:
                                         ACK | PSH, data))
             self.replay_next += n
             self.stats["replayed_bytes"] += n
-        if (self.log.fin_offset is not None and self.replay_next >= self.log.end and not self.fin_sent
+        if (self._fin_to_replay() and self.replay_next >= self.log.end and not self.fin_sent
                 and self.log.fin_offset == self.log.end):
             out.append(self._to_backend(seq_add(self.c_base, self.log.end), self._ack_value_for_backend(), ACK | FIN))
             self.fin_sent = True
@@ -351,6 +359,8 @@ class Splice:
             self.b_isn = seg.seq
             self.b_base = seq_add(seg.seq, 1)
             self.b_mss = min(opts.mss or DEFAULT_MSS, rec.client.mss or DEFAULT_MSS)
+            if self.ts:  # the MSS excludes options; replayed segments carry timestamps (RFC 6691)
+                self.b_mss -= TS_OPTION_LEN
             self.b_wscale = opts.wscale if (rec.wscale_ok and opts.wscale is not None) else 0
             self.b_window = seg.window  # never scaled in a SYN
             ts_delta = 0
@@ -384,8 +394,6 @@ class Splice:
         off = seq_diff(seg.seq, self.b_base)
         n = len(payload)
         end = off + n + (1 if seg.flags & FIN else 0)
-        if end > self.b_high:
-            self.b_high = end
         v = self.verifier
         if off > v.end:
             # a gap: drop it unacknowledged, and tell the backup where we are (its
@@ -395,6 +403,8 @@ class Splice:
                 out.append(self._to_backend(seq_add(self.c_base, self.replay_acked),
                                             self._ack_value_for_backend(), ACK))
             return Decision(False, inject=out)
+        if end > self.b_high:  # only now: a client ACK must never cover a segment dropped above (I6)
+            self.b_high = end
         if n and not v.add(off, payload):
             return Decision(False, inject=out + self.fail(
                 f"divergence: backup stream differs from what the client received (chunk at offset {v.mismatch_at})",
@@ -415,20 +425,25 @@ class Splice:
         good = v.verified_end()
         need = min(off + n, self.snap.end)
         if need <= good:
-            out += self._flush_pending(good)
+            out += self._flush_pending(good, now)
             self.stats["forwarded"] += 1
             if "first_forward_ms" not in self.timings:
                 self._mark("first_forward_ms", now)
             return Decision(True, self._rewrite_to_client(seg), out)
-        self.pending[off] = (bytes(payload), seg.flags)
+        held = self.pending.get(off)
+        if held is None or len(held[0]) < n:  # never replace held bytes by a shorter copy
+            self.pending[off] = (bytes(payload), seg.flags)
         self.stats["buffered"] += 1
+        out += self._flush_pending(good, now)  # earlier segments whose chunk this one completed
         if v.end > self.acked_to_b:  # ours to deliver now: let the backup send on
             self.acked_to_b = v.end
             out.append(self._to_backend(seq_add(self.c_base, self.replay_acked), self._ack_value_for_backend(), ACK))
         return Decision(False, inject=out)
 
-    def _flush_pending(self, good: int) -> list[Out]:
+    def _flush_pending(self, good: int, now: float) -> list[Out]:
         out = []
+        if not self.retained:
+            self.retained_tx = now  # the retransmission timer starts with the first delivery
         for off in sorted(self.pending):
             data, flags = self.pending[off]
             if min(off + len(data), self.snap.end) > good:
@@ -450,6 +465,7 @@ class Splice:
         if acked > self.client_acked:
             self.client_acked = acked
             self.client_dupacks = 0
+            self.retained_tx = now  # progress: the retransmission timer restarts
             for off in [o for o, (d, _) in self.retained.items() if o + len(d) <= acked]:
                 del self.retained[off]
             return []

@@ -264,6 +264,12 @@ def cmd_events(args: argparse.Namespace) -> None:
         print(f"{e['id']:>5} {when} {e['kind']:<10} {who:<16}{conn} {e['reason']}{extra}")
 
 
+def lab_files() -> list[str]:
+    from .lab import TEST_FILES
+
+    return list(TEST_FILES)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="appliance", description="A failover gateway that keeps TCP connections alive.")
     p.add_argument("--version", action="version", version=f"appliance {__version__}")
@@ -294,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("host")
     ex.add_argument("command", nargs=argparse.REMAINDER)
     dm = lsub.add_parser("demo", help="lab up, a download through the gateway, the record it tracked")
-    dm.add_argument("--file", default="100M.bin", choices=["1M.bin", "100M.bin", "1G.bin"])
+    dm.add_argument("--file", default="100M.bin", choices=sorted(lab_files()))
     dm.add_argument("--rate", default="20M", help="curl --limit-rate for the download")
     dm.add_argument("--fail-after", type=float, default=2.0,
                     help="cut the primary's link this many seconds into the download (0: never)")

@@ -43,8 +43,12 @@ def one(kind: str) -> dict:
 
 
 def moved_ok(n: int) -> list[dict]:
-    return wait_for(lambda: len(events("migration")) >= n and events("migration"), timeout=30,
-                    what=f"{n} completed moves")
+    try:
+        return wait_for(lambda: len(events("migration")) >= n and events("migration"), timeout=30,
+                        what=f"{n} completed moves")
+    except AssertionError:
+        moves = [(c["id"], c["state"], c["move"]) for c in api("/api/v1/connections")]
+        raise AssertionError(f"fewer than {n} completed moves: {moves}") from None
 
 
 def client_capture(tmp_path: Path) -> Capture:

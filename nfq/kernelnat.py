@@ -6,10 +6,11 @@ its destination itself (VIP -> the connection's backend).  Server->client
 packets of an ordinary (not moved) connection need only their source
 rewritten (backend -> VIP), which is the same for every connection of a
 backend, so the kernel does it, statelessly, after the appliance has seen the
-packet: the appliance only observes those (header-only copies, GSO
-super-packets whole) and gives a verdict, which is what lets a download go
-at a useful fraction of plain forwarding (DESIGN.md: hold what correctness
-needs, observe the rest).
+packet: the appliance never rewrites those, and for a service with
+``verify = "sampled"`` it only observes them (prefix copies, GSO
+super-packets whole), which is what lets a download go at a useful fraction
+of plain forwarding (DESIGN.md: hold what correctness needs, observe the
+rest).
 
 One nftables table, one chain on the prerouting hook at priority raw+10,
 right after the iptables ``raw`` table (priority raw) where the queues are:

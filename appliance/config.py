@@ -8,7 +8,7 @@ ignored is how appliances end up running with defaults nobody chose.
 Example::
 
     [gateway]
-    queue_num = 0                # uses queues queue_num and queue_num + 1
+    queue_num = 0                # uses queues queue_num .. queue_num + 2
     on_malformed = "accept"      # or "drop": what to do with packets we cannot parse
     max_connections = 65536
 
@@ -235,7 +235,7 @@ def _gateway(data: dict[str, Any]) -> GatewayConfig:
         finished=_float(t, "finished", tw, 10.0, 0.1),
     )
     return GatewayConfig(
-        queue_num=_int(data, "queue_num", where, 0, 0, 65534),  # uses queue_num and queue_num + 1
+        queue_num=_int(data, "queue_num", where, 0, 0, 65533),  # uses queue_num .. queue_num + 2
         on_malformed=_choice(data, "on_malformed", where, "accept", ("accept", "drop")),
         max_connections=_int(data, "max_connections", where, 65536, 1, 10_000_000),
         fail_open=fail_open,

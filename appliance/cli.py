@@ -192,7 +192,7 @@ def demo(args: argparse.Namespace) -> None:
             print(f"  event {e['id']}: {e['kind']} {e['reason']} {extra}")
     if args.fail_after > 0:
         lab.restore_link("primary")
-    got = _sha256(out)
+    got = lab.sha256_file(out)
     out.unlink(missing_ok=True)
     print(f"\ncurl exit {rc}; sha256 {'matches' if got == expected else 'DIFFERS'} ({got[:16]}...)")
     conns = api_get("/api/v1/connections", api, token) or []
@@ -203,16 +203,6 @@ def demo(args: argparse.Namespace) -> None:
     print("stays active.  `appliance lab down` removes the lab.")
     if rc != 0 or got != expected:
         raise SystemExit(1)
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def cmd_status(args: argparse.Namespace) -> None:

@@ -166,6 +166,14 @@ def _ensure_host(h: Host) -> None:
     sh("ip", "-n", h.ns, "route", "replace", "default", "via", gw)
 
 
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def make_test_files(www: Path) -> dict[str, str]:
     """Write the seeded test files (once) and return name -> sha256."""
     www.mkdir(parents=True, exist_ok=True)

@@ -27,12 +27,7 @@ def api(path: str, method: str = "GET", body: Any = None, token: str | None = No
         return json.loads(r.read())
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+sha256_file = lab.sha256_file
 
 
 def expected_sha(name: str) -> str:

@@ -435,9 +435,6 @@ class Dataplane:
     def connections(self) -> list[ConnectionRecord]:
         return list(self.table)
 
-    def splice_of(self, cid: int) -> Splice | None:
-        return self.splices.get(cid)
-
     def describe_move(self, cid: int) -> dict[str, Any] | None:
         sp = self.splices.get(cid)
         return sp.describe() if sp else None

@@ -79,14 +79,3 @@ class Segment:
     @property
     def tsecr(self) -> int | None:
         return self.options.tsecr
-
-
-def flags_text(flags: int) -> str:
-    """``flags`` as tcpdump prints them (``S``, ``S.``, ``P.``, ``F.``, ``R``...)."""
-    out = ""
-    for bit, ch in ((SYN, "S"), (FIN, "F"), (PSH, "P"), (RST, "R"), (URG, "U"), (ECE, "E"), (CWR, "W")):
-        if flags & bit:
-            out += ch
-    if flags & ACK:
-        out += "."
-    return out or "none"

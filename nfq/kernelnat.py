@@ -121,8 +121,3 @@ def remove() -> bool:
     """Delete the table; True when there was one."""
     res = subprocess.run(["nft", "delete", "table", "ip", TABLE], capture_output=True, text=True)
     return res.returncode == 0
-
-
-def describe() -> str:
-    res = subprocess.run(["nft", "list", "table", "ip", TABLE], capture_output=True, text=True)
-    return res.stdout if res.returncode == 0 else ""

@@ -151,11 +151,3 @@ def remove() -> bool:
         table.autocommit = True
         table.refresh()
     return found
-
-
-def listing() -> list[str]:
-    """The chain's rules in ``iptables -S`` form (status output and tests)."""
-    import subprocess
-
-    res = subprocess.run(["iptables-legacy", "-t", "raw", "-S", CHAIN], capture_output=True, text=True)
-    return res.stdout.splitlines() if res.returncode == 0 else []

@@ -9,12 +9,15 @@ free of I/O that is fed probe results with the time injected::
                first result ok                 `fall` consecutive failures
     unknown ──────────────────> up ───────────────────────────────────────> down
        │                         ^                                            │
-       │ first result failed     └──────── `rise` consecutive successes ──────┘
+       │ `fall` failures first   └──────── `rise` consecutive successes ──────┘
        └──────────────────────────────────────────────────────────────────> down
 
-The first result decides at once (an appliance that has just started must
-know where to send new connections), after that hysteresis keeps one lost
-probe from triggering a failover and one lucky probe from ending one.  The
+A first success decides at once (an appliance that has just started must
+know where to send new connections); *down* always takes ``fall``
+consecutive failures, from unknown too — a link that is still coming up
+when the appliance starts must not fail its service over.  After that,
+hysteresis keeps one lost probe from triggering a failover and one lucky
+probe from ending one.  The
 machine keeps counters and the time spent down, for operators.
 
 The probes are the I/O: :func:`probe_tcp` (a connect) and :func:`probe_http`
@@ -97,9 +100,9 @@ class BackendHealth:
             self.consecutive_ok = 0
 
         old = self.state
-        if old == UNKNOWN:
-            new = UP if ok else DOWN
-        elif old == UP and self.consecutive_fail >= self.fall:
+        if old == UNKNOWN and ok:
+            new = UP
+        elif old in (UNKNOWN, UP) and self.consecutive_fail >= self.fall:
             new = DOWN
         elif old == DOWN and self.consecutive_ok >= self.rise:
             new = UP

@@ -279,6 +279,7 @@ def start_appliance(config: Path, extra_args: list[str] | None = None) -> int:
     pid = pid_alive(pidfile)
     if pid:
         return pid
+    _wait_backends_reachable()
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((API_HOST, API_PORT))
@@ -296,6 +297,25 @@ def start_appliance(config: Path, extra_args: list[str] | None = None) -> int:
     pidfile.write_text(f"{proc.pid}\n")
     wait_api(proc)
     return proc.pid
+
+
+def _wait_backends_reachable(timeout: float = 5.0) -> None:
+    """Links just brought up take a moment: let the gateway reach every
+    server's nginx before the appliance starts judging their health."""
+    try:
+        hosts = [h for h in json.loads((run_dir() / "topology.json").read_text()) if h["role"] != "client"]
+    except (OSError, ValueError):
+        return
+    probe = ("import socket,sys,time\n"
+             "end=time.time()+float(sys.argv[1])\n"
+             "for a in sys.argv[2:]:\n"
+             "    while True:\n"
+             "        try:\n"
+             "            socket.create_connection((a,80),timeout=0.2).close(); break\n"
+             "        except OSError:\n"
+             "            if time.time()>end: break\n"
+             "            time.sleep(0.05)\n")
+    nsexec(GATEWAY, sys.executable, "-c", probe, str(timeout), *[h["address"] for h in hosts], check=False)
 
 
 def wait_api(proc: subprocess.Popen | None = None, timeout: float = 20.0) -> None:

@@ -287,3 +287,17 @@ def test_probes_start_every_interval_even_when_they_take_time(full_listener: int
     st = asyncio.run(main())
     assert st["state"] == "down" and st["last_detail"] == "timeout"
     assert 4 <= st["checks"] <= 6
+
+
+def test_down_from_unknown_needs_fall_failures_too() -> None:
+    # a link still coming up when the appliance starts must not fail its service over
+    from appliance.health import BackendHealth
+
+    h = BackendHealth(rise=2, fall=3)
+    assert h.record(False, None, 1.0, "timeout") is None
+    assert h.record(False, None, 1.1, "timeout") is None
+    assert h.state == "unknown"
+    assert h.record(False, None, 1.2, "timeout") == ("unknown", "down")
+    h2 = BackendHealth(rise=2, fall=3)
+    h2.record(False, None, 1.0, "timeout")
+    assert h2.record(True, 0.001, 1.1, "connected") == ("unknown", "up")

@@ -1,7 +1,8 @@
 """The transparency contract (DESIGN.md I1-I6), checked from a capture at the client.
 
 ``check(pcap, ...)`` reads a full-payload capture taken on the client's
-interface and returns, per connection, every violation it finds:
+interface and returns, for every connection the client opened during the
+capture, every violation it finds:
 
 * I1: an acknowledgment the client received for a byte it had not sent yet
   (the capture cannot see the gateway's log; in memory mode a byte is logged
@@ -66,6 +67,7 @@ def check(pcap: Path, client_ip: str, vip: str, vport: int) -> dict[int, ConnRep
     ts_recent: dict[int, int] = {}
     last_ack_sent: dict[int, int] = {}
     fins: dict[int, int] = {}
+    opened: set[int] = set()
     for _, p in packets(pcap):
         if len(p) < 40 or p[9] != 6:
             continue
@@ -92,6 +94,8 @@ def check(pcap: Path, client_ip: str, vip: str, vport: int) -> dict[int, ConnRep
             o += opts[o + 1]
         if p[12:16] == cip and p[16:20] == sip and dport == vport:
             port = sport
+            if flags & 0x02 and not flags & 0x10:
+                opened.add(port)
             r = reports.setdefault(port, ConnReport(port))
             end = (seq + len(payload) + (1 if flags & 3 else 0)) & 0xFFFFFFFF
             if port not in client_high or ((end - client_high[port]) & 0xFFFFFFFF) < (1 << 31):
@@ -155,6 +159,9 @@ def check(pcap: Path, client_ip: str, vip: str, vport: int) -> dict[int, ConnRep
                 else:
                     merged.append((lo, hi))
             have[port] = merged
+    # only the connections opened during the capture: stragglers of earlier
+    # tests (a late FIN answered by a RST from a server that forgot them) are not ours
+    reports = {p: r for p, r in reports.items() if p in opened}
     for port, r in reports.items():
         iv = have.get(port, [])
         r.server_bytes = iv[-1][1] if iv else 0

@@ -182,7 +182,7 @@ def demo(args: argparse.Namespace) -> None:
     if args.fail_after > 0:
         time.sleep(args.fail_after)
         if proc.poll() is None:
-            print(f"\n*** cutting the primary's link now (silent death: no FIN, no RST) ***\n", flush=True)
+            print("\n*** cutting the primary's link now (silent death: no FIN, no RST) ***\n", flush=True)
             lab.cut_link("primary")
     rc = proc.wait()
     t.join(timeout=2)

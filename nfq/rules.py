@@ -65,20 +65,20 @@ def _rule(iptc, flow: FlowMatch, target: str, **target_args: str):
     if flow.not_local:
         a = r.create_match("addrtype")
         a.dst_type = "!LOCAL"
-    c = r.create_match("comment")
-    c.comment = f"{COMMENT_PREFIX} {flow.comment}"
-    t = r.create_target(target)
-    for k, v in target_args.items():
-        setattr(t, k, v)
-    return r
+    return _finish(r, flow.comment, target, target_args)
 
 
-def _mark_rule(iptc, mark: int, target: str, **target_args: str):
+def _mark_rule(iptc, mark: int, comment: str, target: str, **target_args: str):
     r = iptc.Rule()
     m = r.create_match("mark")
     m.mark = hex(mark)
+    return _finish(r, comment, target, target_args)
+
+
+def _finish(r, comment: str, target: str, target_args: dict[str, str]):
+    """The comment every rule of ours carries, and its target."""
     c = r.create_match("comment")
-    c.comment = f"{COMMENT_PREFIX} injected by the appliance"
+    c.comment = f"{COMMENT_PREFIX} {comment}"
     t = r.create_target(target)
     for k, v in target_args.items():
         setattr(t, k, v)
@@ -100,15 +100,13 @@ def install(flows: list[FlowMatch], inject_mark: int | None = None, bypass: bool
         else:
             chain = table.create_chain(CHAIN)
         if inject_mark is not None:
-            chain.append_rule(_mark_rule(iptc, inject_mark, "CT", notrack=""))
-            chain.append_rule(_mark_rule(iptc, inject_mark, "RETURN"))
+            chain.append_rule(_mark_rule(iptc, inject_mark, "injected by the appliance", "CT", notrack=""))
+            chain.append_rule(_mark_rule(iptc, inject_mark, "injected by the appliance", "RETURN"))
         if moved is not None:
             mark, queue = moved
             q = {"queue_num": str(queue), **({"queue_bypass": ""} if bypass else {})}
             for target, args in (("CT", {"notrack": ""}), ("NFQUEUE", q)):
-                r = _mark_rule(iptc, mark, target, **args)
-                r.matches[-1].comment = f"{COMMENT_PREFIX} moved connections, from their new backend"
-                chain.append_rule(r)
+                chain.append_rule(_mark_rule(iptc, mark, "moved connections, from their new backend", target, **args))
         for flow in flows:
             chain.append_rule(_rule(iptc, flow, "CT", notrack=""))
             q = {"queue_num": str(flow.queue)}

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.packet import Raw
 
-from checkpoint.segment import ACK, FIN, PSH, SYN
+from checkpoint.segment import ACK, PSH, SYN
 from nfq.checksum import checksum, tcp_checksum, update16, update32
 from nfq.packet import MalformedPacket, PacketView, find_option, parse_options
 

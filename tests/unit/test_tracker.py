@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from checkpoint.ici import ConnectionRecord, TcpState
+from checkpoint.ici import TcpState
 from checkpoint.segment import ACK, FIN, PSH, RST, SYN, Segment, TcpOptions
 from checkpoint.seqnum import MASK, MAX_JUMP, seq_add, seq_ge, seq_le
 from checkpoint.tracker import derive_state, observe

@@ -241,8 +241,10 @@ class HealthChecker:
         self._stopping = False
 
     async def run(self) -> None:
-        """Probe every target forever (until :meth:`stop` or cancellation)."""
-        self._stopping = False
+        """Probe every target forever (until :meth:`stop` or cancellation).
+        A ``stop()`` that came first wins: ``run`` then returns at once."""
+        if self._stopping:
+            return
         self._tasks = [asyncio.create_task(self._watch(t), name=f"health {t.key}")
                        for t in self.targets.values()]
         try:
@@ -281,7 +283,7 @@ class HealthChecker:
         loop = asyncio.get_running_loop()
         interval = target.config.interval
         next_start = loop.time()
-        while True:
+        while not self._stopping:
             await self._probe(target)
             next_start += interval
             delay = next_start - loop.time()

@@ -3,6 +3,7 @@ always take it down again, also when a test fails."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 from collections.abc import Iterator
 
@@ -14,6 +15,19 @@ from appliance import lab
 def require_root() -> None:
     if os.geteuid() != 0:
         pytest.fail("lab tests need root (namespaces, iptables, NFQUEUE): use the README's test command")
+
+
+LOCK = "/run/appliance-lab.lock"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def lab_lock() -> Iterator[None]:
+    """One lab per machine: the namespaces have fixed names, so two test runs
+    (or a test run and a demo) must not build and tear down the lab at once."""
+    require_root()
+    with open(LOCK, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
 
 
 @pytest.fixture(scope="module")

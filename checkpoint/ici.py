@@ -108,6 +108,11 @@ class ConnectionRecord:
     digest: Any = None
     moves: int = 0
     server_close_ok: bool = False   # a FIN/RST from this backend was vetted by a probe
+    # the commit point (tcpcp 6.2): client stream bytes [0, commit_offset) are safe in
+    # the checkpoint store, and the client's FIN too when commit_fin; the client is
+    # never shown an acknowledgment above it (invariant I1)
+    commit_offset: int = 0
+    commit_fin: bool = False
 
     @property
     def protected(self) -> bool:
@@ -189,6 +194,8 @@ class ConnectionRecord:
             "log_bytes": self.log.end if self.log is not None else 0,
             "server_bytes_hashed": self.digest.end if self.digest is not None else 0,
             "moves": self.moves,
+            "commit_offset": self.commit_offset,
+            "commit_lag": (self.log.end - self.commit_offset) if self.log is not None else 0,
             "created": self.created,
             "last_seen": self.last_seen,
             "idle_seconds": None if now is None else round(now - self.last_seen, 3),

@@ -126,6 +126,9 @@ class GatewayConfig:
 class ApiConfig:
     listen: str = "127.0.0.1:8080"
     token: str = ""
+    users: tuple[Any, ...] = ()         # appliance.auth.UserConfig: panel logins with roles
+    tokens: tuple[Any, ...] = ()        # appliance.auth.TokenConfig: REST tokens with roles
+    audit_file: str | None = None       # audit trail appended here as JSON lines
 
     @property
     def host(self) -> str:
@@ -246,7 +249,7 @@ def _gateway(data: dict[str, Any]) -> GatewayConfig:
 
 def _api(data: dict[str, Any], base: Path) -> ApiConfig:
     where = "api"
-    _no_unknown(data, {"listen", "token", "token_file"}, where)
+    _no_unknown(data, {"listen", "token", "token_file", "user", "tokens", "audit_file"}, where)
     listen = _str(data, "listen", where, "127.0.0.1:8080")
     host, sep, port = listen.rpartition(":")
     try:
@@ -268,7 +271,12 @@ def _api(data: dict[str, Any], base: Path) -> ApiConfig:
         token = _str(data, "token", where)
     if len(token) < 8:
         raise ConfigError(f"{where}.token", "must be at least 8 characters")
-    return ApiConfig(listen=listen, token=token)
+    from .auth import parse_tokens, parse_users
+
+    users = parse_users(data.get("user", []), f"{where}.user")
+    tokens = parse_tokens(data.get("tokens", []), f"{where}.tokens")
+    audit_file = str(base / _str(data, "audit_file", where)) if "audit_file" in data else None
+    return ApiConfig(listen=listen, token=token, users=users, tokens=tokens, audit_file=audit_file)
 
 
 def _health(data: dict[str, Any], where: str) -> HealthConfig:

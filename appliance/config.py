@@ -11,6 +11,17 @@ Example::
     queue_num = 0                # uses queues queue_num .. queue_num + 2
     on_malformed = "accept"      # or "drop": what to do with packets we cannot parse
     max_connections = 65536
+    on_failure = "open"          # appliance down: "open" bypasses it, "closed" holds traffic
+
+    [store]                      # the checkpoint store (tcpcp 6): where commit points come from
+    mode = "memory"              # or "disk": SQLite WAL, group commit + fsync, survives restarts
+    path = "/var/lib/appliance/checkpoints.db"
+    commit_interval = 0.005      # seconds between group commits (disk)
+    max_total_bytes = 1073741824 # client bytes held for all connections together
+
+    [checkpoint]                 # portable checkpoints and resurrection (tcpcp 6.1, 7)
+    # key_file = "/etc/appliance/checkpoint.key"  # HMAC key signing checkpoints (or key = "...")
+    msl = 120.0                  # a checkpoint older than this is never resumed
 
     [api]
     listen = "127.0.0.1:8080"
@@ -117,9 +128,32 @@ class GatewayConfig:
     queue_num: int = 0
     on_malformed: str = "accept"
     max_connections: int = 65536
-    fail_open: bool = True          # appliance gone: traffic bypasses the queue (kernel fallback NAT)
+    on_failure: str = "open"        # appliance gone: "open" bypasses the queue (kernel fallback NAT), "closed" holds
     queue_full: str = "drop"        # queue overflow: "drop" (TCP retransmits) or "accept" unseen
     timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)
+
+    @property
+    def fail_open(self) -> bool:
+        return self.on_failure == "open"
+
+
+STORE_MODES = ("memory", "disk", "peer")
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    mode: str = "memory"            # "memory" | "disk" ("peer": a later issue)
+    path: str = "/var/lib/appliance/checkpoints.db"
+    commit_interval: float = 0.005  # seconds between group commits
+    max_total_bytes: int = 1 << 30  # client log bytes held over all connections
+    # test only: every commit takes at least this long (to watch delayed ACKs at work)
+    test_commit_delay: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointConfig:
+    key: bytes = b""                # HMAC-SHA256 key of exported checkpoints (empty: export refused)
+    msl: float = 120.0              # seconds: an older checkpoint is not resumed (tcpcp 6.1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +178,8 @@ class Config:
     gateway: GatewayConfig
     api: ApiConfig
     services: tuple[ServiceConfig, ...]
+    store: StoreConfig = field(default_factory=StoreConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def service(self, name: str) -> ServiceConfig | None:
         return next((s for s in self.services if s.name == name), None)
@@ -226,8 +262,14 @@ def _name(data: dict[str, Any], where: str) -> str:
 
 def _gateway(data: dict[str, Any]) -> GatewayConfig:
     where = "gateway"
-    _no_unknown(data, {"queue_num", "on_malformed", "max_connections", "fail_open", "queue_full", "timeouts"}, where)
-    fail_open = _bool(data, "fail_open", where, True)
+    _no_unknown(data, {"queue_num", "on_malformed", "max_connections", "on_failure", "fail_open", "queue_full",
+                       "timeouts"}, where)
+    if "fail_open" in data:  # the older spelling
+        if "on_failure" in data:
+            raise ConfigError(f"{where}.fail_open", "give on_failure or fail_open, not both")
+        on_failure = "open" if _bool(data, "fail_open", where, True) else "closed"
+    else:
+        on_failure = _choice(data, "on_failure", where, "open", ("open", "closed"))
     t = _table(data.get("timeouts", {}), f"{where}.timeouts")
     tw = f"{where}.timeouts"
     _no_unknown(t, {"opening", "established", "closing", "finished"}, tw)
@@ -241,7 +283,7 @@ def _gateway(data: dict[str, Any]) -> GatewayConfig:
         queue_num=_int(data, "queue_num", where, 0, 0, 65533),  # uses queue_num .. queue_num + 2
         on_malformed=_choice(data, "on_malformed", where, "accept", ("accept", "drop")),
         max_connections=_int(data, "max_connections", where, 65536, 1, 10_000_000),
-        fail_open=fail_open,
+        on_failure=on_failure,
         queue_full=_choice(data, "queue_full", where, "drop", ("drop", "accept")),
         timeouts=timeouts,
     )
@@ -277,6 +319,47 @@ def _api(data: dict[str, Any], base: Path) -> ApiConfig:
     tokens = parse_tokens(data.get("tokens", []), f"{where}.tokens")
     audit_file = str(base / _str(data, "audit_file", where)) if "audit_file" in data else None
     return ApiConfig(listen=listen, token=token, users=users, tokens=tokens, audit_file=audit_file)
+
+
+def _store(data: dict[str, Any], base: Path) -> StoreConfig:
+    where = "store"
+    d = StoreConfig()
+    _no_unknown(data, {"mode", "path", "commit_interval", "max_total_bytes", "test_commit_delay"}, where)
+    mode = _choice(data, "mode", where, d.mode, STORE_MODES)
+    if mode == "peer":
+        raise ConfigError(f"{where}.mode", "'peer' replication to a standby gateway is not available yet; "
+                                           "use 'memory' or 'disk'")
+    commit_interval = _float(data, "commit_interval", where, d.commit_interval, 0.0005)
+    if commit_interval > 1.0:
+        raise ConfigError(f"{where}.commit_interval", f"must be at most 1 second, got {commit_interval}")
+    return StoreConfig(
+        mode=mode,
+        path=str(base / _str(data, "path", where, d.path)),
+        commit_interval=commit_interval,
+        max_total_bytes=_int(data, "max_total_bytes", where, d.max_total_bytes, 1 << 16, 1 << 40),
+        test_commit_delay=_float(data, "test_commit_delay", where, 0.0, 0.0),
+    )
+
+
+def _checkpoint(data: dict[str, Any], base: Path) -> CheckpointConfig:
+    where = "checkpoint"
+    _no_unknown(data, {"key", "key_file", "msl"}, where)
+    if "key" in data and "key_file" in data:
+        raise ConfigError(f"{where}.key", "give key or key_file, not both")
+    key = b""
+    if "key_file" in data:
+        path = base / _str(data, "key_file", where)
+        try:
+            key = path.read_bytes().strip()
+        except OSError as exc:
+            raise ConfigError(f"{where}.key_file", f"cannot read {path}: {exc.strerror}") from None
+        if len(key) < 16:
+            raise ConfigError(f"{where}.key_file", "the key must be at least 16 bytes")
+    elif "key" in data:
+        key = _str(data, "key", where).encode()
+        if len(key) < 16:
+            raise ConfigError(f"{where}.key", "must be at least 16 characters")
+    return CheckpointConfig(key=key, msl=_float(data, "msl", where, 120.0, 1.0))
 
 
 def _health(data: dict[str, Any], where: str) -> HealthConfig:
@@ -360,7 +443,7 @@ def _service(data: Any, i: int) -> ServiceConfig:
 
 
 def parse(data: dict[str, Any], base: Path = Path(".")) -> Config:
-    _no_unknown(data, {"gateway", "api", "service"}, "")
+    _no_unknown(data, {"gateway", "api", "service", "store", "checkpoint"}, "")
     gateway = _gateway(_table(data.get("gateway", {}), "gateway"))
     api = _api(_table(data.get("api", {}), "api"), base)
     raw = data.get("service")
@@ -381,7 +464,9 @@ def parse(data: dict[str, Any], base: Path = Path(".")) -> Config:
             if (b.address, b.port) in backs and backs[(b.address, b.port)] != i:
                 raise ConfigError(f"service[{i}].backend[{j}].address", "a backend address:port may serve one service only")
             backs[(b.address, b.port)] = i
-    return Config(gateway=gateway, api=api, services=services)
+    store = _store(_table(data.get("store", {}), "store"), base)
+    checkpoint = _checkpoint(_table(data.get("checkpoint", {}), "checkpoint"), base)
+    return Config(gateway=gateway, api=api, services=services, store=store, checkpoint=checkpoint)
 
 
 def load(path: str | Path) -> Config:

@@ -325,7 +325,7 @@ class Gateway:
             "version": __version__,
             "uptime_seconds": round(self.clock() - self.started, 3),
             "queue_num": self.config.gateway.queue_num,
-            "fail_open": self.config.gateway.fail_open,
+            "on_failure": self.config.gateway.on_failure,
             "connections": len(dp.table),
             "protected": protected,
             "moving": len(dp.splices),

@@ -1,0 +1,441 @@
+"""The checkpoint store: each connection's ICI and client byte log, with a
+commit point per connection (tcpcp section 6).
+
+Theory of operation
+-------------------
+The data plane appends every client byte to the connection's in-memory
+:class:`~checkpoint.streamlog.ByteLog` as the packet passes.  A byte is
+*committed* once it is durable: then, and only then, may the client be told
+it arrived (tcpcp 6.2, invariant I1); the data plane holds or clamps every
+acknowledgment above the commit point (``ConnectionRecord.commit_offset``,
+``commit_fin``).
+
+``mode = "memory"`` needs no store: a byte is as safe as the process that
+holds it the moment it is logged, so the commit point is the log's end.
+
+``mode = "disk"`` is a **group commit**.  :class:`CommitPlanner` (sans-I/O)
+keeps what is durable per connection; every ``commit_interval`` the daemon
+asks it for a :class:`Batch` — the log bytes appended since the last one,
+the ICI of records that are new, changed state or were last saved
+``ici_interval`` ago, new digest chunk hashes, the connections to forget —
+hands the batch to a :class:`Backend` on a writer thread (one transaction,
+one fsync, however many connections), and when that returns calls
+:meth:`CommitPlanner.done`, which advances the commit points and reports the
+records whose held acknowledgments may now go.  At most one batch is in
+flight: while it is written the next one accumulates, so the fsync rate is
+bounded and a slow disk makes batches larger rather than queues longer.
+
+A record's commit point is ``-1`` until its ICI is durable: without it a
+restart could not even name the connection, so not even the SYN is
+acknowledged (the SYN-ACK is held).
+
+The ICI's sequence numbers and windows are saved at most every
+``ici_interval`` (they change with every packet, and after a restart the
+tracker's highest-plausible-value rule re-learns them from the wire within a
+round trip); the log and the digest, which the wire cannot give back, are
+saved every batch.
+
+Retention: a replay needs the client's stream from byte 0, so nothing of an
+open connection's log is trimmed; a connection's rows go when it is
+forgotten (closed, expired, reset).  Limits: ``failover.max_log_bytes`` per
+connection (the log stops and says why) and ``max_total_bytes`` over all
+connections: a connection whose new bytes would pass it stops being logged,
+with the reason "checkpoint store full", and is *unprotected* (reset cleanly
+rather than replayed on failover).
+
+:class:`SqliteBackend` is the ``disk`` backend: SQLite in WAL mode with
+``synchronous = FULL`` — a commit is one append to the write-ahead log and
+one fsync, readers never block the writer, crash recovery and space reuse
+after deletes are SQLite's, and it is in the standard library.  (An
+append-only log of our own would need its own compaction and recovery code
+to get the same.)  A ``peer`` backend (replication to a standby gateway)
+implements the same :class:`Backend` protocol: ``write`` returns once the
+peer holds the batch.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from .ici import ConnectionRecord, TcpState
+from .streamlog import ByteLog, SampledDigest, StreamDigest
+
+STORE_FULL = "checkpoint store full (store.max_total_bytes)"
+COMMIT_LOG_LEN = 200_000
+
+
+@dataclass(slots=True)
+class Write:
+    """What one batch writes for one connection."""
+
+    cid: int
+    ici: str | None = None              # record_state JSON, None: unchanged
+    log_off: int = 0
+    log_data: bytes = b""
+    log_end: int = 0                    # durable log length once written
+    fin: bool = False                   # the client's FIN is logged
+    digest_meta: str | None = None      # kind, end, volatile, overflow (JSON)
+    chunks_from: int = 0                # index of chunks[0]
+    chunks: list[bytes | None] = field(default_factory=list)
+    samples: list[tuple[int, int, bytes]] | None = None  # a sampled digest's list, whole (rewritten)
+
+
+@dataclass(slots=True)
+class Batch:
+    seq: int
+    planned: float                      # wall time the batch was cut
+    writes: list[Write] = field(default_factory=list)
+    forget: list[int] = field(default_factory=list)
+    written: float | None = None        # wall time the backend returned (durable)
+
+    @property
+    def log_bytes(self) -> int:
+        return sum(len(w.log_data) for w in self.writes)
+
+
+@dataclass(slots=True)
+class _Entry:
+    rec: ConnectionRecord
+    log_saved: int = 0
+    fin_saved: bool = False
+    ici_saved: bool = False
+    ici_at: float = 0.0
+    state: TcpState | None = None
+    chunks_saved: int = 0
+    samples_saved: int = 0
+    stride: int = 1
+
+
+@dataclass(slots=True)
+class Loaded:
+    """A connection read back from the store."""
+
+    rec: ConnectionRecord
+    saved_at: float                     # wall time its ICI was committed
+
+
+@dataclass
+class StoreStats:
+    batches: int = 0
+    bytes_written: int = 0
+    last_batch_ms: float = 0.0
+    max_batch_ms: float = 0.0
+    last_commit: float | None = None
+    held_total: int = 0                 # client log bytes held over all connections
+    overflowed: int = 0
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "batches": self.batches,
+            "bytes_written": self.bytes_written,
+            "last_batch_ms": round(self.last_batch_ms, 3),
+            "max_batch_ms": round(self.max_batch_ms, 3),
+            "last_commit": self.last_commit,
+            "held_total": self.held_total,
+            "overflowed": self.overflowed,
+        }
+
+
+class Backend(Protocol):
+    """Where batches become durable."""
+
+    def write(self, batch: Batch) -> None: ...
+    def load(self) -> list[Loaded]: ...
+    def close(self) -> None: ...
+
+
+class CommitPlanner:
+    """Which bytes of which connection are durable, and what to write next."""
+
+    def __init__(self, *, max_total_bytes: int = 1 << 30, ici_interval: float = 0.25) -> None:
+        self.max_total_bytes = max_total_bytes
+        self.ici_interval = ici_interval
+        self.entries: dict[int, _Entry] = {}
+        self.dirty: set[int] = set()
+        self.forgotten: list[int] = []
+        self.in_flight: Batch | None = None
+        self.stats = StoreStats()
+        self._seq = 0
+        # (wall time durable, connection id, commit_offset, commit_fin): what the
+        # client may have been told, when — for tests and the panel
+        self.commit_log: deque[tuple[float, int, int, bool]] = deque(maxlen=COMMIT_LOG_LEN)
+
+    # --- fed by the data plane -------------------------------------------------------------
+    def track(self, rec: ConnectionRecord) -> None:
+        """A new protected connection: nothing of it is durable yet."""
+        rec.commit_offset = -1
+        rec.commit_fin = False
+        self.entries[rec.id] = _Entry(rec)
+        self.dirty.add(rec.id)
+
+    def adopt(self, rec: ConnectionRecord, now: float) -> None:
+        """A connection loaded from the store: durable as it stands."""
+        e = _Entry(rec, log_saved=rec.log.end if rec.log is not None else 0, ici_saved=True, ici_at=now,
+                   state=rec.state)
+        e.fin_saved = rec.log is not None and rec.log.fin_offset is not None
+        dg = rec.digest
+        if isinstance(dg, StreamDigest):
+            e.chunks_saved = len(dg.chunks)
+        elif isinstance(dg, SampledDigest):
+            e.samples_saved, e.stride = len(dg.samples), dg.stride
+        rec.commit_offset, rec.commit_fin = e.log_saved, e.fin_saved
+        self.entries[rec.id] = e
+        self.stats.held_total += e.log_saved
+
+    def touch(self, rec: ConnectionRecord) -> None:
+        if rec.id in self.entries:
+            self.dirty.add(rec.id)
+
+    def forget(self, cid: int) -> None:
+        e = self.entries.pop(cid, None)
+        if e is not None:
+            self.stats.held_total -= e.log_saved
+            self.dirty.discard(cid)
+            self.forgotten.append(cid)
+
+    # --- the group commit ------------------------------------------------------------------
+    def plan(self, now: float) -> Batch | None:
+        """Cut the next batch (None: nothing to write, or one is in flight)."""
+        if self.in_flight is not None or (not self.dirty and not self.forgotten):
+            return None
+        self._seq += 1
+        batch = Batch(self._seq, now, forget=self.forgotten)
+        self.forgotten = []
+        for cid in self.dirty:
+            e = self.entries.get(cid)
+            if e is not None:
+                w = self._write_for(e, now)
+                if w is not None:
+                    batch.writes.append(w)
+        self.dirty = set()
+        self.in_flight = batch
+        return batch
+
+    def _write_for(self, e: _Entry, now: float) -> Write | None:
+        from .state import record_state
+
+        rec = e.rec
+        w = Write(rec.id)
+        log = rec.log
+        if log is not None:
+            end = log.end
+            new = end - e.log_saved
+            if new > 0 and self.stats.held_total + new > self.max_total_bytes and log.overflow is None:
+                log.overflow = STORE_FULL
+                self.stats.overflowed += 1
+            if new > 0 and log.overflow != STORE_FULL:
+                w.log_off, w.log_data = e.log_saved, bytes(log.data[e.log_saved:end])
+                self.stats.held_total += new
+            else:
+                end = e.log_saved
+            w.log_end = end
+            w.fin = log.fin_offset is not None and log.fin_offset == end
+        state_changed = rec.state != e.state
+        if not e.ici_saved or state_changed or now - e.ici_at >= self.ici_interval:
+            w.ici = json.dumps(record_state(rec), separators=(",", ":"))
+            dg = rec.digest
+            if isinstance(dg, StreamDigest):
+                w.digest_meta = json.dumps({"kind": "stream", "end": dg.end, "volatile": list(dg.volatile),
+                                            "overflow": dg.overflow})
+            elif isinstance(dg, SampledDigest):
+                w.digest_meta = json.dumps({"kind": "sampled", "end": dg.end, "volatile": list(dg.volatile),
+                                            "overflow": dg.overflow, "stride": dg.stride})
+        dg = rec.digest
+        if isinstance(dg, StreamDigest) and len(dg.chunks) > e.chunks_saved:
+            w.chunks_from, w.chunks = e.chunks_saved, list(dg.chunks[e.chunks_saved:])
+        elif isinstance(dg, SampledDigest) and (dg.stride != e.stride or len(dg.samples) != e.samples_saved):
+            w.samples = list(dg.samples)
+        if not w.log_data and w.ici is None and not w.chunks and w.samples is None and w.fin == e.fin_saved:
+            return None
+        return w
+
+    def done(self, batch: Batch) -> list[ConnectionRecord]:
+        """The batch is durable: advance the commit points.  Returns the
+        records whose commit point moved (their held ACKs may go)."""
+        self.in_flight = None
+        st = self.stats
+        st.batches += 1
+        st.bytes_written += batch.log_bytes
+        written = batch.written if batch.written is not None else batch.planned
+        ms = (written - batch.planned) * 1000
+        st.last_batch_ms, st.max_batch_ms = ms, max(st.max_batch_ms, ms)
+        st.last_commit = written
+        moved = []
+        for w in batch.writes:
+            e = self.entries.get(w.cid)
+            if e is None:
+                continue
+            rec = e.rec
+            if w.ici is not None:
+                e.ici_saved, e.ici_at, e.state = True, batch.planned, rec.state
+            e.log_saved = max(e.log_saved, w.log_end)
+            e.fin_saved = e.fin_saved or w.fin
+            if w.chunks:
+                e.chunks_saved = w.chunks_from + len(w.chunks)
+            if w.samples is not None:
+                e.samples_saved = len(w.samples)
+                dg = rec.digest
+                e.stride = dg.stride if isinstance(dg, SampledDigest) else 1
+            if e.ici_saved:
+                off, fin = e.log_saved, e.fin_saved
+                if off != rec.commit_offset or fin != rec.commit_fin:
+                    rec.commit_offset, rec.commit_fin = off, fin
+                    self.commit_log.append((written, rec.id, off, fin))
+                    moved.append(rec)
+        return moved
+
+    def failed(self, batch: Batch) -> None:
+        """The backend could not write: everything in the batch is dirty again."""
+        self.in_flight = None
+        for w in batch.writes:
+            if w.cid in self.entries:
+                self.dirty.add(w.cid)
+                self.stats.held_total -= len(w.log_data)
+        self.forgotten.extend(batch.forget)
+
+    def commits(self, cid: int | None = None, since: float = 0.0) -> list[dict[str, object]]:
+        return [{"t": t, "connection": c, "commit_offset": off, "commit_fin": fin}
+                for t, c, off, fin in self.commit_log if (cid is None or c == cid) and t >= since]
+
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS conn (
+    id INTEGER PRIMARY KEY,
+    ici TEXT NOT NULL,
+    saved REAL NOT NULL,
+    log_end INTEGER NOT NULL DEFAULT 0,
+    fin INTEGER NOT NULL DEFAULT 0,
+    digest TEXT
+);
+CREATE TABLE IF NOT EXISTS logdata (conn INTEGER NOT NULL, off INTEGER NOT NULL, data BLOB NOT NULL,
+                                    PRIMARY KEY (conn, off)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS chunk (conn INTEGER NOT NULL, idx INTEGER NOT NULL, hash BLOB,
+                                  PRIMARY KEY (conn, idx)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS sample (conn INTEGER NOT NULL, off INTEGER NOT NULL, len INTEGER NOT NULL,
+                                   hash BLOB NOT NULL, PRIMARY KEY (conn, off)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+"""
+FORMAT = "1"
+
+
+class SqliteBackend:
+    """``store.mode = "disk"``: SQLite, WAL, one fsync per batch."""
+
+    def __init__(self, path: str | Path, *, commit_delay: float = 0.0) -> None:
+        self.path = Path(path)
+        self.commit_delay = commit_delay  # test only: a slow disk
+        self._db: sqlite3.Connection | None = None
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.executescript(SCHEMA)
+            row = db.execute("SELECT v FROM meta WHERE k='format'").fetchone()
+            if row is None:
+                db.execute("INSERT INTO meta VALUES ('format', ?)", (FORMAT,))
+            elif row[0] != FORMAT:
+                raise RuntimeError(f"{self.path}: checkpoint store format {row[0]}, this appliance reads {FORMAT}")
+            self._db = db
+        return self._db
+
+    def write(self, batch: Batch) -> None:
+        db = self._conn()
+        if self.commit_delay:
+            time.sleep(self.commit_delay)
+        db.execute("BEGIN")
+        try:
+            for cid in batch.forget:
+                for table in ("conn", "logdata", "chunk", "sample"):
+                    db.execute(f"DELETE FROM {table} WHERE {'id' if table == 'conn' else 'conn'} = ?", (cid,))
+            for w in batch.writes:
+                if w.ici is not None:
+                    db.execute(
+                        "INSERT INTO conn (id, ici, saved, log_end, fin, digest) VALUES (?, ?, ?, ?, ?, ?) "
+                        "ON CONFLICT(id) DO UPDATE SET ici = excluded.ici, saved = excluded.saved, "
+                        "digest = COALESCE(excluded.digest, conn.digest)",
+                        (w.cid, w.ici, batch.planned, 0, 0, w.digest_meta))
+                if w.log_data:
+                    db.execute("INSERT OR REPLACE INTO logdata VALUES (?, ?, ?)", (w.cid, w.log_off, w.log_data))
+                db.execute("UPDATE conn SET log_end = MAX(log_end, ?), fin = MAX(fin, ?) WHERE id = ?",
+                           (w.log_end, int(w.fin), w.cid))
+                if w.chunks:
+                    db.executemany("INSERT OR REPLACE INTO chunk VALUES (?, ?, ?)",
+                                   [(w.cid, w.chunks_from + i, h) for i, h in enumerate(w.chunks)])
+                if w.samples is not None:
+                    db.execute("DELETE FROM sample WHERE conn = ?", (w.cid,))
+                    db.executemany("INSERT OR REPLACE INTO sample VALUES (?, ?, ?, ?)",
+                                   [(w.cid, o, n, h) for o, n, h in w.samples])
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        batch.written = time.time()
+
+    def load(self) -> list[Loaded]:
+        """Every stored connection, its log and digest rebuilt.  A record that
+        cannot be read back is skipped and named in ``self.load_errors``."""
+        from .state import record_from_state
+
+        db = self._conn()
+        out: list[Loaded] = []
+        self.load_errors: list[str] = []
+        for cid, ici, saved, log_end, fin, digest in db.execute(
+                "SELECT id, ici, saved, log_end, fin, digest FROM conn ORDER BY id").fetchall():
+            try:
+                rec = record_from_state(json.loads(ici))
+            except Exception as exc:  # a damaged row must not stop the others
+                self.load_errors.append(f"connection {cid}: {exc}")
+                continue
+            data = bytearray()
+            for off, chunk in db.execute("SELECT off, data FROM logdata WHERE conn = ? ORDER BY off", (cid,)):
+                if off > len(data):
+                    break  # never happens with in-order writes; a gap ends the usable log
+                data += chunk[len(data) - off:]
+            del data[log_end:]
+            log = ByteLog(1 << 31)
+            log.data = data
+            if fin:
+                log.fin_offset = len(data)
+            rec.log = log
+            rec.digest = self._digest(db, cid, digest)
+            out.append(Loaded(rec, saved))
+        return out
+
+    @staticmethod
+    def _digest(db: sqlite3.Connection, cid: int, meta: str | None) -> StreamDigest | SampledDigest | None:
+        if meta is None:
+            return None
+        m = json.loads(meta)
+        volatile = tuple(m.get("volatile", ()))
+        if m["kind"] == "sampled":
+            dg = SampledDigest(volatile)
+            dg.samples = [(o, n, bytes(h)) for o, n, h in
+                          db.execute("SELECT off, len, hash FROM sample WHERE conn = ? ORDER BY off", (cid,))]
+            dg.end, dg.stride, dg.overflow = m["end"], m.get("stride", 1), m.get("overflow")
+            return dg
+        chunks = [None if h is None else bytes(h) for (h,) in
+                  db.execute("SELECT hash FROM chunk WHERE conn = ? ORDER BY idx", (cid,))]
+        end = max(m["end"], len(chunks) * (64 * 1024))
+        dg = StreamDigest.restored(chunks, end, volatile)
+        dg.overflow = m.get("overflow")
+        return dg
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+
+def limit_log(rec: ConnectionRecord, limit: int) -> None:
+    """A loaded log keeps its connection's per-connection limit."""
+    if isinstance(rec.log, ByteLog):
+        rec.log.limit = limit

@@ -26,6 +26,19 @@ an IPv4 datagram (from an NFQUEUE binding, or from a test).  It is one of:
   with a RST on the client's behalf.
 * anything else passes untouched (``foreign``).
 
+**Delayed acknowledgments** (tcpcp 6.2, invariant I1).  With a checkpoint
+store on disk (``store.mode = "disk"``, :mod:`checkpoint.store`) a logged
+client byte is safe only once its group commit is durable, so the client must
+not be told earlier that it arrived.  Every packet to the client is checked
+against the connection's commit point: a segment carrying data (or a FIN, or
+a RST) has its ACK field clamped to the commit point and SACK blocks above it
+stripped; a pure ACK or a SYN-ACK above it is held — the newest one per
+connection — and sent by the gateway when the commit catches up (its source
+rewritten to the VIP, its TSval raised to the newest the client saw, its ACK
+the commit point if that is still lower).  The return path is then always
+held with full copies (``queue_num + 1``).  With ``store.mode = "memory"`` the
+commit point is the log's end and nothing is ever held.
+
 Packets that cannot be parsed are counted by reason and accepted or dropped
 per ``gateway.on_malformed``.  Segments the gateway must send (replay,
 acknowledgments, resets) are appended to ``outbox``, which the I/O layer
@@ -40,8 +53,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from checkpoint.ici import ConnectionRecord, TcpState
-from checkpoint.segment import FIN, RST, SYN
+from checkpoint.segment import ACK, FIN, RST, SYN
 from checkpoint.seqnum import seq_add, seq_diff
+from checkpoint.store import CommitPlanner
 from checkpoint.splice import Decision, Endpoint, Out, Rewrite, Splice, SpliceOptions
 from checkpoint.streamlog import ByteLog, SampledDigest, StreamDigest
 from checkpoint.table import ConnectionTable, Timeouts
@@ -106,6 +120,9 @@ class DataplaneCounters:
     untracked: int = 0
     table_full_drops: int = 0
     fenced_drops: int = 0
+    acks_clamped: int = 0     # I1: data segments whose ACK field was lowered to the commit point
+    acks_held: int = 0        # I1: pure ACKs / SYN-ACKs held until their commit
+    acks_released: int = 0    # held ones sent by the gateway
     held_closes: int = 0
     client_packets: int = 0
     server_packets: int = 0
@@ -119,6 +136,9 @@ class DataplaneCounters:
             "untracked": self.untracked,
             "table_full_drops": self.table_full_drops,
             "fenced_drops": self.fenced_drops,
+            "acks_clamped": self.acks_clamped,
+            "acks_held": self.acks_held,
+            "acks_released": self.acks_released,
             "held_closes": self.held_closes,
             "client_packets": self.client_packets,
             "server_packets": self.server_packets,
@@ -168,6 +188,12 @@ class Dataplane:
         self._backs: dict[tuple[bytes, int], tuple[ServiceRuntime, BackendRuntime]] = {}
         self.splices: dict[int, Splice] = {}
         self.outbox: list[Out] = []
+        self.raw_out: list[bytearray] = []  # whole packets to send (held ACKs)
+        # the checkpoint store's commit planner (store.mode = "disk"), None: memory
+        self.store: CommitPlanner | None = None
+        if config.store.mode == "disk":
+            self.store = CommitPlanner(max_total_bytes=config.store.max_total_bytes)
+        self.held: dict[int, bytearray] = {}  # conn id -> newest held ACK, in the client's view
         self.suspects: list[Suspect] = []
         self.finished_splices: list[Splice] = []
         self._fence_sent: dict[int, float] = {}
@@ -232,12 +258,21 @@ class Dataplane:
             if rec is not old:
                 if old is not None:
                     self.splices.pop(old.id, None)
+                if old is not None:
+                    self._forget(old)
                 if pv.flags & SYN:
                     rec.log = ByteLog(svc.failover.max_log_bytes)
                     kind = SampledDigest if svc.failover.verify == "sampled" else StreamDigest
                     rec.digest = kind(svc.failover.volatile)
+                    if self.store is not None:
+                        self.store.track(rec)
         table.observe(rec, pv, True, now)
         self._log_client(rec, pv)
+        if self.store is not None:
+            self.store.touch(rec)
+        elif rec.log is not None:  # memory: logged is committed
+            rec.commit_offset = rec.log.end
+            rec.commit_fin = rec.log.fin_offset is not None and rec.log.fin_offset == rec.commit_offset
         sp = self.splices.get(rec.id)
         if sp is not None:
             return self._apply(pv, sp.on_client(pv, now), sp, now)
@@ -294,7 +329,108 @@ class Dataplane:
                 dg.add(off, pv.captured_payload, pv.payload_len)
             elif not pv.truncated:
                 dg.add(off, pv.payload)
+        if self.store is not None and rec.log is not None:
+            self.store.touch(rec)
+            return self._gate_ack(rec, pv, Verdict.ACCEPT, svc)
         return Verdict.ACCEPT
+
+    # --- delayed acknowledgments (I1) ---------------------------------------------------------
+    @staticmethod
+    def ack_allowed(rec: ConnectionRecord) -> int | None:
+        """The highest ACK the client may see: ISN + 1 + committed bytes (+1 for
+        a committed FIN); the ISN itself (not even the SYN) before the record
+        is durable.  None: no limit known (no client ISN)."""
+        isn = rec.client.isn
+        if isn is None:
+            return None
+        return seq_add(isn, 1 + rec.commit_offset + (1 if rec.commit_fin else 0))
+
+    def _gate_ack(self, rec: ConnectionRecord, pv: PacketView, verdict: Verdict,
+                  svc: ServiceRuntime | None = None) -> Verdict:
+        """Clamp or hold a packet to the client whose ACK is above the commit point.
+        ``svc`` is given for a packet still in the backend's addressing (the
+        kernel would rewrite its source): a held copy is readdressed here."""
+        flags = pv.flags
+        if not flags & ACK or flags & RST:
+            return verdict
+        allowed = self.ack_allowed(rec)
+        if allowed is None:
+            return verdict
+        ack = pv.ack
+        if seq_diff(ack, allowed) <= 0:
+            if rec.id in self.held and seq_diff(ack, PacketView(self.held[rec.id]).ack) >= 0:
+                del self.held[rec.id]  # superseded by what goes out now
+            return verdict
+        if pv.payload_len == 0 and not flags & FIN:
+            # a pure ACK (or the SYN-ACK): keep the newest, send it when the commit catches up
+            held = bytearray(pv.buf)
+            if svc is not None:
+                hv = PacketView(held)
+                hv.set_src(svc.vip_raw)
+                if hv.ports[0] != svc.port:
+                    hv.set_sport(svc.port)
+            self.held[rec.id] = held
+            self.counters.acks_held += 1
+            return Verdict.DROP
+        if flags & SYN:  # a SYN-ACK with data: hold it too (never seen in practice)
+            self.counters.acks_held += 1
+            return Verdict.DROP
+        pv.set_ack(allowed)
+        if pv.options.sack_blocks:
+            pv.strip_sack()
+        self.counters.acks_clamped += 1
+        return Verdict.REWRITTEN
+
+    def committed(self, recs: list[ConnectionRecord]) -> None:
+        """Commit points moved (the store's batch is durable): send the held
+        ACKs they now cover, or lowered to the new commit point."""
+        for rec in recs:
+            held = self.held.get(rec.id)
+            if held is None:
+                continue
+            allowed = self.ack_allowed(rec)
+            hv = PacketView(held)
+            if allowed is None:
+                continue
+            syn = hv.flags & SYN
+            if seq_diff(hv.ack, allowed) <= 0:
+                del self.held[rec.id]
+                out = held
+            elif syn:
+                continue  # a SYN-ACK cannot be partly sent
+            else:
+                out = bytearray(held)
+                ov = PacketView(out)
+                ov.set_ack(allowed)
+                if ov.options.sack_blocks:
+                    ov.strip_sack()
+            ov = PacketView(out)
+            ts = rec.server.tsval
+            if ov.tsval is not None and ts is not None and not syn and rec.id not in self.splices:
+                if seq_diff(ts, ov.tsval) > 0:  # I3: never older than what the client saw
+                    ov.set_timestamps(ts, ov.tsecr)
+            self.raw_out.append(out)
+            self.counters.acks_released += 1
+
+    def gate_outbox(self) -> None:
+        """I1 for the segments the gateway itself sends to clients."""
+        if self.store is None:
+            return
+        for o in self.outbox:
+            if o.to != "client" or not o.flags & ACK:
+                continue
+            rec = self.table.get((o.dst, o.dport, o.src, o.sport))
+            if rec is None or rec.log is None:
+                continue
+            allowed = self.ack_allowed(rec)
+            if allowed is not None and seq_diff(o.ack, allowed) > 0:
+                o.ack = allowed
+                self.counters.acks_clamped += 1
+
+    def _forget(self, rec: ConnectionRecord) -> None:
+        self.held.pop(rec.id, None)
+        if self.store is not None:
+            self.store.forget(rec.id)
 
     def _hold_close(self, rec: ConnectionRecord, svc: ServiceRuntime, be: BackendRuntime, pv: PacketView) -> Verdict:
         """A backend closes or resets a live connection: maybe it is dying.
@@ -346,6 +482,9 @@ class Dataplane:
                     dg.add(off, pv.payload, pv.payload_len)
                 else:
                     dg.add(off, pv.payload)
+            if self.store is not None and observe_rec.log is not None:
+                self.store.touch(observe_rec)
+                return self._gate_ack(observe_rec, pv, Verdict.REWRITTEN)
         return Verdict.REWRITTEN
 
     def _end_splice(self, sp: Splice) -> None:
@@ -425,6 +564,7 @@ class Dataplane:
         """Drop idle and finished records, and the splices of those that moved."""
         gone = self.table.expire(now)
         for rec in gone:
+            self._forget(rec)
             sp = self.splices.pop(rec.id, None)
             if sp is not None:
                 sp.phase = sp.phase.__class__.CLOSED

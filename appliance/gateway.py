@@ -76,6 +76,7 @@ class Gateway:
         self.on_moved: Callable[[list[tuple[str, int, str, int]]], None] | None = None
         self.on_unmoved: Callable[[list[tuple[str, int, str, int]]], None] | None = None
         self.unsent: list[Out] = []       # what was to be sent without an injector (tests)
+        self.unsent_raw: list[bytearray] = []
         self.last_failover: dict[str, Any] | None = None
         self._reported: set[int] = set()  # id() of splices whose outcome was reported
         self._probing: dict[tuple[str, str], asyncio.Task] = {}
@@ -84,8 +85,16 @@ class Gateway:
     # --- output -----------------------------------------------------------------------
     def flush(self) -> None:
         dp = self.dataplane
+        if dp.raw_out:
+            raw, dp.raw_out = dp.raw_out, []
+            if self.send is None:
+                self.unsent_raw.extend(raw)
+            else:
+                for pkt in raw:
+                    self.send(bytes(pkt))
         if not dp.outbox:
             return
+        dp.gate_outbox()
         out, dp.outbox = dp.outbox, []
         if self.send is None:
             self.unsent.extend(out)

@@ -42,6 +42,7 @@ from nfq import kernelnat, rules
 from nfq.inject import INJECT_MARK, Injector
 from nfq.queue import PacketQueue, Verdict
 
+from . import packetring
 from .config import Config
 from .dataplane import Dataplane
 from .gateway import Gateway
@@ -87,8 +88,12 @@ class Kernel:
         dp = gw.dataplane
         clock = gw.clock
 
+        record = packetring.attach(gw).record  # recent packets per connection, for the panel's pcap
+
         def handle(buf: bytearray) -> Verdict:
-            verdict = dp.handle(buf, clock())
+            now = clock()
+            record(buf, now)
+            verdict = dp.handle(buf, now)
             if dp.outbox:
                 # what this packet asked to send leaves before the packet itself:
                 # held segments come earlier in the stream, with earlier TSvals

@@ -24,6 +24,21 @@ matched, the last partial chunk included once reached) and the first
 mismatch.  Bytes past the snapshot's end are new to the client and count as
 verified once everything before them is.
 
+**Restored digests** — a digest reloaded from a checkpoint store
+(:meth:`StreamDigest.restored`) knows its full chunks' hashes but not the
+running hash of its partial chunk (a hash object cannot be saved), nor what
+the server sent while the appliance was down.  It is *blind* up to the next
+chunk boundary: those bytes are counted (``end`` advances) but not hashed,
+and their chunk's entry is ``None``.  Right after a restore (the *resync*
+state) the first segment may start beyond ``end``; the digest then jumps
+there, blind again up to the next boundary, instead of waiting for bytes
+that will never come.  A verifier skips ``None`` chunks (and a ``None``
+partial) and counts them in ``unverified_bytes``: those bytes are taken on
+trust, every later chunk is checked as usual.  Blindness also covers the
+volatile-field masker's horizon: the masker's state is lost with the
+restore, so a value whose pattern lay before the restart point must not
+reach a hashed chunk.
+
 Both digest and verifier can *mask volatile fields* first: a regenerated
 HTTP response is the same bytes as the original except its ``Date:`` header,
 so a service can name such fields (``VOLATILE``: a byte pattern and the
@@ -155,10 +170,16 @@ class ByteLog:
         return bytes(self.data[offset:offset + n])
 
 
+def mask_horizon(names: tuple[str, ...]) -> int:
+    """How far past a point a masked value can reach when its pattern started
+    before the point (so a masker started there would miss it)."""
+    return max((len(p) + ln - 1 for p, ln in (VOLATILE[n] for n in names)), default=0)
+
+
 @dataclass(frozen=True, slots=True)
 class DigestSnapshot:
-    chunks: tuple[bytes, ...]
-    partial: bytes      # digest of the bytes after the last full chunk
+    chunks: tuple[bytes | None, ...]  # None: a chunk not hashed (blind after a restore)
+    partial: bytes | None  # digest of the bytes after the last full chunk (None: blind)
     end: int            # stream bytes covered
     volatile: tuple[str, ...] = ()  # fields masked before hashing
 
@@ -168,16 +189,54 @@ class DigestSnapshot:
 
 
 class StreamDigest:
-    __slots__ = ("chunks", "cur", "end", "ooo", "overflow", "volatile", "mask")
+    __slots__ = ("chunks", "cur", "end", "ooo", "overflow", "volatile", "mask", "blind_until", "resync")
 
     def __init__(self, volatile: tuple[str, ...] = ()) -> None:
         self.volatile = volatile
         self.mask = Masker(volatile)
-        self.chunks: list[bytes] = []
-        self.cur = _h()
+        self.chunks: list[bytes | None] = []
+        self.cur: "hashlib._Hash | None" = _h()  # None while blind
         self.end = 0
         self.ooo: dict[int, bytes] = {}   # segments beyond a gap, until it fills
         self.overflow: str | None = None  # why hashing stopped (None: contiguous)
+        self.blind_until = 0  # bytes below this are counted, not hashed (a chunk boundary)
+        self.resync = False   # restored: the next segment may jump over a gap
+
+    @classmethod
+    def restored(cls, chunks: list[bytes | None] | tuple[bytes | None, ...], end: int,
+                 volatile: tuple[str, ...] = ()) -> "StreamDigest":
+        """A digest reloaded from a checkpoint: ``chunks`` are the hashes of the
+        ``end // CHUNK`` full chunks; the partial chunk is blind, and the first
+        segment fed may start beyond ``end`` (see the module docstring)."""
+        if len(chunks) != end // CHUNK:
+            raise ValueError(f"{len(chunks)} chunk hashes for {end} bytes (expected {end // CHUNK})")
+        d = cls(volatile)
+        d.chunks = list(chunks)
+        d.end = end
+        d.resync = True
+        d._blind_from(end)
+        return d
+
+    def _blind_from(self, start: int) -> None:
+        """Bytes from ``start`` are not hashed up to the first chunk boundary at or
+        past ``start`` plus the masker's horizon (a boundary itself is not blind
+        when there is no horizon)."""
+        reach = start + mask_horizon(self.volatile)
+        until = -(-reach // CHUNK) * CHUNK
+        if until > start:
+            self.blind_until = until
+            self.cur = None
+
+    def _jump(self, offset: int) -> None:
+        """Resync: skip to ``offset``; the chunks in between become blind."""
+        while (self.end // CHUNK + 1) * CHUNK <= offset:  # the current chunk ends before offset
+            self.chunks.append(None)
+            self.end = (self.end // CHUNK + 1) * CHUNK
+        self.end = offset
+        self.mask = Masker(self.volatile)  # its state was for bytes before the gap
+        self.cur = _h()
+        self.blind_until = 0
+        self._blind_from(offset)
 
     def add(self, offset: int, payload: bytes | memoryview) -> None:
         if self.overflow is not None:
@@ -185,6 +244,10 @@ class StreamDigest:
         n = len(payload)
         if offset + n <= self.end or n == 0:
             return
+        if self.resync:
+            self.resync = False
+            if offset > self.end and offset + n <= STREAM_LIMIT:
+                self._jump(offset)
         if offset > self.end:
             if len(self.ooo) >= MAX_OOO_SEGMENTS:
                 self.overflow = "too many out-of-order server segments"
@@ -206,6 +269,8 @@ class StreamDigest:
 
     def _hash(self, mv: memoryview) -> None:
         mv = memoryview(self.mask(mv))
+        if self.end < self.blind_until:
+            mv = self._skip(mv)
         while len(mv):
             room = CHUNK - (self.end % CHUNK)
             part = mv[:room]
@@ -216,22 +281,36 @@ class StreamDigest:
                 self.chunks.append(self.cur.digest())
                 self.cur = _h()
 
+    def _skip(self, mv: memoryview) -> memoryview:
+        """Count (not hash) the blind bytes at the start of ``mv``."""
+        while len(mv) and self.end < self.blind_until:
+            k = min(len(mv), CHUNK - self.end % CHUNK, self.blind_until - self.end)
+            self.end += k
+            mv = mv[k:]
+            if self.end % CHUNK == 0:
+                self.chunks.append(None)
+        if self.end >= self.blind_until:
+            self.cur = _h()
+        return mv
+
     def snapshot(self) -> DigestSnapshot:
-        return DigestSnapshot(tuple(self.chunks), self.cur.copy().digest(), self.end, self.volatile)
+        partial = None if self.cur is None else self.cur.copy().digest()
+        return DigestSnapshot(tuple(self.chunks), partial, self.end, self.volatile)
 
 
 class StreamVerifier:
     """Checks a regenerated stream, fed in order, against a snapshot."""
 
-    __slots__ = ("snap", "cur", "end", "verified", "mismatch_at", "mask")
+    __slots__ = ("snap", "cur", "end", "verified", "mismatch_at", "mask", "unverified_bytes")
 
     def __init__(self, snap: DigestSnapshot) -> None:
         self.snap = snap
         self.mask = Masker(snap.volatile)
         self.cur = _h()
         self.end = 0          # contiguous bytes received
-        self.verified = 0     # [0, verified) matched the snapshot
+        self.verified = 0     # [0, verified) matched the snapshot (blind chunks taken on trust)
         self.mismatch_at: int | None = None
+        self.unverified_bytes = 0  # bytes in blind chunks (None in the snapshot): not checked
 
     @property
     def done(self) -> bool:
@@ -256,21 +335,28 @@ class StreamVerifier:
         snap = self.snap
         full = len(snap.chunks) * CHUNK
         while len(mv) and self.end < snap.end:
-            room = (CHUNK - self.end % CHUNK) if self.end < full else (snap.end - self.end)
+            if self.end < full:
+                room = CHUNK - self.end % CHUNK
+                want = snap.chunks[self.end // CHUNK]
+            else:
+                room = snap.end - self.end
+                want = snap.partial
             part = mv[:room]
-            self.cur.update(part)
+            if want is None:
+                self.unverified_bytes += len(part)
+            else:
+                self.cur.update(part)
             self.end += len(part)
             mv = mv[len(part):]
             if self.end <= full:
                 if self.end % CHUNK == 0:
-                    idx = self.end // CHUNK - 1
-                    if self.cur.digest() != snap.chunks[idx]:
-                        self.mismatch_at = idx * CHUNK
+                    if want is not None and self.cur.digest() != want:
+                        self.mismatch_at = self.end - CHUNK
                         return False
                     self.cur = _h()
                     self.verified = self.end
             elif self.end == snap.end:
-                if self.cur.digest() != snap.partial:
+                if want is not None and self.cur.digest() != want:
                     self.mismatch_at = full
                     return False
                 self.verified = self.end

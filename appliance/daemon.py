@@ -18,7 +18,17 @@ Three queues, numbered from ``gateway.queue_num``:
   verdict each, never rewritten (tracked, sampled).
 
 The kernel rewrites the source of every return packet it was not given
-translated (``nfq.kernelnat``).
+translated (``nfq.kernelnat``).  With ``store.mode = "disk"`` every return
+packet is held (``queue_num + 1``): its acknowledgment may have to wait for a
+commit (delayed ACKs, ``appliance.dataplane``).
+
+With ``store.mode = "disk"`` a second task runs the group commit: every
+``store.commit_interval`` it cuts a batch (``checkpoint.store``), writes it on
+a thread of its own (one transaction, one fsync), then advances the commit
+points and sends the acknowledgments they release.  At start-up, before the
+queues are bound, the store is read back and its connections re-attached
+(``Gateway.restore``): an appliance killed and started again goes on
+protecting them.
 
 Start-up installs, in this order: the kernel NAT table (return path and
 fail-open fallback), the queue bindings (with the kernel's fail-open flag),
@@ -37,6 +47,9 @@ import logging
 import signal
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
+
+from checkpoint.store import SqliteBackend
 
 from nfq import kernelnat, rules
 from nfq.inject import INJECT_MARK, Injector
@@ -57,7 +70,7 @@ def flows_for(config: Config) -> list[rules.FlowMatch]:
     flows = []
     for svc in config.services:
         flows.append(rules.FlowMatch(comment=f"{svc.name} client->vip", queue=q, dst=svc.vip, dport=svc.port))
-        ret = q + 2 if svc.failover.verify == "sampled" else q + 1
+        ret = q + 2 if svc.failover.verify == "sampled" and config.store.mode == "memory" else q + 1
         for b in svc.backends:
             flows.append(rules.FlowMatch(comment=f"{svc.name} {b.name}->client", queue=ret,
                                          src=b.address, sport=b.port, not_local=True))
@@ -153,6 +166,29 @@ async def housekeeping(gw: Gateway) -> None:
             log.exception("housekeeping tick failed")
 
 
+async def committer(gw: Gateway, backend: SqliteBackend, interval: float) -> None:
+    """The group commit: one batch in flight, written on a thread of its own."""
+    loop = asyncio.get_running_loop()
+    planner = gw.dataplane.store
+    assert planner is not None
+    with ThreadPoolExecutor(1, thread_name_prefix="store") as pool:
+        while True:
+            await asyncio.sleep(interval)
+            batch = planner.plan(time.time())
+            if batch is None:
+                continue
+            try:
+                await loop.run_in_executor(pool, backend.write, batch)
+            except Exception as exc:  # a full or failing disk: nothing is committed, ACKs stay held
+                log.error("checkpoint store write failed: %s", exc)
+                planner.failed(batch)
+                gw.store_error = f"{type(exc).__name__}: {exc}"
+                continue
+            gw.store_error = None
+            gw.dataplane.committed(planner.done(batch))
+            gw.flush()
+
+
 def listen_socket(host: str, port: int) -> socket.socket:
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -176,11 +212,22 @@ async def serve(config: Config, listen_fd: int | None = None) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    backend = None
+    if config.store.mode == "disk":
+        backend = SqliteBackend(config.store.path, commit_delay=config.store.test_commit_delay)
+        loaded = backend.load()
+        for err in backend.load_errors:
+            log.error("checkpoint store: %s", err)
+        gw.restore(loaded)
+        log.info("checkpoint store %s: %d connection(s) read back", config.store.path, len(loaded))
     kernel = Kernel(gw, loop)
     kernel.start()
+    gw.flush()  # resets of connections that could not be resumed
     gw.health = HealthChecker(gw.health_targets(), gw.on_health)
     tasks = [asyncio.create_task(housekeeping(gw)), asyncio.create_task(server.serve(sockets=[sock])),
              asyncio.create_task(gw.health.run())]
+    if backend is not None:
+        tasks.append(asyncio.create_task(committer(gw, backend, config.store.commit_interval)))
     log.info("API on %s", sock.getsockname())
     try:
         await stop.wait()
@@ -191,6 +238,8 @@ async def serve(config: Config, listen_fd: int | None = None) -> None:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if backend is not None:
+            backend.close()
 
 
 def run(config: Config, listen_fd: int | None = None, profile: str | None = None) -> None:

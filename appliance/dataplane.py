@@ -194,6 +194,7 @@ class Dataplane:
         if config.store.mode == "disk":
             self.store = CommitPlanner(max_total_bytes=config.store.max_total_bytes)
         self.held: dict[int, bytearray] = {}  # conn id -> newest held ACK, in the client's view
+        self.reloaded: set[int] = set()       # re-attached after a restart, no backend packet seen yet
         self.suspects: list[Suspect] = []
         self.finished_splices: list[Splice] = []
         self._fence_sent: dict[int, float] = {}
@@ -330,6 +331,8 @@ class Dataplane:
             elif not pv.truncated:
                 dg.add(off, pv.payload)
         if self.store is not None and rec.log is not None:
+            if self.reloaded:
+                self._check_reloaded(rec, pv)
             self.store.touch(rec)
             return self._gate_ack(rec, pv, Verdict.ACCEPT, svc)
         return Verdict.ACCEPT
@@ -426,6 +429,32 @@ class Dataplane:
             if allowed is not None and seq_diff(o.ack, allowed) > 0:
                 o.ack = allowed
                 self.counters.acks_clamped += 1
+
+    def reattach(self, rec: ConnectionRecord, now: float) -> bool:
+        """A connection read back from the checkpoint store (a restart)."""
+        if not self.table.restore(rec):
+            return False
+        if rec.log is not None:
+            rec.log.limit = self.services[rec.service].failover.max_log_bytes
+        if self.store is not None:
+            self.store.adopt(rec, now)
+        self.reloaded.add(rec.id)
+        return True
+
+    def _check_reloaded(self, rec: ConnectionRecord, pv: PacketView) -> None:
+        """The first backend packet of a re-attached connection.  With
+        ``on_failure = "open"`` client bytes may have passed while the
+        appliance was down: if the backend acknowledges more than the log
+        holds, they did, and a replay could not give them again."""
+        self.reloaded.discard(rec.id)
+        log = rec.log
+        if log is None or rec.client.isn is None or not pv.flags & ACK or log.overflow is not None:
+            return
+        acked = seq_diff(pv.ack, seq_add(rec.client.isn, 1))
+        have = log.end + (1 if log.fin_offset is not None else 0)
+        if acked > have and self.config.gateway.on_failure == "open":
+            log.overflow = (f"client bytes passed unlogged while the appliance was down "
+                            f"(backend acknowledged {acked}, the log holds {have})")
 
     def _forget(self, rec: ConnectionRecord) -> None:
         self.held.pop(rec.id, None)

@@ -30,7 +30,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 KINDS: tuple[str, ...] = (
-    "failover", "migration", "health", "divergence", "refusal", "fence", "reset", "admin",
+    "failover", "migration", "health", "divergence", "refusal", "fence", "reset", "admin", "restart",
+    "checkpoint",
 )
 
 # bound of each subscriber's queue

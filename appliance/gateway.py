@@ -34,6 +34,7 @@ from typing import Any, Callable
 
 from checkpoint.ici import TcpState
 from checkpoint.splice import Out, Phase, Splice
+from checkpoint.store import Loaded
 from nfq.build import tcp_options, tcp_packet
 from nfq.queue import PacketQueue
 
@@ -77,6 +78,7 @@ class Gateway:
         self.on_unmoved: Callable[[list[tuple[str, int, str, int]]], None] | None = None
         self.unsent: list[Out] = []       # what was to be sent without an injector (tests)
         self.unsent_raw: list[bytearray] = []
+        self.store_error: str | None = None  # the checkpoint store's last write failure
         self.last_failover: dict[str, Any] | None = None
         self._reported: set[int] = set()  # id() of splices whose outcome was reported
         self._probing: dict[tuple[str, str], asyncio.Task] = {}
@@ -313,6 +315,46 @@ class Gateway:
             for w in waiters:
                 self.dataplane.release_suspect(w)
         self.flush()
+
+    # --- restart -------------------------------------------------------------------------
+    def restore(self, loaded: list[Loaded]) -> dict[str, int]:
+        """Connections read back from the checkpoint store after a restart:
+        re-attached, or — when tcpcp 6.1's rules refuse the checkpoint, or
+        the configuration no longer has their service — reset cleanly."""
+        from checkpoint.resurrect import check_resumable
+
+        dp = self.dataplane
+        now = self.clock()
+        kept = reset = 0
+        for item in loaded:
+            rec = item.rec
+            svc = dp.services.get(rec.service)
+            if svc is None or rec.backend not in svc.backends or (svc.vip, svc.port) != (rec.vip, rec.vport):
+                reason = "its service or backend is no longer configured"
+            elif rec.state in (TcpState.CLOSED, TcpState.TIME_WAIT):
+                reason = None
+                if dp.store is not None:
+                    dp.store.forget(rec.id)
+                continue
+            elif rec.moves:
+                reason = "it had been moved: the translation to its new backend is not in the checkpoint"
+            else:
+                reason = check_resumable(rec, item.saved_at, now, self.config.checkpoint.msl)
+            if reason is None and dp.reattach(rec, now):
+                kept += 1
+                continue
+            reason = reason or "its client address and port are taken"
+            reset += 1
+            if svc is not None:
+                dp.reset(rec, now)
+            if dp.store is not None:
+                dp.store.forget(rec.id)
+            self.events.add("reset", f"not resumed after the restart: {reason}", service=rec.service,
+                            backend=rec.backend, connection=rec.id, now=now)
+        if loaded:
+            self.events.add("restart", f"{kept} connection(s) re-attached from the checkpoint store, {reset} reset",
+                            now=now, reattached=kept, reset=reset)
+        return {"reattached": kept, "reset": reset}
 
     # --- what the API shows ---------------------------------------------------------------
     def status(self) -> dict[str, Any]:

@@ -125,6 +125,16 @@ class ConnectionTable:
         self.created += 1
         return rec
 
+    def restore(self, rec: ConnectionRecord) -> bool:
+        """Put back a record read from the checkpoint store (its id kept).
+        False when its key is taken or the table is full."""
+        if rec.key in self._by_key or rec.id in self._by_id or len(self._by_key) >= self.max_connections:
+            return False
+        self._by_key[rec.key] = rec
+        self._by_id[rec.id] = rec
+        self._next_id = max(self._next_id, rec.id + 1)
+        return True
+
     def observe(self, rec: ConnectionRecord, seg: SegmentLike, from_client: bool, now: float) -> None:
         observe(rec, seg, from_client, now)
         self._by_key.move_to_end(rec.key)

@@ -1,0 +1,258 @@
+"""The checkpoint store and delayed ACKs (tcpcp 6.2, invariant I1), driven with
+crafted packets and a real SQLite file (no root)."""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+from scapy.all import IP, TCP, Raw
+
+from appliance.config import parse
+from appliance.dataplane import Dataplane
+from appliance.gateway import Gateway
+from checkpoint.store import STORE_FULL, CommitPlanner, SqliteBackend
+from checkpoint.streamlog import CHUNK
+from nfq.queue import Verdict
+
+VIP, CLIENT, PRIMARY = "203.0.113.10", "192.0.2.10", "198.51.100.10"
+
+
+def config(tmp_path: Path, **store) -> dict:
+    return {
+        "api": {"token": "a-long-token"},
+        "store": {"mode": "disk", "path": str(tmp_path / "cp.db"), **store},
+        "service": [{"name": "web", "vip": VIP, "port": 80,
+                     "backend": [{"name": "primary", "address": PRIMARY},
+                                 {"name": "backup", "address": "198.51.100.20"}]}],
+    }
+
+
+def raw(pkt) -> bytearray:
+    return bytearray(bytes(pkt))
+
+
+def c2s(flags: str, seq: int, ack: int = 0, data: bytes = b"", **kw) -> bytearray:
+    p = IP(src=CLIENT, dst=VIP) / TCP(sport=40000, dport=80, flags=flags, seq=seq, ack=ack, **kw)
+    return raw(p / Raw(data) if data else p)
+
+
+def s2c(flags: str, seq: int, ack: int, data: bytes = b"", **kw) -> bytearray:
+    p = IP(src=PRIMARY, dst=CLIENT) / TCP(sport=80, dport=40000, flags=flags, seq=seq, ack=ack, **kw)
+    return raw(p / Raw(data) if data else p)
+
+
+def commit(dp: Dataplane, backend: SqliteBackend | None = None) -> None:
+    """One group commit, as the daemon's committer does it."""
+    batch = dp.store.plan(time.time())
+    if batch is None:
+        return
+    if backend is not None:
+        backend.write(batch)
+    else:
+        batch.written = time.time()
+    dp.committed(dp.store.done(batch))
+
+
+def open_connection(dp: Dataplane, backend: SqliteBackend | None = None) -> None:
+    ts = [("Timestamp", (100, 0))]
+    assert dp.handle(c2s("S", 1000, options=[("MSS", 1460), *ts]), 1.0) is Verdict.REWRITTEN
+    synack = s2c("SA", 5000, 1001, options=[("MSS", 1400), ("Timestamp", (7000, 100))])
+    # nothing of the connection is durable yet: not even the SYN may be acknowledged
+    assert dp.handle(synack, 1.0) is Verdict.DROP
+    assert dp.counters.acks_held == 1 and not dp.raw_out
+    commit(dp, backend)
+    (sent,) = dp.raw_out
+    p = IP(bytes(sent))
+    # the held SYN-ACK goes out from the VIP, as the kernel's NAT would have sent it
+    assert (p.src, p[TCP].sport, p[TCP].flags, p[TCP].ack) == (VIP, 80, "SA", 1001)
+    dp.raw_out.clear()
+    assert dp.handle(c2s("A", 1001, 5001, options=[("Timestamp", (101, 7000))]), 1.1) is Verdict.REWRITTEN
+
+
+def test_memory_mode_commits_at_once_and_holds_nothing() -> None:
+    cfg = config(Path("/nonexistent"))
+    del cfg["store"]
+    dp = Dataplane(parse(cfg))
+    dp.handle(c2s("S", 1000), 1.0)
+    assert dp.handle(s2c("SA", 5000, 1001), 1.0) is Verdict.ACCEPT
+    dp.handle(c2s("PA", 1001, 5001, b"x" * 100), 1.1)
+    (rec,) = dp.connections()
+    assert rec.commit_offset == 100
+    assert dp.handle(s2c("A", 5001, 1101), 1.2) is Verdict.ACCEPT
+
+
+def test_pure_ack_above_the_commit_point_is_held_then_released(tmp_path: Path) -> None:
+    dp = Dataplane(parse(config(tmp_path)))
+    open_connection(dp)
+    (rec,) = dp.connections()
+    assert dp.handle(c2s("PA", 1001, 5001, b"a" * 1000, options=[("Timestamp", (102, 7000))]), 1.2) \
+        is Verdict.REWRITTEN
+    assert rec.commit_offset == 0 and rec.log.end == 1000
+    ack = s2c("A", 5001, 2001, options=[("Timestamp", (7001, 102))])
+    assert dp.handle(ack, 1.2) is Verdict.DROP  # would tell the client byte 999 is safe: it is not yet
+    commit(dp)
+    assert rec.commit_offset == 1000
+    (sent,) = dp.raw_out
+    p = IP(bytes(sent))
+    assert p.src == VIP and p[TCP].ack == 2001 and dict(p[TCP].options)["Timestamp"] == (7001, 102)
+    # a later ACK at or below the commit point passes untouched
+    assert dp.handle(s2c("A", 5001, 2001, options=[("Timestamp", (7002, 102))]), 1.3) is Verdict.ACCEPT
+
+
+def test_data_segment_has_its_ack_clamped_and_sack_stripped(tmp_path: Path) -> None:
+    dp = Dataplane(parse(config(tmp_path)))
+    open_connection(dp)
+    dp.handle(c2s("PA", 1001, 5001, b"GET / HTTP/1.1\r\n\r\n"), 1.2)
+    commit(dp)
+    dp.handle(c2s("PA", 1019, 5001, b"b" * 500), 1.3)  # logged, not yet committed
+    resp = s2c("PA", 5001, 1519, b"HTTP/1.1 200 OK\r\n", options=[("SAck", (1600, 1700))])
+    assert dp.handle(resp, 1.3) is Verdict.REWRITTEN
+    p = IP(bytes(resp))
+    assert p[TCP].ack == 1019  # the committed end: 18 bytes after ISN + 1
+    assert not any(k == "SAck" for k, _ in p[TCP].options)
+    assert dp.counters.acks_clamped == 1
+    # the checksum is still right after the rewrite
+    q = IP(bytes(resp))
+    del q.chksum
+    del q[TCP].chksum
+    assert IP(bytes(q))[TCP].chksum == p[TCP].chksum
+
+
+def test_a_held_ack_is_released_lowered_when_the_commit_covers_part_of_it(tmp_path: Path) -> None:
+    dp = Dataplane(parse(config(tmp_path)))
+    open_connection(dp)
+    dp.handle(c2s("PA", 1001, 5001, b"a" * 100), 1.2)
+    batch = dp.store.plan(time.time())  # cut: covers 100 bytes
+    dp.handle(c2s("PA", 1101, 5001, b"b" * 100), 1.2)  # after the cut
+    assert dp.handle(s2c("A", 5001, 1201), 1.2) is Verdict.DROP
+    batch.written = time.time()
+    dp.committed(dp.store.done(batch))
+    (sent,) = dp.raw_out
+    assert IP(bytes(sent))[TCP].ack == 1101  # what is durable, not what the backend said
+    dp.raw_out.clear()
+    commit(dp)
+    (sent,) = dp.raw_out
+    assert IP(bytes(sent))[TCP].ack == 1201
+
+
+def test_gateway_segments_to_the_client_are_clamped_too(tmp_path: Path) -> None:
+    gw = Gateway(parse(config(tmp_path)))
+    dp = gw.dataplane
+    open_connection(dp)
+    dp.handle(c2s("PA", 1001, 5001, b"a" * 100), 1.2)
+    (rec,) = dp.connections()
+    gw.reset_connection(rec.id)
+    gw.flush()
+    (rst,) = [o for o in gw.unsent if o.to == "client"]
+    assert rst.ack == 1001  # the client's 100 bytes were logged but not committed
+
+
+def test_client_fin_is_acknowledged_only_once_committed(tmp_path: Path) -> None:
+    dp = Dataplane(parse(config(tmp_path)))
+    open_connection(dp)
+    dp.handle(c2s("FA", 1001, 5001, b"bye"), 1.2)
+    commit(dp)
+    (rec,) = dp.connections()
+    assert rec.commit_offset == 3 and rec.commit_fin
+    assert dp.handle(s2c("A", 5001, 1005), 1.3) is Verdict.ACCEPT
+
+
+def test_total_limit_makes_a_connection_unprotected_with_a_reason(tmp_path: Path) -> None:
+    dp = Dataplane(parse(config(tmp_path, max_total_bytes=65536)))
+    open_connection(dp)
+    dp.handle(c2s("PA", 1001, 5001, b"a" * 60000), 1.2)
+    commit(dp)
+    dp.handle(c2s("PA", 61001, 5001, b"b" * 10000), 1.3)
+    commit(dp)
+    (rec,) = dp.connections()
+    assert rec.log.overflow == STORE_FULL
+    assert rec.unprotected_reason == STORE_FULL
+    assert rec.commit_offset == 60000  # what was durable stays so
+
+
+def test_sqlite_round_trip_restores_record_log_and_digest(tmp_path: Path) -> None:
+    backend = SqliteBackend(tmp_path / "cp.db")
+    dp = Dataplane(parse(config(tmp_path)))
+    open_connection(dp, backend)
+    body = bytes(range(256)) * 40
+    dp.handle(c2s("PA", 1001, 5001, body), 1.2)
+    commit(dp, backend)
+    seq = 5001
+    for i in range(0, CHUNK + 5000, 1000):  # a full chunk and a bit: one hash plus a blind partial
+        dp.handle(s2c("PA", seq, 1001 + len(body), b"s" * 1000), 1.3)
+        seq += 1000
+    dp.store.ici_interval = 0
+    commit(dp, backend)
+    (rec,) = dp.connections()
+    backend.close()
+
+    again = SqliteBackend(tmp_path / "cp.db")
+    (loaded,) = again.load()
+    r = loaded.rec
+    assert r.id == rec.id and r.key == rec.key and r.backend == "primary"
+    assert (r.client.isn, r.server.isn, r.client.mss, r.server.mss) == (1000, 5000, 1460, 1400)
+    assert bytes(r.log.data) == body
+    assert r.digest.chunks[0] == rec.digest.chunks[0] and r.digest.end >= CHUNK
+    assert abs(loaded.saved_at - time.time()) < 60
+
+
+def test_forgotten_connections_leave_the_store(tmp_path: Path) -> None:
+    backend = SqliteBackend(tmp_path / "cp.db")
+    dp = Dataplane(parse(config(tmp_path)))
+    open_connection(dp, backend)
+    (rec,) = dp.connections()
+    dp.table.timeouts.established = 0.0
+    dp.expire(10_000.0)
+    commit(dp, backend)
+    assert backend.load() == []
+
+
+def test_restart_reattaches_and_refuses_stale_checkpoints(tmp_path: Path) -> None:
+    backend = SqliteBackend(tmp_path / "cp.db")
+    dp = Dataplane(parse(config(tmp_path)))
+    open_connection(dp, backend)
+    dp.handle(c2s("PA", 1001, 5001, b"a" * 100), 1.2)
+    commit(dp, backend)
+    loaded = backend.load()
+
+    gw = Gateway(parse(config(tmp_path)))
+    assert gw.restore(copy.deepcopy(loaded)) == {"reattached": 1, "reset": 0}
+    (rec,) = gw.dataplane.connections()
+    assert rec.commit_offset == 100 and bytes(rec.log.data) == b"a" * 100 and rec.protected
+    # the tracker takes it up from the wire: the server's next packet passes, new ids come after it
+    assert gw.dataplane.handle(s2c("A", 5001, 1101), 2.0) is Verdict.ACCEPT
+
+    old = Gateway(parse(config(tmp_path)), clock=lambda: time.time() + 500)  # 500 s later: over the MSL
+    assert old.restore(copy.deepcopy(loaded)) == {"reattached": 0, "reset": 1}
+    ev = old.events.last("reset")
+    assert "MSL" in ev.reason
+    assert any(o.to == "client" and o.flags & 0x04 for o in old.dataplane.outbox)
+
+
+def test_open_mode_marks_connections_that_passed_unlogged_bytes(tmp_path: Path) -> None:
+    backend = SqliteBackend(tmp_path / "cp.db")
+    dp = Dataplane(parse(config(tmp_path)))
+    open_connection(dp, backend)
+    loaded = backend.load()
+    gw = Gateway(parse(config(tmp_path)))  # on_failure = "open" is the default
+    gw.restore(loaded)
+    (rec,) = gw.dataplane.connections()
+    # while the appliance was down 500 client bytes went straight to the backend
+    gw.dataplane.handle(s2c("A", 5001, 1501), 2.0)
+    assert not rec.protected and "unlogged" in rec.unprotected_reason
+
+
+def test_planner_keeps_one_batch_in_flight() -> None:
+    p = CommitPlanner()
+    cfg = parse({"api": {"token": "a-long-token"}, "store": {"mode": "disk", "path": "/tmp/x.db"},
+                 "service": [{"name": "web", "vip": VIP, "port": 80,
+                              "backend": [{"name": "primary", "address": PRIMARY}]}]})
+    dp = Dataplane(cfg)
+    dp.store = p
+    dp.handle(c2s("S", 1000), 1.0)
+    first = p.plan(1.0)
+    assert first is not None and p.plan(1.0) is None  # the next one waits for the first to be durable
+    p.failed(first)
+    assert p.plan(1.0) is not None  # a failed write leaves everything to write again

@@ -254,6 +254,35 @@ def cmd_events(args: argparse.Namespace) -> None:
         print(f"{e['id']:>5} {when} {e['kind']:<10} {who:<16}{conn} {e['reason']}{extra}")
 
 
+def cmd_checkpoint(args: argparse.Namespace) -> None:
+    api, token = _api_args(args)
+    if args.action == "export":
+        doc = api_call("GET", f"/api/v1/connections/{args.target}/checkpoint", api, token)
+        text = json.dumps(doc, indent=1, sort_keys=True) + "\n"
+        if args.output and args.output != "-":
+            Path(args.output).write_text(text)
+            print(f"connection {args.target}: checkpoint written to {args.output} "
+                  f"({len(doc['log']['data_b64']) * 3 // 4} bytes of client log)", file=sys.stderr)
+        else:
+            sys.stdout.write(text)
+        return
+    try:
+        raw = sys.stdin.read() if args.target == "-" else Path(args.target).read_text()
+        doc = json.loads(raw)
+    except OSError as exc:
+        _die(f"cannot read {args.target}: {exc.strerror}")
+    except ValueError as exc:
+        _die(f"{args.target}: not a JSON document: {exc}")
+    rec = api_call("POST", "/api/v1/checkpoints", api, token, doc)
+    print(f"imported as connection {rec['id']}: {rec['client']} -> {rec['service']} on {rec['backend']} "
+          f"({rec['log_bytes']} client bytes logged)")
+
+
+def cmd_store(args: argparse.Namespace) -> None:
+    api, token = _api_args(args)
+    print(json.dumps(api_call("GET", "/api/v1/store", api, token), indent=2))
+
+
 def lab_files() -> list[str]:
     from .lab import TEST_FILES
 
@@ -308,7 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
                                ("connections", cmd_connections, "tracked connections (via the API)"),
                                ("failover", cmd_failover, "move a service's connections to another backend"),
                                ("migrate", cmd_migrate, "move one connection to another backend"),
-                               ("events", cmd_events, "failovers, moves, health transitions, divergences")):
+                               ("events", cmd_events, "failovers, moves, health transitions, divergences"),
+                               ("checkpoint", cmd_checkpoint, "export or import a connection's signed checkpoint"),
+                               ("store", cmd_store, "the checkpoint store: mode, group commits, held ACKs")):
         sp = sub.add_parser(name, help=helptext)
         sp.add_argument("--api", default="http://127.0.0.1:8080")
         sp.add_argument("--token")
@@ -323,6 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("id", type=int)
             sp.add_argument("--to", required=True)
             sp.add_argument("--mode", default="replay", choices=["replay"])
+        elif name == "checkpoint":
+            sp.add_argument("action", choices=["export", "import"])
+            sp.add_argument("target", help="export: a connection id; import: a file ('-': standard input)")
+            sp.add_argument("-o", "--output", help="export: write here instead of standard output")
         elif name == "events":
             sp.add_argument("--kind")
             sp.add_argument("--limit", type=int, default=50)

@@ -439,3 +439,69 @@ class Gateway:
         d = rec.to_dict(self.clock())
         d["move"] = self.dataplane.describe_move(cid)
         return d
+
+    # --- checkpoints (tcpcp 6, 7) -----------------------------------------------------------
+    def store_status(self) -> dict[str, Any]:
+        st = self.config.store
+        planner = self.dataplane.store
+        doc: dict[str, Any] = {"mode": st.mode, "path": st.path if st.mode == "disk" else None,
+                               "commit_interval": st.commit_interval, "max_total_bytes": st.max_total_bytes,
+                               "error": self.store_error, "held_acks": len(self.dataplane.held)}
+        if planner is not None:
+            doc.update(planner.stats.as_dict())
+        return doc
+
+    def store_commits(self, cid: int | None = None, since: float = 0.0) -> list[dict[str, Any]]:
+        """The commit log: when each connection's commit point moved (disk mode)."""
+        planner = self.dataplane.store
+        return planner.commits(cid, since) if planner is not None else []
+
+    def export_checkpoint(self, cid: int) -> dict[str, Any]:
+        """The connection's ICI, log and digest as a signed, portable document."""
+        from checkpoint.document import export_document
+
+        key = self.config.checkpoint.key
+        if not key:
+            raise Conflict("no checkpoint key is configured ([checkpoint] key or key_file)")
+        rec = self.dataplane.table.by_id(cid)
+        if rec is None:
+            raise NotFound(f"no connection {cid}")
+        if rec.log is None:
+            raise Conflict(f"connection {cid} has no client log (picked up mid-stream)")
+        now = self.clock()
+        return export_document(rec, key, now, checkpoint_time=now)
+
+    def import_checkpoint(self, raw: bytes | str | dict[str, Any]) -> dict[str, Any]:
+        """Take over a connection from a signed checkpoint document: verified,
+        sanity-checked (tcpcp 7), refused when too old (tcpcp 6.1), then
+        tracked and protected like one of ours.  Raises ``CheckpointError``
+        (a ValueError naming the field) or Conflict."""
+        from checkpoint.document import CheckpointError, ImportLimits, import_document
+        from checkpoint.resurrect import check_resumable
+
+        key = self.config.checkpoint.key
+        if not key:
+            raise Conflict("no checkpoint key is configured ([checkpoint] key or key_file)")
+        svc_limits = max((s.failover.max_log_bytes for s in self.config.services), default=16 << 20)
+        imp = import_document(raw, key, self.config.services, ImportLimits(max_log_bytes=svc_limits))
+        rec = imp.rec
+        now = self.clock()
+        why = check_resumable(rec, imp.checkpoint_time, now, self.config.checkpoint.msl)
+        if why is not None:
+            self.events.add("refusal", f"checkpoint import refused: {why}", service=rec.service, now=now)
+            raise CheckpointError("checkpoint_time", why)
+        dp = self.dataplane
+        if dp.table.get(rec.key) is not None:
+            raise Conflict(f"a connection from {rec.client_ip}:{rec.client_port} to {rec.vip}:{rec.vport} "
+                           "is already tracked")
+        rec.id = dp.table.next_id()
+        rec.log, rec.digest = imp.log, imp.digest
+        rec.moves = 0
+        if not dp.reattach(rec, now):
+            raise Conflict("the connection table is full")
+        if dp.store is None:
+            rec.commit_offset = rec.log.end
+            rec.commit_fin = rec.log.fin_offset is not None
+        self.events.add("checkpoint", "imported", service=rec.service, backend=rec.backend, connection=rec.id,
+                        now=now, log_bytes=rec.log.end)
+        return rec.to_dict(now)

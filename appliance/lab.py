@@ -52,6 +52,9 @@ PLAIN_HTTP_PORT = 8080
 SAMPLED_HTTP_PORT = 8081  # the "web-sampled" service: same files, verify = "sampled"
 IPERF_PORT = 5201        # the "iperf" service (through the appliance, verify = "sampled")
 PLAIN_IPERF_PORT = 5202  # the same server, plainly forwarded
+UPLOAD_PORT = 8090       # the "upload" service: appliance.labapps upload-hash (sha256 of the body)
+UPLOAD_FILE = "upload-200M.bin"
+UPLOAD_SIZE = 200 << 20
 CLIENT_NET = "192.0.2"
 SERVER_NET = "198.51.100"
 API_HOST = "127.0.0.1"
@@ -251,6 +254,41 @@ def start_iperf(h: Host) -> None:
             nsexec(h.ns, "iperf3", "-s", "-D", "-B", h.address, "-p", str(port), "-I", str(pidfile))
 
 
+def start_upload_app(h: Host) -> None:
+    rd = run_dir()
+    pidfile = rd / f"upload-{h.short}.pid"
+    if pid_alive(pidfile):
+        return
+    log = open(rd / f"upload-{h.short}.log", "ab")
+    subprocess.Popen(
+        ["ip", "netns", "exec", h.ns, sys.executable, "-m", "appliance.labapps", "upload-hash",
+         "--bind", h.address, "--port", str(UPLOAD_PORT), "--pidfile", str(pidfile)],
+        stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+        cwd=str(Path(__file__).resolve().parent.parent),
+    )
+    log.close()
+
+
+def make_upload_file() -> tuple[Path, str]:
+    """The 200 MiB body the upload tests and demo send (seeded, cached), and its sha256."""
+    path = cache_dir() / UPLOAD_FILE
+    sumfile = path.with_suffix(".sha256")
+    if path.exists() and path.stat().st_size == UPLOAD_SIZE and sumfile.exists():
+        return path, sumfile.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = random.Random("appliance-lab/upload")
+    h = hashlib.sha256()
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        for _ in range(UPLOAD_SIZE // (1 << 20)):
+            block = rng.randbytes(1 << 20)
+            h.update(block)
+            f.write(block)
+    tmp.rename(path)
+    sumfile.write_text(h.hexdigest() + "\n")
+    return path, h.hexdigest()
+
+
 def gateway_config(hosts: list[Host], token_file: Path) -> str:
     def backends(port: int) -> str:
         return "".join(
@@ -266,7 +304,11 @@ def gateway_config(hosts: list[Host], token_file: Path) -> str:
         f'[[service]]\nname = "web-sampled"\nvip = "{VIP}"\nport = {SAMPLED_HTTP_PORT}\n'
         f'[service.failover]\nverify = "sampled"\n{backends(SAMPLED_HTTP_PORT)}\n'
         f'[[service]]\nname = "iperf"\nvip = "{VIP}"\nport = {IPERF_PORT}\n'
-        f'[service.failover]\nverify = "sampled"\n{backends(IPERF_PORT)}'
+        f'[service.failover]\nverify = "sampled"\n{backends(IPERF_PORT)}\n'
+        f'[[service]]\nname = "upload"\nvip = "{VIP}"\nport = {UPLOAD_PORT}\n'
+        # a whole 200 MiB body is kept for replay, and replaying it takes a while
+        f'[service.failover]\nmax_log_bytes = {UPLOAD_SIZE + (16 << 20)}\nmove_timeout = 120.0\n'
+        f'{backends(UPLOAD_PORT)}'
     )
 
 
@@ -309,13 +351,14 @@ def _wait_backends_reachable(timeout: float = 5.0) -> None:
     probe = ("import socket,sys,time\n"
              "end=time.time()+float(sys.argv[1])\n"
              "for a in sys.argv[2:]:\n"
+             "  for port in (80, %d):\n"
              "    while True:\n"
              "        try:\n"
-             "            socket.create_connection((a,80),timeout=0.2).close(); break\n"
+             "            socket.create_connection((a,port),timeout=0.2).close(); break\n"
              "        except OSError:\n"
              "            if time.time()>end: break\n"
              "            time.sleep(0.05)\n")
-    nsexec(GATEWAY, sys.executable, "-c", probe, str(timeout), *[h["address"] for h in hosts], check=False)
+    nsexec(GATEWAY, sys.executable, "-c", probe % UPLOAD_PORT, str(timeout), *[h["address"] for h in hosts], check=False)
 
 
 def wait_api(proc: subprocess.Popen | None = None, timeout: float = 20.0) -> None:
@@ -384,6 +427,7 @@ def up(clients: int = 1, backups: int = 1, appliance: bool = True) -> dict[str, 
         if h.role != "client":
             start_nginx(h, www)
             start_iperf(h)
+            start_upload_app(h)
     token_file = rd / "token"
     if not token_file.exists():
         token_file.write_text(secrets.token_urlsafe(24) + "\n")

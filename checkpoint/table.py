@@ -125,6 +125,11 @@ class ConnectionTable:
         self.created += 1
         return rec
 
+    def next_id(self) -> int:
+        """Reserve an id for a record made elsewhere (an imported checkpoint)."""
+        self._next_id += 1
+        return self._next_id - 1
+
     def restore(self, rec: ConnectionRecord) -> bool:
         """Put back a record read from the checkpoint store (its id kept).
         False when its key is taken or the table is full."""

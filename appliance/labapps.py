@@ -1,0 +1,75 @@
+"""Small servers the lab runs next to nginx on primary and backups.
+
+``upload-hash``: an HTTP/1.1 server that answers a request whose body has a
+``Content-Length`` (POST or PUT) with the SHA-256 of the body, hex, and closes.
+Its answer is a function of the bytes received and nothing else (no ``Date:``,
+no server name), so a backup that is replayed the same request gives the same
+bytes — what a replay failover needs — and a client that gets the right digest
+knows every byte it sent arrived exactly once, in order (invariant I5).
+
+Run: ``python -m appliance.labapps upload-hash --bind ADDRESS --port PORT``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import os
+from pathlib import Path
+
+MAX_HEADER = 16 * 1024
+READ = 256 * 1024
+
+
+def response(status: str, body: bytes) -> bytes:
+    return (f"HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n"
+            f"Connection: close\r\n\r\n").encode() + body
+
+
+async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+        if len(head) > MAX_HEADER:
+            raise ValueError("header too long")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
+        length = int(headers.get("content-length", "0"))
+        if headers.get("expect", "").lower() == "100-continue":
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        h = hashlib.sha256()
+        left = length
+        while left:
+            chunk = await reader.read(min(READ, left))
+            if not chunk:
+                raise ConnectionError("body cut short")
+            h.update(chunk)
+            left -= len(chunk)
+        writer.write(response("200 OK", f"{h.hexdigest()}  {length}\n".encode()))
+        await writer.drain()
+    except (ValueError, asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
+        writer.write(response("400 Bad Request", b"bad request\n"))
+    finally:
+        writer.close()
+
+
+async def serve(bind: str, port: int) -> None:
+    server = await asyncio.start_server(handle, bind, port, limit=MAX_HEADER * 2, reuse_address=True)
+    async with server:
+        await server.serve_forever()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="appliance.labapps")
+    ap.add_argument("app", choices=["upload-hash"])
+    ap.add_argument("--bind", required=True)
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--pidfile")
+    a = ap.parse_args()
+    if a.pidfile:
+        Path(a.pidfile).write_text(f"{os.getpid()}\n")
+    asyncio.run(serve(a.bind, a.port))
+
+
+if __name__ == "__main__":
+    main()

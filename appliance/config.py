@@ -392,7 +392,7 @@ def _failover(data: dict[str, Any], where: str) -> FailoverConfig:
     _no_unknown(data, {"auto", "mode", "max_log_bytes", "verify", "volatile", "syn_retries", "move_timeout"}, where)
     mode = _str(data, "mode", where, d.mode)
     volatile = data.get("volatile", list(d.volatile))
-    if not isinstance(volatile, list) or any(v not in VOLATILE for v in volatile):
+    if not isinstance(volatile, list) or any(not isinstance(v, str) or v not in VOLATILE for v in volatile):
         raise ConfigError(f"{where}.volatile",
                           f"must be a list of: {', '.join(sorted(VOLATILE))} (got {volatile!r})")
     if mode != "replay":

@@ -1,0 +1,157 @@
+"""A small namespace topology for moving TCP endpoints between hosts (tests, benchmark).
+
+Theory of operation
+-------------------
+tcpcp's section 2.2 demonstrates passing with a static route on a gateway:
+the service address lives on one server, the gateway routes it there, and
+a move re-points the route.  This module builds exactly that, with its own
+namespaces (default prefix ``rp-``; never the lab's ``lab-*``)::
+
+    rp-c  192.0.2.10 ── c0 192.0.2.1   rp-g   a0 198.51.100.1 ── 198.51.100.2  rp-a
+                                             b0 198.51.100.5 ── 198.51.100.6  rp-b
+                                             d0 198.51.100.9 ── 198.51.100.10 rp-d
+
+The service address (``203.0.113.10/32``) sits on the loopback of the host
+that owns the connection; ``rp-g`` routes it there.  A move is:
+
+1. *hold*: ``rp-g`` blackholes the service address (the client's segments
+   are dropped, it retransmits later: the gateway's hold, the cheap way);
+2. ``get()`` on the origin, which then closes its isolated socket;
+3. the address moves from the origin's loopback to the destination's;
+4. ``create()`` on the destination;
+5. *release*: ``rp-g`` routes the address to the destination;
+6. ``activate()``.
+
+Every veth is created from inside a namespace (``ip -n``), so nothing is
+ever named in the host's namespace; :meth:`Topology.down` removes the
+namespaces (and with them every veth and process in them).
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+
+from . import netns
+
+SERVICE_ADDR = "203.0.113.10"
+CLIENT_ADDR = "192.0.2.10"
+GATEWAY_CLIENT_ADDR = "192.0.2.1"
+# server host name -> (gateway side, host side) of its /30
+SERVER_LINKS = {"a": ("198.51.100.1", "198.51.100.2"),
+                "b": ("198.51.100.5", "198.51.100.6"),
+                "d": ("198.51.100.9", "198.51.100.10")}
+
+
+@dataclass
+class Topology:
+    prefix: str = "rp-"
+    servers: tuple[str, ...] = ("a", "b")
+    owner: str | None = None                  # server host holding the service address
+    made: list[str] = field(default_factory=list)
+
+    def ns(self, host: str) -> str:
+        return self.prefix + host
+
+    def addr(self, host: str) -> str:
+        """A host's own address (the agents' channel runs over these)."""
+        return CLIENT_ADDR if host == "c" else SERVER_LINKS[host][1]
+
+    # --- building ------------------------------------------------------------------
+
+    def up(self, owner: str = "a") -> "Topology":
+        self.down()
+        try:
+            for host in ("g", "c", *self.servers):
+                netns.add(self.ns(host))
+                self.made.append(self.ns(host))
+            g = self.ns("g")
+            netns.ip("link", "add", "c0", "type", "veth", "peer", "name", "eth0", "netns", self.ns("c"), ns=g)
+            netns.ip("addr", "add", f"{GATEWAY_CLIENT_ADDR}/24", "dev", "c0", ns=g)
+            netns.ip("link", "set", "c0", "up", ns=g)
+            c = self.ns("c")
+            netns.ip("addr", "add", f"{CLIENT_ADDR}/24", "dev", "eth0", ns=c)
+            netns.ip("link", "set", "eth0", "up", ns=c)
+            netns.ip("route", "add", "default", "via", GATEWAY_CLIENT_ADDR, ns=c)
+            for host in self.servers:
+                gw_side, host_side = SERVER_LINKS[host]
+                h = self.ns(host)
+                netns.ip("link", "add", f"{host}0", "type", "veth", "peer", "name", "eth0", "netns", h, ns=g)
+                netns.ip("addr", "add", f"{gw_side}/30", "dev", f"{host}0", ns=g)
+                netns.ip("link", "set", f"{host}0", "up", ns=g)
+                netns.ip("addr", "add", f"{host_side}/30", "dev", "eth0", ns=h)
+                netns.ip("link", "set", "eth0", "up", ns=h)
+                netns.ip("route", "add", "default", "via", gw_side, ns=h)
+            netns.call_in(g, _enable_forwarding)
+            self.place(owner)
+            self.route_to(owner)
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+    def down(self) -> None:
+        for host in ("c", "g", "a", "b", "d"):
+            netns.delete(self.ns(host))
+        self.made.clear()
+        self.owner = None
+
+    # --- moving the service address ------------------------------------------------------
+
+    def place(self, host: str) -> None:
+        """The service address on ``host``'s loopback (and nowhere else)."""
+        for other in self.servers:
+            if other != host:
+                netns.ip("addr", "del", f"{SERVICE_ADDR}/32", "dev", "lo", ns=self.ns(other), check=False)
+        netns.ip("addr", "replace", f"{SERVICE_ADDR}/32", "dev", "lo", ns=self.ns(host))
+        self.owner = host
+
+    def hold(self) -> None:
+        """Drop the client's segments for the service at the gateway (isolation)."""
+        netns.ip("route", "replace", "blackhole", f"{SERVICE_ADDR}/32", ns=self.ns("g"))
+
+    def route_to(self, host: str) -> None:
+        """Forward the service address to ``host`` (release)."""
+        netns.ip("route", "replace", f"{SERVICE_ADDR}/32", "via", SERVER_LINKS[host][1], ns=self.ns("g"))
+
+    def socket(self, host: str) -> socket.socket:
+        return netns.socket_in(self.ns(host))
+
+
+def _enable_forwarding() -> None:
+    with open("/proc/sys/net/ipv4/ip_forward", "w") as f:
+        f.write("1\n")
+
+
+def move(topo: Topology, sock: socket.socket, to: str, *, port_choice: str = "same") -> tuple[socket.socket, dict[str, float | int]]:
+    """Move the connection of ``sock`` (on ``topo.owner``) to host ``to``.
+
+    The ICI crosses as its JSON document, as it would between hosts.
+    Returns the new, active socket and the phases' durations in seconds
+    (``hold_to_release`` is what the client can notice).
+    """
+    import json
+    import time
+
+    from checkpoint import repair
+
+    t0 = time.perf_counter()
+    topo.hold()
+    t1 = time.perf_counter()
+    ici = repair.get(sock)
+    doc = json.dumps(ici.to_dict())
+    sock.close()                       # isolated: no FIN, no RST
+    t2 = time.perf_counter()
+    topo.place(to)
+    t3 = time.perf_counter()
+    new = netns.call_in(topo.ns(to), lambda: repair.create(repair.Ici.from_dict(json.loads(doc)),
+                                                           port_choice=port_choice))
+    t4 = time.perf_counter()
+    topo.route_to(to)
+    t5 = time.perf_counter()
+    repair.activate(new)
+    t6 = time.perf_counter()
+    return new, {"hold": t1 - t0, "get": t2 - t1, "address": t3 - t2, "create": t4 - t3,
+                 "release": t5 - t4, "activate": t6 - t5, "library": (t2 - t1) + (t4 - t3) + (t6 - t5),
+                 "hold_to_release": t6 - t0, "sent_queue": len(ici.sent_queue),
+                 "unsent_queue": len(ici.unsent_queue), "recv_queue": len(ici.recv_queue)}

@@ -1,0 +1,458 @@
+"""The socket ICI: a portable document of one TCP endpoint, and its sanity checks.
+
+Theory of operation
+-------------------
+tcpcp (Almesberger 2004, section 4 and Table 1) calls everything needed to
+re-create a TCP endpoint its *Internal Connection Information*.  :class:`Ici`
+is that document for mainline Linux ``TCP_REPAIR``: the connection's
+identity, its sequence numbers, the options fixed at the handshake (MSS,
+window scales, SACK-permitted, timestamps), the flow-control windows
+(``TCP_REPAIR_WINDOW``), the timestamp clock, and the three queues CRIU's
+libsoccr carries:
+
+* ``sent_queue`` — bytes sent but not yet acknowledged, starting at
+  ``snd_una`` and ending at ``snd_nxt``;
+* ``unsent_queue`` — bytes the application wrote that were never sent
+  (they follow ``snd_nxt``);
+* ``recv_queue`` — bytes received (and acknowledged) that the application
+  has not read yet; they end at ``rcv_nxt``.
+
+The document is versioned and JSON-able (``to_dict``/``from_dict``, queues
+in base64) so it can cross hosts and architectures (tcpcp 4: "the ICI is
+portable").  All sequence numbers are modulo 2**32.
+
+*Stream offsets.*  tcpcp 6 maps sequence numbers to application state (a
+file position).  ``send_base``/``recv_base`` are the sequence numbers of
+stream byte 0 in each direction (ISN + 1), when known; then
+``out_offset`` (the offset of the next byte the application writes) and
+``in_offset`` (the next byte it reads) follow.
+
+*Sanity checks (tcpcp 7.1).*  :func:`check_ici` is a pure function of the
+document and the local limits (:class:`Limits`): it refuses, naming the
+field, anything the kernel must not be handed — a state other than
+ESTABLISHED, sequence numbers that disagree with the queue lengths, window
+scales above 14, an MSS outside what Linux accepts, windows that the
+peer's or our window scale cannot express or that exceed the local buffer
+limits, queues larger than the local buffers.  ``create()`` runs it before
+the first system call.
+
+*From the wire.*  The gateway keeps the same information learnt from the
+wire (:class:`checkpoint.ici.ConnectionRecord`).  :func:`ici_from_record`
+turns a wire checkpoint plus the client bytes the server application has
+not consumed yet into an :class:`Ici` for the *server* endpoint, and
+:func:`record_fields_from_ici` goes the other way for the fields a record
+knows, so a checkpoint from the wire and one from a socket are
+interchangeable where they overlap.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import math
+import time
+from dataclasses import MISSING, dataclass, fields
+from typing import Any
+
+from .seqnum import MASK, MAX_JUMP, seq_add, seq_diff
+
+ICI_VERSION = 1
+MAX_WSCALE = 14          # RFC 7323 section 2.3; the kernel answers EFBIG above
+MIN_MSS = 88             # TCP_MIN_MSS in include/net/tcp.h
+MAX_MSS = 65535 - 40     # an IPv4 datagram's payload minus the minimum TCP header
+PORT_CHOICES = ("same", "prebound", "any")   # tcpcp 2.1
+
+
+class IciError(ValueError):
+    """An ICI refused by the sanity checks; ``field`` names the culprit."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"ici.{field_name}: {message}")
+        self.field = field_name
+
+
+@dataclass(slots=True)
+class Limits:
+    """The local system's constraints an ICI must fit (tcpcp 7.1)."""
+
+    rmem_max: int = 6 * 1024 * 1024     # tcp_rmem[2]: largest receive buffer
+    wmem_max: int = 4 * 1024 * 1024     # tcp_wmem[2]: largest send buffer
+    max_future_seconds: float = 5.0     # clock skew tolerated on ``taken_at``
+
+    @classmethod
+    def read(cls) -> "Limits":
+        """The limits of the network namespace of the calling thread."""
+
+        def third(path: str, default: int) -> int:
+            try:
+                with open(path) as f:
+                    return int(f.read().split()[2])
+            except (OSError, ValueError, IndexError):
+                return default
+
+        return cls(rmem_max=third("/proc/sys/net/ipv4/tcp_rmem", cls.rmem_max),
+                   wmem_max=third("/proc/sys/net/ipv4/tcp_wmem", cls.wmem_max))
+
+
+@dataclass(slots=True)
+class Ici:
+    """One TCP endpoint, as ``get()`` reads it and ``create()`` needs it."""
+
+    local_addr: str
+    local_port: int
+    remote_addr: str
+    remote_port: int
+    snd_una: int                    # first unacknowledged byte (start of sent_queue)
+    snd_nxt: int                    # next byte to send (end of sent_queue)
+    rcv_nxt: int                    # next byte expected from the peer (end of recv_queue)
+    mss: int                        # MSS clamp (TCP_MAXSEG)
+    snd_wscale: int | None = None   # the peer's shift (applied to windows we receive)
+    rcv_wscale: int | None = None   # our shift (applied to windows we announce)
+    sack_permitted: bool = False
+    timestamps: bool = False
+    ts_val: int | None = None       # TCP_TIMESTAMP when taken: our clock incl. offset
+    ts_hz: int = 1000               # our timestamp clock rate (Linux: 1 kHz; usec mode 1 MHz)
+    taken_at: float = 0.0           # wall-clock time of ts_val (seconds since the epoch)
+    snd_wl1: int | None = None      # TCP_REPAIR_WINDOW (None: not carried)
+    snd_wnd: int = 0                # window the peer announced, bytes
+    max_window: int = 0             # largest window the peer announced, bytes
+    rcv_wnd: int = 0                # window we announced, bytes
+    rcv_wup: int = 0                # rcv_nxt when we last announced it
+    sent_queue: bytes = b""
+    unsent_queue: bytes = b""
+    recv_queue: bytes = b""
+    send_base: int | None = None    # sequence number of outbound stream byte 0
+    recv_base: int | None = None    # sequence number of inbound stream byte 0
+    state: str = "ESTABLISHED"
+    family: str = "ipv4"
+    version: int = ICI_VERSION
+
+    # --- derived ------------------------------------------------------------------
+
+    @property
+    def write_seq(self) -> int:
+        """Sequence number after the last byte the application wrote."""
+        return seq_add(self.snd_nxt, len(self.unsent_queue))
+
+    @property
+    def copied_seq(self) -> int:
+        """Sequence number of the next byte the application will read."""
+        return seq_add(self.rcv_nxt, -len(self.recv_queue))
+
+    @property
+    def out_offset(self) -> int | None:
+        """Stream offset of the next byte the application writes (None: base unknown)."""
+        return None if self.send_base is None else seq_diff(self.write_seq, self.send_base)
+
+    @property
+    def in_offset(self) -> int | None:
+        """Stream offset of the next byte the application reads (None: base unknown)."""
+        return None if self.recv_base is None else seq_diff(self.copied_seq, self.recv_base)
+
+    @property
+    def acked_offset(self) -> int | None:
+        """Stream offset up to which the peer acknowledged our bytes."""
+        return None if self.send_base is None else seq_diff(self.snd_una, self.send_base)
+
+    def ts_now(self, now: float | None = None) -> int | None:
+        """A conservative TSval for *now*: never below what the peer saw (tcpcp 6.1).
+
+        ``ts_val`` was read when the ICI was taken; the ticks since then are
+        estimated from the wall clock, rounded up, plus one tick.
+        """
+        if self.ts_val is None:
+            return None
+        now = time.time() if now is None else now
+        elapsed = max(0.0, now - self.taken_at) if self.taken_at else 0.0
+        v = (self.ts_val + math.ceil(elapsed * self.ts_hz) + 2) & MASK
+        # the low bit is the kernel's mode flag: set in usec mode, clear in ms mode
+        return v | 1 if self.ts_val & 1 else v & ~1
+
+    # --- the document -------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            d[f.name] = base64.b64encode(v).decode("ascii") if isinstance(v, bytes) else v
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Ici":
+        """The document back; a missing, unknown or mistyped field is named."""
+        if not isinstance(d, dict):
+            raise IciError("<document>", f"expected an object, got {type(d).__name__}")
+        version = d.get("version", None)
+        if version != ICI_VERSION:
+            raise IciError("version", f"{version!r} is not supported (this library reads {ICI_VERSION})")
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise IciError(unknown[0], "unknown field")
+        kwargs: dict[str, Any] = {}
+        for name, f in known.items():
+            if name not in d:
+                if f.default is MISSING and f.default_factory is MISSING:
+                    raise IciError(name, "missing")
+                continue
+            v = d[name]
+            if name in _BYTES_FIELDS:
+                if not isinstance(v, str):
+                    raise IciError(name, "expected base64 text")
+                try:
+                    v = base64.b64decode(v.encode("ascii"), validate=True)
+                except (ValueError, UnicodeEncodeError) as exc:
+                    raise IciError(name, f"not base64: {exc}") from None
+            elif name in _INT_FIELDS:
+                if v is None and name in _OPTIONAL_FIELDS:
+                    pass
+                elif isinstance(v, bool) or not isinstance(v, int):
+                    raise IciError(name, f"expected an integer, got {v!r}")
+            elif name in _BOOL_FIELDS:
+                if not isinstance(v, bool):
+                    raise IciError(name, f"expected true or false, got {v!r}")
+            elif name in _STR_FIELDS:
+                if not isinstance(v, str):
+                    raise IciError(name, f"expected a string, got {v!r}")
+            elif name == "taken_at":
+                if isinstance(v, bool) or not isinstance(v, (int, float)):
+                    raise IciError(name, f"expected a number, got {v!r}")
+                v = float(v)
+            kwargs[name] = v
+        return cls(**kwargs)
+
+
+_BYTES_FIELDS = {"sent_queue", "unsent_queue", "recv_queue"}
+_BOOL_FIELDS = {"sack_permitted", "timestamps"}
+_STR_FIELDS = {"local_addr", "remote_addr", "state", "family"}
+_OPTIONAL_FIELDS = {"snd_wscale", "rcv_wscale", "ts_val", "snd_wl1", "send_base", "recv_base"}
+_INT_FIELDS = {"local_port", "remote_port", "snd_una", "snd_nxt", "rcv_nxt", "mss", "snd_wscale",
+               "rcv_wscale", "ts_val", "ts_hz", "snd_wl1", "snd_wnd", "max_window", "rcv_wnd",
+               "rcv_wup", "send_base", "recv_base", "version"}
+
+
+# --- sanity checks (tcpcp 7.1) -------------------------------------------------------
+
+def _u32(ici: Ici, name: str, optional: bool = False) -> None:
+    v = getattr(ici, name)
+    if v is None and optional:
+        return
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise IciError(name, f"expected an integer, got {v!r}")
+    if not 0 <= v <= MASK:
+        raise IciError(name, f"{v} is not a 32-bit unsigned value")
+
+
+def _ipv4(ici: Ici, name: str) -> None:
+    v = getattr(ici, name)
+    try:
+        ipaddress.IPv4Address(v)
+    except (ipaddress.AddressValueError, ValueError, TypeError):
+        raise IciError(name, f"{v!r} is not an IPv4 address") from None
+
+
+def _port(ici: Ici, name: str, zero_ok: bool) -> None:
+    v = getattr(ici, name)
+    if isinstance(v, bool) or not isinstance(v, int) or not (0 if zero_ok else 1) <= v <= 65535:
+        raise IciError(name, f"{v!r} is not a port number{'' if zero_ok else ' (1-65535)'}")
+
+
+def check_ici(ici: Ici, limits: Limits | None = None, port_choice: str = "same",
+              now: float | None = None) -> None:
+    """Refuse an ICI the kernel must not be handed; raises :class:`IciError`.
+
+    Pure: looks at nothing but its arguments (``limits`` defaults to
+    :class:`Limits`' built-in values, ``now`` to the clock).
+    """
+    limits = limits if limits is not None else Limits()
+    if port_choice not in PORT_CHOICES:
+        raise ValueError(f"port_choice: {port_choice!r} is not one of {', '.join(PORT_CHOICES)}")
+    if ici.version != ICI_VERSION:
+        raise IciError("version", f"{ici.version!r} is not supported (this library reads {ICI_VERSION})")
+    if ici.family != "ipv4":
+        raise IciError("family", f"{ici.family!r} is not supported (ipv4 only, like tcpcp)")
+    if ici.state != "ESTABLISHED":
+        raise IciError("state", f"{ici.state!r}: only ESTABLISHED connections can be created")
+    _ipv4(ici, "local_addr")
+    _ipv4(ici, "remote_addr")
+    _port(ici, "local_port", zero_ok=port_choice != "same")
+    _port(ici, "remote_port", zero_ok=False)
+    for name in ("snd_una", "snd_nxt", "rcv_nxt", "snd_wnd", "max_window", "rcv_wnd", "rcv_wup"):
+        _u32(ici, name)
+    for name in ("snd_wl1", "ts_val", "send_base", "recv_base"):
+        _u32(ici, name, optional=True)
+    for name in _BYTES_FIELDS:
+        if not isinstance(getattr(ici, name), (bytes, bytearray)):
+            raise IciError(name, "expected bytes")
+
+    # options fixed at the handshake
+    if isinstance(ici.mss, bool) or not isinstance(ici.mss, int) or not MIN_MSS <= ici.mss <= MAX_MSS:
+        raise IciError("mss", f"{ici.mss!r} is outside {MIN_MSS}..{MAX_MSS}")
+    if (ici.snd_wscale is None) != (ici.rcv_wscale is None):
+        raise IciError("snd_wscale" if ici.snd_wscale is None else "rcv_wscale",
+                       "window scaling is on for one direction only: both scales or neither")
+    for name in ("snd_wscale", "rcv_wscale"):
+        v = getattr(ici, name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_WSCALE):
+            raise IciError(name, f"{v!r} is outside 0..{MAX_WSCALE}")
+    for name in ("sack_permitted", "timestamps"):
+        if not isinstance(getattr(ici, name), bool):
+            raise IciError(name, "expected true or false")
+    if ici.timestamps:
+        if ici.ts_val is None:
+            raise IciError("ts_val", "timestamps are on but no clock value was taken")
+        if isinstance(ici.ts_hz, bool) or not isinstance(ici.ts_hz, int) or not 1 <= ici.ts_hz <= 1_000_000:
+            raise IciError("ts_hz", f"{ici.ts_hz!r} is outside 1..1000000")
+        if not isinstance(ici.taken_at, (int, float)) or not math.isfinite(ici.taken_at) or ici.taken_at < 0:
+            raise IciError("taken_at", f"{ici.taken_at!r} is not a time")
+        now = time.time() if now is None else now
+        if ici.taken_at > now + limits.max_future_seconds:
+            raise IciError("taken_at", f"{ici.taken_at - now:.1f} s in the future (clock skew?)")
+        # tcpcp 6.1: a checkpoint older than the MSL is not used
+        if ici.taken_at and now - ici.taken_at > 120:
+            raise IciError("taken_at", f"{now - ici.taken_at:.0f} s old: older than the MSL (120 s)")
+    elif ici.ts_val is not None:
+        raise IciError("ts_val", "set although timestamps are off")
+
+    # queues against the local buffers
+    sent, unsent, recv = len(ici.sent_queue), len(ici.unsent_queue), len(ici.recv_queue)
+    if sent + unsent > limits.wmem_max:
+        raise IciError("sent_queue", f"{sent} + {unsent} unsent bytes exceed the send buffer limit {limits.wmem_max}")
+    if recv > limits.rmem_max:
+        raise IciError("recv_queue", f"{recv} bytes exceed the receive buffer limit {limits.rmem_max}")
+
+    # sequence consistency
+    d = (ici.snd_nxt - ici.snd_una) & MASK
+    if d != sent:
+        raise IciError("snd_nxt", f"snd_nxt - snd_una = {d} but sent_queue holds {sent} bytes")
+    if ici.send_base is not None:
+        off = seq_diff(ici.snd_una, ici.send_base)
+        if not 0 <= off < MAX_JUMP * 2 - (sent + unsent):
+            raise IciError("send_base", f"snd_una is {off} bytes from it: not within 0..2**31")
+    if ici.recv_base is not None:
+        off = seq_diff(ici.copied_seq, ici.recv_base)
+        if not 0 <= off < MAX_JUMP * 2 - recv:
+            raise IciError("recv_base", f"the first unread byte is {off} bytes from it: not within 0..2**31")
+
+    # windows (tcp_repair_set_window's rules, and what the scales can express)
+    peer_max = 65535 << (ici.snd_wscale or 0)
+    our_max = 65535 << (ici.rcv_wscale or 0)
+    if ici.snd_wl1 is not None:
+        if ici.snd_wnd > ici.max_window:
+            raise IciError("snd_wnd", f"{ici.snd_wnd} exceeds max_window {ici.max_window}")
+        if ici.max_window > peer_max:
+            raise IciError("max_window", f"{ici.max_window} cannot be announced with snd_wscale {ici.snd_wscale}")
+        if ici.rcv_wnd > our_max:
+            raise IciError("rcv_wnd", f"{ici.rcv_wnd} cannot be announced with rcv_wscale {ici.rcv_wscale}")
+        if ici.rcv_wnd > limits.rmem_max:
+            raise IciError("rcv_wnd", f"{ici.rcv_wnd} exceeds the receive buffer limit {limits.rmem_max}")
+        if seq_diff(ici.rcv_wup, ici.rcv_nxt) > 0:
+            raise IciError("rcv_wup", "is after rcv_nxt")
+        if seq_diff(ici.rcv_nxt, ici.rcv_wup) > ici.rcv_wnd + recv + MAX_MSS:
+            raise IciError("rcv_wup", "is further below rcv_nxt than the window allows")
+        if seq_diff(ici.snd_wl1, seq_add(ici.rcv_nxt, ici.rcv_wnd)) > 0:
+            raise IciError("snd_wl1", "is after rcv_nxt + rcv_wnd")
+        if seq_diff(ici.rcv_nxt, ici.snd_wl1) > MAX_JUMP:
+            raise IciError("snd_wl1", "is implausibly far below rcv_nxt")
+
+
+# --- the wire record ---------------------------------------------------------------
+
+def ici_from_record(rec: Any, *, client_bytes: bytes = b"", consumed: int = 0,
+                    local_addr: str | None = None, local_port: int | None = None,
+                    now: float | None = None) -> Ici:
+    """The *server* endpoint of a wire checkpoint, for ``create()`` on a backup.
+
+    ``rec`` is a :class:`checkpoint.ici.ConnectionRecord` (only read).
+    ``consumed`` is the stream offset of the first client byte the server
+    application has *not* consumed (its last reported input offset) and
+    ``client_bytes`` the client's bytes from there on (from the gateway's
+    log); they become the receive queue, so the application reads them
+    first.  Outbound, the new endpoint starts at what the client
+    acknowledged (``rec.client.ack``): nothing in flight, the application
+    resumes writing at ``out_offset`` = that point's stream offset, and a
+    client ACK above it (bytes the dead server sent) is the case tcpcp 6.1
+    and the gateway's I6 rule handle.  The local address defaults to the
+    service address the client knows (``rec.vip``:``rec.vport``).
+    """
+    c, s = rec.client, rec.server
+    if s.data_base is None or c.data_base is None:
+        raise IciError("send_base", "the record has no stream base (picked up mid-stream?)")
+    if c.ack is None:
+        raise IciError("snd_una", "the client never acknowledged anything: no outbound position")
+    if c.mss is None:
+        raise IciError("mss", "the client's SYN carried no MSS (not seen)")
+    if consumed < 0:
+        raise IciError("recv_base", f"consumed offset {consumed} is negative")
+    logged = c.bytes
+    if consumed + len(client_bytes) > logged or consumed > logged:
+        raise IciError("recv_queue", f"client bytes {consumed}..{consumed + len(client_bytes)} go beyond "
+                                     f"what the client sent ({logged})")
+    wscale_ok = rec.wscale_ok
+    snd_una = c.ack
+    rcv_nxt = seq_add(c.data_base, consumed + len(client_bytes))
+    ts_on = bool(rec.ts_ok and s.tsval is not None)
+    tick = s.tick_rate
+    ts_hz = 1000 if tick is None else max(1, min(1_000_000, int(math.ceil(tick))))
+    rcv_wnd = max(s.window, len(client_bytes))
+    return Ici(
+        local_addr=local_addr or rec.vip,
+        local_port=rec.vport if local_port is None else local_port,
+        remote_addr=rec.client_ip,
+        remote_port=rec.client_port,
+        snd_una=snd_una,
+        snd_nxt=snd_una,
+        rcv_nxt=rcv_nxt,
+        mss=max(MIN_MSS, min(MAX_MSS, c.mss)),
+        snd_wscale=c.wscale if wscale_ok else None,
+        rcv_wscale=s.wscale if wscale_ok else None,
+        sack_permitted=rec.sack_ok,
+        timestamps=ts_on,
+        ts_val=((s.tsval + 1) & ~1) & MASK if ts_on else None,   # even: the kernel's ms mode
+        ts_hz=ts_hz,
+        taken_at=rec.last_seen if ts_on else 0.0,
+        snd_wl1=rcv_nxt,
+        snd_wnd=c.window,
+        max_window=max(c.max_window, c.window),
+        rcv_wnd=rcv_wnd,
+        rcv_wup=rcv_nxt,
+        recv_queue=bytes(client_bytes),
+        send_base=s.data_base,
+        recv_base=c.data_base,
+    )
+
+
+def record_fields_from_ici(ici: Ici) -> dict[str, dict[str, Any]]:
+    """What a :class:`ConnectionRecord`'s halves would say about this endpoint.
+
+    Returns ``{"server": {...}, "client": {...}}`` with the
+    :class:`HalfConnection` field names, taking the socket's endpoint as the
+    server (as the gateway sees a backend).  Only fields a socket knows are
+    filled; the caller merges them into a record.
+    """
+    server: dict[str, Any] = {
+        "next_seq": ici.snd_nxt,
+        "ack": ici.rcv_nxt,
+        "window": ici.rcv_wnd,
+        "mss": ici.mss,
+        "wscale": ici.rcv_wscale,
+        "sack_permitted": ici.sack_permitted,
+        "ts_offered": ici.timestamps,
+        "tsval": ici.ts_val,
+        "data_base": ici.send_base,
+    }
+    client: dict[str, Any] = {
+        "ack": ici.snd_una,
+        "window": ici.snd_wnd,
+        "max_window": ici.max_window,
+        "wscale": ici.snd_wscale,
+        "sack_permitted": ici.sack_permitted,
+        "ts_offered": ici.timestamps,
+        "data_base": ici.recv_base,
+        "next_seq": ici.rcv_nxt,
+    }
+    return {"server": server, "client": client}
+
+
+__all__ = ["ICI_VERSION", "Ici", "IciError", "Limits", "PORT_CHOICES", "check_ici",
+           "ici_from_record", "record_fields_from_ici"]

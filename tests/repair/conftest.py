@@ -1,0 +1,63 @@
+"""Fixtures for the endpoint-passing tests: their own namespaces (``rp-*``),
+always removed again, also when a test fails."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from appliance.repair_topology import SERVICE_ADDR, Topology
+
+LOCK = "/run/appliance-repair-tests.lock"
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        pytest.fail("the TCP_REPAIR tests need root (namespaces, CAP_NET_ADMIN)")
+
+
+@pytest.fixture(scope="session")
+def repair_lock() -> Iterator[None]:
+    """One run at a time: the rp-* namespace names are fixed."""
+    require_root()
+    with open(LOCK, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+
+
+@pytest.fixture
+def topo(repair_lock: None) -> Iterator[Topology]:
+    """rp-c (client), rp-g (router), rp-a and rp-b (servers); the service address on rp-a."""
+    t = Topology()
+    try:
+        yield t.up(owner="a")
+    finally:
+        t.down()
+
+
+@pytest.fixture
+def connected(topo: Topology) -> Iterator[tuple[socket.socket, socket.socket]]:
+    """(client socket in rp-c, accepted server socket in rp-a) on port 7000."""
+    lst = topo.socket("a")
+    lst.bind((SERVICE_ADDR, 7000))
+    lst.listen()
+    cli = topo.socket("c")
+    cli.settimeout(10)
+    cli.connect((SERVICE_ADDR, 7000))
+    srv, _ = lst.accept()
+    lst.close()
+    try:
+        yield cli, srv
+    finally:
+        cli.close()
+        srv.close()
+
+
+@pytest.fixture
+def pcap(tmp_path: Path) -> Path:
+    return tmp_path / "client.pcap"

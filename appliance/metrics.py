@@ -1,0 +1,175 @@
+"""``GET /metrics``: the gateway's state in the Prometheus text format (``gateway_*``).
+
+Gauges are read from the gateway at scrape time.  Counters must never go
+back, but the event log is a bounded ring: :class:`Metrics` folds the events
+it has not seen yet (by id) into its own running totals on every scrape, so
+failovers, divergences and resets are counted once each, whatever the ring
+forgot since.  Queue drops come from the kernel
+(``/proc/net/netfilter/nfnetlink_queue``: packets the queue had no room for,
+and packets the kernel could not hand to user space) for the queues the
+appliance binds.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+NFQ_PROC = Path("/proc/net/netfilter/nfnetlink_queue")
+
+
+def failover_reason(reason: str) -> str:
+    """A failover's free-text reason as a small label set."""
+    r = reason.lower()
+    if r.startswith("health"):
+        return "health"
+    if r.startswith("manual"):
+        return "manual"
+    if r.startswith("admin"):
+        return "admin"
+    if "closed" in r and "probe" in r:
+        return "backend_closed"
+    return "other"
+
+
+def _esc(v: str) -> str:
+    return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(labels: dict[str, Any]) -> str:
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{k}="{_esc(str(v))}"' for k, v in labels.items()) + "}"
+
+
+class _Writer:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def family(self, name: str, kind: str, help_: str, samples: list[tuple[dict[str, Any], float]]) -> None:
+        # the text format (0.0.4) names a counter's family with its _total suffix
+        full = name + "_total" if kind == "counter" else name
+        self.lines.append(f"# HELP {full} {help_}")
+        self.lines.append(f"# TYPE {full} {kind}")
+        for labels, value in samples:
+            self.lines.append(f"{full}{_labels(labels)} {float(value)!r}")
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+def kernel_queue_drops(path: Path = NFQ_PROC) -> dict[int, dict[str, int]]:
+    """Per queue number: queue_dropped (queue full) and user_dropped (netlink buffer full)."""
+    out: dict[int, dict[str, int]] = {}
+    try:
+        text = path.read_text()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        f = line.split()
+        if len(f) >= 7 and f[0].isdigit():
+            out[int(f[0])] = {"queue_full": int(f[5]), "user_space": int(f[6])}
+    return out
+
+
+class Metrics:
+    """Running counters over the event log, and the text of one scrape."""
+
+    def __init__(self, gw: Any) -> None:
+        self.gw = gw
+        self._seen = 0
+        self.failovers: dict[tuple[str, str], int] = defaultdict(int)
+        self.events: dict[str, int] = defaultdict(int)
+        self.moves: dict[str, int] = defaultdict(int)
+
+    def _fold_events(self) -> None:
+        for e in self.gw.events.list(since_id=self._seen, limit=None):
+            self._seen = e.id
+            self.events[e.kind] += 1
+            if e.kind == "failover":
+                self.failovers[(e.service or "", failover_reason(e.reason))] += 1
+            elif e.kind == "migration" and e.reason == "moved":
+                self.moves[e.service or ""] += 1
+
+    def render(self) -> str:
+        gw = self.gw
+        self._fold_events()
+        st = gw.status()
+        services = gw.services()
+        conns = gw.connections()
+        w = _Writer()
+        w.family("gateway_uptime_seconds", "gauge", "Seconds since the appliance started.",
+                 [({}, st["uptime_seconds"])])
+        by_state: dict[tuple[str, str], int] = defaultdict(int)
+        prot: dict[str, int] = defaultdict(int)
+        lag_max: dict[str, float] = defaultdict(float)
+        age_max: dict[str, float] = defaultdict(float)
+        for c in conns:
+            svc = c.get("service_name") or ""
+            by_state[(svc, c["state"])] += 1
+            prot[svc] += bool(c.get("protected"))
+            lag_max[svc] = max(lag_max[svc], float(c.get("commit_lag") or 0))
+            age = c.get("checkpoint_age", c.get("idle_seconds"))
+            age_max[svc] = max(age_max[svc], float(age or 0))
+        w.family("gateway_tracked_connections", "gauge", "Connections in the table, by service and TCP state.",
+                 [({"service": s, "state": t}, n) for (s, t), n in sorted(by_state.items())])
+        w.family("gateway_protected_connections", "gauge", "Connections that can be failed over, by service.",
+                 [({"service": s}, n) for s, n in sorted(prot.items())])
+        w.family("gateway_checkpoint_lag_bytes", "gauge",
+                 "Largest commit lag of a connection's checkpoint (client bytes not yet committed), by service.",
+                 [({"service": s["name"]}, lag_max.get(s["name"], 0.0)) for s in services])
+        w.family("gateway_checkpoint_age_seconds", "gauge",
+                 "Oldest checkpoint of a tracked connection (seconds since it was last updated), by service.",
+                 [({"service": s["name"]}, age_max.get(s["name"], 0.0)) for s in services])
+        up, admin, bconns = [], [], []
+        for s in services:
+            for b in s["backends"]:
+                lab = {"service": s["name"], "backend": b["name"]}
+                up.append((lab, 1 if b["health"].get("state") == "up" else 0))
+                admin.append(({**lab, "state": b["admin_state"]}, 1))
+                bconns.append((lab, b["connections"]))
+        w.family("gateway_backend_up", "gauge", "1 when the backend's health check says up.", up)
+        w.family("gateway_backend_admin_state", "gauge", "The backend's administrative state (ready/drain/maint).",
+                 admin)
+        w.family("gateway_backend_connections", "gauge", "Open connections pinned to the backend.", bconns)
+        names = [s["name"] for s in services]
+        w.family("gateway_failovers", "counter", "Failovers, by service and reason.",
+                 [({"service": s, "reason": r}, n) for (s, r), n in sorted(self.failovers.items())]
+                 or [({"service": n, "reason": "manual"}, 0) for n in names])
+        w.family("gateway_connections_moved", "counter", "Connections moved to another backend and verified.",
+                 [({"service": s}, self.moves.get(s, 0)) for s in names])
+        w.family("gateway_divergences", "counter", "Moves stopped because the backup's bytes differed.",
+                 [({}, self.events.get("divergence", 0))])
+        w.family("gateway_events", "counter", "Events recorded, by kind.",
+                 [({"kind": k}, n) for k, n in sorted(self.events.items())])
+        verdicts: list[tuple[dict[str, Any], float]] = []
+        errors: list[tuple[dict[str, Any], float]] = []
+        for qname, q in (st.get("queues") or {}).items():
+            for v in ("accepted", "rewritten", "dropped"):
+                verdicts.append(({"queue": qname, "verdict": v}, q.get(v, 0)))
+            errors.append(({"queue": qname}, q.get("handler_errors", 0)))
+        w.family("gateway_packets", "counter", "Packets given a verdict, by queue and verdict.", verdicts)
+        w.family("gateway_handler_errors", "counter", "Packets whose handler raised, by queue.", errors)
+        dp = st.get("dataplane") or {}
+        w.family("gateway_malformed_packets", "counter", "Packets that did not parse as IPv4/TCP.",
+                 [({}, dp.get("malformed", 0))])
+        w.family("gateway_fenced_drops", "counter", "Packets of an old backend dropped for a moved connection.",
+                 [({}, dp.get("fenced_drops", 0))])
+        base = gw.config.gateway.queue_num
+        drops = kernel_queue_drops()
+        qd = []
+        for i, qname in enumerate(("held", "return", "observed")):
+            d = drops.get(base + i)
+            if d is not None:
+                for why, n in d.items():
+                    qd.append(({"queue": qname, "reason": why}, n))
+        w.family("gateway_queue_drops", "counter", "Packets the kernel dropped before the appliance saw them.", qd)
+        t = st.get("table") or {}
+        w.family("gateway_table_refused", "counter", "New connections refused because the table was full.",
+                 [({}, t.get("refused_full", 0))])
+        lf = st.get("last_failover")
+        w.family("gateway_last_failover_duration_seconds", "gauge",
+                 "How long the last failover took, from its start to the last connection verified.",
+                 [({"service": lf["service"]}, (lf["duration_ms"] or 0) / 1000)] if lf else [])
+        return w.text()

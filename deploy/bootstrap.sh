@@ -13,7 +13,8 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 packages=(iptables nftables iproute2 procps libnetfilter-queue-dev libnfnetlink-dev nginx-light curl
-          iperf3 tcpdump ethtool build-essential python3-dev python3-venv)
+          iperf3 tcpdump ethtool build-essential python3-dev python3-venv
+          chromium fonts-liberation)  # chromium: the panel's browser tests (Playwright drives it headless)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

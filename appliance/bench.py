@@ -229,3 +229,62 @@ def failover_bench(runs: int = 10, connections: tuple[int, ...] = (1, 100)) -> d
     lab.down_appliance_state()
     lab.up()
     return results
+
+
+# --- uploads per checkpoint store mode --------------------------------------------------
+
+def _upload(url: str, body: Path) -> float:
+    res = subprocess.run(
+        ["ip", "netns", "exec", "lab-client", "curl", "-sS", "--fail", "-H", "Expect:", "--data-binary", f"@{body}",
+         "-o", "/dev/null", "-w", "%{size_upload} %{time_total}", url],
+        capture_output=True, text=True, timeout=600,
+    )
+    if res.returncode != 0:
+        raise RuntimeError(f"curl upload {url}: {res.stderr.strip()}")
+    size, secs = res.stdout.split()
+    return int(size) * 8 / float(secs) / 1e9
+
+
+def upload_bench(rounds: int = 3, body_name: str = "100M.bin") -> dict[str, Any]:
+    """Upload throughput (curl POST to the upload app) plain and through the
+    gateway, with the checkpoint store in memory and on disk (delayed ACKs)."""
+    info = lab.up()
+    api, token = info["api"], info["token"]
+    body = lab.cache_dir() / "www" / body_name
+    plain = f"http://198.51.100.10:{lab.UPLOAD_PORT}/"
+    vip = f"http://{lab.VIP}:{lab.UPLOAD_PORT}/"
+    modes = {"memory": lab.run_dir() / "gateway.toml",
+             "disk": lab.variant_config("bench-disk", store={"mode": "disk"})}
+    results: dict[str, Any] = {"body": body_name, "rounds": rounds, "cases": {}}
+    try:
+        for mode, cfg in modes.items():
+            lab.stop_appliance()
+            lab.start_appliance(cfg)
+            p, g = [], []
+            for _ in range(rounds):
+                p.append(_upload(plain, body))
+                g.append(_upload(vip, body))
+            from .cli import api_get
+
+            store = api_get("/api/v1/store", api, token)
+            dp = api_get("/api/v1/status", api, token)["dataplane"]
+            results["cases"][f"upload {body_name}, store={mode}"] = {
+                "plain_median_gbps": round(statistics.median(p), 3),
+                "gateway_median_gbps": round(statistics.median(g), 3),
+                "ratio": statistics.median(g) / statistics.median(p),
+                "batches": store.get("batches"), "max_batch_ms": store.get("max_batch_ms"),
+                "acks_held": dp.get("acks_held"), "acks_clamped": dp.get("acks_clamped"),
+            }
+    finally:
+        lab.stop_appliance()
+        lab.start_appliance(lab.run_dir() / "gateway.toml")
+    return results
+
+
+def upload_markdown(results: dict[str, Any]) -> str:
+    lines = ["| case | plain forwarding (Gbit/s) | through the gateway (Gbit/s) | ratio | group commits "
+             "(slowest, ms) | ACKs held / clamped |", "|---|---|---|---|---|---|"]
+    for name, r in results["cases"].items():
+        lines.append(f"| {name} | {r['plain_median_gbps']} | {r['gateway_median_gbps']} | {r['ratio']:.1%} | "
+                     f"{r['batches'] or '-'} ({r['max_batch_ms'] or '-'}) | {r['acks_held']} / {r['acks_clamped']} |")
+    return "\n".join(lines)

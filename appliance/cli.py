@@ -119,6 +119,12 @@ def cmd_lab(args: argparse.Namespace) -> None:
     elif args.lab_cmd == "bench":
         from . import bench
 
+        if args.upload:
+            results = bench.upload_bench(rounds=args.rounds)
+            if args.json:
+                bench.save(results, Path(args.json))
+            print(bench.upload_markdown(results))
+            return
         if args.failover:
             conns = tuple(int(x) for x in args.connections.split(","))
             results = bench.failover_bench(runs=args.rounds, connections=conns)
@@ -331,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--failover", action="store_true",
                     help="measure failover time instead (primary death to first backup byte at the client)")
     bn.add_argument("--connections", default="1,100", help="with --failover: connection counts, comma-separated")
+    bn.add_argument("--upload", action="store_true",
+                    help="measure upload throughput instead, with the checkpoint store in memory and on disk")
     lab.set_defaults(func=cmd_lab)
 
     for name, fn, helptext in (("status", cmd_status, "the gateway's status (via the API)"),

@@ -312,6 +312,31 @@ def gateway_config(hosts: list[Host], token_file: Path) -> str:
     )
 
 
+def variant_config(name: str, gateway: dict[str, object] | None = None,
+                   store: dict[str, object] | None = None) -> Path:
+    """The lab's configuration with settings added to ``[gateway]`` and a
+    ``[store]`` section (a disk store gets a fresh file in the run dir)."""
+    rd = run_dir()
+    text = (rd / "gateway.toml").read_text()
+
+    def toml(v: object) -> str:
+        return json.dumps(v) if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else str(v)
+
+    if gateway:
+        text = text.replace("[gateway]\n", "[gateway]\n" + "".join(f"{k} = {toml(v)}\n" for k, v in gateway.items()), 1)
+    if store is not None:
+        store = dict(store)
+        if store.get("mode") == "disk" and "path" not in store:
+            db = rd / f"checkpoints-{name}.db"
+            for old in rd.glob(db.name + "*"):
+                old.unlink()
+            store["path"] = str(db)
+        text += "\n[store]\n" + "".join(f"{k} = {toml(v)}\n" for k, v in store.items())
+    cfg = rd / f"gateway-{name}.toml"
+    cfg.write_text(text)
+    return cfg
+
+
 def start_appliance(config: Path, extra_args: list[str] | None = None) -> int:
     """Start ``appliance run`` inside lab-gateway, serving the API on a socket
     opened here, in the host namespace (a socket keeps the namespace it was

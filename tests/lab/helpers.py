@@ -60,6 +60,16 @@ def start_download(name: str, out: Path, rate: str | None = None, client: str = 
     return Download(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), out)
 
 
+def start_upload(body: Path, out: Path, rate: str | None = None, client: str = "lab-client") -> Download:
+    """curl POSTs ``body`` to the lab's upload service, which answers with its sha256."""
+    cmd = ["ip", "netns", "exec", client, "curl", "-sS", "--fail", "-H", "Expect:", "--data-binary", f"@{body}",
+           "-o", str(out), "-w", "%{local_port}", "--max-time", "280"]
+    if rate:
+        cmd += ["--limit-rate", rate]
+    cmd.append(f"http://{lab.VIP}:{lab.UPLOAD_PORT}/")
+    return Download(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), out)
+
+
 class Capture:
     """tcpdump in a lab namespace, written packet by packet to a pcap file."""
 

@@ -97,7 +97,8 @@ def check(pcap: Path, client_ip: str, vip: str, vport: int) -> dict[int, ConnRep
             if flags & 0x02 and not flags & 0x10:
                 opened.add(port)
             r = reports.setdefault(port, ConnReport(port))
-            end = (seq + len(payload) + (1 if flags & 3 else 0)) & 0xFFFFFFFF
+            # the length on the wire, not what the capture kept (a short snaplen truncates)
+            end = (seq + total - ihl - thl + (1 if flags & 3 else 0)) & 0xFFFFFFFF
             if port not in client_high or ((end - client_high[port]) & 0xFFFFFFFF) < (1 << 31):
                 client_high[port] = end
             if flags & 0x10 and (port not in last_ack_sent

@@ -1,0 +1,155 @@
+"""Nothing acknowledged is ever lost: uploads through a failover, delayed ACKs
+with a disk store, and an appliance killed and started again (issue 4).
+Real curl, the lab's upload app, tcpdump at the client."""
+
+from __future__ import annotations
+
+import bisect
+import os
+import signal
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from appliance import lab
+from appliance.pcap import packets, tcp_fields
+from checkpoint.seqnum import seq_add, seq_diff
+
+from .helpers import Capture, api, expected_sha, sha256_file, start_download, start_upload, wait_for
+from .invariants import assert_clean, check
+
+pytestmark = pytest.mark.lab
+
+
+@pytest.fixture
+def fresh(lab_up: dict) -> Iterator[dict]:
+    for host in ("primary", "backup"):
+        lab.set_loss(host, 0)
+    lab.down_appliance_state()
+    lab.up()
+    yield lab_up
+    lab.down_appliance_state()
+    lab.up()
+
+
+def disk_config(**settings: object) -> Path:
+    """The lab's configuration with a disk store (a fresh file) and these settings."""
+    gw = {k: v for k, v in settings.items() if k == "on_failure"}
+    st = {k: v for k, v in settings.items() if k != "on_failure"}
+    return lab.variant_config("disk", gateway=gw, store={"mode": "disk", **st})
+
+
+def restart_with(cfg: Path) -> int:
+    lab.stop_appliance()
+    return lab.start_appliance(cfg)
+
+
+def service_conns(service: str) -> list[dict]:
+    return api(f"/api/v1/connections?service={service}")
+
+
+def client_bytes(service: str) -> int:
+    return max((c["bytes_from_client"] for c in service_conns(service)), default=0)
+
+
+def test_upload_survives_the_primary_dying_mid_body(fresh: dict, tmp_path: Path) -> None:
+    body, digest = lab.make_upload_file()
+    out = tmp_path / "answer.txt"
+    with Capture("lab-client", tmp_path / "client.pcap", bpf=f"tcp port {lab.UPLOAD_PORT}", snaplen=512) as cap:
+        up = start_upload(body, out)
+        wait_for(lambda: client_bytes("upload") > 60 << 20, timeout=120, interval=0.2, what="60 MiB sent")
+        lab.cut_link("primary")  # silent death in the middle of the body
+        rc, port = up.wait(timeout=280)
+    assert rc == 0, out.read_text() if out.exists() else "no answer"
+    # the backup got every byte exactly once, in order (I5)
+    assert out.read_text().split() == [digest, str(lab.UPLOAD_SIZE)]
+    assert_clean(check(cap.path, "192.0.2.10", lab.VIP, lab.UPLOAD_PORT), expect_connections=1)
+    (fo,) = api("/api/v1/events?kind=failover&service=upload")
+    assert fo["backend"] == "backup"
+    moved = wait_for(lambda: api("/api/v1/events?kind=migration&service=upload"), timeout=30, what="the move")
+    assert moved[0]["details"]["replayed"] > 60 << 20
+
+
+def commit_ranges(commits: list[dict]) -> tuple[list[float], list[int]]:
+    times, allowed = [], []
+    for c in sorted(commits, key=lambda c: c["t"]):
+        times.append(c["t"])
+        allowed.append(c["commit_offset"] + (1 if c["commit_fin"] else 0))
+    return times, allowed
+
+
+def sack_edges(p: bytes) -> list[int]:
+    ihl = (p[0] & 15) * 4
+    thl = (p[ihl + 12] >> 4) * 4
+    opts, o, edges = p[ihl + 20:ihl + thl], 0, []
+    while o < len(opts) and opts[o] != 0:
+        if opts[o] == 1:
+            o += 1
+            continue
+        if o + 1 >= len(opts) or opts[o + 1] < 2:
+            break
+        if opts[o] == 5:
+            for i in range(o + 2, o + opts[o + 1], 8):
+                edges.append(int.from_bytes(opts[i + 4:i + 8], "big"))
+        o += opts[o + 1]
+    return edges
+
+
+def test_delayed_acks_never_run_ahead_of_the_commit(fresh: dict, tmp_path: Path) -> None:
+    # every commit takes 50 ms: the backend acknowledges long before the bytes are safe
+    restart_with(disk_config(test_commit_delay=0.05))
+    body = lab.cache_dir() / "www" / "10M.bin"
+    out = tmp_path / "answer.txt"
+    with Capture("lab-client", tmp_path / "client.pcap", bpf=f"tcp port {lab.UPLOAD_PORT}", snaplen=512) as cap:
+        rc, port = start_upload(body, out).wait(timeout=120)
+    assert rc == 0
+    assert out.read_text().split() == [expected_sha("10M.bin"), str(10 << 20)]
+    (conn,) = [c for c in service_conns("upload") if c["client"] == f"192.0.2.10:{port}"]
+    times, allowed = commit_ranges(api(f"/api/v1/store/commits?connection={conn['id']}"))
+    base = seq_add(conn["client_isn"], 1)
+    vip = socket.inet_aton(lab.VIP)
+    checked = 0
+    for t, p in packets(cap.path):
+        f = tcp_fields(p)
+        if f is None or f[0] != vip or f[2] != lab.UPLOAD_PORT or f[3] != port or not f[6] & 0x10:
+            continue
+        i = bisect.bisect_right(times, t) - 1
+        limit = allowed[i] if i >= 0 else -1  # before the first commit not even the SYN is acknowledged
+        acked = seq_diff(f[5], base)
+        assert acked <= limit, f"ACK of {acked} client bytes at {t:.6f}, committed then: {limit}"
+        for edge in sack_edges(p):
+            assert seq_diff(edge, base) <= limit, f"SACK up to {seq_diff(edge, base)} at {t:.6f} > {limit}"
+        checked += 1
+    assert checked > 100
+    dp = api("/api/v1/status")["dataplane"]
+    assert dp["acks_held"] > 0 and dp["acks_released"] > 0  # the gate was really in the way
+    store = api("/api/v1/store")
+    assert store["mode"] == "disk" and store["batches"] > 10
+
+
+def test_sigkill_and_restart_keep_protecting_a_download(fresh: dict, tmp_path: Path) -> None:
+    cfg = disk_config(on_failure="closed")
+    restart_with(cfg)
+    out = tmp_path / "100M.bin"
+    with Capture("lab-client", tmp_path / "client.pcap", snaplen=65535) as cap:
+        dl = start_download("100M.bin", out, rate="10M")
+        wait_for(lambda: out.exists() and out.stat().st_size > 15 << 20, timeout=60, what="15 MiB received")
+        pid = int((lab.run_dir() / "appliance.pid").read_text())
+        os.kill(pid, signal.SIGKILL)  # no clean-up: rules stay, held traffic waits (closed)
+        wait_for(lambda: not lab.pid_alive(lab.run_dir() / "appliance.pid"), timeout=10, what="the appliance gone")
+        lab.start_appliance(cfg)
+        restart = wait_for(lambda: api("/api/v1/events?kind=restart"), timeout=10, what="the restart event")
+        assert restart[0]["details"]["reattached"] >= 1
+        (conn,) = [c for c in service_conns("web") if c["state"] == "ESTABLISHED"]
+        assert conn["protected"], conn["unprotected_reason"]
+        size = out.stat().st_size
+        wait_for(lambda: out.stat().st_size > size + (5 << 20), timeout=30, what="the download going on")
+        lab.cut_link("primary")  # and now the primary dies: the re-attached connection moves
+        rc, port = dl.wait(timeout=200)
+    assert rc == 0
+    assert sha256_file(out) == expected_sha("100M.bin")
+    assert_clean(check(cap.path, "192.0.2.10", lab.VIP, lab.SERVICE_PORT), expect_connections=1)
+    moved = wait_for(lambda: api("/api/v1/events?kind=migration&service=web"), timeout=30, what="the move")
+    assert moved[0]["connection"] == conn["id"]

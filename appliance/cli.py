@@ -341,6 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="measure upload throughput instead, with the checkpoint store in memory and on disk")
     lab.set_defaults(func=cmd_lab)
 
+    from .agent_cli import add_agent_parser
+
+    add_agent_parser(sub)
+
     for name, fn, helptext in (("status", cmd_status, "the gateway's status (via the API)"),
                                ("connections", cmd_connections, "tracked connections (via the API)"),
                                ("failover", cmd_failover, "move a service's connections to another backend"),

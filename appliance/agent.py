@@ -1,0 +1,456 @@
+"""The agent: moves TCP endpoints off and onto its host (SockMi's daemon, tcpcp's API).
+
+Theory of operation
+-------------------
+One agent runs on each server host (primary, backups).  It listens on two
+channels:
+
+* **TCP, authenticated** (``agent_proto``: HMAC-SHA256, nonce and time
+  window) for the gateway and the other agents.  Requests:
+
+  ``ping`` → ``{"ok": true, "host": ...}``
+
+  ``export {"pid", "fd"} | {"local", "remote"}, "to"?, "activate"?, "app"?, "app_state"?``
+      take a socket of a local process (SockMi's *passive* export:
+      ``pidfd_open`` + ``pidfd_getfd``, or found by its address pair in
+      ``/proc``), read its ICI (``checkpoint.repair.get``: the endpoint is
+      isolated from then on) and, with ``to``, send it to that agent as an
+      ``import``; the reply is the destination's.  Without ``to`` the reply
+      carries the ICI document.  If the import fails the origin socket
+      leaves repair mode again (a failed move rolls back: the caller must
+      let the peer's traffic reach the origin again).
+
+  ``import {"ici", "app_state"?, "app"?, "activate"?, "port_choice"?}``
+      ``create()`` the endpoint, hand it to a local application waiting in
+      ``accept_resumed()`` (Unix socket, ``SCM_RIGHTS``) with its stream
+      offsets and the application's state blob, wait for the application's
+      acknowledgment, then ``activate()`` it — or, with ``"activate":
+      false``, keep it silent and reply with a ``handle`` for a later
+      ``activate`` (so the gateway can switch the forwarding in between).
+
+  ``activate {"handle"}`` / ``release {"handle"}``
+      activate a created endpoint / drop it silently.
+
+* **Unix stream socket** (file mode 0600) for the local applications
+  (``agent_sdk``): ``listen`` (an application waits for resumed
+  connections) and ``export`` (*active* export: the application passes its
+  socket and its state, the agent does the rest and answers).
+
+Ordering (tcpcp section 2): the peer's traffic must be held away from the
+origin before the export (repair mode stops the origin's output, not the
+kernel's processing of arriving segments), and must reach the destination
+only once the endpoint exists there; the orchestrator (the gateway, or a
+test) holds, exports, switches, activates and releases.
+"""
+
+from __future__ import annotations
+
+import base64
+import ctypes
+import os
+import queue
+import secrets
+import socket
+import socketserver
+import sys
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from checkpoint import repair
+from checkpoint.repair_ici import Ici, IciError
+
+from . import agent_proto as proto
+
+SYS_PIDFD_OPEN = 434      # x86_64 and arm64 alike (the unified syscall table)
+SYS_PIDFD_GETFD = 438
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def steal_fd(pid: int, fd: int) -> socket.socket:
+    """A duplicate of process ``pid``'s descriptor ``fd`` (needs ptrace access: root)."""
+    pidfd = _libc.syscall(SYS_PIDFD_OPEN, ctypes.c_int(pid), ctypes.c_uint(0))
+    if pidfd < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"pidfd_open({pid}): {os.strerror(e)}")
+    try:
+        got = _libc.syscall(SYS_PIDFD_GETFD, ctypes.c_int(pidfd), ctypes.c_int(fd), ctypes.c_uint(0))
+        if got < 0:
+            e = ctypes.get_errno()
+            raise OSError(e, f"pidfd_getfd(pid {pid}, fd {fd}): {os.strerror(e)}"
+                             + (" (needs ptrace permission: run as root)" if e == 1 else ""))
+    finally:
+        os.close(pidfd)
+    try:
+        s = socket.socket(fileno=got)
+    except OSError:
+        os.close(got)
+        raise
+    if s.family != socket.AF_INET or s.type != socket.SOCK_STREAM:
+        s.detach()
+        os.close(got)
+        raise ValueError(f"pid {pid} fd {fd} is not a TCP/IPv4 socket")
+    return s
+
+
+def _hex_addr(addr: str, port: int) -> str:
+    return f"{socket.inet_aton(addr)[::-1].hex().upper()}:{port:04X}"
+
+
+def find_socket(local: tuple[str, int], remote: tuple[str, int]) -> tuple[int, int]:
+    """(pid, fd) of a process holding the ESTABLISHED socket local ↔ remote (this netns)."""
+    want = (_hex_addr(*local), _hex_addr(*remote))
+    inode = None
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            parts = line.split()
+            if (parts[1], parts[2]) == want and parts[3] == "01":
+                inode = parts[9]
+                break
+    if inode is None:
+        raise LookupError(f"no ESTABLISHED socket {local[0]}:{local[1]} <-> {remote[0]}:{remote[1]} here")
+    target = f"socket:[{inode}]"
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                    return int(pid), int(fd)
+        except OSError:
+            continue
+    raise LookupError(f"socket {target} is held by no process visible here")
+
+
+# --- exporting ----------------------------------------------------------------------------
+
+def export_socket(sock: socket.socket, *, key: bytes, to: tuple[str, int] | None, activate: bool = True,
+                  app: str = "default", app_state: bytes = b"", send_base: int | None = None,
+                  recv_base: int | None = None, port_choice: str = "same") -> dict[str, Any]:
+    """Take ``sock``'s ICI and, with ``to``, have that agent import it.
+
+    Returns the destination's reply (``handle``, offsets), or ``{"ici": ...}``
+    without ``to``.  On a failed import the socket is put back to work.
+    """
+    ici = repair.get(sock, send_base=send_base, recv_base=recv_base)
+    doc = ici.to_dict()
+    if to is None:
+        return {"ok": True, "ici": doc}
+    try:
+        return proto.request(to, "import", {"ici": doc, "app": app, "activate": activate,
+                                            "port_choice": port_choice,
+                                            "app_state": base64.b64encode(app_state).decode()}, key)
+    except BaseException as exc:
+        try:
+            repair.activate(sock, unsent=b"")   # roll back: the origin carries on
+            rolled = "; the origin socket left repair mode again (rolled back)"
+        except OSError as again:
+            rolled = f"; rolling back failed too: {again}"
+        raise proto.AgentError(f"import at {to[0]}:{to[1]} failed: {exc}{rolled}") from exc
+
+
+# --- the agent ------------------------------------------------------------------------------
+
+@dataclass
+class AgentConfig:
+    key: bytes
+    listen: tuple[str, int] | None = None
+    socket_path: str = "/run/appliance-agent.sock"
+    window: float = 30.0            # seconds a message's timestamp may be off
+    app_wait: float = 10.0          # seconds an import waits for an application
+
+
+@dataclass
+class _Pending:
+    sock: repair.RepairedSocket
+    app_conn: socket.socket
+
+
+@dataclass
+class Agent:
+    cfg: AgentConfig
+    guard: proto.ReplayGuard = field(init=False)
+    waiting: dict[str, "queue.Queue[socket.socket]"] = field(default_factory=dict)
+    pending: dict[str, _Pending] = field(default_factory=dict)
+    servers: list[socketserver.BaseServer] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.guard = proto.ReplayGuard(self.cfg.window)
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> "Agent":
+        agent = self
+
+        class TcpHandler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                agent._serve_tcp(self.request)
+
+        class UnixHandler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                agent._serve_unix(self.request)
+
+        if self.cfg.listen is not None:
+            socketserver.ThreadingTCPServer.allow_reuse_address = True
+            tcp = socketserver.ThreadingTCPServer(self.cfg.listen, TcpHandler)
+            tcp.daemon_threads = True
+            self.servers.append(tcp)
+        try:
+            os.unlink(self.cfg.socket_path)
+        except FileNotFoundError:
+            pass
+        old = os.umask(0o177)
+        try:
+            unix = socketserver.ThreadingUnixStreamServer(self.cfg.socket_path, UnixHandler)
+        finally:
+            os.umask(old)
+        unix.daemon_threads = True
+        self.servers.append(unix)
+        for srv in self.servers:
+            threading.Thread(target=srv.serve_forever, name=f"agent-{type(srv).__name__}", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        for srv in self.servers:
+            srv.shutdown()
+            srv.server_close()
+        self.servers.clear()
+        try:
+            os.unlink(self.cfg.socket_path)
+        except FileNotFoundError:
+            pass
+        with self.lock:
+            for p in self.pending.values():
+                p.sock.close()
+            self.pending.clear()
+
+    # --- the authenticated channel ------------------------------------------------------
+
+    def _serve_tcp(self, conn: socket.socket) -> None:
+        conn.settimeout(60)
+        try:
+            raw, _ = proto.recv_frame(conn)
+            msg = proto.verify(raw, self.cfg.key, self.guard)
+        except (proto.ProtocolError, ConnectionError, OSError) as exc:
+            # unauthenticated: answer nothing useful to the sender, log locally
+            print(f"agent: refused a message: {exc}", file=sys.stderr, flush=True)
+            return
+        try:
+            body = self.dispatch(msg["type"], msg["body"])
+        except (IciError, repair.RepairError, proto.ProtocolError, proto.AgentError, LookupError,
+                ValueError, OSError, TimeoutError) as exc:
+            body = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        try:
+            proto.send_frame(conn, proto.make("reply", body, self.cfg.key, req_id=msg.get("id")))
+        except OSError:
+            pass
+
+    def dispatch(self, type_: str, body: dict[str, Any]) -> dict[str, Any]:
+        if type_ == "ping":
+            return {"ok": True, "host": socket.gethostname(), "pending": len(self.pending)}
+        if type_ == "import":
+            return self.do_import(body)
+        if type_ == "export":
+            return self.do_export(body)
+        if type_ in ("activate", "release"):
+            handle = body.get("handle")
+            with self.lock:
+                p = self.pending.pop(handle, None) if isinstance(handle, str) else None
+            if p is None:
+                raise LookupError(f"handle: {handle!r} is not a pending endpoint here")
+            if type_ == "activate":
+                self._activate(p)
+                return {"ok": True, "handle": handle, "active": True}
+            self._notify(p.app_conn, "released", {"handle": handle})
+            p.sock.close()
+            return {"ok": True, "handle": handle, "released": True}
+        raise proto.ProtocolError("type", f"{type_!r} is not a request this agent knows")
+
+    # --- import ------------------------------------------------------------------------------
+
+    def do_import(self, body: dict[str, Any]) -> dict[str, Any]:
+        ici = Ici.from_dict(body.get("ici"))
+        app = body.get("app", "default")
+        if not isinstance(app, str):
+            raise proto.ProtocolError("app", "not a string")
+        try:
+            state = base64.b64decode(body.get("app_state", ""), validate=True)
+        except (ValueError, TypeError) as exc:
+            raise proto.ProtocolError("app_state", f"not base64: {exc}") from None
+        port_choice = body.get("port_choice", "same")
+        sock = repair.create(ici, port_choice=port_choice if isinstance(port_choice, str) else "?")
+        handle = secrets.token_hex(8)
+        try:
+            offsets = {"in_offset": ici.in_offset, "out_offset": ici.out_offset,
+                       "acked_offset": ici.acked_offset, "send_base": ici.send_base, "recv_base": ici.recv_base}
+            conn = self._hand_over(app, sock, {"handle": handle, **offsets,
+                                               "local": f"{ici.local_addr}:{sock.getsockname()[1]}",
+                                               "remote": f"{ici.remote_addr}:{ici.remote_port}",
+                                               "app_state": base64.b64encode(state).decode()})
+        except BaseException:
+            sock.close()      # still in repair mode: the peer sees nothing
+            raise
+        p = _Pending(sock, conn)
+        if body.get("activate", True):
+            self._activate(p)
+            return {"ok": True, "handle": handle, "active": True, **offsets}
+        with self.lock:
+            self.pending[handle] = p
+        return {"ok": True, "handle": handle, "active": False, **offsets}
+
+    def _hand_over(self, app: str, sock: socket.socket, info: dict[str, Any]) -> socket.socket:
+        """Give the endpoint to an application waiting in accept_resumed()."""
+        q = self._queue(app)
+        while True:
+            try:
+                conn = q.get(timeout=self.cfg.app_wait)
+            except queue.Empty:
+                raise TimeoutError(f"app: no application {app!r} is waiting in accept_resumed() "
+                                   f"(waited {self.cfg.app_wait:.0f} s)") from None
+            try:
+                proto.send_frame(conn, proto.make("resumed", info, None), fd=sock.fileno())
+                conn.settimeout(self.cfg.app_wait)
+                raw, _ = proto.recv_frame(conn)
+                if not isinstance(raw, dict) or raw.get("type") != "ack":
+                    raise proto.ProtocolError("type", "the application did not acknowledge")
+                return conn
+            except (OSError, ConnectionError, proto.ProtocolError):
+                conn.close()      # that application is gone; try the next one waiting
+                continue
+
+    def _activate(self, p: _Pending) -> None:
+        try:
+            repair.activate(p.sock)
+            self._notify(p.app_conn, "active", {})
+        finally:
+            p.sock.close()        # the application holds its own descriptor
+
+    @staticmethod
+    def _notify(conn: socket.socket, type_: str, body: dict[str, Any]) -> None:
+        try:
+            proto.send_frame(conn, proto.make(type_, body, None))
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def _queue(self, app: str) -> "queue.Queue[socket.socket]":
+        with self.lock:
+            return self.waiting.setdefault(app, queue.Queue())
+
+    # --- export ------------------------------------------------------------------------------
+
+    def do_export(self, body: dict[str, Any], sock: socket.socket | None = None) -> dict[str, Any]:
+        to = proto.parse_hostport(body["to"], "to") if body.get("to") else None
+        if sock is None:
+            if "pid" in body and "fd" in body:
+                pid, fd = body["pid"], body["fd"]
+                if not isinstance(pid, int) or not isinstance(fd, int):
+                    raise proto.ProtocolError("pid", "pid and fd must be integers")
+            elif "local" in body and "remote" in body:
+                pid, fd = find_socket(proto.parse_hostport(body["local"], "local"),
+                                      proto.parse_hostport(body["remote"], "remote"))
+            else:
+                raise proto.ProtocolError("pid", "name the socket: pid and fd, or local and remote")
+            sock = steal_fd(pid, fd)
+        try:
+            state = base64.b64decode(body.get("app_state", ""), validate=True)
+        except (ValueError, TypeError) as exc:
+            raise proto.ProtocolError("app_state", f"not base64: {exc}") from None
+        try:
+            reply = export_socket(sock, key=self.cfg.key, to=to, activate=bool(body.get("activate", True)),
+                                  app=str(body.get("app", "default")), app_state=state,
+                                  send_base=body.get("send_base"), recv_base=body.get("recv_base"),
+                                  port_choice=str(body.get("port_choice", "same")))
+        finally:
+            sock.close()          # our duplicate; the owner's descriptor stays (isolated, silent)
+        return {**reply, "ok": True}
+
+    # --- the local channel -----------------------------------------------------------------
+
+    def _serve_unix(self, conn: socket.socket) -> None:
+        keep = False
+        fd = None
+        try:
+            uid = struct_ucred(conn)
+            if uid not in (0, os.geteuid()):
+                proto.send_frame(conn, proto.make("reply", {"ok": False, "error": "uid not allowed"}, None))
+                return
+            raw, fd = proto.recv_frame(conn, want_fd=True)
+            msg = proto.verify(raw, None, None)
+            if msg["type"] == "listen":
+                app = msg["body"].get("app", "default")
+                self._queue(str(app)).put(conn)
+                keep = True
+                return
+            if msg["type"] == "export":
+                if fd is None:
+                    raise proto.ProtocolError("fd", "an export must carry the socket (SCM_RIGHTS)")
+                sock = socket.socket(fileno=fd)
+                fd = None
+                try:
+                    body = self.do_export(msg["body"], sock=sock)
+                except (IciError, repair.RepairError, proto.ProtocolError, proto.AgentError, ValueError,
+                        OSError) as exc:
+                    body = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+                proto.send_frame(conn, proto.make("reply", body, None))
+                return
+            raise proto.ProtocolError("type", f"{msg['type']!r} is not a local request")
+        except (proto.ProtocolError, ConnectionError, OSError) as exc:
+            try:
+                proto.send_frame(conn, proto.make("reply", {"ok": False, "error": str(exc)}, None))
+            except OSError:
+                pass
+        finally:
+            if fd is not None:
+                os.close(fd)
+            if not keep:
+                conn.close()
+
+
+def struct_ucred(conn: socket.socket) -> int:
+    """The uid of the process at the other end of a Unix socket."""
+    import struct
+
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
+
+
+# --- configuration -------------------------------------------------------------------------
+
+def load_config(path: str | None, *, listen: str | None = None, key: str | None = None,
+                key_file: str | None = None, socket_path: str | None = None) -> AgentConfig:
+    """Options override the ``[agent]`` table of a TOML file; a bad value names its field."""
+    table: dict[str, Any] = {}
+    if path:
+        import tomllib
+
+        try:
+            with open(path, "rb") as f:
+                doc = tomllib.load(f)
+        except OSError as exc:
+            raise proto.ProtocolError("config", f"{path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise proto.ProtocolError("config", f"{path}: {exc}") from None
+        table = doc.get("agent", {})
+        if not isinstance(table, dict):
+            raise proto.ProtocolError("agent", "must be a table")
+        unknown = sorted(set(table) - {"listen", "key", "key_file", "socket", "window", "app_wait"})
+        if unknown:
+            raise proto.ProtocolError(f"agent.{unknown[0]}", "unknown key")
+    for name in ("listen", "key", "key_file", "socket"):
+        if name in table and not isinstance(table[name], str):
+            raise proto.ProtocolError(f"agent.{name}", "must be a string")
+    listen = listen or table.get("listen")
+    cfg = AgentConfig(
+        key=proto.load_key(key or table.get("key"), key_file or table.get("key_file")),
+        listen=proto.parse_hostport(listen, "agent.listen", 7400) if listen else None,
+        socket_path=socket_path or table.get("socket", AgentConfig.socket_path),
+    )
+    for name in ("window", "app_wait"):
+        if name in table:
+            v = table[name]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+                raise proto.ProtocolError(f"agent.{name}", f"{v!r} is not a positive number of seconds")
+            setattr(cfg, name, float(v))
+    return cfg

@@ -1,0 +1,121 @@
+"""The application side of the agent: export a connection, accept resumed ones.
+
+Theory of operation
+-------------------
+An application that wants its connections to survive a move links this
+module (stdlib only) and talks to the agent on its host over the agent's
+Unix socket (``/run/appliance-agent.sock`` by default):
+
+* :func:`export` hands the agent one of its sockets (``SCM_RIGHTS``)
+  together with an opaque *application state* blob and where to send it.
+  The agent isolates the endpoint, reads its ICI and has the destination's
+  agent import it.  On success the application closes its socket (nothing
+  is sent: it is in repair mode) and forgets the connection.
+
+* :func:`accept_resumed` waits for a connection imported on this host.  It
+  returns a :class:`Resumed`: the socket (already active, a normal TCP
+  socket), the stream offsets — ``out_offset`` is the offset of the next
+  byte the application writes, ``in_offset`` of the next byte it reads
+  (bytes that were unread at the origin are still in the socket) — and the
+  state blob.  tcpcp section 6's example: a file server maps
+  ``out_offset`` to a file position.
+
+Offsets count from stream byte 0 of the connection (the byte after the
+SYN).  A resumed socket's kernel counters restart at the move, so the SDK
+remembers each resumed socket's stream bases and passes them on when the
+socket is exported again (A→B→A).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import socket
+from dataclasses import dataclass
+
+from . import agent_proto as proto
+
+DEFAULT_SOCKET = "/run/appliance-agent.sock"
+
+# socket inode -> (send_base, recv_base) of sockets this process resumed
+_bases: dict[int, tuple[int | None, int | None]] = {}
+
+
+@dataclass
+class Resumed:
+    sock: socket.socket
+    out_offset: int | None      # next byte this application writes (stream offset)
+    in_offset: int | None       # next byte it reads
+    acked_offset: int | None    # how far the peer had acknowledged our bytes
+    app_state: bytes
+    local: str
+    remote: str
+    handle: str
+
+
+def _connect(path: str) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+    except OSError as exc:
+        s.close()
+        raise ConnectionError(f"no agent at {path}: {exc.strerror}") from None
+    return s
+
+
+def export(sock: socket.socket, app_state: bytes = b"", *, to: str, app: str = "default",
+           activate: bool = True, agent: str = DEFAULT_SOCKET, timeout: float = 60.0) -> dict:
+    """Move ``sock``'s connection to the agent at ``to`` (``HOST:PORT``).
+
+    Returns the destination's answer (``handle``, offsets); raises
+    :class:`agent_proto.AgentError` if the move failed (then the socket is
+    back in normal operation and still the application's).  On success the
+    socket is closed here.
+    """
+    proto.parse_hostport(to, "to")
+    body: dict = {"to": to, "app": app, "activate": activate,
+                  "app_state": base64.b64encode(app_state).decode()}
+    bases = _bases.get(os.fstat(sock.fileno()).st_ino)
+    if bases is not None:
+        body["send_base"], body["recv_base"] = bases
+    with _connect(agent) as ch:
+        ch.settimeout(timeout)
+        proto.send_frame(ch, proto.make("export", body, None), fd=sock.fileno())
+        raw, _ = proto.recv_frame(ch)
+    reply = raw.get("body", {}) if isinstance(raw, dict) else {}
+    if not reply.get("ok"):
+        raise proto.AgentError(str(reply.get("error", "the agent refused without a reason")))
+    _bases.pop(os.fstat(sock.fileno()).st_ino, None)
+    sock.close()
+    return reply
+
+
+def accept_resumed(app: str = "default", *, agent: str = DEFAULT_SOCKET,
+                   timeout: float | None = None) -> Resumed:
+    """Wait for a connection the agent imported for application ``app``.
+
+    Returns once the endpoint is active.  A move the orchestrator cancelled
+    (``release``) is skipped and the wait goes on.
+    """
+    while True:
+        with _connect(agent) as ch:
+            ch.settimeout(timeout)
+            proto.send_frame(ch, proto.make("listen", {"app": app}, None))
+            raw, fd = proto.recv_frame(ch, want_fd=True)
+            if not isinstance(raw, dict) or raw.get("type") != "resumed" or fd is None:
+                if fd is not None:
+                    os.close(fd)
+                raise proto.ProtocolError("type", f"unexpected message from the agent: {raw!r:.200}")
+            info = raw["body"]
+            sock = socket.socket(fileno=fd)
+            proto.send_frame(ch, proto.make("ack", {"handle": info.get("handle")}, None))
+            ch.settimeout(None)        # activation may wait for the gateway's switch
+            nxt, _ = proto.recv_frame(ch)
+        if isinstance(nxt, dict) and nxt.get("type") == "active":
+            _bases[os.fstat(sock.fileno()).st_ino] = (info.get("send_base"), info.get("recv_base"))
+            return Resumed(sock=sock, out_offset=info.get("out_offset"), in_offset=info.get("in_offset"),
+                           acked_offset=info.get("acked_offset"),
+                           app_state=base64.b64decode(info.get("app_state", "")),
+                           local=info.get("local", ""), remote=info.get("remote", ""),
+                           handle=info.get("handle", ""))
+        sock.close()                   # released: still silent, drop it and wait again

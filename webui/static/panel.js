@@ -142,6 +142,20 @@ if (chart) {
   });
 }
 
+// --- one connection: its timeline, live ----------------------------------------------------------
+const timeline = $('table#timeline[data-id]');
+if (timeline) {
+  const d = timeline.dataset;
+  const es = new EventSource(`/api/v1/events/stream?connection=${d.id}&since_id=${d.last}`);
+  const add = m => {
+    const e = JSON.parse(m.data);
+    const tr = document.createElement('tr'); tr.className = 'new';
+    tr.append(td(e.id), td(fmtTime(e.time)), td(e.kind, 'kind-' + e.kind), td(e.backend), td(e.reason));
+    (timeline.tBodies[0] || timeline).appendChild(tr);
+  };
+  for (const k of ['failover', 'migration', 'health', 'divergence', 'refusal', 'fence', 'reset', 'admin']) es.addEventListener(k, add);
+}
+
 // --- the events page ------------------------------------------------------------------------
 const evs = $('table#events[data-live]');
 if (evs) {

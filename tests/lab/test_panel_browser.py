@@ -1,0 +1,131 @@
+"""The operator's panel in a real browser (Debian's Chromium, headless, driven by
+Playwright) over the real lab: sign in, watch a live download appear, fail the
+service over from the panel, and the download completes with the right bytes."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from appliance import lab
+
+from .helpers import expected_sha, sha256_file, start_download, wait_for
+
+pytestmark = pytest.mark.lab
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+PANEL = f"http://{lab.API_HOST}:{lab.API_PORT}"
+
+
+@pytest.fixture
+def browser() -> Iterator[object]:
+    from playwright.sync_api import sync_playwright
+
+    if not Path(CHROMIUM).exists():
+        pytest.fail("chromium is not installed: deploy/bootstrap.sh installs it")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture
+def fresh(lab_up: dict) -> Iterator[dict]:
+    lab.down_appliance_state()
+    lab.up()
+    yield lab_up
+    lab.down_appliance_state()
+
+
+def metrics(token: str) -> dict[str, list]:
+    req = urllib.request.Request(f"{PANEL}/metrics", headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return {f.name: f.samples for f in text_string_to_metric_families(r.read().decode())}
+
+
+def failovers(m: dict[str, list]) -> float:
+    return sum(s.value for s in m["gateway_failovers"] if s.labels.get("service") == "web")
+
+
+def test_fail_over_from_the_panel_while_curl_downloads(fresh: dict, browser, tmp_path: Path) -> None:
+    token = (lab.run_dir() / "token").read_text().strip()
+    before = metrics(token)
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    page.goto(f"{PANEL}/connections?service=web")
+    assert page.url.endswith("/login")
+    page.fill("#token", token)
+    page.click("button[type=submit]")
+    page.wait_for_url(f"{PANEL}/")
+    page.goto(f"{PANEL}/connections?service=web")
+
+    out = tmp_path / "100M.bin"
+    dl = start_download("100M.bin", out, rate="8M")
+    try:
+        # the connection shows up live (SSE), on the primary, established, protected
+        row = page.locator("table#connections tbody tr", has=page.locator("td.backend", has_text="primary"))
+        row.filter(has_text="ESTABLISHED").first.wait_for(timeout=15000)
+        cid = row.first.get_attribute("data-id")
+        assert cid and "192.0.2.10:" in row.first.inner_text()
+        wait_for(lambda: out.exists() and out.stat().st_size > 8 << 20, timeout=30, what="8 MiB received")
+
+        page.goto(f"{PANEL}/services")
+        page.click("h2 button[data-action=failover][data-service=web]")
+        dialog = page.locator("dialog#confirm")
+        dialog.wait_for(state="visible")
+        text = page.inner_text("#confirm-text")
+        assert re.search(r"Moves 1 connection from primary to backup", text), text
+        page.click("#confirm-ok")
+        page.locator("#toast", has_text="failover #").wait_for(timeout=10000)
+
+        # the event is there, and the connection is on the backup
+        page.goto(f"{PANEL}/events?kind=failover")
+        page.locator("table#events tbody tr", has_text="manual").first.wait_for(timeout=10000)
+        page.goto(f"{PANEL}/connections/{cid}")
+        page.locator("#c-backend", has_text="backup").wait_for(timeout=20000)
+        page.locator("#timeline td.kind-migration").first.wait_for(timeout=30000)
+        rc, _ = dl.wait(timeout=120)
+    finally:
+        if dl.proc.poll() is None:
+            dl.proc.kill()
+            dl.proc.wait()
+    assert rc == 0 and sha256_file(out) == expected_sha("100M.bin")
+    after = metrics(token)
+    assert failovers(after) == failovers(before) + 1
+    assert sum(s.value for s in after["gateway_packets"]) > sum(s.value for s in before["gateway_packets"])
+    # the change is in the audit trail, with who did it
+    page.goto(f"{PANEL}/audit")
+    assert "failover" in page.inner_text("table#audit") and "api-token" in page.inner_text("table#audit")
+
+
+def test_csrf_less_panel_posts_and_viewers_are_refused(fresh: dict, browser) -> None:
+    token = (lab.run_dir() / "token").read_text().strip()
+    page = browser.new_page()
+    page.goto(f"{PANEL}/login")
+    page.fill("#token", token)
+    page.click("button[type=submit]")
+    page.wait_for_url(f"{PANEL}/")
+    # a post with the session cookie but without the page's CSRF token is refused
+    status = page.evaluate("fetch('/api/v1/services/web/failover', {method: 'POST'}).then(r => r.status)")
+    assert status == 403
+    # an admin creates a viewer token from the panel's API; the viewer cannot fail over
+    made = page.evaluate("""fetch('/api/v1/tokens', {method: 'POST', headers: {'Content-Type': 'application/json',
+        'X-CSRF-Token': document.querySelector('meta[name=csrf-token]').content},
+        body: JSON.stringify({name: 'watcher', role: 'viewer'})}).then(r => r.json())""")
+    req = urllib.request.Request(f"{PANEL}/api/v1/services/web/failover", method="POST",
+                                 headers={"Authorization": f"Bearer {made['token']}"})
+    with pytest.raises(urllib.error.HTTPError) as exc:
+        urllib.request.urlopen(req, timeout=10)
+    assert exc.value.code == 403
+    req = urllib.request.Request(f"{PANEL}/api/v1/services/web/failover", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as exc:
+        urllib.request.urlopen(req, timeout=10)
+    assert exc.value.code == 401

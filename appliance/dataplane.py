@@ -195,6 +195,7 @@ class Dataplane:
             self.store = CommitPlanner(max_total_bytes=config.store.max_total_bytes)
         self.held: dict[int, bytearray] = {}  # conn id -> newest held ACK, in the client's view
         self.reloaded: set[int] = set()       # re-attached after a restart, no backend packet seen yet
+        self.resume_refusals: list[tuple[ConnectionRecord, str]] = []  # reset on their first packet (tcpcp 6.1)
         self.suspects: list[Suspect] = []
         self.finished_splices: list[Splice] = []
         self._fence_sent: dict[int, float] = {}
@@ -331,8 +332,8 @@ class Dataplane:
             elif not pv.truncated:
                 dg.add(off, pv.payload)
         if self.store is not None and rec.log is not None:
-            if self.reloaded:
-                self._check_reloaded(rec, pv)
+            if self.reloaded and rec.id in self.reloaded and not self._check_reloaded(rec, pv, now):
+                return Verdict.DROP
             self.store.touch(rec)
             return self._gate_ack(rec, pv, Verdict.ACCEPT, svc)
         return Verdict.ACCEPT
@@ -441,12 +442,23 @@ class Dataplane:
         self.reloaded.add(rec.id)
         return True
 
-    def _check_reloaded(self, rec: ConnectionRecord, pv: PacketView) -> None:
-        """The first backend packet of a re-attached connection.  With
+    def _check_reloaded(self, rec: ConnectionRecord, pv: PacketView, now: float) -> bool:
+        """The first backend packet of a re-attached connection.  False: it
+        cannot be resumed (reset, the reason in ``resume_refusals``).
+
+        tcpcp 6.1: its sequence number must be less than 2**31 past the
+        checkpoint's (else it cannot be told apart modulo 2**32).  With
         ``on_failure = "open"`` client bytes may have passed while the
         appliance was down: if the backend acknowledges more than the log
         holds, they did, and a replay could not give them again."""
+        from checkpoint.resurrect import bytes_since
+
         self.reloaded.discard(rec.id)
+        if rec.server.next_seq is not None and bytes_since(rec.server, pv.seq) is None:
+            self.resume_refusals.append((rec, f"the backend is at sequence {pv.seq}, 2**31 bytes or more past "
+                                              f"the checkpoint's {rec.server.next_seq}"))
+            self.reset(rec, now)
+            return False
         log = rec.log
         if log is None or rec.client.isn is None or not pv.flags & ACK or log.overflow is not None:
             return
@@ -455,6 +467,7 @@ class Dataplane:
         if acked > have and self.config.gateway.on_failure == "open":
             log.overflow = (f"client bytes passed unlogged while the appliance was down "
                             f"(backend acknowledged {acked}, the log holds {have})")
+        return True
 
     def _forget(self, rec: ConnectionRecord) -> None:
         self.held.pop(rec.id, None)

@@ -254,6 +254,10 @@ class Gateway:
             gone.append((sp.target.ip, sp.target.port, sp.rec.client_ip, sp.rec.client_port))
         if gone and self.on_unmoved is not None:
             self.on_unmoved(gone)
+        while dp.resume_refusals:
+            rec, why = dp.resume_refusals.pop()
+            self.events.add("reset", f"not resumed after the restart: {why}", service=rec.service,
+                            connection=rec.id, now=now)
         if dp.suspects:
             suspects, dp.suspects = dp.suspects, []
             for s in suspects:

@@ -256,3 +256,18 @@ def test_planner_keeps_one_batch_in_flight() -> None:
     assert first is not None and p.plan(1.0) is None  # the next one waits for the first to be durable
     p.failed(first)
     assert p.plan(1.0) is not None  # a failed write leaves everything to write again
+
+
+def test_a_backend_2_31_bytes_past_the_checkpoint_is_refused_on_its_first_packet(tmp_path: Path) -> None:
+    backend = SqliteBackend(tmp_path / "cp.db")
+    dp = Dataplane(parse(config(tmp_path)))
+    open_connection(dp, backend)
+    gw = Gateway(parse(config(tmp_path)))
+    gw.restore(backend.load())
+    (rec,) = gw.dataplane.connections()
+    far = (5001 + (1 << 31) + 10) & 0xFFFFFFFF  # cannot be told from 2**31 - 10 bytes *behind*
+    assert gw.dataplane.handle(s2c("A", far, 1001), 2.0) is Verdict.DROP
+    gw.dataplane.poll(2.0)
+    gw.tick()
+    ev = gw.events.last("reset")
+    assert "2**31" in ev.reason and rec.state.value == "CLOSED"

@@ -333,6 +333,8 @@ def _sanity(rec: ConnectionRecord, log: ByteLog, digest: StreamDigest | SampledD
     s_acked = seq_diff(s.ack, c.data_base)
     if s_acked > have:  # I1: what the server acknowledged must be in the log
         _fail("log", f"server acknowledged {s_acked} bytes, log holds {have}")
+    if rec.commit_offset < 0:
+        _fail("connection.commit_offset", "the record was never committed: not a checkpoint")
     if rec.commit_offset > log.end:
         _fail("connection.commit_offset", f"{rec.commit_offset} is past the {log.end} bytes logged")
     if rec.commit_fin and (log.fin_offset is None or rec.commit_offset != log.fin_offset):

@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .ici import ConnectionRecord
+from .resurrect import absorb_ack
 from .segment import ACK, FIN, PSH, RST, SYN, SegmentLike
 from .seqnum import MASK, seq_add, seq_diff
 from .streamlog import ByteLog, DigestSnapshot, SampledSnapshot, SampledVerifier, StreamVerifier
@@ -146,7 +147,11 @@ class Splice:
         target: Endpoint,
         now: float,
         options: SpliceOptions = SpliceOptions(),
+        ts_floor: int | None = None,
     ) -> None:
+        """``ts_floor``: the lowest TSval to show the client (tcpcp 6.1: the last one
+        it saw plus the ticks elapsed since, ``resurrect.estimate_tsval``); by default
+        the last TSval seen, and the elapsed ticks are estimated at 1000 Hz."""
         c, s = rec.client, rec.server
         if c.isn is None or s.isn is None:
             raise ValueError("cannot splice a connection whose ISNs are unknown")
@@ -183,6 +188,8 @@ class Splice:
         self.client_dupacks = 0
         # the highest TSval the client has seen from "the server": never go below it (I3)
         self.ts_high = rec.server.tsval if self.ts else None
+        if self.ts and ts_floor is not None and (self.ts_high is None or seq_diff(ts_floor, self.ts_high) > 0):
+            self.ts_high = ts_floor & MASK
         self.tries = 0
         self.rto = INITIAL_RTO
         self.last_tx = now
@@ -369,6 +376,8 @@ class Splice:
                 s = rec.server
                 last_seen, when = (s.tsval, s.ts_last[0]) if s.ts_last else (s.tsval or 0, now)
                 ts_delta = choose_ts_delta(last_seen or 0, now - when, s.tick_rate, seg.tsval)
+                if self.ts_high is not None and seq_diff((seg.tsval + ts_delta) & MASK, self.ts_high) < 0:
+                    ts_delta = (self.ts_high - seg.tsval) & MASK  # start the clock at the floor, not stuck below it
             self.tr = Translation(
                 seq_delta=(rec.server.isn - seg.seq) & MASK,
                 ts_delta=ts_delta,
@@ -532,10 +541,10 @@ class Splice:
         assert tr is not None
         rw = Rewrite(dst=self.target.ip, dport=self.target.port)
         if flags & ACK:
-            ack_b = tr.ack_to_backend(seg.ack)
             top = seq_add(self.b_base, self.b_high)
-            if seq_diff(ack_b, top) > 0:
-                ack_b = top  # never acknowledge what the backup has not sent (I6)
+            absorbed = absorb_ack(tr.ack_to_backend(seg.ack), top)
+            ack_b = absorbed.ack  # never acknowledge what the backup has not sent (I6)
+            if absorbed.ahead:
                 self.stats["acks_clamped"] += 1
             off = seq_diff(ack_b, self.b_base)
             if (seg.payload_len == 0 and not flags & (FIN | RST | SYN) and off <= self.acked_to_b

@@ -279,6 +279,8 @@ SANITY = [
     (lambda d: d["log"].update(fin_offset=len(REQUEST)), "log.fin_offset", "never seen"),
     (lambda d: d["log"].pop("limit"), "log.limit", "missing"),
     (lambda d: _conn(d).__setitem__("commit_offset", len(REQUEST) + 1), "connection.commit_offset", "past"),
+    # (-1 is the store's "record not durable yet"; refused by the state's range or as never committed)
+    (lambda d: _conn(d).__setitem__("commit_offset", -1), "connection.commit_offset", ""),
     (lambda d: _conn(d).__setitem__("commit_fin", True), "connection.commit_fin", "FIN"),
     # the digest
     (lambda d: d["digest"].update(end=len(RESPONSE) + 1), "digest.end", "the server sent"),

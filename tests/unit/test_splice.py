@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import pytest
 
 from checkpoint.ici import ConnectionRecord
+from checkpoint.resurrect import estimate_tsval
 from checkpoint.segment import ACK, FIN, PSH, RST, SYN, Segment, TcpOptions
 from checkpoint.seqnum import MASK, seq_add, seq_diff
 from checkpoint.splice import (
@@ -155,9 +156,9 @@ def converse(cisn: int = 1_000_000, sisn: int = 3_000_000_000, *, c_ts0: int = 4
     return conv
 
 
-def new_splice(conv: Conv, now: float = MOVE_AT, **opts) -> Splice:
+def new_splice(conv: Conv, now: float = MOVE_AT, ts_floor: int | None = None, **opts) -> Splice:
     return Splice(conv.rec, conv.log, conv.digest.snapshot(), vip=VIP, vport=VPORT, old=PRIMARY, target=BACKUP,
-                  now=now, options=SpliceOptions(**opts))
+                  now=now, options=SpliceOptions(**opts), ts_floor=ts_floor)
 
 
 # ----- the backup ------------------------------------------------------------------------
@@ -690,6 +691,35 @@ def test_timestamps_never_go_back_with_a_slow_backup_clock():
     d = net.from_backup(seg)
     assert d.forward and seq_diff(d.rewrite.tsval, top) > 0
     assert d.rewrite.tsval == sp.tr.tsval_to_client(seg.tsval)
+
+
+@pytest.mark.parametrize("s_ts0", [9_000_000, MASK - 5000])  # the second: the estimate wraps past 0
+def test_splice_started_late_starts_the_clock_at_the_estimate(s_ts0):
+    """tcpcp 6.1 with a checkpoint behind the wire: a splice started 10 s after the
+    server's last TSval was seen takes estimate_tsval as its floor, so every TSval the
+    client sees is at least the last one plus 10 s of ticks at the observed rate with
+    its margin -- not just 1000 Hz (what the default gives) -- and the clock then runs
+    on from there instead of sticking at the floor."""
+    conv = converse(s_ts0=s_ts0)
+    rec = conv.rec
+    last, seen_at = rec.server.tsval, rec.server.ts_last[0]
+    assert 990 < rec.server.tick_rate < 1010  # the primary's clock is 1000 Hz
+    start = seen_at + 10.0
+    floor = estimate_tsval(rec.server, rec.last_seen, start)
+    assert seq_diff(floor, last) >= 10.0 * rec.server.tick_rate * 1.25 > 12_000
+    net = Net(conv, now=start, ts_floor=floor, move_timeout=30.0)
+    sp = net.sp
+    assert sp.ts_high == floor
+    net.run(until=lambda: sp.verifier.done and sum(1 for p in net.client.rx if p.payload) > 20 and not net.q)
+    shown = [p.tsval for p in net.client.rx if p.tsval is not None]
+    assert shown and all(seq_diff(t, floor) >= 0 for t in shown)
+    assert all(seq_diff(b, a) >= 0 for a, b in zip(shown, shown[1:]))  # never back (I3)
+    assert len(set(shown)) > 1 and sp.stats.get("ts_raised", 0) == 0  # running, not pinned at the floor
+    # without the floor, the same move shows less (1000 Hz since the last TSval): the floor matters
+    plain = Net(converse(s_ts0=s_ts0), now=start, move_timeout=30.0)
+    plain.run(until=lambda: plain.sp.verifier.done and any(p.payload for p in plain.client.rx) and not plain.q)
+    first = next(p.tsval for p in plain.client.rx if p.tsval is not None)
+    assert seq_diff(first, last) >= 10_000 and seq_diff(first, floor) < 0
 
 
 # ----- the client side: ACK clamping, duplicate ACKs, FIN ------------------------------------

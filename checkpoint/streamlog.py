@@ -206,12 +206,13 @@ class StreamDigest:
     def restored(cls, chunks: list[bytes | None] | tuple[bytes | None, ...], end: int,
                  volatile: tuple[str, ...] = ()) -> "StreamDigest":
         """A digest reloaded from a checkpoint: ``chunks`` are the hashes of the
-        ``end // CHUNK`` full chunks; the partial chunk is blind, and the first
-        segment fed may start beyond ``end`` (see the module docstring)."""
-        if len(chunks) != end // CHUNK:
-            raise ValueError(f"{len(chunks)} chunk hashes for {end} bytes (expected {end // CHUNK})")
+        ``end // CHUNK`` full chunks (missing ones at the end, not saved yet, are
+        blind: None); the partial chunk is blind, and the first segment fed may
+        start beyond ``end`` (see the module docstring)."""
+        if len(chunks) > end // CHUNK:
+            raise ValueError(f"{len(chunks)} chunk hashes for {end} bytes (at most {end // CHUNK})")
         d = cls(volatile)
-        d.chunks = list(chunks)
+        d.chunks = list(chunks) + [None] * (end // CHUNK - len(chunks))
         d.end = end
         d.resync = True
         d._blind_from(end)

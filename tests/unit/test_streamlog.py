@@ -554,6 +554,23 @@ def test_restored_then_a_gap_jumps_and_later_gaps_wait():
     assert StreamVerifier(snap).add(0, bytes(bad)) is False
 
 
+def test_restored_with_chunk_hashes_missing_at_the_end():
+    """A store may hold fewer chunk hashes than its end says (not written yet): blind."""
+    data = random.Random(27).randbytes(4 * CHUNK)
+    d = StreamDigest()
+    d.add(0, data[:3 * CHUNK + 10])
+    r = StreamDigest.restored(d.chunks[:1], 3 * CHUNK + 10)
+    assert r.chunks == [d.chunks[0], None, None]
+    r.add(3 * CHUNK + 10, data[3 * CHUNK + 10:])
+    v = StreamVerifier(r.snapshot())
+    assert v.add(0, data) and v.done and v.unverified_bytes == 3 * CHUNK
+    bad = bytearray(data)
+    bad[5] ^= 1
+    assert StreamVerifier(r.snapshot()).add(0, bytes(bad)) is False
+    with pytest.raises(ValueError, match="3 chunk hashes for 100 bytes"):
+        StreamDigest.restored(d.chunks, 100)
+
+
 def test_normal_digest_never_jumps():
     d = StreamDigest()
     d.add(0, b"abc")

@@ -60,6 +60,7 @@ INT_RANGES: dict[str, tuple[int, int]] = {
     "client_port": (0, U16),
     "vport": (0, U16),
     "backend_port": (0, U16),
+    "commit_offset": (-1, MAX_INT),  # -1: the record itself is not durable yet (checkpoint.store)
 }
 
 

@@ -11,20 +11,50 @@ def node(gw: Any, services: list[dict[str, Any]]) -> dict[str, Any]:
     """This node's role and health for the banner.
 
     One gateway per service address for now: the node is ``active``.  Health is
-    ``ok`` when every service's active backend is up, ``degraded`` when one is
-    not up (down, or never probed), ``failed`` when a service has no backend up."""
+    ``failed`` when a service has no backend up, ``degraded`` when a service's
+    active backend is not up or one of its backends is down (no failover left
+    for it, or one fewer), else ``ok``."""
     problems = []
+    rank = {"ok": 0, "degraded": 1, "failed": 2}
     health = "ok"
+
+    def worse(h: str) -> None:
+        nonlocal health
+        health = h if rank[h] > rank[health] else health
+
     for s in services:
         active = next((b for b in s["backends"] if b["active"]), None)
         up = [b for b in s["backends"] if b["health"].get("state") == "up"]
+        down = [b["name"] for b in s["backends"] if b["health"].get("state") == "down"]
         if not up:
-            health = "failed"
+            worse("failed")
             problems.append(f"{s['name']}: no backend up")
         elif active is None or active["health"].get("state") != "up":
-            health = "degraded" if health == "ok" else health
+            worse("degraded")
             problems.append(f"{s['name']}: active backend {s['active_backend']} is not up")
-    return {"role": "active", "health": health, "problems": problems}
+        elif down:
+            worse("degraded")
+            problems.append(f"{s['name']}: {', '.join(down)} down (no spare)" if len(up) == 1
+                            else f"{s['name']}: {', '.join(down)} down")
+    return {"role": "active", "health": health, "problems": problems, "last_failover": last_failover(gw)}
+
+
+def last_failover(gw: Any) -> dict[str, Any] | None:
+    """The most recent failover that moved connections (else the most recent one): when, why,
+    and how long until its last connection finished moving (None while some are still moving)."""
+    fos = gw.events.list(kind="failover", limit=None)
+    if not fos:
+        return None
+    f = next((e for e in reversed(fos) if e.details.get("moved")), fos[-1])
+    pending = set(f.details.get("moved", []))
+    end = f.time
+    for e in gw.events.list(since_id=f.id, limit=None):
+        if e.connection in pending and e.kind in ("migration", "divergence", "reset"):
+            pending.discard(e.connection)
+            end = max(end, e.time)
+    return {"time": f.time, "service": f.service, "from": f.details.get("from"), "to": f.backend,
+            "reason": f.reason, "moved": len(f.details.get("moved", [])), "reset": len(f.details.get("reset", [])),
+            "pending": len(pending), "duration_ms": None if pending else round((end - f.time) * 1000, 1)}
 
 
 def backends(services: list[dict[str, Any]], conns: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -82,9 +82,9 @@ function banner(st) {
   set('b-role', st.node.role); set('b-health', st.node.health); set('b-uptime', Math.round(st.uptime_seconds));
   set('b-tracked', st.connections); set('b-protected', st.protected); set('b-moving', st.moving);
   set('b-problems', st.node.problems.join('; '));
-  const lf = st.last_failover;
-  set('b-lf', lf ? `${fmtTime(lf.time)} ${lf.service}: ${lf.from} → ${lf.to} (${lf.reason}), `
-    + (lf.duration_ms === null ? 'in progress' : `${lf.duration_ms} ms`) : 'none');
+  const lf = st.node.last_failover;
+  set('b-lf', lf ? `${fmtTime(lf.time)} ${lf.service}: ${lf.from} → ${lf.to} (${lf.reason}), ${lf.moved} moved`
+    + (lf.duration_ms === null ? `, ${lf.pending} still moving` : ` in ${lf.duration_ms} ms`) : 'none');
   const b = $('#banner'); if (b) b.className = `banner health-${st.node.health}`;
 }
 if ($('#banner')) {

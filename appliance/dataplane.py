@@ -559,8 +559,14 @@ class Dataplane:
         if prev is not None:  # moved before: that splice ends here, the new one starts from the client's view
             prev.phase = prev.phase.__class__.CLOSED
             self.finished_splices.append(prev)
+        # tcpcp 6.1: the record may be behind the wire (a restart, an imported checkpoint, or
+        # simply the time since the last server packet): the client's view of the server's
+        # clock starts from a conservative estimate of where that clock is now
+        from checkpoint.resurrect import estimate_tsval
+
+        floor = estimate_tsval(rec.server, rec.last_seen, now) if rec.ts_ok else None
         sp = Splice(rec, rec.log, rec.digest.snapshot(), vip=svc.vip, vport=svc.port, old=old.endpoint,
-                    target=target.endpoint, now=now,
+                    target=target.endpoint, now=now, ts_floor=floor,
                     options=SpliceOptions(syn_retries=svc.failover.syn_retries, move_timeout=svc.failover.move_timeout))
         self.outbox.extend(sp.start(now))
         rec.backend, rec.backend_ip, rec.backend_port = target.name, target.address, target.port

@@ -28,7 +28,8 @@ def test_unknown_kind_is_rejected() -> None:
     with pytest.raises(ValueError):
         log.list(kind="nope")
     assert len(log) == 0
-    assert set(KINDS) == {"failover", "migration", "health", "divergence", "refusal", "fence", "reset", "admin"}
+    assert set(KINDS) == {"failover", "migration", "health", "divergence", "refusal", "fence", "reset", "admin",
+                          "restart", "checkpoint"}
 
 
 def test_filters_since_and_limit_newest_last() -> None:

@@ -58,7 +58,8 @@ def build(ctx: Context) -> APIRouter:
         status = gw.status()
         status["node"] = views.node(gw, services)
         return templates.TemplateResponse(request, name, {
-            "me": s.principal, "csrf": s.csrf, "nav": nav, "status": status, "services": services, **data})
+            "me": s.principal, "csrf": s.csrf, "nav": nav, "status": status, "services": services, "kinds_all": KINDS,
+            **data})
 
     def login_redirect() -> Response:
         return RedirectResponse("/login", status_code=303)

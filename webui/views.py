@@ -15,7 +15,7 @@ def node(gw: Any, services: list[dict[str, Any]]) -> dict[str, Any]:
     active backend is not up or one of its backends is down (no failover left
     for it, or one fewer), else ``ok``."""
     problems = []
-    rank = {"ok": 0, "degraded": 1, "failed": 2}
+    rank = {"ok": 0, "unknown": 1, "degraded": 2, "failed": 3}
     health = "ok"
 
     def worse(h: str) -> None:
@@ -26,7 +26,10 @@ def node(gw: Any, services: list[dict[str, Any]]) -> dict[str, Any]:
         active = next((b for b in s["backends"] if b["active"]), None)
         up = [b for b in s["backends"] if b["health"].get("state") == "up"]
         down = [b["name"] for b in s["backends"] if b["health"].get("state") == "down"]
-        if not up:
+        if not up and not down:
+            worse("unknown")
+            problems.append(f"{s['name']}: no backend checked yet")
+        elif not up:
             worse("failed")
             problems.append(f"{s['name']}: no backend up")
         elif active is None or active["health"].get("state") != "up":

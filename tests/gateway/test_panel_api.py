@@ -272,3 +272,25 @@ def test_panel_pages_render(setup) -> None:
         assert r.status_code == 200 and needle in r.text, path
     assert c.get("/connections/999").status_code == 404
     assert c.get("/static/panel.js").status_code == 200
+
+
+def test_banner_says_health_and_the_last_failover(setup) -> None:
+    c, gw = setup
+    st = c.get("/api/v1/status", headers=auth(VIEWER)).json()
+    assert st["node"]["health"] == "unknown" and st["node"]["last_failover"] is None   # nothing probed yet
+    from appliance.health import HealthChecker
+
+    # the real checker, not started: its state machines are fed the results a probe would give
+    gw.health = HealthChecker(gw.health_targets(), gw.on_health)
+    for b in gw.health.health.values():
+        b.record(True, 0.001, 1.0, "ok")
+    assert c.get("/api/v1/status", headers=auth(VIEWER)).json()["node"]["health"] == "ok"
+    for _ in range(3):
+        gw.health.h["web/primary"].record(False, None, 2.0, "timeout")
+    node = c.get("/api/v1/status", headers=auth(VIEWER)).json()["node"]
+    assert node["health"] == "degraded" and "primary is not up" in node["problems"][0]
+    c.post("/api/v1/services/web/failover", headers=auth(OPERATOR))
+    lf = c.get("/api/v1/status", headers=auth(VIEWER)).json()["node"]["last_failover"]
+    assert (lf["service"], lf["from"], lf["to"]) == ("web", "primary", "backup") and "manual" in lf["reason"]
+    row = next(b for b in c.get("/api/v1/backends", headers=auth(VIEWER)).json() if b["name"] == "primary")
+    assert row["state"] == "down" and row["transitions"] == 2 and row["last_detail"] == "timeout"

@@ -32,6 +32,8 @@ function confirmDialog(title, text) {
   });
 }
 
+// every event kind the server knows (the page lists them), for the SSE listeners
+const KINDS = (document.body.dataset.kinds || 'failover,migration,health,divergence,refusal,fence,reset,admin').split(',');
 const plural = (n, w) => `${n} ${w}${n === 1 ? '' : 's'}`;
 
 // --- actions ----------------------------------------------------------------------
@@ -153,7 +155,7 @@ if (timeline) {
     tr.append(td(e.id), td(fmtTime(e.time)), td(e.kind, 'kind-' + e.kind), td(e.backend), td(e.reason));
     (timeline.tBodies[0] || timeline).appendChild(tr);
   };
-  for (const k of ['failover', 'migration', 'health', 'divergence', 'refusal', 'fence', 'reset', 'admin']) es.addEventListener(k, add);
+  for (const k of KINDS) es.addEventListener(k, add);
 }
 
 // --- the events page ------------------------------------------------------------------------
@@ -171,7 +173,7 @@ if (evs) {
     tr.append(td(e.id), td(fmtTime(e.time)), td(e.kind, 'kind-' + e.kind), td(e.service), td(e.backend), conn, td(e.reason));
     evs.tBodies[0].prepend(tr);
   };
-  for (const k of ['failover', 'migration', 'health', 'divergence', 'refusal', 'fence', 'reset', 'admin']) es.addEventListener(k, add);
+  for (const k of KINDS) es.addEventListener(k, add);
 }
 
 // --- admin: tokens and configuration -----------------------------------------------------------

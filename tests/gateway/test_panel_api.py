@@ -286,7 +286,7 @@ def test_banner_says_health_and_the_last_failover(setup) -> None:
         b.record(True, 0.001, 1.0, "ok")
     assert c.get("/api/v1/status", headers=auth(VIEWER)).json()["node"]["health"] == "ok"
     for _ in range(3):
-        gw.health.h["web/primary"].record(False, None, 2.0, "timeout")
+        gw.health.health["web/primary"].record(False, None, 2.0, "timeout")
     node = c.get("/api/v1/status", headers=auth(VIEWER)).json()["node"]
     assert node["health"] == "degraded" and "primary is not up" in node["problems"][0]
     c.post("/api/v1/services/web/failover", headers=auth(OPERATOR))

@@ -294,3 +294,16 @@ def test_banner_says_health_and_the_last_failover(setup) -> None:
     assert (lf["service"], lf["from"], lf["to"]) == ("web", "primary", "backup") and "manual" in lf["reason"]
     row = next(b for b in c.get("/api/v1/backends", headers=auth(VIEWER)).json() if b["name"] == "primary")
     assert row["state"] == "down" and row["transitions"] == 2 and row["last_detail"] == "timeout"
+
+
+def test_audit_trail_is_appended_to_its_file(tmp_path) -> None:
+    cfg = config()
+    cfg["api"]["audit_file"] = str(tmp_path / "audit.jsonl")
+    gw = Gateway(parse(cfg))
+    c = TestClient(create_app(gw))
+    c.put("/api/v1/backends/spare", json={"admin_state": "drain"}, headers=auth(OPERATOR))
+    c.put("/api/v1/backends/spare", json={"admin_state": "drain"}, headers=auth(VIEWER))
+    lines = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert [(x["who"], x["action"], x["result"][:9]) for x in lines] == [
+        ("ops", "backend.admin_state", "ok"), ("grafana", "PUT /api/v1/backends/spare", "error 403")]
+    assert lines[0]["params"] == {"admin_state": "drain", "service": None}

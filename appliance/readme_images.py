@@ -129,7 +129,7 @@ def run(out: Path, rate: str = "12M", cut_after: float = 3.0) -> dict[str, Any]:
             row = page.locator("table#connections tbody tr", has_text="ESTABLISHED").first
             row.wait_for(timeout=15000)
             cid = row.get_attribute("data-id")
-            page.wait_for_timeout(800)
+            page.wait_for_timeout(2000)
             page.screenshot(path=str(out / "panel-connections.png"))
             page.goto(f"{PANEL}/connections/{cid}")
             time.sleep(max(0.0, cut_after - (time.time() - t0)))

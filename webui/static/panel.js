@@ -108,6 +108,8 @@ if (conns) {
   es.addEventListener('connections', m => {
     const doc = JSON.parse(m.data);
     const tot = $('#conn-total'); if (tot) tot.textContent = doc.total;
+    const range = $('#conn-range');
+    if (range) range.textContent = `${doc.total ? doc.offset + 1 : 0}–${Math.min(doc.offset + doc.limit, doc.total)} of ${doc.total}`;
     const body = conns.tBodies[0];
     const known = new Set([...body.rows].map(r => r.dataset.id));
     body.replaceChildren(...doc.connections.map(c => {

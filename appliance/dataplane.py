@@ -59,6 +59,7 @@ from checkpoint.store import CommitPlanner
 from checkpoint.splice import Decision, Endpoint, Out, Rewrite, Splice, SpliceOptions
 from checkpoint.streamlog import ByteLog, SampledDigest, StreamDigest
 from checkpoint.table import ConnectionTable, Timeouts
+from nfq.build import tcp_options, tcp_packet
 from nfq.packet import MalformedPacket, PacketView
 from nfq.queue import Verdict
 
@@ -379,6 +380,12 @@ class Dataplane:
         if flags & SYN:  # a SYN-ACK with data: hold it too (never seen in practice)
             self.counters.acks_held += 1
             return Verdict.DROP
+        # the client is owed this acknowledgment: a pure ACK carrying it waits for the commit
+        # (else a FIN acknowledged late is retransmitted to a peer that has closed: RST)
+        src, sport = (svc.vip, svc.port) if svc is not None else (pv.src, pv.ports[0])
+        owed = tcp_packet(src, pv.dst, sport, pv.ports[1], seq_add(pv.seq, pv.payload_len + (1 if flags & FIN else 0)),
+                          ack, ACK, pv.window, tcp_options(tsval=pv.tsval, tsecr=pv.tsecr), b"")
+        self.held[rec.id] = bytearray(owed)
         pv.set_ack(allowed)
         if pv.options.sack_blocks:
             pv.strip_sack()

@@ -271,3 +271,23 @@ def test_a_backend_2_31_bytes_past_the_checkpoint_is_refused_on_its_first_packet
     gw.tick()
     ev = gw.events.last("reset")
     assert "2**31" in ev.reason and rec.state.value == "CLOSED"
+
+
+def test_a_fin_acknowledged_before_its_commit_is_acknowledged_again_after_it(tmp_path: Path) -> None:
+    """The backend's FIN carries the ACK of the client's FIN: clamped, the client
+    is still owed it, and gets it from the gateway once the FIN is durable
+    (a passive closer that saw its FIN acknowledged has no socket to answer a
+    retransmitted client FIN but a RST)."""
+    dp = Dataplane(parse(config(tmp_path)))
+    open_connection(dp)
+    dp.handle(c2s("FA", 1001, 5001, options=[("Timestamp", (103, 7000))]), 1.2)
+    (rec,) = dp.connections()
+    rec.server_close_ok = True  # a probe found the backend alive: its FIN is genuine
+    fin = s2c("FA", 5001, 1002, options=[("Timestamp", (7005, 103))])
+    assert dp.handle(fin, 1.2) is Verdict.REWRITTEN
+    assert IP(bytes(fin))[TCP].ack == 1001 and IP(bytes(fin))[TCP].flags == "FA"
+    commit(dp)
+    (owed,) = dp.raw_out
+    p = IP(bytes(owed))
+    assert (p.src, p[TCP].sport, p[TCP].flags, p[TCP].seq, p[TCP].ack) == (VIP, 80, "A", 5002, 1002)
+    assert dict(p[TCP].options)["Timestamp"] == (7005, 103)

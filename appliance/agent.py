@@ -160,16 +160,30 @@ class AgentConfig:
 
 
 @dataclass
+class _Waiter:
+    """An application's channel waiting in accept_resumed(); its handler
+    thread keeps the channel open until ``done`` (socketserver closes a
+    request when its handler returns)."""
+
+    conn: socket.socket
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def close(self) -> None:
+        self.conn.close()
+        self.done.set()
+
+
+@dataclass
 class _Pending:
     sock: repair.RepairedSocket
-    app_conn: socket.socket
+    app: _Waiter
 
 
 @dataclass
 class Agent:
     cfg: AgentConfig
     guard: proto.ReplayGuard = field(init=False)
-    waiting: dict[str, "queue.Queue[socket.socket]"] = field(default_factory=dict)
+    waiting: dict[str, "queue.Queue[_Waiter]"] = field(default_factory=dict)
     pending: dict[str, _Pending] = field(default_factory=dict)
     servers: list[socketserver.BaseServer] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -222,7 +236,11 @@ class Agent:
         with self.lock:
             for p in self.pending.values():
                 p.sock.close()
+                p.app.close()
             self.pending.clear()
+            for q in self.waiting.values():
+                while not q.empty():
+                    q.get_nowait().close()
 
     # --- the authenticated channel ------------------------------------------------------
 
@@ -261,7 +279,7 @@ class Agent:
             if type_ == "activate":
                 self._activate(p)
                 return {"ok": True, "handle": handle, "active": True}
-            self._notify(p.app_conn, "released", {"handle": handle})
+            self._notify(p.app, "released", {"handle": handle})
             p.sock.close()
             return {"ok": True, "handle": handle, "released": True}
         raise proto.ProtocolError("type", f"{type_!r} is not a request this agent knows")
@@ -283,14 +301,14 @@ class Agent:
         try:
             offsets = {"in_offset": ici.in_offset, "out_offset": ici.out_offset,
                        "acked_offset": ici.acked_offset, "send_base": ici.send_base, "recv_base": ici.recv_base}
-            conn = self._hand_over(app, sock, {"handle": handle, **offsets,
+            waiter = self._hand_over(app, sock, {"handle": handle, **offsets,
                                                "local": f"{ici.local_addr}:{sock.getsockname()[1]}",
                                                "remote": f"{ici.remote_addr}:{ici.remote_port}",
                                                "app_state": base64.b64encode(state).decode()})
         except BaseException:
             sock.close()      # still in repair mode: the peer sees nothing
             raise
-        p = _Pending(sock, conn)
+        p = _Pending(sock, waiter)
         if body.get("activate", True):
             self._activate(p)
             return {"ok": True, "handle": handle, "active": True, **offsets}
@@ -298,43 +316,43 @@ class Agent:
             self.pending[handle] = p
         return {"ok": True, "handle": handle, "active": False, **offsets}
 
-    def _hand_over(self, app: str, sock: socket.socket, info: dict[str, Any]) -> socket.socket:
+    def _hand_over(self, app: str, sock: socket.socket, info: dict[str, Any]) -> _Waiter:
         """Give the endpoint to an application waiting in accept_resumed()."""
         q = self._queue(app)
         while True:
             try:
-                conn = q.get(timeout=self.cfg.app_wait)
+                w = q.get(timeout=self.cfg.app_wait)
             except queue.Empty:
                 raise TimeoutError(f"app: no application {app!r} is waiting in accept_resumed() "
                                    f"(waited {self.cfg.app_wait:.0f} s)") from None
             try:
-                proto.send_frame(conn, proto.make("resumed", info, None), fd=sock.fileno())
-                conn.settimeout(self.cfg.app_wait)
-                raw, _ = proto.recv_frame(conn)
+                proto.send_frame(w.conn, proto.make("resumed", info, None), fd=sock.fileno())
+                w.conn.settimeout(self.cfg.app_wait)
+                raw, _ = proto.recv_frame(w.conn)
                 if not isinstance(raw, dict) or raw.get("type") != "ack":
                     raise proto.ProtocolError("type", "the application did not acknowledge")
-                return conn
+                return w
             except (OSError, ConnectionError, proto.ProtocolError):
-                conn.close()      # that application is gone; try the next one waiting
+                w.close()         # that application is gone; try the next one waiting
                 continue
 
     def _activate(self, p: _Pending) -> None:
         try:
             repair.activate(p.sock)
-            self._notify(p.app_conn, "active", {})
+            self._notify(p.app, "active", {})
         finally:
             p.sock.close()        # the application holds its own descriptor
 
     @staticmethod
-    def _notify(conn: socket.socket, type_: str, body: dict[str, Any]) -> None:
+    def _notify(w: _Waiter, type_: str, body: dict[str, Any]) -> None:
         try:
-            proto.send_frame(conn, proto.make(type_, body, None))
+            proto.send_frame(w.conn, proto.make(type_, body, None))
         except OSError:
             pass
         finally:
-            conn.close()
+            w.close()
 
-    def _queue(self, app: str) -> "queue.Queue[socket.socket]":
+    def _queue(self, app: str) -> "queue.Queue[_Waiter]":
         with self.lock:
             return self.waiting.setdefault(app, queue.Queue())
 
@@ -369,7 +387,6 @@ class Agent:
     # --- the local channel -----------------------------------------------------------------
 
     def _serve_unix(self, conn: socket.socket) -> None:
-        keep = False
         fd = None
         try:
             uid = struct_ucred(conn)
@@ -380,8 +397,9 @@ class Agent:
             msg = proto.verify(raw, None, None)
             if msg["type"] == "listen":
                 app = msg["body"].get("app", "default")
-                self._queue(str(app)).put(conn)
-                keep = True
+                w = _Waiter(conn)
+                self._queue(str(app)).put(w)
+                w.done.wait()     # until an import used (and closed) the channel
                 return
             if msg["type"] == "export":
                 if fd is None:
@@ -404,8 +422,7 @@ class Agent:
         finally:
             if fd is not None:
                 os.close(fd)
-            if not keep:
-                conn.close()
+            conn.close()
 
 
 def struct_ucred(conn: socket.socket) -> int:

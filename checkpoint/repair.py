@@ -106,6 +106,7 @@ class RepairedSocket(socket.socket):
     ici: Ici | None = None
     unsent: bytes = b""
     activated: bool = False
+    sndbuf_after: int | None = None   # SO_SNDBUFFORCE once the queues are in
 
 
 def _fail(call: str, exc: OSError) -> RepairError:
@@ -252,7 +253,11 @@ def _write_queue(sock: socket.socket, queue: int, data: bytes, name: str) -> Non
     chunk = _CHUNK
     while view:
         try:
-            n = sock.send(view[:chunk])
+            # never block: in repair mode nothing drains the queue, a full one would hang
+            n = sock.send(view[:chunk], socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            raise RepairError(errno.ENOBUFS, f"the {name} queue does not fit the socket's buffer "
+                                             f"({len(view)} of {len(data)} bytes left)") from None
         except OSError as exc:
             # the receive queue is restored as one linear skb per call: a large
             # one may not be allocatable; smaller pieces may (CRIU does the same)
@@ -299,11 +304,18 @@ def create(ici: Ici, *, port_choice: str = "same", sock: socket.socket | None = 
                 s.bind((addr, port))
             except OSError as exc:
                 raise _fail(f"bind({addr}:{port})", exc) from None
-        need = len(ici.sent_queue) + len(ici.unsent_queue)
-        if need > 1 << 20:
-            s.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, 2 * need)
-        if len(ici.recv_queue) > 1 << 20:
-            s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 2 * len(ici.recv_queue))
+        # The queues are written in one go and nothing drains them before
+        # activation (the peer's ACKs may still be held), so the buffers must
+        # hold them whole: a new socket's are small.  The kernel doubles the
+        # value given; check_ici() bounded the queues by the system's maxima.
+        lim = limits if limits is not None else Limits.read()
+        total = len(ici.sent_queue) + len(ici.unsent_queue)
+        forced_sndbuf = total > 64 * 1024
+        if forced_sndbuf:
+            s.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, min(total + total // 2 + 65536, lim.wmem_max))
+        if len(ici.recv_queue) > 64 * 1024:
+            n = len(ici.recv_queue)
+            s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, min(n + n // 2 + 65536, lim.rmem_max))
         _setint(s, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE, "TCP_REPAIR_QUEUE")
         _setint(s, TCP_QUEUE_SEQ, _signed(ici.copied_seq), "TCP_QUEUE_SEQ (receive)")
         _setint(s, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE, "TCP_REPAIR_QUEUE")
@@ -344,6 +356,7 @@ def create(ici: Ici, *, port_choice: str = "same", sock: socket.socket | None = 
         raise
     s.ici = ici
     s.unsent = bytes(ici.unsent_queue)
+    s.sndbuf_after = lim.wmem_max // 2 if forced_sndbuf else None
     return s
 
 
@@ -358,11 +371,16 @@ def activate(sock: socket.socket, unsent: bytes | None = None) -> None:
     if unsent is None:
         unsent = sock.unsent if isinstance(sock, RepairedSocket) else b""
     _setint(sock, TCP_REPAIR, TCP_REPAIR_OFF, "TCP_REPAIR")
+    if unsent:
+        # create() sized the buffer for them: this does not wait for the peer
+        sock.sendall(unsent)
     if isinstance(sock, RepairedSocket):
         sock.activated = True
         sock.unsent = b""
-    if unsent:
-        sock.sendall(unsent)
+        if sock.sndbuf_after is not None:
+            # back to the system's largest autotuned size, so the application
+            # cannot queue more than the next move may carry
+            sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, sock.sndbuf_after)
 
 
 def release(sock: socket.socket) -> None:

@@ -197,6 +197,7 @@ class Dataplane:
         self.held: dict[int, bytearray] = {}  # conn id -> newest held ACK, in the client's view
         self.reloaded: set[int] = set()       # re-attached after a restart, no backend packet seen yet
         self.resume_refusals: list[tuple[ConnectionRecord, str]] = []  # reset on their first packet (tcpcp 6.1)
+        self.resyncing: dict[int, int] = {}   # restored digests still jumping gaps: client segments at restore
         self.suspects: list[Suspect] = []
         self.finished_splices: list[Splice] = []
         self._fence_sent: dict[int, float] = {}
@@ -332,6 +333,8 @@ class Dataplane:
                 dg.add(off, pv.captured_payload, pv.payload_len)
             elif not pv.truncated:
                 dg.add(off, pv.payload)
+                if self.resyncing and rec.id in self.resyncing:
+                    self._end_resync(rec)
         if self.store is not None and rec.log is not None:
             if self.reloaded and rec.id in self.reloaded and not self._check_reloaded(rec, pv, now):
                 return Verdict.DROP
@@ -447,7 +450,23 @@ class Dataplane:
         if self.store is not None:
             self.store.adopt(rec, now)
         self.reloaded.add(rec.id)
+        if isinstance(rec.digest, StreamDigest) and rec.digest.resync:
+            self.resyncing[rec.id] = rec.client.segments
         return True
+
+    def _end_resync(self, rec: ConnectionRecord) -> None:
+        """A restored digest jumps over gaps until it has passed what the client
+        acknowledged after the restart: from there on the stream has no hole
+        that the server will not fill."""
+        dg = rec.digest
+        if not isinstance(dg, StreamDigest) or not dg.resync:
+            self.resyncing.pop(rec.id, None)
+            return
+        if rec.client.segments <= self.resyncing[rec.id] or rec.client.ack is None or rec.server.isn is None:
+            return  # nothing heard from the client since the restart
+        if dg.end >= seq_diff(rec.client.ack, seq_add(rec.server.isn, 1)):
+            dg.resync = False
+            del self.resyncing[rec.id]
 
     def _check_reloaded(self, rec: ConnectionRecord, pv: PacketView, now: float) -> bool:
         """The first backend packet of a re-attached connection.  False: it
@@ -478,6 +497,7 @@ class Dataplane:
 
     def _forget(self, rec: ConnectionRecord) -> None:
         self.held.pop(rec.id, None)
+        self.resyncing.pop(rec.id, None)
         if self.store is not None:
             self.store.forget(rec.id)
 

@@ -30,9 +30,13 @@ running hash of its partial chunk (a hash object cannot be saved), nor what
 the server sent while the appliance was down.  It is *blind* up to the next
 chunk boundary: those bytes are counted (``end`` advances) but not hashed,
 and their chunk's entry is ``None``.  Right after a restore (the *resync*
-state) the first segment may start beyond ``end``; the digest then jumps
-there, blind again up to the next boundary, instead of waiting for bytes
-that will never come.  A verifier skips ``None`` chunks (and a ``None``
+state) a segment may start beyond ``end``; the digest then jumps there,
+blind again up to the next boundary, instead of waiting for bytes that will
+never come.  This lasts until the owner clears ``resync`` — the data plane
+does once the digest has passed what the client acknowledged after the
+restart: a server retransmitting from its oldest unacknowledged byte first
+covers the restore point, then leaps to new data past what the client already
+holds, and that leap is a gap no retransmission fills.  A verifier skips ``None`` chunks (and a ``None``
 partial) and counts them in ``unverified_bytes``: those bytes are taken on
 trust, every later chunk is checked as usual.  Blindness also covers the
 volatile-field masker's horizon: the masker's state is lost with the
@@ -200,7 +204,7 @@ class StreamDigest:
         self.ooo: dict[int, bytes] = {}   # segments beyond a gap, until it fills
         self.overflow: str | None = None  # why hashing stopped (None: contiguous)
         self.blind_until = 0  # bytes below this are counted, not hashed (a chunk boundary)
-        self.resync = False   # restored: the next segment may jump over a gap
+        self.resync = False   # restored: a segment may jump over a gap (until the owner clears it)
 
     @classmethod
     def restored(cls, chunks: list[bytes | None] | tuple[bytes | None, ...], end: int,
@@ -245,10 +249,10 @@ class StreamDigest:
         n = len(payload)
         if offset + n <= self.end or n == 0:
             return
-        if self.resync:
-            self.resync = False
-            if offset > self.end and offset + n <= STREAM_LIMIT:
-                self._jump(offset)
+        if self.resync and offset > self.end and offset + n <= STREAM_LIMIT:
+            # bytes the old process saw (or that passed while it was down) never come
+            # again: jump over the gap, until the owner says the stream is caught up
+            self._jump(offset)
         if offset > self.end:
             if len(self.ooo) >= MAX_OOO_SEGMENTS:
                 self.overflow = "too many out-of-order server segments"

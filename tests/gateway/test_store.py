@@ -291,3 +291,39 @@ def test_a_fin_acknowledged_before_its_commit_is_acknowledged_again_after_it(tmp
     p = IP(bytes(owed))
     assert (p.src, p[TCP].sport, p[TCP].flags, p[TCP].seq, p[TCP].ack) == (VIP, 80, "A", 5002, 1002)
     assert dict(p[TCP].options)["Timestamp"] == (7005, 103)
+
+
+def test_a_restored_digest_follows_the_server_over_the_gap_then_settles(tmp_path: Path) -> None:
+    """After a restart the server retransmits across the restore point, then leaps
+    past what the client already holds: the digest must follow (not fill up with
+    out-of-order segments and leave the connection unprotected), and stop jumping
+    once it has passed what the client acknowledged."""
+    backend = SqliteBackend(tmp_path / "cp.db")
+    dp = Dataplane(parse(config(tmp_path)))
+    open_connection(dp, backend)
+    (rec,) = dp.connections()
+    rec.server_close_ok = True
+    dp.store.ici_interval = 0
+    seq = 5001
+    for _ in range(100):  # 144 800 bytes: two full chunks and a partial one
+        dp.handle(s2c("A", seq, 1001, b"s" * 1448), 1.3)
+        seq += 1448
+    commit(dp, backend)
+    gw = Gateway(parse(config(tmp_path)))
+    gw.restore(backend.load())
+    dp2 = gw.dataplane
+    (r,) = dp2.connections()
+    # the old process forwarded 300 more segments the store never saw; the client has them all
+    far = seq + 300 * 1448
+    dp2.handle(s2c("A", seq - 1448, 1001, b"s" * 1448), 2.0)  # a retransmission across the restore point
+    dp2.handle(c2s("A", 1001, far), 2.0)                       # the client: "I have everything up to far"
+    for i in range(300):                                       # new data, far past the restore point
+        dp2.handle(s2c("A", far + i * 1448, 1001, b"t" * 1448), 2.1)
+    assert r.protected, r.unprotected_reason
+    assert not r.digest.resync and r.digest.end == seq_off(far, 5000) + 300 * 1448
+    dp2.handle(s2c("A", far + 302 * 1448, 1001, b"t" * 1448), 2.2)  # settled: a real gap now waits
+    assert len(r.digest.ooo) == 1
+
+
+def seq_off(seq: int, isn: int) -> int:
+    return seq - isn - 1

@@ -535,13 +535,15 @@ def test_restored_at_a_chunk_boundary_is_not_blind():
 
 
 def test_restored_then_a_gap_jumps_and_later_gaps_wait():
-    """The first segment after a restore may start beyond end (bytes passed while the
-    appliance was down): the digest jumps there; later gaps are reordering, held aside."""
+    """After a restore a segment may start beyond end (bytes passed while the
+    appliance was down): the digest jumps there; once the owner ends the resync,
+    later gaps are reordering, held aside."""
     data = random.Random(24).randbytes(6 * CHUNK)
     d = _restore(data, 100)
     j = 3 * CHUNK + 50
     d.add(j, data[j:j + 1000])
     assert d.end == j + 1000 and d.chunks == [None, None, None] and not d.ooo
+    d.resync = False  # caught up (the data plane's call)
     d.add(j + 2000, data[j + 2000:j + 3000])  # a gap after the resync: held aside, no jump
     assert d.end == j + 1000 and set(d.ooo) == {j + 2000}
     d.add(j + 1000, data[j + 1000:])
@@ -634,3 +636,19 @@ def test_restored_digest_checks_exactly_the_known_chunks(seed, n, r, j, where, v
         assert v.mismatch_at is None and v.done
     else:
         assert v.mismatch_at == p // CHUNK * CHUNK
+
+
+def test_a_retransmission_across_the_restore_point_then_a_leap_still_jumps():
+    """A server retransmits from its oldest unacknowledged byte (covering the restore
+    point), then leaps to new data past what the client already holds: that gap is
+    never filled, so while resyncing the digest jumps it too."""
+    data = random.Random(31).randbytes(8 * CHUNK)
+    d = _restore(data, 2 * CHUNK + 700)
+    r = 2 * CHUNK + 100
+    d.add(r, data[r:r + 1448])  # crosses the restore point: contiguous
+    assert d.resync and not d.ooo
+    leap = 5 * CHUNK + 10
+    d.add(leap, data[leap:])
+    assert not d.ooo and d.end == len(data) and d.overflow is None
+    v = StreamVerifier(d.snapshot())
+    assert v.add(0, data) and v.done

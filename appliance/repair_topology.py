@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 from . import netns
 
+LOCK = "/run/appliance-repair-tests.lock"   # one user of the rp-* names at a time
 SERVICE_ADDR = "203.0.113.10"
 CLIENT_ADDR = "192.0.2.10"
 GATEWAY_CLIENT_ADDR = "192.0.2.1"

@@ -11,9 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.repair_topology import SERVICE_ADDR, Topology
-
-LOCK = "/run/appliance-repair-tests.lock"
+from appliance.repair_topology import LOCK, SERVICE_ADDR, Topology
 
 
 def require_root() -> None:

@@ -119,7 +119,7 @@ def test_fuzzed_documents_are_refused_with_a_field(doc: dict[str, object]) -> No
 
 
 @pytest.mark.parametrize("name,value,named", BAD)
-def test_create_refuses_before_any_system_call(name: str, value: object, named: str) -> None:
+def test_create_refuses_before_any_system_call(topo: Topology, name: str, value: object, named: str) -> None:
     """A bad ICI handed to create() with a pre-bound socket: IciError, and the
     socket is untouched (not in repair mode, still unconnected, same MSS) and
     nothing new was opened."""
@@ -129,9 +129,9 @@ def test_create_refuses_before_any_system_call(name: str, value: object, named: 
         ici = dataclasses.replace(ici, taken_at=time.time() + (3600 if value > NOW else -600))  # type: ignore[operator]
     if name == "sent_queue":
         ici = dataclasses.replace(ici, snd_nxt=(ici.snd_una + len(ici.sent_queue)) & 0xFFFFFFFF)
-    pre = socket.socket()
+    pre = topo.socket("a")
     try:
-        pre.bind(("127.0.0.1", 0))
+        pre.bind((SERVICE_ADDR, 0))
         mss_before = pre.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG)
         fds_before = len(os.listdir("/proc/self/fd"))
         with pytest.raises(IciError):
@@ -153,7 +153,7 @@ sys.path.insert(0, sys.argv[1])
 from checkpoint import repair
 from checkpoint.repair_ici import Ici
 out = {}
-lst = socket.socket(); lst.bind(("127.0.0.1", 0)); lst.listen()
+lst = socket.socket(); lst.bind(("203.0.113.10", 0)); lst.listen()
 c = socket.create_connection(lst.getsockname()); s, _ = lst.accept()
 try:
     repair.get(s)
@@ -176,13 +176,13 @@ print(json.dumps(out))
 
 
 @pytest.mark.parametrize("how", ["setpriv", "nobody"])
-def test_without_cap_net_admin_the_error_says_so(how: str) -> None:
+def test_without_cap_net_admin_the_error_says_so(topo: Topology, how: str) -> None:
     """An unprivileged process: get() and create() raise RepairPermissionError
     naming CAP_NET_ADMIN, and a bad ICI is still refused by the checks first."""
-    ici = good(local_addr="127.0.0.1", remote_addr="127.0.0.1", taken_at=time.time())
+    ici = good(local_addr=SERVICE_ADDR, remote_addr=SERVICE_ADDR, taken_at=time.time())
     drop = (["setpriv", "--inh-caps=-all", "--bounding-set=-net_admin"] if how == "setpriv"
             else ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--inh-caps=-all"])
-    r = subprocess.run([*drop, sys.executable, "-c", CHILD, str(ROOT), json.dumps(ici.to_dict())],
+    r = subprocess.run(["ip", "netns", "exec", topo.ns("a"), *drop, sys.executable, "-c", CHILD, str(ROOT), json.dumps(ici.to_dict())],
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)

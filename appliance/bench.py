@@ -251,7 +251,7 @@ def upload_bench(rounds: int = 3, body_name: str = "100M.bin") -> dict[str, Any]
     info = lab.up()
     api, token = info["api"], info["token"]
     body = lab.cache_dir() / "www" / body_name
-    plain = f"http://198.51.100.10:{lab.UPLOAD_PORT}/"
+    plain = f"http://198.51.100.10:{lab.PLAIN_UPLOAD_PORT}/"
     vip = f"http://{lab.VIP}:{lab.UPLOAD_PORT}/"
     modes = {"memory": lab.run_dir() / "gateway.toml",
              "disk": lab.variant_config("bench-disk", store={"mode": "disk"})}

@@ -53,6 +53,7 @@ SAMPLED_HTTP_PORT = 8081  # the "web-sampled" service: same files, verify = "sam
 IPERF_PORT = 5201        # the "iperf" service (through the appliance, verify = "sampled")
 PLAIN_IPERF_PORT = 5202  # the same server, plainly forwarded
 UPLOAD_PORT = 8090       # the "upload" service: appliance.labapps upload-hash (sha256 of the body)
+PLAIN_UPLOAD_PORT = 8091  # the same app, plainly forwarded
 UPLOAD_FILE = "upload-200M.bin"
 UPLOAD_SIZE = 200 << 20
 CLIENT_NET = "192.0.2"
@@ -262,7 +263,8 @@ def start_upload_app(h: Host) -> None:
     log = open(rd / f"upload-{h.short}.log", "ab")
     subprocess.Popen(
         ["ip", "netns", "exec", h.ns, sys.executable, "-m", "appliance.labapps", "upload-hash",
-         "--bind", h.address, "--port", str(UPLOAD_PORT), "--pidfile", str(pidfile)],
+         "--bind", h.address, "--port", str(UPLOAD_PORT), "--port", str(PLAIN_UPLOAD_PORT),
+         "--pidfile", str(pidfile)],
         stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
         cwd=str(Path(__file__).resolve().parent.parent),
     )

@@ -7,7 +7,7 @@ no server name), so a backup that is replayed the same request gives the same
 bytes — what a replay failover needs — and a client that gets the right digest
 knows every byte it sent arrived exactly once, in order (invariant I5).
 
-Run: ``python -m appliance.labapps upload-hash --bind ADDRESS --port PORT``.
+Run: ``python -m appliance.labapps upload-hash --bind ADDRESS --port PORT [--port PORT2]``.
 """
 
 from __future__ import annotations
@@ -53,17 +53,17 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
         writer.close()
 
 
-async def serve(bind: str, port: int) -> None:
-    server = await asyncio.start_server(handle, bind, port, limit=MAX_HEADER * 2, reuse_address=True)
-    async with server:
-        await server.serve_forever()
+async def serve(bind: str, ports: list[int]) -> None:
+    servers = [await asyncio.start_server(handle, bind, port, limit=MAX_HEADER * 2, reuse_address=True)
+               for port in ports]
+    await asyncio.gather(*(s.serve_forever() for s in servers))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(prog="appliance.labapps")
     ap.add_argument("app", choices=["upload-hash"])
     ap.add_argument("--bind", required=True)
-    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--port", type=int, action="append", required=True, help="may be given more than once")
     ap.add_argument("--pidfile")
     a = ap.parse_args()
     if a.pidfile:

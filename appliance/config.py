@@ -251,6 +251,28 @@ def _choice(data: dict[str, Any], key: str, where: str, default: str, choices: t
     return v
 
 
+def _secret(data: dict[str, Any], key: str, where: str, base: Path, min_len: int, required: bool) -> str:
+    """A secret given inline (``key``) or read from a file (``key_file``, relative
+    to the configuration's folder); empty when neither is given and not required."""
+    if key in data and f"{key}_file" in data:
+        raise ConfigError(f"{where}.{key}", f"give {key} or {key}_file, not both")
+    if f"{key}_file" in data:
+        field = f"{key}_file"
+        path = base / _str(data, field, where)
+        try:
+            value = path.read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{where}.{field}", f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    elif key in data or required:
+        field = key
+        value = _str(data, key, where)
+    else:
+        return ""
+    if len(value) < min_len:
+        raise ConfigError(f"{where}.{field}", f"must be at least {min_len} characters")
+    return value
+
+
 def _name(data: dict[str, Any], where: str) -> str:
     v = _str(data, "name", where)
     if not v.replace("-", "").replace("_", "").isalnum():
@@ -301,18 +323,7 @@ def _api(data: dict[str, Any], base: Path) -> ApiConfig:
         ok = False
     if not ok:
         raise ConfigError(f"{where}.listen", f"{listen!r} is not ADDRESS:PORT")
-    if "token" in data and "token_file" in data:
-        raise ConfigError(f"{where}.token", "give token or token_file, not both")
-    if "token_file" in data:
-        path = base / _str(data, "token_file", where)
-        try:
-            token = path.read_text().strip()
-        except OSError as exc:
-            raise ConfigError(f"{where}.token_file", f"cannot read {path}: {exc.strerror}") from None
-    else:
-        token = _str(data, "token", where)
-    if len(token) < 8:
-        raise ConfigError(f"{where}.token", "must be at least 8 characters")
+    token = _secret(data, "token", where, base, 8, required=True)
     from .auth import parse_tokens, parse_users
 
     users = parse_users(data.get("user", []), f"{where}.user")
@@ -344,21 +355,7 @@ def _store(data: dict[str, Any], base: Path) -> StoreConfig:
 def _checkpoint(data: dict[str, Any], base: Path) -> CheckpointConfig:
     where = "checkpoint"
     _no_unknown(data, {"key", "key_file", "msl"}, where)
-    if "key" in data and "key_file" in data:
-        raise ConfigError(f"{where}.key", "give key or key_file, not both")
-    key = b""
-    if "key_file" in data:
-        path = base / _str(data, "key_file", where)
-        try:
-            key = path.read_bytes().strip()
-        except OSError as exc:
-            raise ConfigError(f"{where}.key_file", f"cannot read {path}: {exc.strerror}") from None
-        if len(key) < 16:
-            raise ConfigError(f"{where}.key_file", "the key must be at least 16 bytes")
-    elif "key" in data:
-        key = _str(data, "key", where).encode()
-        if len(key) < 16:
-            raise ConfigError(f"{where}.key", "must be at least 16 characters")
+    key = _secret(data, "key", where, base, 16, required=False).encode()
     return CheckpointConfig(key=key, msl=_float(data, "msl", where, 120.0, 1.0))
 
 

@@ -57,6 +57,17 @@ def test_good_config_loads_with_defaults() -> None:
         (["gateway"], {"timeouts": {"idle": 3}}, "gateway.timeouts.idle"),
         (["gateway"], {"timeouts": {"established": -1}}, "gateway.timeouts.established"),
         (["service"], [], "service"),
+        (["gateway"], {"on_failure": "maybe"}, "gateway.on_failure"),
+        (["gateway"], {"on_failure": "open", "fail_open": True}, "gateway.fail_open"),
+        (["store"], {"mode": "peer"}, "store.mode"),
+        (["store"], {"mode": "tape"}, "store.mode"),
+        (["store"], {"commit_interval": 5}, "store.commit_interval"),
+        (["store"], {"max_total_bytes": 10}, "store.max_total_bytes"),
+        (["store"], {"fsync": False}, "store.fsync"),
+        (["checkpoint"], {"key": "short"}, "checkpoint.key"),
+        (["checkpoint"], {"key": "k" * 20, "key_file": "x"}, "checkpoint.key"),
+        (["checkpoint"], {"key_file": "/nonexistent/key"}, "checkpoint.key_file"),
+        (["checkpoint"], {"msl": 0}, "checkpoint.msl"),
     ],
 )
 def test_errors_name_the_field(path: list, value, field: str) -> None:
@@ -174,3 +185,21 @@ def test_failover_mode_error_says_only_replay() -> None:
         parse(variant(["service", 0, "failover"], {"mode": "repair"}))
     for state in ("ready", "drain", "maint"):
         assert parse(variant(["service", 0, "backend", 1, "admin_state"], state)).services[0].backends[1].admin_state == state
+
+
+def test_store_and_checkpoint_settings(tmp_path) -> None:
+    (tmp_path / "cp.key").write_text("a-key-from-a-file-0123456789\n")
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text('[gateway]\non_failure = "closed"\n[api]\ntoken = "a-long-token"\n'
+                   '[store]\nmode = "disk"\npath = "cp.db"\ncommit_interval = 0.002\n'
+                   '[checkpoint]\nkey_file = "cp.key"\nmsl = 60\n'
+                   '[[service]]\nname = "w"\nvip = "203.0.113.1"\n'
+                   '[[service.backend]]\nname = "p"\naddress = "198.51.100.1"\n')
+    c = load(cfg)
+    assert c.gateway.on_failure == "closed" and not c.gateway.fail_open
+    assert c.store.mode == "disk" and c.store.path == str(tmp_path / "cp.db") and c.store.commit_interval == 0.002
+    assert c.checkpoint.key == b"a-key-from-a-file-0123456789" and c.checkpoint.msl == 60.0
+    # the older spelling still works
+    old = parse({"gateway": {"fail_open": False}, "api": {"token": "a-long-token"},
+                 "service": [{"name": "w", "vip": "203.0.113.1", "backend": [{"name": "p", "address": "198.51.100.1"}]}]})
+    assert old.gateway.on_failure == "closed" and old.store.mode == "memory" and old.checkpoint.key == b""

@@ -183,7 +183,7 @@ class _Pending:
 class Agent:
     cfg: AgentConfig
     guard: proto.ReplayGuard = field(init=False)
-    waiting: dict[str, "queue.Queue[_Waiter]"] = field(default_factory=dict)
+    waiting: dict[str, queue.Queue[_Waiter]] = field(default_factory=dict)
     pending: dict[str, _Pending] = field(default_factory=dict)
     servers: list[socketserver.BaseServer] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -193,7 +193,7 @@ class Agent:
 
     # --- lifecycle -------------------------------------------------------------------
 
-    def start(self) -> "Agent":
+    def start(self) -> Agent:
         agent = self
 
         class TcpHandler(socketserver.BaseRequestHandler):
@@ -352,7 +352,7 @@ class Agent:
         finally:
             w.close()
 
-    def _queue(self, app: str) -> "queue.Queue[_Waiter]":
+    def _queue(self, app: str) -> queue.Queue[_Waiter]:
         with self.lock:
             return self.waiting.setdefault(app, queue.Queue())
 

@@ -51,7 +51,7 @@ def call_in(ns: str, fn: Callable[[], T]) -> T:
             finally:
                 os.close(fd)
             result.append(fn())
-        except BaseException as exc:  # re-raised in the caller
+        except BaseException as exc:  # noqa: BLE001  (re-raised in the caller)
             error.append(exc)
 
     t = threading.Thread(target=run, name=f"netns-{ns}")
@@ -70,7 +70,7 @@ def socket_in(ns: str, family: int = socket.AF_INET, type: int = socket.SOCK_STR
 def ip(*args: str, ns: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
     """Run ``ip [-n ns] args...``; a failure raises with ip's message."""
     cmd = ["ip", *(["-n", ns] if ns else []), *args]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    r = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if check and r.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)}: {r.stderr.strip()}")
     return r
@@ -89,7 +89,7 @@ def delete(ns: str) -> None:
     """Remove a namespace, killing whatever still runs in it first."""
     if not exists(ns):
         return
-    r = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
+    r = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, check=False)
     for pid in r.stdout.split():
         try:
             os.kill(int(pid), 9)

@@ -23,7 +23,6 @@ so every figure is of a move that lost and duplicated nothing.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import hashlib
 import json
 import random
@@ -34,12 +33,12 @@ import sys
 import threading
 import time
 
-from .repair_topology import LOCK, SERVICE_ADDR, Topology, move
+from .repair_topology import SERVICE_ADDR, Topology, move, reap_stale
 
 
 def _pct(xs: list[float], p: float) -> float:
     s = sorted(xs)
-    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
+    return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))]
 
 
 def run(migrations: int, interval: float, rate: float, port: int = 7100) -> dict:
@@ -52,7 +51,7 @@ def run(migrations: int, interval: float, rate: float, port: int = 7100) -> dict
         cli.connect((SERVICE_ADDR, port))
         srv, _ = lst.accept()
         lst.close()
-        size = int(rate * (migrations * interval + 2))
+        size = int(rate * (migrations * interval + 2.0))
         data = random.Random(7).randbytes(size)
         got = hashlib.sha256()
         arrivals: list[float] = []
@@ -70,7 +69,7 @@ def run(migrations: int, interval: float, rate: float, port: int = 7100) -> dict
                     arrivals.append(time.monotonic())
                     got.update(b)
                     received[0] += len(b)
-            except BaseException as exc:
+            except BaseException as exc:  # noqa: BLE001  (reported by the main thread)
                 errors.append(exc)
 
         def writer() -> None:
@@ -94,7 +93,7 @@ def run(migrations: int, interval: float, rate: float, port: int = 7100) -> dict
                         continue
                     state["sent"] += n
                 state["sock"].shutdown(socket.SHUT_WR)
-            except BaseException as exc:
+            except BaseException as exc:  # noqa: BLE001  (reported by the main thread)
                 errors.append(exc)
             finally:
                 paused.set()
@@ -155,9 +154,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rate", type=float, default=20e6, help="stream rate, bytes/s")
     p.add_argument("--json", metavar="FILE")
     args = p.parse_args(argv)
-    with open(LOCK, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        res = run(args.migrations, args.interval, args.rate)
+    reap_stale()
+    res = run(args.migrations, args.interval, args.rate)
     text = json.dumps(res, indent=2)
     if args.json:
         with open(args.json, "w") as f:

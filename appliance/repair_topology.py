@@ -5,7 +5,8 @@ Theory of operation
 tcpcp's section 2.2 demonstrates passing with a static route on a gateway:
 the service address lives on one server, the gateway routes it there, and
 a move re-points the route.  This module builds exactly that, with its own
-namespaces (default prefix ``rp-``; never the lab's ``lab-*``)::
+namespaces (named ``rp-<pid>-<host>``, shown below without the pid; never
+the lab's ``lab-*``)::
 
     rp-c  192.0.2.10 ── c0 192.0.2.1   rp-g   a0 198.51.100.1 ── 198.51.100.2  rp-a
                                              b0 198.51.100.5 ── 198.51.100.6  rp-b
@@ -29,12 +30,12 @@ namespaces (and with them every veth and process in them).
 
 from __future__ import annotations
 
+import os
 import socket
 from dataclasses import dataclass, field
 
 from . import netns
 
-LOCK = "/run/appliance-repair-tests.lock"   # one user of the rp-* names at a time
 SERVICE_ADDR = "203.0.113.10"
 CLIENT_ADDR = "192.0.2.10"
 GATEWAY_CLIENT_ADDR = "192.0.2.1"
@@ -44,9 +45,27 @@ SERVER_LINKS = {"a": ("198.51.100.1", "198.51.100.2"),
                 "d": ("198.51.100.9", "198.51.100.10")}
 
 
+def default_prefix() -> str:
+    """``rp-<pid>-``: namespace names are the only names that are global, so
+    each process gets its own and test runs (or a test run and the
+    benchmark) never collide; everything else lives inside them."""
+    return f"rp-{os.getpid()}-"
+
+
+def reap_stale() -> list[str]:
+    """Remove ``rp-<pid>-*`` namespaces whose process is gone (a killed run)."""
+    gone = []
+    for name in netns.listing():
+        parts = name.split("-")
+        if len(parts) == 3 and parts[0] == "rp" and parts[1].isdigit() and not os.path.exists(f"/proc/{parts[1]}"):
+            netns.delete(name)
+            gone.append(name)
+    return gone
+
+
 @dataclass
 class Topology:
-    prefix: str = "rp-"
+    prefix: str = field(default_factory=default_prefix)
     servers: tuple[str, ...] = ("a", "b")
     owner: str | None = None                  # server host holding the service address
     made: list[str] = field(default_factory=list)
@@ -60,7 +79,7 @@ class Topology:
 
     # --- building ------------------------------------------------------------------
 
-    def up(self, owner: str = "a") -> "Topology":
+    def up(self, owner: str = "a") -> Topology:
         self.down()
         try:
             for host in ("g", "c", *self.servers):

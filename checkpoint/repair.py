@@ -57,7 +57,15 @@ import socket
 import struct
 import time
 
-from .repair_ici import ICI_VERSION, Ici, IciError, Limits, check_ici, ici_from_record, record_fields_from_ici
+from .repair_ici import (
+    ICI_VERSION,
+    Ici,
+    IciError,
+    Limits,
+    check_ici,
+    ici_from_record,
+    record_fields_from_ici,
+)
 from .seqnum import MASK, seq_add
 
 # include/uapi/linux/tcp.h

@@ -80,7 +80,7 @@ class Limits:
     max_future_seconds: float = 5.0     # clock skew tolerated on ``taken_at``
 
     @classmethod
-    def read(cls) -> "Limits":
+    def read(cls) -> Limits:
         """The limits of the network namespace of the calling thread."""
 
         def third(path: str, default: int) -> int:
@@ -178,7 +178,7 @@ class Ici:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Ici":
+    def from_dict(cls, d: dict[str, Any]) -> Ici:
         """The document back; a missing, unknown or mistyped field is named."""
         if not isinstance(d, dict):
             raise IciError("<document>", f"expected an object, got {type(d).__name__}")
@@ -393,7 +393,7 @@ def ici_from_record(rec: Any, *, client_bytes: bytes = b"", consumed: int = 0,
     rcv_nxt = seq_add(c.data_base, consumed + len(client_bytes))
     ts_on = bool(rec.ts_ok and s.tsval is not None)
     tick = s.tick_rate
-    ts_hz = 1000 if tick is None else max(1, min(1_000_000, int(math.ceil(tick))))
+    ts_hz = 1000 if tick is None else max(1, min(1_000_000, math.ceil(tick)))
     rcv_wnd = max(s.window, len(client_bytes))
     return Ici(
         local_addr=local_addr or rec.vip,
@@ -454,5 +454,13 @@ def record_fields_from_ici(ici: Ici) -> dict[str, dict[str, Any]]:
     return {"server": server, "client": client}
 
 
-__all__ = ["ICI_VERSION", "Ici", "IciError", "Limits", "PORT_CHOICES", "check_ici",
-           "ici_from_record", "record_fields_from_ici"]
+__all__ = [
+    "ICI_VERSION",
+    "PORT_CHOICES",
+    "Ici",
+    "IciError",
+    "Limits",
+    "check_ici",
+    "ici_from_record",
+    "record_fields_from_ici",
+]

@@ -38,7 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout
 
-from appliance import agent_sdk  # noqa: E402
+from appliance import agent_sdk
 
 CHUNK = 65536
 move_now = threading.Event()
@@ -63,7 +63,7 @@ def serve(sock: socket.socket, root: Path, name: str, header_len: int, position:
                 state = json.dumps({"file": name, "header": header_len}).encode()
                 try:
                     reply = agent_sdk.export(sock, state, to=args.export_to, agent=args.agent)
-                except Exception as exc:   # the move failed: the socket is still ours, go on
+                except (OSError, ValueError, RuntimeError) as exc:   # the move failed: the socket is ours, go on
                     emit(event="export-failed", error=str(exc), position=position)
                     move_now.clear()
                 else:
@@ -108,7 +108,8 @@ def handle_new(sock: socket.socket, root: Path, args: argparse.Namespace) -> Non
         return
     header = f"OK {path.stat().st_size}\n".encode()
     sock.sendall(header)
-    emit(event="started", file=name, peer="%s:%d" % sock.getpeername())
+    host, port = sock.getpeername()
+    emit(event="started", file=name, peer=f"{host}:{port}")
     serve(sock, root, name, len(header), 0, args)
 
 

@@ -3,7 +3,6 @@ always removed again, also when a test fails."""
 
 from __future__ import annotations
 
-import fcntl
 import os
 import socket
 from collections.abc import Iterator
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.repair_topology import LOCK, SERVICE_ADDR, Topology
+from appliance.repair_topology import SERVICE_ADDR, Topology, reap_stale
 
 
 def require_root() -> None:
@@ -19,18 +18,13 @@ def require_root() -> None:
         pytest.fail("the TCP_REPAIR tests need root (namespaces, CAP_NET_ADMIN)")
 
 
-@pytest.fixture(scope="session")
-def repair_lock() -> Iterator[None]:
-    """One run at a time: the rp-* namespace names are fixed."""
-    require_root()
-    with open(LOCK, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        yield
-
-
 @pytest.fixture
-def topo(repair_lock: None) -> Iterator[Topology]:
-    """rp-c (client), rp-g (router), rp-a and rp-b (servers); the service address on rp-a."""
+def topo() -> Iterator[Topology]:
+    """rp-<pid>-c (client), -g (router), -a and -b (servers); the service address on -a.
+
+    The pid in the names keeps parallel runs apart, so no lock is needed."""
+    require_root()
+    reap_stale()
     t = Topology()
     try:
         yield t.up(owner="a")

@@ -173,7 +173,8 @@ def test_config_errors_name_the_field(tmp_path: Path) -> None:
     with pytest.raises(proto.ProtocolError) as exc:
         load_config(str(bad))
     assert str(exc.value).startswith("agent.bogus:")
-    r = subprocess.run([APPLIANCE, "agent", "run", "--config", str(bad)], capture_output=True, text=True)
+    r = subprocess.run([APPLIANCE, "agent", "run", "--config", str(bad)], capture_output=True, text=True,
+                       check=False)
     assert r.returncode == 2 and "bad config: agent.bogus: unknown key" in r.stderr
 
 
@@ -224,7 +225,7 @@ def test_passive_export_of_another_process_connection(topo: Topology, agents: di
         topo.place("b")
         r = subprocess.run(["ip", "netns", "exec", topo.ns("a"), APPLIANCE, "agent", "export", "--pid", str(pid),
                             "--fd", str(fd), "--to", f"{topo.addr('b')}:7400", "--key-file",
-                            agents["a"]["keyfile"]], capture_output=True, text=True, timeout=30)
+                            agents["a"]["keyfile"]], capture_output=True, text=True, check=False, timeout=30)
         assert r.returncode == 0, r.stderr
         reply = json.loads(r.stdout)
         assert reply["ok"] and reply["active"] and reply["in_offset"] == 5 and reply["out_offset"] == 5
@@ -269,7 +270,7 @@ def test_export_to_a_missing_application_rolls_back(topo: Topology, agents: dict
         topo.place("b")
         r = subprocess.run(["ip", "netns", "exec", topo.ns("a"), APPLIANCE, "agent", "export", "--pid", str(pid),
                             "--fd", str(fd), "--to", f"{topo.addr('b')}:7400", "--app", "nobody-waits",
-                            "--key-file", agents["a"]["keyfile"]], capture_output=True, text=True, timeout=60)
+                            "--key-file", agents["a"]["keyfile"]], capture_output=True, text=True, check=False, timeout=60)
         assert r.returncode == 1
         assert "app: no application 'nobody-waits' is waiting" in r.stderr and "rolled back" in r.stderr
         topo.place("a")
@@ -329,3 +330,48 @@ def test_example_download_moves_there_and_back(topo: Topology, agents: dict, pro
     done = srv["a"].wait_for('"done"')
     assert json.loads(done)["out_offset"] == len(data) + len(f"OK {len(data)}\n")
     assert os.path.exists(agents["a"]["socket"])
+
+
+def test_gateway_style_export_by_address_two_phase(topo: Topology, agents: dict, procs: list[Proc]) -> None:
+    """What the gateway will do: ask the origin's agent over the authenticated
+    channel to export the connection it knows by its addresses, have it
+    created silent at B (activate: false), switch, then activate by handle."""
+    owner = Proc(topo.ns("a"), [sys.executable, "-c", OWNER])
+    procs.append(owner)
+    owner.wait_for("listening")
+    cli = topo.socket("c")
+    cli.settimeout(10)
+    cli.connect((SERVICE_ADDR, 7002))
+    owner.wait_for("fd ")
+    cport = cli.getsockname()[1]
+    try:
+        cli.sendall(b"abc")
+        assert cli.recv(3) == b"ABC"
+        got: list[agent_sdk.Resumed] = []
+        waiter = threading.Thread(target=lambda: got.append(agent_sdk.accept_resumed(agent=agents["b"]["socket"],
+                                                                                     timeout=20)))
+        waiter.start()
+        topo.hold()
+        topo.place("b")
+        reply = in_client(topo, lambda: proto.request(agents["a"]["addr"], "export", {
+            "local": f"{SERVICE_ADDR}:7002", "remote": f"192.0.2.10:{cport}",
+            "to": f"{topo.addr('b')}:7400", "activate": False}, KEY))
+        assert reply["ok"] and reply["active"] is False and reply["in_offset"] == 3
+        time.sleep(0.3)
+        assert not got, "accept_resumed() returned before activation"
+        topo.route_to("b")
+        act = in_client(topo, lambda: proto.request(agents["b"]["addr"], "activate",
+                                                    {"handle": reply["handle"]}, KEY))
+        assert act["active"] is True
+        waiter.join(20)
+        assert got and got[0].handle == reply["handle"]
+        cli.sendall(b"def")
+        got[0].sock.settimeout(5)
+        assert got[0].sock.recv(3) == b"def"
+        # a handle is used once
+        with pytest.raises(proto.AgentError, match="handle"):
+            in_client(topo, lambda: proto.request(agents["b"]["addr"], "activate",
+                                                  {"handle": reply["handle"]}, KEY))
+        got[0].sock.close()
+    finally:
+        cli.close()

@@ -429,19 +429,21 @@ class Gateway:
 
     def connections(self) -> list[dict[str, Any]]:
         now = self.clock()
-        out = []
-        for rec in self.dataplane.table:
-            d = rec.to_dict(now)
-            d["move"] = self.dataplane.describe_move(rec.id)
-            out.append(d)
-        return out
+        return [self._connection_doc(rec, now) for rec in self.dataplane.table]
 
     def connection(self, cid: int) -> dict[str, Any] | None:
         rec = self.dataplane.table.by_id(cid)
-        if rec is None:
-            return None
-        d = rec.to_dict(self.clock())
-        d["move"] = self.dataplane.describe_move(cid)
+        return None if rec is None else self._connection_doc(rec, self.clock())
+
+    def _connection_doc(self, rec: Any, now: float) -> dict[str, Any]:
+        d = rec.to_dict(now)
+        d["move"] = self.dataplane.describe_move(rec.id)
+        planner = self.dataplane.store
+        if planner is None:
+            d["checkpoint_age"] = 0.0 if rec.log is not None else None  # memory: the record is the checkpoint
+        else:
+            age = planner.checkpoint_age(rec.id, now)
+            d["checkpoint_age"] = None if age is None else round(age, 3)
         return d
 
     # --- checkpoints (tcpcp 6, 7) -----------------------------------------------------------

@@ -299,6 +299,11 @@ class CommitPlanner:
                 self.stats.held_total -= len(w.log_data)
         self.forgotten.extend(batch.forget)
 
+    def checkpoint_age(self, cid: int, now: float) -> float | None:
+        """Seconds since the connection's ICI was last made durable (None: never)."""
+        e = self.entries.get(cid)
+        return None if e is None or not e.ici_saved else max(0.0, now - e.ici_at)
+
     def commits(self, cid: int | None = None, since: float = 0.0) -> list[dict[str, object]]:
         return [{"t": t, "connection": c, "commit_offset": off, "commit_fin": fin}
                 for t, c, off, fin in self.commit_log if (cid is None or c == cid) and t >= since]

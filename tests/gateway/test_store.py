@@ -221,6 +221,7 @@ def test_restart_reattaches_and_refuses_stale_checkpoints(tmp_path: Path) -> Non
     assert gw.restore(copy.deepcopy(loaded)) == {"reattached": 1, "reset": 0}
     (rec,) = gw.dataplane.connections()
     assert rec.commit_offset == 100 and bytes(rec.log.data) == b"a" * 100 and rec.protected
+    assert 0 <= gw.connection(rec.id)["checkpoint_age"] < 60  # read back: as old as its last commit
     # the tracker takes it up from the wire: the server's next packet passes, new ids come after it
     assert gw.dataplane.handle(s2c("A", 5001, 1101), 2.0) is Verdict.ACCEPT
 

@@ -60,7 +60,12 @@ QUEUE_PROBE = textwrap.dedent("""
     got = b""
     while len(got) < len(msg):
         got += cli.recv(65536)
-    print(got == msg, q.stats.handler_errors, q.stats.packets, q.stats.accepted)
+    import time
+    st = q.stats
+    deadline = time.monotonic() + 5
+    while st.accepted + st.dropped + st.rewritten < st.packets and time.monotonic() < deadline:
+        time.sleep(0.01)  # the queue thread may be inside a callback still
+    print(got == msg, st.handler_errors, st.packets, st.accepted)
 """)
 
 

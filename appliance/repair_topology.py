@@ -143,7 +143,8 @@ def _enable_forwarding() -> None:
         f.write("1\n")
 
 
-def move(topo: Topology, sock: socket.socket, to: str, *, port_choice: str = "same") -> tuple[socket.socket, dict[str, float | int]]:
+def move(topo: Topology, sock: socket.socket, to: str, *,
+         port_choice: str = "same") -> tuple[socket.socket, dict[str, float | int]]:
     """Move the connection of ``sock`` (on ``topo.owner``) to host ``to``.
 
     The ICI crosses as its JSON document, as it would between hosts.

@@ -52,10 +52,11 @@ def sha256(b: bytes) -> str:
 class Capture:
     """tcpdump in a namespace, writing headers of the matching packets to ``path``."""
 
-    def __init__(self, ns: str, path: Path, bpf: str, iface: str = "eth0") -> None:
+    def __init__(self, ns: str, path: Path, bpf: str, iface: str = "eth0", snaplen: int = 128) -> None:
         self.path = path
         self.stats = ""
-        self.proc = subprocess.Popen(["ip", "netns", "exec", ns, "tcpdump", "--immediate-mode", "-i", iface, "-n", "-U", "-s", "128",
+        self.proc = subprocess.Popen(["ip", "netns", "exec", ns, "tcpdump", "--immediate-mode", "-i", iface, "-n", "-U",
+                                      "-s", str(snaplen),
                                       "-w", str(path), bpf], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         # wait until it listens ("listening on ..." on stderr)
         assert self.proc.stderr is not None
@@ -123,16 +124,17 @@ class CaptureReport:
         return self.rst + self.fin_early + self.gaps + self.ack_back + self.ts_back
 
 
-# Two CPUs and veth queues can swap two segments of one burst between the
-# server's stack and the client's capture point (seen: a 6 KB segment
-# overtaken by the next one).  A migration bug is not that small: a wrong
-# sequence base is off by a random 32-bit number or by a queue length, a
-# wrong timestamp offset by the clock's distance.  So: the bytes the server
-# sent must cover the stream without a hole; a single segment may start at
-# most REORDER bytes beyond what came before it; an ACK may lag the highest
-# one by at most REORDER; a TSval may be below the highest by at most the
-# kernel's own PAWS window (1 tick).
-REORDER = 65536
+# Two CPUs and veth queues reorder segments between the server's stack and
+# the client's capture point (seen: a 6 KB segment overtaken by the next one,
+# and two 64 KB GSO segments overtaken by a third).  A migration bug is not
+# like that: a wrong sequence base is off by a random 32-bit number, and bytes
+# skipped or repeated by a wrong queue length leave a hole in the coverage
+# (and break the sha256 the tests compare).  So: the bytes the server sent
+# must cover the stream without a hole; a single segment may start at most
+# REORDER bytes beyond what came before it, an ACK lag the highest one by at
+# most REORDER; a TSval may be below the highest by at most the kernel's own
+# PAWS window (1 tick).
+REORDER = 1 << 20
 PAWS_WINDOW = 1
 
 

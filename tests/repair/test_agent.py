@@ -270,7 +270,8 @@ def test_export_to_a_missing_application_rolls_back(topo: Topology, agents: dict
         topo.place("b")
         r = subprocess.run(["ip", "netns", "exec", topo.ns("a"), APPLIANCE, "agent", "export", "--pid", str(pid),
                             "--fd", str(fd), "--to", f"{topo.addr('b')}:7400", "--app", "nobody-waits",
-                            "--key-file", agents["a"]["keyfile"]], capture_output=True, text=True, check=False, timeout=60)
+                            "--key-file", agents["a"]["keyfile"]],
+                           capture_output=True, text=True, check=False, timeout=60)
         assert r.returncode == 1
         assert "app: no application 'nobody-waits' is waiting" in r.stderr and "rolled back" in r.stderr
         topo.place("a")

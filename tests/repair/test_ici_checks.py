@@ -189,7 +189,8 @@ def test_without_cap_net_admin_the_error_says_so(topo: Topology, how: str) -> No
     ici = good(local_addr=SERVICE_ADDR, remote_addr=SERVICE_ADDR, taken_at=time.time())
     drop = (["setpriv", "--inh-caps=-all", "--bounding-set=-net_admin"] if how == "setpriv"
             else ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--inh-caps=-all"])
-    r = subprocess.run(["ip", "netns", "exec", topo.ns("a"), *drop, sys.executable, "-c", CHILD, str(ROOT), json.dumps(ici.to_dict())],
+    r = subprocess.run(["ip", "netns", "exec", topo.ns("a"), *drop, sys.executable, "-c", CHILD, str(ROOT),
+                        json.dumps(ici.to_dict())],
                        capture_output=True, text=True, check=False, timeout=30)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)

@@ -52,6 +52,7 @@ import queue
 import secrets
 import socket
 import socketserver
+import struct
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -389,7 +390,7 @@ class Agent:
     def _serve_unix(self, conn: socket.socket) -> None:
         fd = None
         try:
-            uid = struct_ucred(conn)
+            uid = peer_uid(conn)
             if uid not in (0, os.geteuid()):
                 proto.send_frame(conn, proto.make("reply", {"ok": False, "error": "uid not allowed"}, None))
                 return
@@ -425,10 +426,8 @@ class Agent:
             conn.close()
 
 
-def struct_ucred(conn: socket.socket) -> int:
+def peer_uid(conn: socket.socket) -> int:
     """The uid of the process at the other end of a Unix socket."""
-    import struct
-
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     return struct.unpack("3i", creds)[1]
 

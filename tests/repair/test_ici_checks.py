@@ -286,3 +286,30 @@ def topo_create(topo: Topology, host: str, ici: Ici) -> repair.RepairedSocket:
     from appliance import netns
 
     return netns.call_in(topo.ns(host), lambda: repair.create(ici))
+
+
+def test_kernel_refusal_names_the_call(topo: Topology) -> None:
+    """An ICI that passes the checks but that this host cannot take (its local
+    address lives elsewhere): the error says which call the kernel refused,
+    and nothing is left behind."""
+    ici = good(taken_at=time.time())          # 203.0.113.10 is on rp-a, not on rp-b
+    from appliance import netns
+
+    fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(repair.RepairError) as exc:
+        netns.call_in(topo.ns("b"), lambda: repair.create(ici))
+    assert str(exc.value).startswith("[Errno 99] bind(203.0.113.10:7000) refused by the kernel")
+    assert len(os.listdir("/proc/self/fd")) == fds
+
+
+def test_get_refuses_a_socket_that_is_not_established(topo: Topology) -> None:
+    lst = topo.socket("a")
+    try:
+        lst.bind((SERVICE_ADDR, 7009))
+        lst.listen()
+        with pytest.raises(IciError) as exc:
+            repair.get(lst)
+        assert exc.value.field == "state" and "LISTEN" in str(exc.value)
+        assert not repair.in_repair(lst)
+    finally:
+        lst.close()

@@ -31,6 +31,27 @@ channels:
   ``activate {"handle"}`` / ``release {"handle"}``
       activate a created endpoint / drop it silently.
 
+  ``rollback {"local", "remote"}`` / ``finish {"local", "remote"}``
+      the end of a two-phase passive export (``activate: false``) driven by
+      the gateway: the origin socket, still held by its application in
+      repair mode, either leaves repair mode again (the move failed: the
+      application carries on) or is disconnected silently (the move
+      succeeded: no FIN, no RST; the application's next call fails with
+      ``ECONNABORTED`` and it lets the connection go, and the address pair
+      is free for a move back).  Both refuse a socket not in repair mode.
+
+  ``reports {}``
+      what the local applications reported about their connections
+      (``agent_sdk.report``: the input offset they consumed up to and their
+      state blob), for the gateway's heartbeat; connections no longer
+      ESTABLISHED here are forgotten.  A passive export by address carries
+      the reported state blob to the destination.
+
+  An ``import`` may carry ``"local": "ip:port"``: the endpoint answers from
+  that address instead of the ICI's (the destination's own service address,
+  when the gateway rewrites addresses); an ``export`` passes its
+  ``"to_local"`` on as the import's ``local``.
+
 * **Unix stream socket** (file mode 0600) for the local applications
   (``agent_sdk``): ``listen`` (an application waits for resumed
   connections) and ``export`` (*active* export: the application passes its
@@ -47,6 +68,7 @@ from __future__ import annotations
 
 import base64
 import ctypes
+import dataclasses
 import os
 import queue
 import secrets
@@ -55,6 +77,7 @@ import socketserver
 import struct
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,11 +145,48 @@ def find_socket(local: tuple[str, int], remote: tuple[str, int]) -> tuple[int, i
     raise LookupError(f"socket {target} is held by no process visible here")
 
 
+AF_UNSPEC_ADDR = struct.pack("=H14x", socket.AF_UNSPEC)   # struct sockaddr with sa_family AF_UNSPEC
+
+
+def disconnect_silently(sock: socket.socket) -> None:
+    """Disconnect a repair-mode socket: ``connect(AF_UNSPEC)`` runs the
+    kernel's ``tcp_disconnect``, which in repair mode sends nothing (no RST)
+    and sets ``ECONNABORTED`` on the socket; it leaves the address pair free.
+    Refuses a socket not in repair mode (that would reset the peer)."""
+    if not repair.in_repair(sock):
+        raise proto.ProtocolError("local", "the socket is not in repair mode: refusing to disconnect a live one")
+    if _libc.connect(sock.fileno(), AF_UNSPEC_ADDR, len(AF_UNSPEC_ADDR)) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"connect(AF_UNSPEC): {os.strerror(e)}")
+
+
+def addr_key(local: str, remote: str) -> tuple[tuple[str, int], tuple[str, int]]:
+    return proto.parse_hostport(local, "local"), proto.parse_hostport(remote, "remote")
+
+
+def established_pairs() -> set[tuple[str, str]]:
+    """``("ip:port", "ip:port")`` (local, remote) of every ESTABLISHED IPv4 TCP socket here."""
+    out: set[tuple[str, str]] = set()
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            parts = line.split()
+            if parts[3] != "01":
+                continue
+            pair = []
+            for hexaddr in parts[1:3]:
+                a, p = hexaddr.split(":")
+                pair.append(f"{socket.inet_ntoa(bytes.fromhex(a)[::-1])}:{int(p, 16)}")
+            out.add((pair[0], pair[1]))
+    return out
+
+
 # --- exporting ----------------------------------------------------------------------------
 
 def export_socket(sock: socket.socket, *, key: bytes, to: tuple[str, int] | None, activate: bool = True,
                   app: str = "default", app_state: bytes = b"", send_base: int | None = None,
-                  recv_base: int | None = None, port_choice: str = "same") -> dict[str, Any]:
+                  recv_base: int | None = None, port_choice: str = "same",
+                  dest_local: str | None = None) -> dict[str, Any]:
     """Take ``sock``'s ICI and, with ``to``, have that agent import it.
 
     Returns the destination's reply (``handle``, offsets), or ``{"ici": ...}``
@@ -137,9 +197,11 @@ def export_socket(sock: socket.socket, *, key: bytes, to: tuple[str, int] | None
     if to is None:
         return {"ok": True, "ici": doc}
     try:
-        return proto.request(to, "import", {"ici": doc, "app": app, "activate": activate,
-                                            "port_choice": port_choice,
-                                            "app_state": base64.b64encode(app_state).decode()}, key)
+        body = {"ici": doc, "app": app, "activate": activate, "port_choice": port_choice,
+                "app_state": base64.b64encode(app_state).decode()}
+        if dest_local is not None:
+            body["local"] = dest_local
+        return proto.request(to, "import", body, key)
     except BaseException as exc:
         try:
             repair.activate(sock, unsent=b"")   # roll back: the origin carries on
@@ -186,6 +248,8 @@ class Agent:
     guard: proto.ReplayGuard = field(init=False)
     waiting: dict[str, queue.Queue[_Waiter]] = field(default_factory=dict)
     pending: dict[str, _Pending] = field(default_factory=dict)
+    # (local "ip:port", remote "ip:port") -> what the application reported (agent_sdk.report)
+    reports: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     servers: list[socketserver.BaseServer] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -271,6 +335,10 @@ class Agent:
             return self.do_import(body)
         if type_ == "export":
             return self.do_export(body)
+        if type_ in ("rollback", "finish"):
+            return self.end_export(type_, body)
+        if type_ == "reports":
+            return {"ok": True, "reports": self.current_reports()}
         if type_ in ("activate", "release"):
             handle = body.get("handle")
             with self.lock:
@@ -285,10 +353,65 @@ class Agent:
             return {"ok": True, "handle": handle, "released": True}
         raise proto.ProtocolError("type", f"{type_!r} is not a request this agent knows")
 
+    def end_export(self, type_: str, body: dict[str, Any]) -> dict[str, Any]:
+        """``rollback``: the origin socket leaves repair mode (a window probe
+        wakes the peer); ``finish``: it is disconnected silently."""
+        local, remote = body.get("local"), body.get("remote")
+        if not isinstance(local, str) or not isinstance(remote, str):
+            raise proto.ProtocolError("local", "name the socket: local and remote, as \"ip:port\"")
+        lk, rk = addr_key(local, remote)
+        pid, fd = find_socket(lk, rk)
+        sock = steal_fd(pid, fd)
+        try:
+            if not repair.in_repair(sock):
+                raise proto.ProtocolError("local", f"{local} <-> {remote} is not in repair mode (not exported)")
+            if type_ == "rollback":
+                repair.activate(sock, unsent=b"")
+            else:
+                disconnect_silently(sock)
+                with self.lock:
+                    self.reports.pop((local, remote), None)
+        finally:
+            sock.close()
+        return {"ok": True, "local": local, "remote": remote, type_: True}
+
+    def report(self, body: dict[str, Any]) -> dict[str, Any]:
+        """An application's report on one of its connections (local channel)."""
+        local, remote = body.get("local"), body.get("remote")
+        if not isinstance(local, str) or not isinstance(remote, str):
+            raise proto.ProtocolError("local", "a report names local and remote as \"ip:port\"")
+        addr_key(local, remote)
+        in_offset = body.get("in_offset")
+        if in_offset is not None and (isinstance(in_offset, bool) or not isinstance(in_offset, int) or in_offset < 0):
+            raise proto.ProtocolError("in_offset", f"{in_offset!r} is not a stream offset")
+        state = body.get("app_state", "")
+        try:
+            base64.b64decode(state, validate=True)
+        except (ValueError, TypeError) as exc:
+            raise proto.ProtocolError("app_state", f"not base64: {exc}") from None
+        with self.lock:
+            self.reports[(local, remote)] = {"local": local, "remote": remote, "in_offset": in_offset,
+                                             "app_state": state, "app": str(body.get("app", "default")),
+                                             "time": time.time()}
+        return {"ok": True}
+
+    def current_reports(self) -> list[dict[str, Any]]:
+        """The reports of connections still ESTABLISHED here (the others are forgotten)."""
+        live = established_pairs()
+        with self.lock:
+            for k in [k for k in self.reports if k not in live]:
+                del self.reports[k]
+            return [dict(v) for v in self.reports.values()]
+
     # --- import ------------------------------------------------------------------------------
 
     def do_import(self, body: dict[str, Any]) -> dict[str, Any]:
         ici = Ici.from_dict(body.get("ici"))
+        if body.get("local") is not None:
+            if not isinstance(body["local"], str):
+                raise proto.ProtocolError("local", "not \"ip:port\"")
+            la, lp = proto.parse_hostport(body["local"], "local")
+            ici = dataclasses.replace(ici, local_addr=la, local_port=lp)
         app = body.get("app", "default")
         if not isinstance(app, str):
             raise proto.ProtocolError("app", "not a string")
@@ -369,6 +492,10 @@ class Agent:
             elif "local" in body and "remote" in body:
                 pid, fd = find_socket(proto.parse_hostport(body["local"], "local"),
                                       proto.parse_hostport(body["remote"], "remote"))
+                with self.lock:
+                    rep = self.reports.get((body["local"], body["remote"]))
+                if rep is not None and "app_state" not in body:
+                    body = {**body, "app_state": rep["app_state"], "app": body.get("app", rep["app"])}
             else:
                 raise proto.ProtocolError("pid", "name the socket: pid and fd, or local and remote")
             sock = steal_fd(pid, fd)
@@ -380,7 +507,8 @@ class Agent:
             reply = export_socket(sock, key=self.cfg.key, to=to, activate=bool(body.get("activate", True)),
                                   app=str(body.get("app", "default")), app_state=state,
                                   send_base=body.get("send_base"), recv_base=body.get("recv_base"),
-                                  port_choice=str(body.get("port_choice", "same")))
+                                  port_choice=str(body.get("port_choice", "same")),
+                                  dest_local=str(body["to_local"]) if body.get("to_local") else None)
         finally:
             sock.close()          # our duplicate; the owner's descriptor stays (isolated, silent)
         return {**reply, "ok": True}
@@ -401,6 +529,13 @@ class Agent:
                 w = _Waiter(conn)
                 self._queue(str(app)).put(w)
                 w.done.wait()     # until an import used (and closed) the channel
+                return
+            if msg["type"] == "report":
+                try:
+                    body = self.report(msg["body"])
+                except proto.ProtocolError as exc:
+                    body = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+                proto.send_frame(conn, proto.make("reply", body, None))
                 return
             if msg["type"] == "export":
                 if fd is None:

@@ -20,6 +20,20 @@ Unix socket (``/run/appliance-agent.sock`` by default):
   state blob.  tcpcp section 6's example: a file server maps
   ``out_offset`` to a file position.
 
+* :func:`report` tells the agent, for one connection, how far the
+  application has consumed its input (``in_offset``) and its state blob.
+  The gateway polls the agents for these reports: after a failure it
+  resumes the connection on a backup with the client bytes from that offset
+  on and the blob (``consumed`` of ``ici_from_record``), and a planned move
+  driven by the gateway (a passive export by address) carries the blob.
+
+* :func:`taken` is for the application's own thread after a call on a
+  socket failed: the gateway may have had the agent take the socket away
+  (repair mode, sends fail with ``EINVAL``).  It waits until the move is
+  over and says ``"moved"`` (the connection lives on elsewhere: close the
+  socket and forget it), ``"back"`` (the move was rolled back: carry on) or
+  ``"error"`` (a genuine error).
+
 Offsets count from stream byte 0 of the connection (the byte after the
 SYN).  A resumed socket's kernel counters restart at the move, so the SDK
 remembers each resumed socket's stream bases and passes them on when the
@@ -29,13 +43,18 @@ socket is exported again (A→B→A).
 from __future__ import annotations
 
 import base64
+import errno
 import os
 import socket
+import struct
+import time
 from dataclasses import dataclass
 
 from . import agent_proto as proto
 
 DEFAULT_SOCKET = "/run/appliance-agent.sock"
+TCP_REPAIR = 19
+TCP_CLOSE = 7
 
 # socket inode -> (send_base, recv_base) of sockets this process resumed
 _bases: dict[int, tuple[int | None, int | None]] = {}
@@ -119,3 +138,60 @@ def accept_resumed(app: str = "default", *, agent: str = DEFAULT_SOCKET,
                            local=info.get("local", ""), remote=info.get("remote", ""),
                            handle=info.get("handle", ""))
         sock.close()                   # released: still silent, drop it and wait again
+
+
+def report(sock: socket.socket, app_state: bytes = b"", *, in_offset: int | None = None, app: str = "default",
+           agent: str = DEFAULT_SOCKET, timeout: float = 5.0) -> None:
+    """Tell the agent how far this application has consumed ``sock``'s input
+    (``in_offset``, a stream offset: the next byte it will read) and its
+    state blob for the connection.  Call it whenever either changes in a way
+    a resumed copy of the application must know; raises
+    :class:`agent_proto.AgentError` if the agent refused."""
+    local = "%s:%d" % sock.getsockname()[:2]
+    remote = "%s:%d" % sock.getpeername()[:2]
+    body = {"local": local, "remote": remote, "in_offset": in_offset, "app": app,
+            "app_state": base64.b64encode(app_state).decode()}
+    with _connect(agent) as ch:
+        ch.settimeout(timeout)
+        proto.send_frame(ch, proto.make("report", body, None))
+        raw, _ = proto.recv_frame(ch)
+    reply = raw.get("body", {}) if isinstance(raw, dict) else {}
+    if not reply.get("ok"):
+        raise proto.AgentError(str(reply.get("error", "the agent refused the report")))
+
+
+def _repair_state(sock: socket.socket) -> tuple[bool, int]:
+    repair = struct.unpack("=i", sock.getsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 4))[0] != 0
+    state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
+    return repair, state
+
+
+def taken(sock: socket.socket, exc: OSError, timeout: float = 60.0) -> str:
+    """After ``exc`` from a call on ``sock``: was the socket taken by the agent?
+
+    ``"moved"``: the connection was moved to another host (the agent
+    disconnected this copy silently): close the socket, forget the
+    connection.  ``"back"``: a move was tried and rolled back; the socket
+    works again.  ``"error"``: a genuine error, not a move.  Waits (polling)
+    while a move is under way, at most ``timeout`` seconds ("moved" then:
+    the copy here is no use any more)."""
+    if exc.errno == errno.ECONNABORTED:
+        return "moved"
+    try:
+        in_repair, state = _repair_state(sock)
+    except OSError:
+        return "error"
+    if not in_repair:
+        return "moved" if state == TCP_CLOSE and exc.errno == errno.EINVAL else "error"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            in_repair, state = _repair_state(sock)
+        except OSError:
+            return "moved"
+        if state == TCP_CLOSE:
+            return "moved"
+        if not in_repair:
+            return "back"
+        time.sleep(0.005)
+    return "moved"

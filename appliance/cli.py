@@ -365,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
         elif name == "migrate":
             sp.add_argument("id", type=int)
             sp.add_argument("--to", required=True)
-            sp.add_argument("--mode", default="replay", choices=["replay"])
+            sp.add_argument("--mode", default="replay", choices=["replay", "resume"],
+                            help="replay to an unmodified backend, or resume: the agents move the live endpoint")
         elif name == "checkpoint":
             sp.add_argument("action", choices=["export", "import"])
             sp.add_argument("target", help="export: a connection id; import: a file ('-': standard input)")

@@ -23,6 +23,11 @@ Example::
     # key_file = "/etc/appliance/checkpoint.key"  # HMAC key signing checkpoints (or key = "...")
     msl = 120.0                  # a checkpoint older than this is never resumed
 
+    [agent]                      # the backends' endpoint agents (failover.mode = "resume")
+    # key_file = "/etc/appliance/agent.key"  # HMAC key shared with the agents (or key = "...")
+    timeout = 5.0                # seconds one agent request may take
+    heartbeat = 0.5              # seconds between polls of the applications' reported offsets
+
     [api]
     listen = "127.0.0.1:8080"
     token = "change-me"          # or token_file = "/etc/appliance/token"
@@ -43,7 +48,7 @@ Example::
 
     [service.failover]           # optional; these are the defaults
     auto = true                  # fail over when the active backend goes down
-    mode = "replay"              # the only mode for now
+    mode = "replay"              # or "resume": an agent on the backup re-creates the socket
     max_log_bytes = 16777216     # client bytes kept per connection for replay
     verify = "full"              # hash every server byte ("sampled": faster, samples only)
     volatile = ["http-date"]     # fields masked before comparing (the default)
@@ -58,6 +63,7 @@ Example::
     name = "backup"
     address = "198.51.100.20"
     admin_state = "ready"        # or "drain", "maint"
+    # agent = "198.51.100.20:7070"  # its endpoint agent (required by failover.mode = "resume")
 """
 
 from __future__ import annotations
@@ -88,12 +94,13 @@ class BackendConfig:
     address: str
     port: int
     admin_state: str = "ready"      # "ready" | "drain" | "maint"
+    agent: str | None = None        # "HOST:PORT" of the endpoint agent on this backend (resume mode)
 
 
 @dataclass(frozen=True, slots=True)
 class FailoverConfig:
     auto: bool = True               # fail over when the active backend goes down
-    mode: str = "replay"            # the only mode for now
+    mode: str = "replay"            # "replay" (unmodified backend) or "resume" (agent + TCP_REPAIR)
     max_log_bytes: int = 16 << 20   # client byte log kept per connection for replay
     verify: str = "full"            # "full": every server byte hashed; "sampled": observed path, samples
     syn_retries: int = 6
@@ -138,6 +145,7 @@ class GatewayConfig:
 
 
 STORE_MODES = ("memory", "disk", "peer")
+FAILOVER_MODES = ("replay", "resume")
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +162,15 @@ class StoreConfig:
 class CheckpointConfig:
     key: bytes = b""                # HMAC-SHA256 key of exported checkpoints (empty: export refused)
     msl: float = 120.0              # seconds: an older checkpoint is not resumed (tcpcp 6.1)
+
+
+@dataclass(frozen=True, slots=True)
+class AgentsConfig:
+    """How the gateway talks to the backends' endpoint agents (resume mode)."""
+
+    key: bytes = b""                # HMAC-SHA256 key shared with the agents (empty: no agents)
+    timeout: float = 5.0            # seconds one agent request may take
+    heartbeat: float = 0.5          # seconds between polls of the applications' reported offsets
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +197,7 @@ class Config:
     services: tuple[ServiceConfig, ...]
     store: StoreConfig = field(default_factory=StoreConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    agent: AgentsConfig = field(default_factory=AgentsConfig)
 
     def service(self, name: str) -> ServiceConfig | None:
         return next((s for s in self.services if s.name == name), None)
@@ -359,6 +377,28 @@ def _checkpoint(data: dict[str, Any], base: Path) -> CheckpointConfig:
     return CheckpointConfig(key=key, msl=_float(data, "msl", where, 120.0, 1.0))
 
 
+def _agents(data: dict[str, Any], base: Path) -> AgentsConfig:
+    where = "agent"
+    _no_unknown(data, {"key", "key_file", "timeout", "heartbeat"}, where)
+    key = _secret(data, "key", where, base, 16, required=False).encode()
+    return AgentsConfig(key=key, timeout=_float(data, "timeout", where, 5.0, 0.1),
+                        heartbeat=_float(data, "heartbeat", where, 0.5, 0.05))
+
+
+def _hostport(data: dict[str, Any], key: str, where: str) -> str:
+    """An ``"IPv4:PORT"`` string (an agent's address)."""
+    v = _str(data, key, where)
+    host, sep, port = v.rpartition(":")
+    try:
+        ipaddress.IPv4Address(host)
+        ok = bool(sep) and port.isdigit() and 0 < int(port) < 65536
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ConfigError(f"{where}.{key}", f"{v!r} is not IPV4:PORT")
+    return v
+
+
 def _health(data: dict[str, Any], where: str) -> HealthConfig:
     d = HealthConfig()
     _no_unknown(data, {"check", "interval", "timeout", "rise", "fall", "path", "expect"}, where)
@@ -392,8 +432,8 @@ def _failover(data: dict[str, Any], where: str) -> FailoverConfig:
     if not isinstance(volatile, list) or any(not isinstance(v, str) or v not in VOLATILE for v in volatile):
         raise ConfigError(f"{where}.volatile",
                           f"must be a list of: {', '.join(sorted(VOLATILE))} (got {volatile!r})")
-    if mode != "replay":
-        raise ConfigError(f"{where}.mode", f"only 'replay' is supported for now, got {mode!r}")
+    if mode not in FAILOVER_MODES:
+        raise ConfigError(f"{where}.mode", f"must be one of {', '.join(FAILOVER_MODES)}, got {mode!r}")
     return FailoverConfig(
         auto=_bool(data, "auto", where, d.auto),
         mode=mode,
@@ -419,10 +459,11 @@ def _service(data: Any, i: int) -> ServiceConfig:
     for j, b in enumerate(raw):
         bw = f"{where}.backend[{j}]"
         b = _table(b, bw)
-        _no_unknown(b, {"name", "address", "port", "admin_state"}, bw)
+        _no_unknown(b, {"name", "address", "port", "admin_state", "agent"}, bw)
         backends.append(BackendConfig(
             name=_name(b, bw), address=_ipv4(b, "address", bw), port=_int(b, "port", bw, port, 1, 65535),
             admin_state=_choice(b, "admin_state", bw, "ready", ("ready", "drain", "maint")),
+            agent=_hostport(b, "agent", bw) if "agent" in b else None,
         ))
     names = [b.name for b in backends]
     for j, n in enumerate(names):
@@ -436,11 +477,16 @@ def _service(data: Any, i: int) -> ServiceConfig:
             raise ConfigError(f"{where}.backend[{j}].address", "must differ from the service's vip")
     health = _health(_table(data.get("health", {}), f"{where}.health"), f"{where}.health")
     failover = _failover(_table(data.get("failover", {}), f"{where}.failover"), f"{where}.failover")
+    if failover.mode == "resume":
+        for j, b in enumerate(backends):
+            if b.agent is None:
+                raise ConfigError(f"{where}.backend[{j}].agent",
+                                  "is required when failover.mode = 'resume' (the agent's IPV4:PORT)")
     return ServiceConfig(name=name, vip=vip, port=port, backends=tuple(backends), health=health, failover=failover)
 
 
 def parse(data: dict[str, Any], base: Path = Path(".")) -> Config:
-    _no_unknown(data, {"gateway", "api", "service", "store", "checkpoint"}, "")
+    _no_unknown(data, {"gateway", "api", "service", "store", "checkpoint", "agent"}, "")
     gateway = _gateway(_table(data.get("gateway", {}), "gateway"))
     api = _api(_table(data.get("api", {}), "api"), base)
     raw = data.get("service")
@@ -463,7 +509,14 @@ def parse(data: dict[str, Any], base: Path = Path(".")) -> Config:
             backs[(b.address, b.port)] = i
     store = _store(_table(data.get("store", {}), "store"), base)
     checkpoint = _checkpoint(_table(data.get("checkpoint", {}), "checkpoint"), base)
-    return Config(gateway=gateway, api=api, services=services, store=store, checkpoint=checkpoint)
+    agents = _agents(_table(data.get("agent", {}), "agent"), base)
+    if not agents.key:
+        for i, s in enumerate(services):
+            for j, b in enumerate(s.backends):
+                if b.agent is not None:
+                    raise ConfigError("agent.key", f"service[{i}].backend[{j}].agent is set: the agents' shared "
+                                                   "key is required ([agent] key or key_file)")
+    return Config(gateway=gateway, api=api, services=services, store=store, checkpoint=checkpoint, agent=agents)
 
 
 def load(path: str | Path) -> Config:

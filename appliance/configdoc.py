@@ -47,7 +47,10 @@ def document(gw: Any) -> dict[str, Any]:
         backends = []
         for b in s.backends:
             state = rt.backends[b.name].admin_state if rt is not None else b.admin_state
-            backends.append({"name": b.name, "address": b.address, "port": b.port, "admin_state": state})
+            bd = {"name": b.name, "address": b.address, "port": b.port, "admin_state": state}
+            if getattr(b, "agent", None) is not None:
+                bd["agent"] = b.agent
+            backends.append(bd)
         services.append({"name": s.name, "vip": s.vip, "port": s.port, "health": health, "failover": failover,
                          "backend": backends})
     return {"gateway": gateway, "service": services}
@@ -78,8 +81,10 @@ def plan(gw: Any, doc: Any) -> tuple[Config, list[str]]:
         raise ConfigError("config", "must be an object")
     if "api" in doc:
         raise ConfigError("config.api", "the [api] section holds credentials: change it in the file")
-    # the same parser as the file; the api section is the running one (not part of the document)
-    new = parse({**doc, "api": {"token": "x" * 8}})
+    if "agent" in doc:
+        raise ConfigError("config.agent", "the [agent] section holds the agents' key: change it in the file")
+    # the same parser as the file; the api and agent sections are the running ones (not part of the document)
+    new = parse({**doc, "api": {"token": "x" * 8}, "agent": {"key": "x" * 16}})
     new_doc = document(_Shadow(new))
     changed: list[str] = []
     _diff(document(gw), new_doc, "", changed)

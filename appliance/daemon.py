@@ -204,6 +204,7 @@ async def serve(config: Config, listen_fd: int | None = None) -> None:
 
     loop = asyncio.get_running_loop()
     gw = Gateway(config)
+    gw.loop = loop
     sock = socket.socket(fileno=listen_fd) if listen_fd is not None else listen_socket(config.api.host, config.api.port)
     sock.setblocking(False)
     app = create_app(gw)
@@ -228,6 +229,8 @@ async def serve(config: Config, listen_fd: int | None = None) -> None:
              asyncio.create_task(gw.health.run())]
     if backend is not None:
         tasks.append(asyncio.create_task(committer(gw, backend, config.store.commit_interval)))
+    if gw.resume is not None:  # resume mode: the applications' reported offsets, from every agent
+        tasks.append(asyncio.create_task(gw.resume.heartbeat(config.agent.heartbeat)))
     log.info("API on %s", sock.getsockname())
     try:
         await stop.wait()
@@ -238,6 +241,8 @@ async def serve(config: Config, listen_fd: int | None = None) -> None:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if gw.resume is not None:
+            gw.resume.close()
         if backend is not None:
             backend.close()
 

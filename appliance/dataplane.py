@@ -39,6 +39,20 @@ the commit point if that is still lower).  The return path is then always
 held with full copies (``queue_num + 1``).  With ``store.mode = "memory"`` the
 commit point is the log's end and nothing is ever held.
 
+**Resume mode** (``failover.mode = "resume"``, :mod:`appliance.resume`).  A
+connection whose endpoint is being moved by the backends' agents is *held*
+(:meth:`Dataplane.hold`): its client packets are tracked and logged as
+always, then dropped (those carrying data, FIN or RST are kept, to be
+re-injected at :meth:`Dataplane.release`), and its backend packets are
+dropped, so neither end sees the other while the socket is in repair mode.
+:meth:`Dataplane.switch` re-points the connection at the new backend: an
+address rewrite only, the sequence space is the same.  A connection
+re-created from the *wire* checkpoint (after a failure) starts sending at
+what the client had acknowledged; the client may have received more from the
+dead backend, so its ACKs above the new sender's ``snd_nxt`` are accepted and
+lowered to it (tcpcp 6.1, invariant I6, :func:`checkpoint.resurrect.absorb_ack`)
+until the new sender has passed everything the old one sent.
+
 Packets that cannot be parsed are counted by reason and accepted or dropped
 per ``gateway.on_malformed``.  Segments the gateway must send (replay,
 acknowledgments, resets) are appended to ``outbox``, which the I/O layer
@@ -66,6 +80,7 @@ from nfq.queue import Verdict
 from .config import BackendConfig, Config, FailoverConfig, ServiceConfig
 
 FENCE_RST_INTERVAL = 1.0  # seconds between RSTs to an old primary, per connection
+MAX_HELD_SEGMENTS = 256   # client segments with data kept per held connection (resume mode)
 NO_BACKEND = "(reset)"    # the backend of a connection the gateway reset
 
 
@@ -115,12 +130,37 @@ class Suspect:
 
 
 @dataclass
+class ResumeHold:
+    """A connection isolated while the agents move its endpoint (resume mode)."""
+
+    since: float
+    origin: str             # the backend the endpoint leaves: its packets are dropped while held
+    held: list[bytearray] = field(default_factory=list)  # client segments with data/FIN/RST, to re-inject
+    last_ack: bytearray | None = None  # the newest pure ACK (it may answer the new endpoint's window probe)
+    client_drops: int = 0
+    server_drops: int = 0
+
+
+@dataclass
+class ResumedFlow:
+    """A connection re-created from the wire checkpoint: its new sender starts
+    at ``snd_nxt``, below what the client may already have (I6)."""
+
+    snd_nxt: int          # the new sender's next sequence number, as seen on the wire
+    until: int            # the highest sequence the old sender was seen to send: absorb until passed
+    absorbed: int = 0     # client ACKs lowered
+    ahead: int = 0        # the most the client was ahead of the new sender, in bytes
+
+
+@dataclass
 class DataplaneCounters:
     malformed: int = 0
     foreign: int = 0
     untracked: int = 0
     table_full_drops: int = 0
     fenced_drops: int = 0
+    resume_held_drops: int = 0  # packets of connections held while their endpoint moves (resume mode)
+    acks_absorbed: int = 0      # I6: client ACKs above a resumed sender's snd_nxt, lowered to it
     acks_clamped: int = 0     # I1: data segments whose ACK field was lowered to the commit point
     acks_held: int = 0        # I1: pure ACKs / SYN-ACKs held until their commit
     acks_released: int = 0    # held ones sent by the gateway
@@ -137,6 +177,8 @@ class DataplaneCounters:
             "untracked": self.untracked,
             "table_full_drops": self.table_full_drops,
             "fenced_drops": self.fenced_drops,
+            "resume_held_drops": self.resume_held_drops,
+            "acks_absorbed": self.acks_absorbed,
             "acks_clamped": self.acks_clamped,
             "acks_held": self.acks_held,
             "acks_released": self.acks_released,
@@ -200,6 +242,8 @@ class Dataplane:
         self.resyncing: dict[int, int] = {}   # restored digests still jumping gaps: client segments at restore
         self.suspects: list[Suspect] = []
         self.finished_splices: list[Splice] = []
+        self.resume_holds: dict[int, ResumeHold] = {}  # resume mode: connections isolated while moving
+        self.resumed: dict[int, ResumedFlow] = {}       # resume mode: I6 absorption after a wire resume
         self._fence_sent: dict[int, float] = {}
         for svc in config.services:
             backends = {b.name: BackendRuntime.from_config(svc, b) for b in svc.backends}
@@ -277,12 +321,16 @@ class Dataplane:
         elif rec.log is not None:  # memory: logged is committed
             rec.commit_offset = rec.log.end
             rec.commit_fin = rec.log.fin_offset is not None and rec.log.fin_offset == rec.commit_offset
+        if self.resume_holds and rec.id in self.resume_holds:
+            return self._hold_client(self.resume_holds[rec.id], pv)
         sp = self.splices.get(rec.id)
         if sp is not None:
             return self._apply(pv, sp.on_client(pv, now), sp, now)
         be = svc.backends.get(rec.backend)
         if be is None:  # the gateway reset it: nothing behind it any more
             return Verdict.DROP
+        if self.resumed and rec.id in self.resumed:
+            self._absorb(rec, pv)
         self._to_backend(pv, svc, be)
         return Verdict.REWRITTEN
 
@@ -314,8 +362,17 @@ class Dataplane:
             # Not tracked (table full, or expired): the kernel still translates it.
             self.counters.untracked += 1
             return Verdict.ACCEPT
+        if self.resume_holds and rec.id in self.resume_holds:
+            h = self.resume_holds[rec.id]
+            if be.name == h.origin or be.name != rec.backend:
+                h.server_drops += 1
+                self.counters.resume_held_drops += 1
+                return Verdict.DROP
+            # the new endpoint (switched to, activating): its window probe goes to the client
         if rec.backend != be.name:
             return self._fence(rec, pv, be, now)
+        if self.resumed and rec.id in self.resumed:
+            self._track_resumed(rec, pv)
         sp = self.splices.get(rec.id)
         if sp is not None:
             if pv.truncated:  # cannot be translated: the backup will send it again
@@ -497,6 +554,8 @@ class Dataplane:
 
     def _forget(self, rec: ConnectionRecord) -> None:
         self.held.pop(rec.id, None)
+        self.resume_holds.pop(rec.id, None)
+        self.resumed.pop(rec.id, None)
         self.resyncing.pop(rec.id, None)
         if self.store is not None:
             self.store.forget(rec.id)
@@ -531,6 +590,87 @@ class Dataplane:
             self.outbox.append(Out(src=rec.client_ip, dst=be.address, sport=rec.client_port, dport=be.port,
                                    seq=pv.ack, ack=0, flags=RST, to="old"))
         return Verdict.DROP
+
+    # --- resume mode: endpoints moved by the agents ----------------------------------------
+    def hold(self, rec: ConnectionRecord, now: float) -> None:
+        """Isolate ``rec`` while its endpoint moves: client packets are
+        logged and dropped (kept for re-injection), backend packets dropped."""
+        if rec.id in self.splices:
+            raise ValueError(f"connection {rec.id} is being replayed to {rec.backend}")
+        self.resume_holds.setdefault(rec.id, ResumeHold(since=now, origin=rec.backend))
+
+    def switch(self, rec: ConnectionRecord, target: BackendRuntime) -> None:
+        """Point ``rec``'s forwarding at ``target``: the address rewrite only,
+        the sequence space stays the client's (the endpoint was re-created
+        with the same numbers).  The kernel NAT gives the return path the VIP."""
+        rec.backend, rec.backend_ip, rec.backend_port = target.name, target.address, target.port
+        rec.server_close_ok = False
+        self.suspects = [s for s in self.suspects if s.conn_id != rec.id]
+
+    def release(self, rec: ConnectionRecord) -> int:
+        """End ``rec``'s hold: the client segments kept while it was held go
+        to its (new) backend now, through the injector.  Returns how many."""
+        h = self.resume_holds.pop(rec.id, None)
+        if h is None:
+            return 0
+        svc = self.services[rec.service]
+        be = svc.backends.get(rec.backend)
+        if be is None:
+            return 0
+        segments = h.held + ([h.last_ack] if h.last_ack is not None else [])
+        for buf in segments:
+            pv = PacketView(buf)
+            if self.resumed and rec.id in self.resumed:
+                self._absorb(rec, pv)
+            self._to_backend(pv, svc, be)
+            self.raw_out.append(buf)
+        return len(segments)
+
+    def resumed_from_wire(self, rec: ConnectionRecord, snd_nxt: int) -> None:
+        """``rec`` was re-created from the wire checkpoint with its send
+        sequence at ``snd_nxt``: absorb client ACKs above the new sender's
+        ``snd_nxt`` (I6) until it has passed what the old one was seen to send."""
+        until = rec.server.next_seq if rec.server.next_seq is not None else snd_nxt
+        if rec.client.ack is not None and seq_diff(rec.client.ack, until) > 0:
+            until = rec.client.ack
+        self.resumed[rec.id] = ResumedFlow(snd_nxt=snd_nxt, until=until)
+
+    def _hold_client(self, h: ResumeHold, pv: PacketView) -> Verdict:
+        h.client_drops += 1
+        self.counters.resume_held_drops += 1
+        if pv.payload_len or pv.flags & (FIN | RST):
+            if len(h.held) < MAX_HELD_SEGMENTS:
+                h.held.append(bytearray(pv.buf))
+        else:
+            h.last_ack = bytearray(pv.buf)
+        return Verdict.DROP
+
+    def _absorb(self, rec: ConnectionRecord, pv: PacketView) -> None:
+        """I6 (tcpcp 6.1): a client ACK above the resumed sender's snd_nxt is
+        valid; the sender is given snd_nxt (it would drop the segment, data and
+        all, as acknowledging unsent data), and SACK blocks go with it."""
+        from checkpoint.resurrect import absorb_ack
+
+        if not pv.flags & ACK:
+            return
+        rf = self.resumed[rec.id]
+        a = absorb_ack(pv.ack, rf.snd_nxt)
+        if a.ahead:
+            pv.set_ack(a.ack)
+            if pv.options.sack_blocks:
+                pv.strip_sack()
+            rf.absorbed += 1
+            rf.ahead = max(rf.ahead, a.ahead)
+            self.counters.acks_absorbed += 1
+
+    def _track_resumed(self, rec: ConnectionRecord, pv: PacketView) -> None:
+        rf = self.resumed[rec.id]
+        end = seq_add(pv.seq, pv.payload_len + (1 if pv.flags & FIN else 0))
+        if seq_diff(end, rf.snd_nxt) > 0:
+            rf.snd_nxt = end
+        top = rec.client.ack if rec.client.ack is not None and seq_diff(rec.client.ack, rf.until) > 0 else rf.until
+        if seq_diff(rf.snd_nxt, top) >= 0:
+            del self.resumed[rec.id]  # the new sender has caught up: nothing above it any more
 
     # --- moved connections -----------------------------------------------------------------
     def _apply(self, pv: PacketView, d: Decision, sp: Splice, now: float,

@@ -15,6 +15,13 @@ the health checker and the packet injector.  It is the *failover controller*:
   ``failover`` event says what happened; each connection's move ends in a
   ``migration`` event (with its timings), a ``divergence`` or a ``reset``.
 * ``migrate(id, to)`` moves one connection.
+* a service with ``failover.mode = "resume"`` moves its connections with the
+  backends' agents instead (:mod:`appliance.resume`): a planned move
+  (``migrate(id, to, mode="resume")``, or a failover away from a live
+  backend) exports the live endpoint from its backend; a failover away from
+  a dead one re-creates each endpoint on the target from the wire
+  checkpoint.  The agents' requests run on a thread pool, driven from the
+  event loop (``self.loop``).
 * health transitions arrive through ``on_health``: an active backend going
   down fails its service over when ``failover.auto`` is set.
 * a backend that closes or resets a connection is *suspected*: the data plane
@@ -83,6 +90,13 @@ class Gateway:
         self._reported: set[int] = set()  # id() of splices whose outcome was reported
         self._probing: dict[tuple[str, str], asyncio.Task] = {}
         self._probe_waiters: dict[tuple[str, str], list[Suspect]] = {}
+        self.loop: asyncio.AbstractEventLoop | None = None  # the loop that carries the packets (appliance run)
+        self.resume = None  # the agents' controller (resume mode), when an [agent] key is configured
+        if config.agent.key:
+            from .resume import ResumeController
+
+            self.resume = ResumeController(self)
+        self._tasks: set[asyncio.Future] = set()
 
     # --- output -----------------------------------------------------------------------
     def flush(self) -> None:
@@ -133,12 +147,19 @@ class Gateway:
             raise Conflict(f"service {svc.name!r} has no other backend that is ready and not down")
         return candidates[0]
 
-    def failover(self, service: str, to: str | None = None, reason: str = "manual") -> dict[str, Any]:
+    def failover(self, service: str, to: str | None = None, reason: str = "manual",
+                 dead: bool | None = None) -> dict[str, Any]:
+        """``dead``: the old backend is known dead (a health check or a failed
+        probe); None: its health state says.  Only resume mode cares: a live
+        backend's connections are exported from it, a dead one's are
+        re-created from the wire checkpoint."""
         now = self.clock()
         dp = self.dataplane
         svc = self._service(service)
         old = svc.active
         target = self._target(svc, to, old)
+        if svc.failover.mode == "resume":
+            return self._failover_resume(svc, target, reason, dead, now)
         svc.active = target.name
         if self.on_active_change is not None:
             self.on_active_change()
@@ -186,9 +207,131 @@ class Gateway:
                             now=now, cause=reason)
             return "reset"
 
+    # --- resume mode (appliance.resume) ------------------------------------------------------
+    def _spawn(self, coro: Any, wait: float | None = None) -> Any:
+        """Run a coroutine of the resume controller on the packets' loop.
+        ``wait``: block this (non-loop) thread for its result, at most that long."""
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is not None:
+            if wait is not None:
+                coro.close()
+                raise Conflict("a resume move cannot be awaited from the event loop")
+            task = running.create_task(coro)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return task
+        if self.loop is not None and self.loop.is_running():
+            fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
+            return fut.result(wait) if wait is not None else fut
+        return asyncio.run(coro)  # no running appliance (tests): here and now
+
+    def _resume_pair(self, svc: ServiceRuntime, origin: BackendRuntime, target: BackendRuntime) -> None:
+        if self.resume is None:
+            raise Conflict("resume mode needs the agents' key ([agent] key or key_file)")
+        sc = self.config.service(svc.name)
+        for b in (origin, target):
+            bc = sc.backend(b.name) if sc is not None else None
+            if bc is None or not bc.agent:
+                raise Conflict(f"backend {b.name!r} of service {svc.name!r} has no agent (backend.agent)")
+
+    def _migrate_resume(self, cid: int, to: str, reason: str) -> dict[str, Any]:
+        from .resume import ResumeFailed
+
+        dp = self.dataplane
+        rec = dp.table.by_id(cid)
+        if rec is None:
+            raise NotFound(f"no connection with id {cid}")
+        if rec.state is not TcpState.ESTABLISHED:
+            raise Conflict(f"connection {cid} is {rec.state.value}: only ESTABLISHED connections can be resumed")
+        if cid in dp.splices:
+            raise Conflict(f"connection {cid} is being replayed; a resume move must wait until it has ended")
+        if cid in dp.resume_holds or (self.resume is not None and cid in self.resume.moving):
+            raise Conflict(f"connection {cid} is being moved already")
+        svc = self._service(rec.service)
+        origin = svc.backends.get(rec.backend)
+        if origin is None:
+            raise Conflict(f"connection {cid} has no backend (it was reset)")
+        target = self._target(svc, to, rec.backend)
+        self._resume_pair(svc, origin, target)
+        wait = 4 * self.config.agent.timeout + 5
+        try:
+            return self._spawn(self.resume.migrate(rec, origin, target, reason), wait=wait)
+        except ResumeFailed as exc:
+            raise Conflict(f"connection {cid} was not moved (resume, {exc.step}): {exc}") from None
+
+    def _failover_resume(self, svc: ServiceRuntime, target: BackendRuntime, reason: str, dead: bool | None,
+                         now: float) -> dict[str, Any]:
+        dp = self.dataplane
+        old = svc.backends[svc.active]
+        self._resume_pair(svc, old, target)
+        if dead is None:
+            dead = self._health_state(svc, old) == "down"
+        svc.active = target.name
+        if self.on_active_change is not None:
+            self.on_active_change()
+        recs = [r for r in dp.table if r.service == svc.name and r.backend == old.name
+                and r.state not in (TcpState.TIME_WAIT, TcpState.CLOSED) and r.id not in dp.splices]
+        moving, repinned = [], []
+        for rec in recs:
+            if rec.server.isn is None:
+                # the old backend never answered the SYN: the client's retransmitted SYN goes to the new one
+                rec.backend, rec.backend_ip, rec.backend_port = target.name, target.address, target.port
+                repinned.append(rec.id)
+                continue
+            moving.append(rec)
+        self.last_failover = {
+            "time": now, "service": svc.name, "from": old.name, "to": target.name, "reason": reason,
+            "connections": len(moving), "reset": 0, "pending": {r.id for r in moving}, "duration_ms": None,
+        }
+        if not moving:
+            self.last_failover["duration_ms"] = 0.0
+        ev = self.events.add("failover", reason, service=svc.name, backend=target.name, now=now,
+                             **{"from": old.name, "moved": [r.id for r in moving], "repinned": repinned,
+                                "reset": [], "mode": "resume", "source": "wire" if dead else "live"})
+        log.warning("failover of %s: %s -> %s (%s, resume from the %s): %d connection(s)", svc.name, old.name,
+                    target.name, reason, "wire checkpoint" if dead else "live endpoints", len(moving))
+        if moving:
+            for rec in moving:
+                if dead or rec.state is not TcpState.ESTABLISHED:
+                    dp.hold(rec, now)  # isolated at once: nothing reaches the backup before its endpoint
+            self._spawn(self._resume_all(moving, old, target, reason, dead))
+        return ev.to_dict()
+
+    async def _resume_all(self, recs: list, old: BackendRuntime, target: BackendRuntime, reason: str,
+                          dead: bool) -> None:
+        from .resume import ResumeFailed
+
+        assert self.resume is not None
+
+        async def one(rec: Any) -> None:
+            if dead or rec.state is not TcpState.ESTABLISHED:
+                await self.resume.resume_from_wire(rec, old, target, reason)
+                return
+            try:
+                await self.resume.migrate(rec, old, target, reason)
+            except ResumeFailed:
+                pass  # the refusal event says why; the connection stays where it was
+            self.resume_done(rec.id)
+
+        await asyncio.gather(*(one(r) for r in recs))
+        self.flush()
+
+    def resume_done(self, cid: int) -> None:
+        """A connection of the last failover has been resumed (or reset)."""
+        lf = self.last_failover
+        if lf and cid in lf["pending"]:
+            lf["pending"].discard(cid)
+            if not lf["pending"]:
+                lf["duration_ms"] = round((self.clock() - lf["time"]) * 1000, 3)
+
     def migrate(self, cid: int, to: str, mode: str = "replay", reason: str = "manual") -> dict[str, Any]:
+        if mode == "resume":
+            return self._migrate_resume(cid, to, reason)
         if mode != "replay":
-            raise Conflict(f"mode {mode!r} is not available: only 'replay' is supported")
+            raise Conflict(f"mode {mode!r} is not available: 'replay' or 'resume'")
         dp = self.dataplane
         rec = dp.table.by_id(cid)
         if rec is None:
@@ -232,7 +375,7 @@ class Gateway:
         if svc is None or new != "down" or svc.active != target.backend or not svc.failover.auto:
             return
         try:
-            self.failover(svc.name, reason=f"health check: {target.backend} down ({detail})")
+            self.failover(svc.name, reason=f"health check: {target.backend} down ({detail})", dead=True)
         except Conflict as exc:
             self.events.add("refusal", f"cannot fail over: {exc}", service=svc.name, backend=target.backend)
 
@@ -308,7 +451,7 @@ class Gateway:
         reason = f"{backend} closed {len(waiters)} connection(s) and failed a probe"
         try:
             if svc.active == backend:
-                self.failover(service, reason=reason)
+                self.failover(service, reason=reason, dead=True)
             else:
                 for w in waiters:
                     rec = self.dataplane.table.by_id(w.conn_id)

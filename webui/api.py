@@ -35,7 +35,9 @@ class FailoverRequest(BaseModel):
 class MigrateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     to: str = Field(..., description="backend to move the connection to", min_length=1, max_length=64)
-    mode: str = Field("replay", pattern="^(replay)$", description="how to resume it: replay (unmodified backend)")
+    mode: str = Field("replay", pattern="^(replay|resume)$",
+                      description="how to resume it: replay (unmodified backend) or resume (the backends' agents "
+                                  "move the live endpoint, TCP_REPAIR)")
 
 
 class BackendStateRequest(BaseModel):

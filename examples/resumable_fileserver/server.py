@@ -17,7 +17,19 @@ application would copy it:
   it stops, the socket is gone from this host;
 * a resumer thread waits in ``accept_resumed()``; a download moved here
   comes back with its offsets and state and is served on from the file
-  position the offset maps to.
+  position the offset maps to;
+* it reports each download's state and consumed input offset to its agent
+  (``report(sock, state, in_offset=...)``), so that a gateway in resume
+  mode can move it without the application's help (a passive export by
+  address, the state travelling with it) or resume it on a backup from the
+  gateway's wire checkpoint after this host died.  A resumed download that
+  comes without a state (the gateway had no report yet) starts with its
+  request still unread in the socket (``in_offset`` 0): the server reads
+  it again and goes on from ``out_offset`` — its state is a function of its
+  input and the offsets;
+* when a send fails because the agent took the socket (a gateway-driven
+  move: repair mode), it waits for the outcome (``taken()``): moved — the
+  thread ends; rolled back — it carries on.
 
 Each event is one JSON line on stdout (``listening``, ``started``,
 ``offsets`` every ``--report`` bytes, ``exported``, ``resumed``, ``done``),
@@ -50,15 +62,25 @@ def emit(**event: object) -> None:
         print(json.dumps(event), flush=True)
 
 
-def serve(sock: socket.socket, root: Path, name: str, header_len: int, position: int, args: argparse.Namespace) -> None:
-    """Send ``name`` from ``position`` on; export the download when asked to."""
+def report(sock: socket.socket, name: str, header_len: int, in_offset: int, args: argparse.Namespace) -> None:
+    """Tell the agent this download's state and how much input it consumed."""
+    state = json.dumps({"file": name, "header": header_len}).encode()
+    try:
+        agent_sdk.report(sock, state, in_offset=in_offset, agent=args.agent)
+    except (OSError, ValueError, RuntimeError) as exc:   # no agent: the download still works, unprotected
+        emit(event="report-failed", error=str(exc))
+
+
+def serve(sock: socket.socket, root: Path, name: str, header_len: int, position: int, args: argparse.Namespace,
+          header_left: bytes = b"") -> None:
+    """Send ``header_left`` then ``name`` from ``position`` on; export the download when asked to."""
     path = root / name
     size = path.stat().st_size
     next_report = position + args.report
     with open(path, "rb") as f:
         f.seek(position)
-        data = b""
-        while position < size:
+        data = header_left
+        while position < size or data:
             if move_now.is_set() and args.export_to:
                 state = json.dumps({"file": name, "header": header_len}).encode()
                 try:
@@ -82,7 +104,22 @@ def serve(sock: socket.socket, root: Path, name: str, header_len: int, position:
                 n = sock.send(data, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 continue
-            data = data[n:]
+            except OSError as exc:
+                outcome = agent_sdk.taken(sock, exc)
+                if outcome == "back":       # a move was tried and rolled back: carry on
+                    emit(event="move-rolled-back", file=name, position=position)
+                    continue
+                emit(event="moved-away" if outcome == "moved" else "send-failed", file=name, position=position,
+                     error=str(exc))
+                sock.close()
+                return
+            if header_left:
+                used = min(n, len(header_left))
+                header_left = header_left[used:]
+                data = data[n:]
+                n -= used
+            else:
+                data = data[n:]
             position += n
             if position >= next_report:
                 emit(event="offsets", file=name, out_offset=header_len + position)
@@ -107,21 +144,61 @@ def handle_new(sock: socket.socket, root: Path, args: argparse.Namespace) -> Non
         sock.close()
         return
     header = f"OK {path.stat().st_size}\n".encode()
-    sock.sendall(header)
+    report(sock, name, len(header), len(line), args)
     host, port = sock.getpeername()
     emit(event="started", file=name, peer=f"{host}:{port}")
-    serve(sock, root, name, len(header), 0, args)
+    serve(sock, root, name, len(header), 0, args, header_left=header)
+
+
+def read_request(sock: socket.socket) -> bytes:
+    line = b""
+    while not line.endswith(b"\n") and len(line) < 1024:
+        b = sock.recv(1)
+        if not b:
+            break
+        line += b
+    return line
+
+
+def resume(r: agent_sdk.Resumed, root: Path, args: argparse.Namespace) -> None:
+    """Serve a download moved here from the offsets (and the state, if it came with one)."""
+    out_offset = r.out_offset or 0
+    if r.app_state:
+        state = json.loads(r.app_state)
+        name, header = state["file"], None
+        header_len = state["header"]
+        in_offset = r.in_offset
+    elif r.in_offset == 0:
+        # no state: the request is still unread in the socket; the state follows from it
+        line = read_request(r.sock)
+        parts = line.decode(errors="replace").split()
+        name = parts[1] if len(parts) == 2 and parts[0] == "GET" else ""
+        if not name or "/" in name or not (root / name).is_file():
+            emit(event="resume-failed", error=f"bad request {line!r}")
+            r.sock.close()
+            return
+        header = f"OK {(root / name).stat().st_size}\n".encode()
+        header_len = len(header)
+        in_offset = len(line)
+    else:
+        emit(event="resume-failed", error=f"no state and input consumed up to {r.in_offset}: cannot resume")
+        r.sock.close()
+        return
+    position = max(0, out_offset - header_len)
+    header_left = b""
+    if out_offset < header_len:     # the client had not even all of the header
+        header = header or f"OK {(root / name).stat().st_size}\n".encode()
+        header_left = header[out_offset:]
+    emit(event="resumed", file=name, position=position, out_offset=out_offset, in_offset=in_offset, peer=r.remote,
+         state=bool(r.app_state))
+    report(r.sock, name, header_len, in_offset or 0, args)
+    serve(r.sock, root, name, header_len, position, args, header_left=header_left)
 
 
 def resumer(root: Path, args: argparse.Namespace) -> None:
     while True:
         r = agent_sdk.accept_resumed(agent=args.agent)
-        state = json.loads(r.app_state)
-        position = (r.out_offset or 0) - state["header"]
-        emit(event="resumed", file=state["file"], position=position, out_offset=r.out_offset,
-             in_offset=r.in_offset, peer=r.remote)
-        threading.Thread(target=serve, args=(r.sock, root, state["file"], state["header"], position, args),
-                         daemon=True).start()
+        threading.Thread(target=resume, args=(r, root, args), daemon=True).start()
 
 
 def main() -> None:

@@ -180,8 +180,8 @@ def test_new_settings_errors_name_the_field(path: list, value, field: str) -> No
     assert str(e.value).startswith(field + ":")
 
 
-def test_failover_mode_error_says_only_replay() -> None:
-    with pytest.raises(ConfigError, match="only 'replay' is supported"):
+def test_failover_mode_error_names_the_modes() -> None:
+    with pytest.raises(ConfigError, match="must be one of replay, resume"):
         parse(variant(["service", 0, "failover"], {"mode": "repair"}))
     for state in ("ready", "drain", "maint"):
         assert parse(variant(["service", 0, "backend", 1, "admin_state"], state)).services[0].backends[1].admin_state == state
@@ -203,3 +203,56 @@ def test_store_and_checkpoint_settings(tmp_path) -> None:
     old = parse({"gateway": {"fail_open": False}, "api": {"token": "a-long-token"},
                  "service": [{"name": "w", "vip": "203.0.113.1", "backend": [{"name": "p", "address": "198.51.100.1"}]}]})
     assert old.gateway.on_failure == "closed" and old.store.mode == "memory" and old.checkpoint.key == b""
+
+
+# --- resume mode (issue 5, phase 2) -------------------------------------------------------
+
+def resume_variant(**agent: object) -> dict:
+    import copy
+
+    d = copy.deepcopy(GOOD)
+    d["service"][0]["failover"] = {"mode": "resume"}
+    d["service"][0]["backend"][0]["agent"] = "198.51.100.10:7070"
+    d["service"][0]["backend"][1]["agent"] = "198.51.100.20:7070"
+    d["agent"] = {"key": "an-agent-key-0123456789", **agent}
+    return d
+
+
+def test_resume_mode_with_agents_and_key_loads(tmp_path) -> None:
+    cfg = parse(resume_variant(timeout=2.5, heartbeat=0.2))
+    web = cfg.service("web")
+    assert web.failover.mode == "resume"
+    assert [b.agent for b in web.backends] == ["198.51.100.10:7070", "198.51.100.20:7070"]
+    assert cfg.agent.key == b"an-agent-key-0123456789" and cfg.agent.timeout == 2.5 and cfg.agent.heartbeat == 0.2
+    # the key from a file, as [checkpoint] key_file
+    (tmp_path / "agent.key").write_text("agent-key-from-a-file-0123\n")
+    d = resume_variant()
+    d["agent"] = {"key_file": "agent.key"}
+    assert parse(d, tmp_path).agent.key == b"agent-key-from-a-file-0123"
+    # replay services need no agent and no key
+    assert parse(GOOD).agent.key == b""
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        (lambda d: d["service"][0]["backend"][1].pop("agent"), "service[0].backend[1].agent"),
+        (lambda d: d["service"][0]["backend"][0].update(agent="198.51.100.10"), "service[0].backend[0].agent"),
+        (lambda d: d["service"][0]["backend"][0].update(agent="agent.example:7070"), "service[0].backend[0].agent"),
+        (lambda d: d["service"][0]["backend"][0].update(agent="198.51.100.10:70000"), "service[0].backend[0].agent"),
+        (lambda d: d["service"][0]["backend"][0].update(agent=7070), "service[0].backend[0].agent"),
+        (lambda d: d.pop("agent"), "agent.key"),
+        (lambda d: d["agent"].update(key="short"), "agent.key"),
+        (lambda d: d["agent"].update(key_file="nope.key"), "agent.key"),
+        (lambda d: d["agent"].pop("key") and d["agent"].update(key_file="/nonexistent/agent.key"), "agent.key_file"),
+        (lambda d: d["agent"].update(timeout=0), "agent.timeout"),
+        (lambda d: d["agent"].update(heartbeat="fast"), "agent.heartbeat"),
+        (lambda d: d["agent"].update(port=7070), "agent.port"),
+    ],
+)
+def test_resume_mode_errors_name_the_field(change, field: str) -> None:
+    d = resume_variant()
+    change(d)
+    with pytest.raises(ConfigError) as e:
+        parse(d)
+    assert e.value.field == field, str(e.value)

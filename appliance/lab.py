@@ -54,6 +54,8 @@ IPERF_PORT = 5201        # the "iperf" service (through the appliance, verify = 
 PLAIN_IPERF_PORT = 5202  # the same server, plainly forwarded
 UPLOAD_PORT = 8090       # the "upload" service: appliance.labapps upload-hash (sha256 of the body)
 PLAIN_UPLOAD_PORT = 8091  # the same app, plainly forwarded
+RESUME_PORT = 8000       # the "resumable" service: the example resumable file server, failover.mode = "resume"
+AGENT_PORT = 7070        # the endpoint agent on every server host (resume mode)
 UPLOAD_FILE = "upload-200M.bin"
 UPLOAD_SIZE = 200 << 20
 CLIENT_NET = "192.0.2"
@@ -271,6 +273,66 @@ def start_upload_app(h: Host) -> None:
     log.close()
 
 
+def agent_key_file() -> Path:
+    """The HMAC key the gateway and the lab's agents share (made once per lab)."""
+    path = run_dir() / "agent.key"
+    if not path.exists():
+        path.write_text(secrets.token_hex(24) + "\n")
+        path.chmod(0o600)
+    return path
+
+
+def agent_socket(h: Host) -> Path:
+    return run_dir() / f"agent-{h.short}.sock"
+
+
+def start_agent(h: Host) -> None:
+    """``appliance agent run`` on a server host: the authenticated channel on
+    ``address:AGENT_PORT``, the applications' Unix socket in the run dir."""
+    rd = run_dir()
+    pidfile = rd / f"agent-{h.short}.pid"
+    if pid_alive(pidfile):
+        return
+    log = open(rd / f"agent-{h.short}.log", "ab")
+    # `ip netns exec` execs the command: the pid is the agent's
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", h.ns, sys.executable, "-m", "appliance", "agent", "run",
+         "--listen", f"{h.address}:{AGENT_PORT}", "--key-file", str(agent_key_file()),
+         "--socket", str(agent_socket(h))],
+        stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+        cwd=str(Path(__file__).resolve().parent.parent),
+    )
+    log.close()
+    pidfile.write_text(f"{proc.pid}\n")
+
+
+def fileserver_log(host: str) -> Path:
+    """The example file server's event lines (JSON) on ``host``."""
+    return run_dir() / f"fileserver-{ns_of(host)[len(PREFIX):]}.log"
+
+
+def start_fileserver(h: Host) -> None:
+    """The example resumable file server (``examples/resumable_fileserver``)
+    on a server host, serving the lab's test files, using that host's agent."""
+    rd = run_dir()
+    pidfile = rd / f"fileserver-{h.short}.pid"
+    if pid_alive(pidfile):
+        return
+    deadline = time.monotonic() + 10
+    while not agent_socket(h).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)   # the agent just started: its Unix socket comes first
+    root = Path(__file__).resolve().parent.parent
+    log = open(fileserver_log(h.short), "ab")
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", h.ns, sys.executable, str(root / "examples" / "resumable_fileserver" / "server.py"),
+         "--listen", f"{h.address}:{RESUME_PORT}", "--root", str(cache_dir() / "www"),
+         "--agent", str(agent_socket(h))],
+        stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, cwd=str(root),
+    )
+    log.close()
+    pidfile.write_text(f"{proc.pid}\n")
+
+
 def make_upload_file() -> tuple[Path, str]:
     """The 200 MiB body the upload tests and demo send (seeded, cached), and its sha256."""
     path = cache_dir() / UPLOAD_FILE
@@ -291,12 +353,21 @@ def make_upload_file() -> tuple[Path, str]:
     return path, h.hexdigest()
 
 
-def gateway_config(hosts: list[Host], token_file: Path) -> str:
-    def backends(port: int) -> str:
+def gateway_config(hosts: list[Host], token_file: Path, agent_key: Path | None = None) -> str:
+    def backends(port: int, agent: bool = False) -> str:
         return "".join(
             f'\n[[service.backend]]\nname = "{h.short}"\naddress = "{h.address}"\nport = {port}\n'
+            + (f'agent = "{h.address}:{AGENT_PORT}"\n' if agent else "")
             for h in hosts if h.role in ("primary", "backup")
         )
+
+    resumable = "" if agent_key is None else (
+        f'\n[agent]\nkey_file = "{agent_key}"\n\n'
+        f'[[service]]\nname = "resumable"\nvip = "{VIP}"\nport = {RESUME_PORT}\n'
+        '[service.health]\ncheck = "tcp"\n'
+        '[service.failover]\nmode = "resume"\n'
+        f'{backends(RESUME_PORT, agent=True)}'
+    )
 
     return (
         "# written by `appliance lab up`\n"
@@ -311,6 +382,7 @@ def gateway_config(hosts: list[Host], token_file: Path) -> str:
         # a whole 200 MiB body is kept for replay, and replaying it takes a while
         f'[service.failover]\nmax_log_bytes = {UPLOAD_SIZE + (16 << 20)}\nmove_timeout = 120.0\n'
         f'{backends(UPLOAD_PORT)}'
+        f'{resumable}'
     )
 
 
@@ -378,14 +450,15 @@ def _wait_backends_reachable(timeout: float = 5.0) -> None:
     probe = ("import socket,sys,time\n"
              "end=time.time()+float(sys.argv[1])\n"
              "for a in sys.argv[2:]:\n"
-             "  for port in (80, %d):\n"
+             "  for port in (80, %d, %d, %d):\n"
              "    while True:\n"
              "        try:\n"
              "            socket.create_connection((a,port),timeout=0.2).close(); break\n"
              "        except OSError:\n"
              "            if time.time()>end: break\n"
              "            time.sleep(0.05)\n")
-    nsexec(GATEWAY, sys.executable, "-c", probe % UPLOAD_PORT, str(timeout), *[h["address"] for h in hosts], check=False)
+    nsexec(GATEWAY, sys.executable, "-c", probe % (UPLOAD_PORT, RESUME_PORT, AGENT_PORT), str(timeout),
+           *[h["address"] for h in hosts], check=False)
 
 
 def wait_api(proc: subprocess.Popen | None = None, timeout: float = 20.0) -> None:
@@ -455,12 +528,14 @@ def up(clients: int = 1, backups: int = 1, appliance: bool = True) -> dict[str, 
             start_nginx(h, www)
             start_iperf(h)
             start_upload_app(h)
+            start_agent(h)
+            start_fileserver(h)
     token_file = rd / "token"
     if not token_file.exists():
         token_file.write_text(secrets.token_urlsafe(24) + "\n")
         token_file.chmod(0o600)
     config = rd / "gateway.toml"
-    config.write_text(gateway_config(hosts, token_file))
+    config.write_text(gateway_config(hosts, token_file, agent_key_file()))
     (rd / "topology.json").write_text(json.dumps([h.__dict__ for h in hosts], indent=1))
     pid = start_appliance(config) if appliance else None
     return {

@@ -46,6 +46,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout
@@ -197,7 +198,12 @@ def resume(r: agent_sdk.Resumed, root: Path, args: argparse.Namespace) -> None:
 
 def resumer(root: Path, args: argparse.Namespace) -> None:
     while True:
-        r = agent_sdk.accept_resumed(agent=args.agent)
+        try:
+            r = agent_sdk.accept_resumed(agent=args.agent)
+        except (OSError, ValueError) as exc:   # no agent (yet, or it restarted): try again
+            emit(event="agent-unavailable", error=str(exc))
+            time.sleep(1.0)
+            continue
         threading.Thread(target=resume, args=(r, root, args), daemon=True).start()
 
 

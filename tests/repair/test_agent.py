@@ -130,8 +130,13 @@ def test_channel_answers_only_authentic_fresh_messages(topo: Topology, agents: d
     alt = proto.make("ping", {}, KEY)
     alt["body"] = {"x": 1}
     assert in_client(topo, lambda: send(alt)) is None
+    # the agent logs each refusal after it has closed the connection: give its log a moment
+    want = ("mac: bad or missing HMAC", "nonce: already seen", "ts: ")
+    deadline = time.monotonic() + 5
+    while not all(w in "\n".join(agents["a"]["proc"].lines) for w in want) and time.monotonic() < deadline:
+        time.sleep(0.05)
     log = "\n".join(agents["a"]["proc"].lines)
-    assert "mac: bad or missing HMAC" in log and "nonce: already seen" in log and "ts: " in log
+    assert all(w in log for w in want), log
 
 
 def test_replay_guard_and_frame_limits_are_named() -> None:

@@ -156,6 +156,12 @@ class Metrics:
                  [({}, dp.get("malformed", 0))])
         w.family("gateway_fenced_drops", "counter", "Packets of an old backend dropped for a moved connection.",
                  [({}, dp.get("fenced_drops", 0))])
+        w.family("gateway_delayed_acks", "counter",
+                 "Acknowledgments to clients that had to wait for a commit (I1), by what was done.",
+                 [({"action": a}, dp.get(f"acks_{a}", 0)) for a in ("held", "clamped", "released")])
+        store = gw.store_status() if hasattr(gw, "store_status") else {}
+        w.family("gateway_store_commits", "counter", "Group commits of the checkpoint store.",
+                 [({"mode": store.get("mode", "memory")}, store.get("batches", 0))])
         base = gw.config.gateway.queue_num
         drops = kernel_queue_drops()
         qd = []

@@ -328,3 +328,19 @@ def test_a_restored_digest_follows_the_server_over_the_gap_then_settles(tmp_path
 
 def seq_off(seq: int, isn: int) -> int:
     return seq - isn - 1
+
+
+def test_metrics_count_delayed_acks_and_group_commits(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from webui.app import create_app
+
+    gw = Gateway(parse(config(tmp_path)))
+    open_connection(gw.dataplane)  # one SYN-ACK held, one commit
+    r = TestClient(create_app(gw)).get("/metrics", headers={"Authorization": "Bearer a-long-token"})
+    fams = {f.name: f.samples for f in text_string_to_metric_families(r.text)}
+    held = {s.labels["action"]: s.value for s in fams["gateway_delayed_acks"] if s.name.endswith("_total")}
+    assert held == {"held": 1, "clamped": 0, "released": 1}
+    (commits,) = [s for s in fams["gateway_store_commits"] if s.name.endswith("_total")]
+    assert commits.labels == {"mode": "disk"} and commits.value == 1

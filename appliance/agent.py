@@ -349,6 +349,12 @@ class Agent:
                 self._activate(p)
                 return {"ok": True, "handle": handle, "active": True}
             self._notify(p.app, "released", {"handle": handle})
+            try:
+                pair = ("%s:%d" % p.sock.getsockname()[:2], "%s:%d" % p.sock.getpeername()[:2])
+                with self.lock:
+                    self.reports.pop(pair, None)
+            except OSError:
+                pass
             p.sock.close()
             return {"ok": True, "handle": handle, "released": True}
         raise proto.ProtocolError("type", f"{type_!r} is not a request this agent knows")
@@ -397,9 +403,11 @@ class Agent:
 
     def current_reports(self) -> list[dict[str, Any]]:
         """The reports of connections still ESTABLISHED here (the others are forgotten)."""
+        before = time.time()
         live = established_pairs()
         with self.lock:
-            for k in [k for k in self.reports if k not in live]:
+            # a report made after the listing was read may be of a socket it could not show
+            for k in [k for k, v in self.reports.items() if k not in live and v["time"] < before]:
                 del self.reports[k]
             return [dict(v) for v in self.reports.values()]
 
@@ -433,6 +441,12 @@ class Agent:
             sock.close()      # still in repair mode: the peer sees nothing
             raise
         p = _Pending(sock, waiter)
+        # what the application will report about it, known already: a move on before
+        # the application's own report arrives still carries its state
+        pair = (f"{ici.local_addr}:{sock.getsockname()[1]}", f"{ici.remote_addr}:{ici.remote_port}")
+        with self.lock:
+            self.reports[pair] = {"local": pair[0], "remote": pair[1], "in_offset": ici.in_offset,
+                                  "app_state": base64.b64encode(state).decode(), "app": app, "time": time.time()}
         if body.get("activate", True):
             self._activate(p)
             return {"ok": True, "handle": handle, "active": True, **offsets}

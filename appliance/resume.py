@@ -60,7 +60,6 @@ Agent requests are blocking socket calls; they run on a thread pool
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -216,7 +215,8 @@ class ResumeController:
                            **{"from": origin.name, "outcome": "resumed", "mode": "resume",
                               "timings_ms": {k: round(v, 3) for k, v in timings.items()},
                               "reinjected": reinjected, "in_offset": reply.get("in_offset"),
-                              "out_offset": reply.get("out_offset"), "origin": finished})
+                              "out_offset": reply.get("out_offset"), "origin": finished,
+                              "queued": _queued(reply)})
         return ev.to_dict()
 
     async def _roll_back(self, rec: ConnectionRecord, origin: BackendRuntime, src_agent: str, dst_agent: str,
@@ -321,5 +321,7 @@ class ResumeController:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
+def _queued(reply: dict[str, Any]) -> int | None:
+    """Bytes the endpoint carried in its send queue (written, not acknowledged)."""
+    out, acked = reply.get("out_offset"), reply.get("acked_offset")
+    return out - acked if isinstance(out, int) and isinstance(acked, int) else None

@@ -98,6 +98,10 @@ def test_report_rollback_then_finish(topo: Topology, agents: dict, procs: list[P
         topo.place("b")
         reply = in_client(topo, lambda: proto.request(a, "export", {**pair, "to": f"{topo.addr('b')}:7400",
                                                                    "activate": False}, KEY))
+        # the destination knows the state at once, before its application reports anything
+        (brep,) = in_client(topo, lambda: proto.request(b, "reports", {}, KEY))["reports"]
+        assert (brep["local"], brep["remote"], brep["in_offset"]) == (local, remote, 6)
+        assert base64.b64decode(brep["app_state"]) == b"state-1"
         topo.route_to("b")
         in_client(topo, lambda: proto.request(b, "activate", {"handle": reply["handle"]}, KEY))
         fin = in_client(topo, lambda: proto.request(a, "finish", pair, KEY))

@@ -48,3 +48,21 @@ def appliance_running(lab_up: dict) -> Iterator[dict]:
     lab.start_appliance(lab.run_dir() / "gateway.toml")
     yield lab_up
     lab.start_appliance(lab.run_dir() / "gateway.toml")
+
+
+def heal() -> None:
+    """Links up, no loss, servers serving their own content, no appliance."""
+    for host in ("primary", "backup"):
+        lab.set_loss(host, 0)
+    lab.down_appliance_state()
+
+
+@pytest.fixture
+def fresh(lab_up: dict) -> Iterator[dict]:
+    """A healed lab and a freshly started appliance with the lab's own
+    configuration (primary active, no events); healed again afterwards, so a
+    test's cut link, loss or variant configuration never reaches the next."""
+    heal()
+    lab.up()
+    yield lab_up
+    heal()

@@ -8,7 +8,6 @@ import bisect
 import os
 import signal
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,17 +20,6 @@ from .helpers import Capture, api, expected_sha, sha256_file, start_download, st
 from .invariants import assert_clean, check
 
 pytestmark = pytest.mark.lab
-
-
-@pytest.fixture
-def fresh(lab_up: dict) -> Iterator[dict]:
-    for host in ("primary", "backup"):
-        lab.set_loss(host, 0)
-    lab.down_appliance_state()
-    lab.up()
-    yield lab_up
-    lab.down_appliance_state()
-    lab.up()
 
 
 def disk_config(**settings: object) -> Path:

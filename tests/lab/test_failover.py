@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,20 +15,6 @@ from .helpers import Capture, api, expected_sha, sha256_file, start_download, wa
 from .invariants import assert_clean, check
 
 pytestmark = pytest.mark.lab
-
-
-@pytest.fixture
-def fresh(lab_up: dict) -> Iterator[dict]:
-    """A healed lab (links up, servers running, no loss, same content) and a
-    freshly started appliance (primary active, no events)."""
-    for host in ("primary", "backup"):
-        lab.set_loss(host, 0)
-    lab.down_appliance_state()
-    lab.up()
-    yield lab_up
-    for host in ("primary", "backup"):
-        lab.set_loss(host, 0)
-    lab.down_appliance_state()
 
 
 def events(kind: str) -> list[dict]:

@@ -18,7 +18,6 @@ import json
 import struct
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,18 +33,6 @@ pytestmark = pytest.mark.lab
 ROOT = Path(__file__).resolve().parents[2]
 CLIENT_PY = ROOT / "examples" / "resumable_fileserver" / "client.py"
 FILE = "10M.bin"
-
-
-@pytest.fixture
-def fresh(lab_up: dict) -> Iterator[dict]:
-    """A healed lab and a fresh appliance (primary active, no events)."""
-    for host in ("primary", "backup"):
-        lab.set_loss(host, 0)
-    lab.down_appliance_state()
-    lab.up()
-    yield lab_up
-    lab.down_appliance_state()
-    lab.up()
 
 
 def start_client(name: str, rate: int) -> subprocess.Popen:

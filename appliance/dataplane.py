@@ -471,11 +471,11 @@ class Dataplane:
                 continue  # a SYN-ACK cannot be partly sent
             else:
                 out = bytearray(held)
-                ov = PacketView(out)
+            ov = PacketView(out)
+            if out is not held:  # only part of it is durable: acknowledge that much now
                 ov.set_ack(allowed)
                 if ov.options.sack_blocks:
                     ov.strip_sack()
-            ov = PacketView(out)
             ts = rec.server.tsval
             if ov.tsval is not None and ts is not None and not syn and rec.id not in self.splices:
                 if seq_diff(ts, ov.tsval) > 0:  # I3: never older than what the client saw

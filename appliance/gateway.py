@@ -479,7 +479,6 @@ class Gateway:
             if svc is None or rec.backend not in svc.backends or (svc.vip, svc.port) != (rec.vip, rec.vport):
                 reason = "its service or backend is no longer configured"
             elif rec.state in (TcpState.CLOSED, TcpState.TIME_WAIT):
-                reason = None
                 if dp.store is not None:
                     dp.store.forget(rec.id)
                 continue

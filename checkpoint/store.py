@@ -439,8 +439,3 @@ class SqliteBackend:
             self._db.close()
             self._db = None
 
-
-def limit_log(rec: ConnectionRecord, limit: int) -> None:
-    """A loaded log keeps its connection's per-connection limit."""
-    if isinstance(rec.log, ByteLog):
-        rec.log.limit = limit

@@ -51,7 +51,7 @@ def set_admin_state(gw: Any, backend: str, state: str, service: str | None = Non
     Raises ``NotFound`` for an unknown backend/service, ``Conflict`` when the
     active backend would leave ready with no other backend to take over (the
     change is then not made anywhere)."""
-    from .gateway import Conflict, NotFound
+    from .errors import Conflict, NotFound
 
     if state not in STATES:
         raise ValueError(f"admin_state must be one of {', '.join(STATES)}")

@@ -9,16 +9,10 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from . import __version__
-
-
-def _die(msg: str, code: int = 2) -> None:
-    print(f"appliance: {msg}", file=sys.stderr)
-    raise SystemExit(code)
+from .apiclient import api_call, api_get, die as _die
 
 
 def _need_root(what: str) -> None:
@@ -26,33 +20,8 @@ def _need_root(what: str) -> None:
         _die(f"{what} needs root (network namespaces, iptables, NFQUEUE)")
 
 
-# --- API client ------------------------------------------------------------------
-
-def api_call(method: str, path: str, api: str, token: str, body: object = None) -> object:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(api.rstrip("/") + path, data=data, method=method,
-                                 headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return json.loads(r.read())
-    except urllib.error.HTTPError as exc:
-        detail = exc.read().decode(errors="replace")
-        try:
-            detail = json.loads(detail).get("detail", detail)
-        except (ValueError, AttributeError):
-            pass
-        _die(f"{method} {path}: HTTP {exc.code}: {detail}")
-    except OSError as exc:
-        _die(f"cannot reach the API at {api}: {exc}")
-    return None
-
-
-def api_get(path: str, api: str, token: str) -> object:
-    return api_call("GET", path, api, token)
-
-
 def _api_args(args: argparse.Namespace) -> tuple[str, str]:
-    from . import lab
+    from .lab import topology as lab
 
     token = args.token
     if not token:
@@ -97,7 +66,7 @@ def cmd_cleanup(args: argparse.Namespace) -> None:
 
 
 def cmd_lab(args: argparse.Namespace) -> None:
-    from . import lab
+    from .lab import topology as lab
 
     _need_root("the lab")
     if args.lab_cmd == "up":
@@ -117,7 +86,7 @@ def cmd_lab(args: argparse.Namespace) -> None:
     elif args.lab_cmd == "demo":
         demo(args)
     elif args.lab_cmd == "bench":
-        from . import bench
+        from .bench import throughput as bench
 
         if args.upload:
             results = bench.upload_bench(rounds=args.rounds)
@@ -156,7 +125,7 @@ def _print_lab(info: dict) -> None:
 def demo(args: argparse.Namespace) -> None:
     """The lab demo: a real download through the gateway, its primary's death
     mid-transfer, the connection moved to the backup, watched live."""
-    from . import lab
+    from .lab import topology as lab
 
     info = lab.up(clients=1, backups=1)
     _print_lab(info)
@@ -290,7 +259,7 @@ def cmd_store(args: argparse.Namespace) -> None:
 
 
 def lab_files() -> list[str]:
-    from .lab import TEST_FILES
+    from .lab.topology import TEST_FILES
 
     return list(TEST_FILES)
 
@@ -341,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="measure upload throughput instead, with the checkpoint store in memory and on disk")
     lab.set_defaults(func=cmd_lab)
 
-    from .agent_cli import add_agent_parser
+    from .agent.cli import add_agent_parser
 
     add_agent_parser(sub)
 

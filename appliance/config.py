@@ -77,15 +77,10 @@ from typing import Any
 from checkpoint.streamlog import VOLATILE
 
 from .health import HealthConfig
+from .credentials import parse_tokens, parse_users
+from .errors import ConfigError
 
-
-class ConfigError(ValueError):
-    """A configuration problem; ``field`` is the dotted path of the culprit."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
+__all__ = ["ConfigError"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,8 +172,8 @@ class AgentsConfig:
 class ApiConfig:
     listen: str = "127.0.0.1:8080"
     token: str = ""
-    users: tuple[Any, ...] = ()         # appliance.auth.UserConfig: panel logins with roles
-    tokens: tuple[Any, ...] = ()        # appliance.auth.TokenConfig: REST tokens with roles
+    users: tuple[Any, ...] = ()         # webui.auth.UserConfig: panel logins with roles
+    tokens: tuple[Any, ...] = ()        # webui.auth.TokenConfig: REST tokens with roles
     audit_file: str | None = None       # audit trail appended here as JSON lines
 
     @property
@@ -342,7 +337,6 @@ def _api(data: dict[str, Any], base: Path) -> ApiConfig:
     if not ok:
         raise ConfigError(f"{where}.listen", f"{listen!r} is not ADDRESS:PORT")
     token = _secret(data, "token", where, base, 8, required=True)
-    from .auth import parse_tokens, parse_users
 
     users = parse_users(data.get("user", []), f"{where}.user")
     tokens = parse_tokens(data.get("tokens", []), f"{where}.tokens")

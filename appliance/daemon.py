@@ -49,7 +49,7 @@ import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from checkpoint.store import SqliteBackend
+from checkpoint.io.sqlite import SqliteBackend
 
 from nfq import kernelnat, rules
 from nfq.inject import INJECT_MARK, Injector

@@ -46,19 +46,12 @@ from nfq.build import tcp_options, tcp_packet
 from nfq.queue import PacketQueue
 
 from .config import Config
+from .errors import Conflict, NotFound
 from .dataplane import BackendRuntime, Dataplane, ServiceRuntime, Suspect
 from .events import EventLog
 from .health import HealthChecker, Target
 
 log = logging.getLogger("appliance")
-
-
-class NotFound(LookupError):
-    """No such service, connection or backend."""
-
-
-class Conflict(RuntimeError):
-    """The request cannot be carried out in the current state."""
 
 
 def build_packet(o: Out) -> bytes:

@@ -63,15 +63,14 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Protocol
 
 from checkpoint.ici import ConnectionRecord, TcpState
 
-from . import agent_proto as proto
-
-if TYPE_CHECKING:
-    from .dataplane import BackendRuntime, ServiceRuntime
-    from .gateway import Gateway
+from .agent import protocol as proto
+from .config import Config
+from .dataplane import BackendRuntime, Dataplane
+from .events import EventLog
 
 log = logging.getLogger("appliance")
 
@@ -90,10 +89,23 @@ def hostport(addr: str, port: int) -> str:
     return f"{addr}:{port}"
 
 
+class ResumeHost(Protocol):
+    """What the resume controller needs of the gateway that owns it."""
+
+    config: Config
+    clock: Callable[[], float]
+    dataplane: Dataplane
+    events: EventLog
+
+    def flush(self) -> None: ...
+
+    def resume_done(self, cid: int) -> None: ...
+
+
 class ResumeController:
     """Drives the agents for the gateway's resume-mode moves (see the module doc)."""
 
-    def __init__(self, gw: Gateway, rpc: Rpc | None = None, workers: int = 16) -> None:
+    def __init__(self, gw: ResumeHost, rpc: Rpc | None = None, workers: int = 16) -> None:
         self.gw = gw
         cfg = gw.config.agent
         self.key = cfg.key

@@ -58,15 +58,36 @@ import ipaddress
 import json
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Protocol, Sequence
 
 from .ici import ConnectionRecord, HalfConnection, TcpState
 from .seqnum import seq_add, seq_diff
 from .state import StateError, digest_from_state, digest_state, log_from_state, log_state, record_from_state, record_state
 from .streamlog import ByteLog, SampledDigest, StreamDigest
 
-if TYPE_CHECKING:  # the configuration is the appliance's; only its shape is used here
-    from appliance.config import ServiceConfig
+
+class BackendShape(Protocol):
+    """What an import checks of a configured backend (the appliance's config has this shape)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def address(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+
+
+class ServiceShape(Protocol):
+    """What an import checks of a configured service: its address and its backends."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def vip(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def backends(self) -> Sequence[BackendShape]: ...
 
 FORMAT = "tcp-failover-checkpoint"
 VERSION = 1
@@ -204,7 +225,7 @@ def _log(d: Any, limits: ImportLimits) -> ByteLog:
     return log_from_state({k: v for k, v in d.items() if k != "data_b64"}, data, "log")
 
 
-def import_document(raw: bytes | str | dict, key: bytes, services: Sequence["ServiceConfig"],
+def import_document(raw: bytes | str | dict, key: bytes, services: Sequence[ServiceShape],
                     limits: ImportLimits = ImportLimits()) -> Imported:
     """Parse, authenticate and check a checkpoint document (see the module docstring).
     Raises :class:`CheckpointError` naming the field; returns a complete import."""
@@ -278,7 +299,7 @@ def _half_sane(h: HalfConnection, p: str, peer_wscale: int | None, limits: Impor
 
 
 def _sanity(rec: ConnectionRecord, log: ByteLog, digest: StreamDigest | SampledDigest | None,
-            services: Sequence["ServiceConfig"], limits: ImportLimits) -> None:
+            services: Sequence[ServiceShape], limits: ImportLimits) -> None:
     if rec.state not in RESUMABLE:
         _fail("connection.state", f"{rec.state.value} cannot be resumed "
               f"(expected {', '.join(s.value for s in RESUMABLE)})")

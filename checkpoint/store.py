@@ -43,7 +43,7 @@ connections: a connection whose new bytes would pass it stops being logged,
 with the reason "checkpoint store full", and is *unprotected* (reset cleanly
 rather than replayed on failover).
 
-:class:`SqliteBackend` is the ``disk`` backend: SQLite in WAL mode with
+:class:`checkpoint.io.sqlite.SqliteBackend` is the ``disk`` backend: SQLite in WAL mode with
 ``synchronous = FULL`` — a commit is one append to the write-ahead log and
 one fsync, readers never block the writer, crash recovery and space reuse
 after deletes are SQLite's, and it is in the standard library.  (An
@@ -56,15 +56,12 @@ peer holds the batch.
 from __future__ import annotations
 
 import json
-import sqlite3
-import time
 from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Protocol
 
 from .ici import ConnectionRecord, TcpState
-from .streamlog import ByteLog, SampledDigest, StreamDigest
+from .streamlog import SampledDigest, StreamDigest
 
 STORE_FULL = "checkpoint store full (store.max_total_bytes)"
 COMMIT_LOG_LEN = 200_000
@@ -307,135 +304,3 @@ class CommitPlanner:
     def commits(self, cid: int | None = None, since: float = 0.0) -> list[dict[str, object]]:
         return [{"t": t, "connection": c, "commit_offset": off, "commit_fin": fin}
                 for t, c, off, fin in self.commit_log if (cid is None or c == cid) and t >= since]
-
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS conn (
-    id INTEGER PRIMARY KEY,
-    ici TEXT NOT NULL,
-    saved REAL NOT NULL,
-    log_end INTEGER NOT NULL DEFAULT 0,
-    fin INTEGER NOT NULL DEFAULT 0,
-    digest TEXT
-);
-CREATE TABLE IF NOT EXISTS logdata (conn INTEGER NOT NULL, off INTEGER NOT NULL, data BLOB NOT NULL,
-                                    PRIMARY KEY (conn, off)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS chunk (conn INTEGER NOT NULL, idx INTEGER NOT NULL, hash BLOB,
-                                  PRIMARY KEY (conn, idx)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS sample (conn INTEGER NOT NULL, off INTEGER NOT NULL, len INTEGER NOT NULL,
-                                   hash BLOB NOT NULL, PRIMARY KEY (conn, off)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
-"""
-FORMAT = "1"
-
-
-class SqliteBackend:
-    """``store.mode = "disk"``: SQLite, WAL, one fsync per batch."""
-
-    def __init__(self, path: str | Path, *, commit_delay: float = 0.0) -> None:
-        self.path = Path(path)
-        self.commit_delay = commit_delay  # test only: a slow disk
-        self._db: sqlite3.Connection | None = None
-
-    def _conn(self) -> sqlite3.Connection:
-        if self._db is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-            db.executescript(SCHEMA)
-            row = db.execute("SELECT v FROM meta WHERE k='format'").fetchone()
-            if row is None:
-                db.execute("INSERT INTO meta VALUES ('format', ?)", (FORMAT,))
-            elif row[0] != FORMAT:
-                raise RuntimeError(f"{self.path}: checkpoint store format {row[0]}, this appliance reads {FORMAT}")
-            self._db = db
-        return self._db
-
-    def write(self, batch: Batch) -> None:
-        db = self._conn()
-        if self.commit_delay:
-            time.sleep(self.commit_delay)
-        db.execute("BEGIN")
-        try:
-            for cid in batch.forget:
-                for table in ("conn", "logdata", "chunk", "sample"):
-                    db.execute(f"DELETE FROM {table} WHERE {'id' if table == 'conn' else 'conn'} = ?", (cid,))
-            for w in batch.writes:
-                if w.ici is not None:
-                    db.execute(
-                        "INSERT INTO conn (id, ici, saved, log_end, fin, digest) VALUES (?, ?, ?, ?, ?, ?) "
-                        "ON CONFLICT(id) DO UPDATE SET ici = excluded.ici, saved = excluded.saved, "
-                        "digest = COALESCE(excluded.digest, conn.digest)",
-                        (w.cid, w.ici, batch.planned, 0, 0, w.digest_meta))
-                if w.log_data:
-                    db.execute("INSERT OR REPLACE INTO logdata VALUES (?, ?, ?)", (w.cid, w.log_off, w.log_data))
-                db.execute("UPDATE conn SET log_end = MAX(log_end, ?), fin = MAX(fin, ?) WHERE id = ?",
-                           (w.log_end, int(w.fin), w.cid))
-                if w.chunks:
-                    db.executemany("INSERT OR REPLACE INTO chunk VALUES (?, ?, ?)",
-                                   [(w.cid, w.chunks_from + i, h) for i, h in enumerate(w.chunks)])
-                if w.samples is not None:
-                    db.execute("DELETE FROM sample WHERE conn = ?", (w.cid,))
-                    db.executemany("INSERT OR REPLACE INTO sample VALUES (?, ?, ?, ?)",
-                                   [(w.cid, o, n, h) for o, n, h in w.samples])
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        batch.written = time.time()
-
-    def load(self) -> list[Loaded]:
-        """Every stored connection, its log and digest rebuilt.  A record that
-        cannot be read back is skipped and named in ``self.load_errors``."""
-        from .state import record_from_state
-
-        db = self._conn()
-        out: list[Loaded] = []
-        self.load_errors: list[str] = []
-        for cid, ici, saved, log_end, fin, digest in db.execute(
-                "SELECT id, ici, saved, log_end, fin, digest FROM conn ORDER BY id").fetchall():
-            try:
-                rec = record_from_state(json.loads(ici))
-            except Exception as exc:  # a damaged row must not stop the others
-                self.load_errors.append(f"connection {cid}: {exc}")
-                continue
-            data = bytearray()
-            for off, chunk in db.execute("SELECT off, data FROM logdata WHERE conn = ? ORDER BY off", (cid,)):
-                if off > len(data):
-                    break  # never happens with in-order writes; a gap ends the usable log
-                data += chunk[len(data) - off:]
-            del data[log_end:]
-            log = ByteLog(1 << 31)
-            log.data = data
-            if fin:
-                log.fin_offset = len(data)
-            rec.log = log
-            rec.digest = self._digest(db, cid, digest)
-            out.append(Loaded(rec, saved))
-        return out
-
-    @staticmethod
-    def _digest(db: sqlite3.Connection, cid: int, meta: str | None) -> StreamDigest | SampledDigest | None:
-        if meta is None:
-            return None
-        m = json.loads(meta)
-        volatile = tuple(m.get("volatile", ()))
-        if m["kind"] == "sampled":
-            dg = SampledDigest(volatile)
-            dg.samples = [(o, n, bytes(h)) for o, n, h in
-                          db.execute("SELECT off, len, hash FROM sample WHERE conn = ? ORDER BY off", (cid,))]
-            dg.end, dg.stride, dg.overflow = m["end"], m.get("stride", 1), m.get("overflow")
-            return dg
-        chunks = [None if h is None else bytes(h) for (h,) in
-                  db.execute("SELECT hash FROM chunk WHERE conn = ? ORDER BY idx", (cid,))]
-        end = max(m["end"], len(chunks) * (64 * 1024))
-        dg = StreamDigest.restored(chunks, end, volatile)
-        dg.overflow = m.get("overflow")
-        return dg
-
-    def close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
-

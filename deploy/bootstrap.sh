@@ -38,8 +38,12 @@ stamp=.venv/.bootstrap-$(sha256sum pyproject.toml | cut -c1-16)
 if [ ! -e "$stamp" ]; then
     echo "bootstrap: virtual environment in .venv"
     [ -x .venv/bin/python ] || "$python" -m venv .venv
-    .venv/bin/pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
-    .venv/bin/pip install -q -e '.[test]' 2>&1 | grep -vE '^WARNING: Location|^\s*$' || true
+    # pip's and the build backend's chatter goes to a log, shown only when the install fails
+    if ! { .venv/bin/pip install -q --upgrade pip && .venv/bin/pip install -q -e '.[test]'; } >.venv/pip.log 2>&1; then
+        cat .venv/pip.log >&2
+        echo "bootstrap: pip install failed (log above, also in .venv/pip.log)" >&2
+        exit 1
+    fi
     .venv/bin/python -c 'import netfilterqueue, iptc, fastapi, uvicorn, scapy, hypothesis' 
     rm -f .venv/.bootstrap-*
     touch "$stamp"

@@ -17,7 +17,7 @@ from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from appliance import admin, configdoc
-from appliance.auth import Principal
+from webui.auth import Principal
 from appliance.events import KINDS
 
 from . import live, views

@@ -9,7 +9,7 @@ anything with its read and action methods, ``config``, ``events`` and
 * ``/healthz``, open (load balancers and systemd probe it).
 
 Who may do what is :mod:`webui.security` (tokens, sessions, roles, CSRF);
-every change is audited (:mod:`appliance.audit`).  The web layer never
+every change is audited (:mod:`webui.audit`).  The web layer never
 touches the kernel: the gateway's methods do.
 """
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 
-from appliance.auth import Principal
+from webui.auth import Principal
 
 from .context import Context
 

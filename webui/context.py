@@ -13,10 +13,10 @@ from typing import Any, Callable
 
 from fastapi import HTTPException
 
-from appliance.audit import AuditLog
-from appliance.auth import AuthStore, Principal
+from webui.audit import AuditLog
+from webui.auth import AuthStore, Principal
 from appliance.config import ConfigError
-from appliance.metrics import Metrics
+from webui.metrics import Metrics
 
 from .security import Security, Sessions
 
@@ -43,7 +43,7 @@ class Context:
 
     def act(self, who: Principal, action: str, target: str, params: dict[str, Any],
             fn: Callable[[], Any], changes_config: bool = False) -> Any:
-        from appliance.gateway import Conflict, NotFound
+        from appliance.errors import Conflict, NotFound
 
         try:
             result = fn()

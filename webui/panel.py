@@ -83,7 +83,7 @@ def build(ctx: Context) -> APIRouter:
             ctx.audit.record(who, None, "-", "login", "panel", {}, "error 401: wrong credentials")
             return templates.TemplateResponse(request, "login.html", {"error": "wrong user, password or token"},
                                               status_code=401)
-        from appliance.auth import Principal
+        from webui.auth import Principal
 
         sid, _ = ctx.sessions.open(Principal(p.name, p.role, "session"))
         ctx.audit.record(p.name, p.role, "session", "login", "panel", {}, "ok")

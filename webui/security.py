@@ -23,8 +23,8 @@ from typing import Any, Callable
 
 from fastapi import HTTPException, Request
 
-from appliance.audit import AuditLog
-from appliance.auth import AuthStore, Principal
+from webui.audit import AuditLog
+from webui.auth import AuthStore, Principal
 
 COOKIE = "appliance_session"
 SESSION_SECONDS = 12 * 3600

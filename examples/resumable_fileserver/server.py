@@ -9,7 +9,7 @@ download is tiny: the file's name and the header's length.  Everything
 else follows from the stream offset (tcpcp section 6): the file position
 of the next byte to send is ``out_offset - header length``.
 
-This server uses the agent SDK (``appliance.agent_sdk``), as an
+This server uses the agent SDK (``appliance.agent.sdk``), as an
 application would copy it:
 
 * on ``SIGUSR1`` every running download is exported to the agent given by
@@ -51,7 +51,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout
 
-from appliance import agent_sdk
+from appliance.agent import sdk as agent_sdk
 
 CHUNK = 65536
 move_now = threading.Event()

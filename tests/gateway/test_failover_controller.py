@@ -8,7 +8,8 @@ from fastapi.testclient import TestClient
 from scapy.all import IP, TCP, Raw
 
 from appliance.config import parse
-from appliance.gateway import Conflict, Gateway, NotFound
+from appliance.errors import Conflict, NotFound
+from appliance.gateway import Gateway
 from checkpoint.segment import ACK, RST, SYN
 from webui.app import create_app
 

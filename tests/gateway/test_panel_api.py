@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from scapy.all import IP, TCP
 
-from appliance.auth import hash_password, token_digest
+from webui.auth import hash_password, token_digest
 from appliance.config import parse
 from appliance.gateway import Gateway
 from appliance import packetring

@@ -1,7 +1,7 @@
 """Resume mode's orchestration, driven with crafted packets and scripted agents (no root).
 
 The agents are replaced by a function that records every request and answers
-as the real ones do (``appliance.agent``); the packets go through the real
+as the real ones do (``appliance.agent.server``); the packets go through the real
 data plane.  The lab tests (``tests/lab/test_resume.py``) run the same code
 against real agents, the example server and a real client.
 """
@@ -18,9 +18,10 @@ from typing import Any
 import pytest
 from scapy.all import IP, TCP, Raw
 
-from appliance import agent_proto as proto
+from appliance.agent import protocol as proto
 from appliance.config import parse
-from appliance.gateway import Conflict, Gateway
+from appliance.errors import Conflict
+from appliance.gateway import Gateway
 from checkpoint.repair_ici import Ici
 from nfq.queue import Verdict
 
@@ -52,7 +53,7 @@ def spkt(src: str, seq: int, ack: int, flags: str = "A", payload: bytes = b"", d
 
 
 class Agents:
-    """Scripted agents: records requests, answers like appliance.agent; ``fail``
+    """Scripted agents: records requests, answers like appliance.agent.server; ``fail``
     maps a request type to the error its agent answers with; ``during`` runs
     inside a request (as packets would arrive while it is under way)."""
 

@@ -12,7 +12,8 @@ from scapy.all import IP, TCP, Raw
 from appliance.config import parse
 from appliance.dataplane import Dataplane
 from appliance.gateway import Gateway
-from checkpoint.store import STORE_FULL, CommitPlanner, SqliteBackend
+from checkpoint.io.sqlite import SqliteBackend
+from checkpoint.store import STORE_FULL, CommitPlanner
 from checkpoint.streamlog import CHUNK
 from nfq.queue import Verdict
 

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from appliance import lab
+from appliance.lab import topology as lab
 
 
 def require_root() -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from appliance import lab
+from appliance.lab import topology as lab
 
 
 def api(path: str, method: str = "GET", body: Any = None, token: str | None = None) -> Any:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance import lab
+from appliance.lab import topology as lab
 from appliance.pcap import packets, tcp_fields
 from checkpoint.seqnum import seq_add, seq_diff
 

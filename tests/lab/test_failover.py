@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance import lab
+from appliance.lab import topology as lab
 
 from .helpers import Capture, api, expected_sha, sha256_file, start_download, wait_for
 from .invariants import assert_clean, check

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from appliance import lab
+from appliance.lab import topology as lab
 
 from .conftest import require_root
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from appliance import lab
+from appliance.lab import topology as lab
 
 from .helpers import expected_sha, sha256_file, start_download, wait_for
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance import lab
+from appliance.lab import topology as lab
 from appliance.pcap import packets
 
 from .helpers import Capture, api, expected_sha, wait_for
@@ -138,7 +138,7 @@ def test_planned_migration_there_and_back(fresh: dict, tmp_path: Path) -> None:
     assert jumps == [], (jumps, gaps)
     final = api(f"/api/v1/connections/{cid}")
     assert final["moves"] == 2 and final["backend"] == "primary"
-    moves = api(f"/api/v1/events?kind=migration&service=resumable")
+    moves = api("/api/v1/events?kind=migration&service=resumable")
     assert [(m["details"]["from"], m["backend"], m["details"]["outcome"]) for m in moves] == [
         ("primary", "backup", "resumed"), ("backup", "primary", "resumed")]
     for m in moves:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from scapy.all import IP, TCP, PcapReader
 
-from appliance import lab
+from appliance.lab import topology as lab
 
 from .helpers import Capture, api, expected_sha, sha256_file, start_download, wait_for
 

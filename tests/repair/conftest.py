@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.repair_topology import SERVICE_ADDR, Topology, reap_stale
+from appliance.lab.repair_topology import SERVICE_ADDR, Topology, reap_stale
 
 
 def require_root() -> None:

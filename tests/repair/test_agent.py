@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from appliance import agent_proto as proto
-from appliance import agent_sdk, netns
-from appliance.repair_topology import SERVICE_ADDR, Topology
+from appliance.agent import sdk as agent_sdk, netns
+from appliance.lab.repair_topology import SERVICE_ADDR, Topology
 
 from .helpers import Capture, check_capture
 
@@ -163,7 +163,7 @@ def test_replay_guard_and_frame_limits_are_named() -> None:
 
 
 def test_config_errors_name_the_field(tmp_path: Path) -> None:
-    from appliance.agent import load_config
+    from appliance.agent.server import load_config
 
     bad = tmp_path / "agent.toml"
     bad.write_text('[agent]\nkey = "0123456789abcdef0"\nlisten = "198.51.100.2:notaport"\n')

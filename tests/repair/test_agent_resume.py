@@ -13,9 +13,9 @@ import threading
 from pathlib import Path
 
 from appliance import agent_proto as proto
-from appliance import agent_sdk, netns
-from appliance.agent import established_pairs
-from appliance.repair_topology import SERVICE_ADDR, Topology
+from appliance.agent import sdk as agent_sdk, netns
+from appliance.agent.server import established_pairs
+from appliance.lab.repair_topology import SERVICE_ADDR, Topology
 
 from .helpers import Capture, check_capture
 from .test_agent import KEY, Proc, agents, in_client, procs  # noqa: F401  (fixtures)
@@ -23,7 +23,7 @@ from .test_agent import KEY, Proc, agents, in_client, procs  # noqa: F401  (fixt
 OWNER = r"""
 import sys, socket
 sys.path.insert(0, sys.argv[2])
-from appliance import agent_sdk
+from appliance.agent import sdk as agent_sdk
 lst = socket.socket(); lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 lst.bind(("203.0.113.10", 7005)); lst.listen()
 print("listening", flush=True)

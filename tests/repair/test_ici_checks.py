@@ -17,8 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from appliance.repair_topology import SERVICE_ADDR, Topology
-from checkpoint import repair
+from appliance.lab.repair_topology import SERVICE_ADDR, Topology
+from checkpoint.io import tcp_repair as repair
 from checkpoint.ici import ConnectionRecord, HalfConnection
 from checkpoint.repair_ici import (
     Ici,
@@ -157,7 +157,7 @@ def test_create_refuses_before_any_system_call(topo: Topology, name: str, value:
 CHILD = r"""
 import json, socket, sys
 sys.path.insert(0, sys.argv[1])
-from checkpoint import repair
+from checkpoint.io import tcp_repair as repair
 from checkpoint.repair_ici import Ici
 out = {}
 lst = socket.socket(); lst.bind(("203.0.113.10", 0)); lst.listen()

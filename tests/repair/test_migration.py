@@ -8,8 +8,8 @@ import threading
 import time
 from pathlib import Path
 
-from appliance.repair_topology import SERVICE_ADDR, Topology, move
-from checkpoint import repair
+from appliance.lab.repair_topology import SERVICE_ADDR, Topology, move
+from checkpoint.io import tcp_repair as repair
 
 from .helpers import Capture, Client, ServerApp, check_capture, sha256, stream
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 from appliance import netns
 from appliance.pcap import packets
-from appliance.repair_topology import CLIENT_ADDR, SERVICE_ADDR, Topology
-from checkpoint import repair, tracker
+from appliance.lab.repair_topology import CLIENT_ADDR, SERVICE_ADDR, Topology
+from checkpoint.io import tcp_repair as repair, tracker
 from checkpoint.ici import ConnectionRecord
 from checkpoint.repair_ici import ici_from_record
 from checkpoint.seqnum import seq_diff

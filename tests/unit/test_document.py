@@ -18,7 +18,7 @@ from checkpoint.document import (
 )
 from checkpoint.segment import ACK, FIN
 from checkpoint.state import digest_state, log_state, record_state
-from checkpoint.streamlog import CHUNK, ByteLog, SampledDigest, StreamDigest
+from checkpoint.streamlog import ByteLog, SampledDigest, StreamDigest
 from checkpoint.tracker import observe
 
 from ._helpers import VIP, VPORT, cseg, handshake, make_record, sseg

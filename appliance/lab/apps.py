@@ -7,7 +7,7 @@ no server name), so a backup that is replayed the same request gives the same
 bytes — what a replay failover needs — and a client that gets the right digest
 knows every byte it sent arrived exactly once, in order (invariant I5).
 
-Run: ``python -m appliance.labapps upload-hash --bind ADDRESS --port PORT [--port PORT2]``.
+Run: ``python -m appliance.lab.apps upload-hash --bind ADDRESS --port PORT [--port PORT2]``.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ async def serve(bind: str, ports: list[int]) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog="appliance.labapps")
+    ap = argparse.ArgumentParser(prog="appliance.lab.apps")
     ap.add_argument("app", choices=["upload-hash"])
     ap.add_argument("--bind", required=True)
     ap.add_argument("--port", type=int, action="append", required=True, help="may be given more than once")

@@ -36,12 +36,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-ROLES: tuple[str, ...] = ("viewer", "operator", "admin")
+from appliance.credentials import ROLES, TokenConfig, UserConfig, role_at_least, token_digest
+
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 16384, 8, 1
-
-
-def role_at_least(role: str, needed: str) -> bool:
-    return ROLES.index(role) >= ROLES.index(needed)
 
 
 def hash_password(password: str, *, n: int = SCRYPT_N, r: int = SCRYPT_R, p: int = SCRYPT_P) -> str:
@@ -62,24 +59,6 @@ def check_password(password: str, stored: str) -> bool:
     return hmac.compare_digest(got.hex(), digest)
 
 
-def token_digest(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-@dataclass(frozen=True, slots=True)
-class UserConfig:
-    name: str
-    role: str
-    password_hash: str
-
-
-@dataclass(frozen=True, slots=True)
-class TokenConfig:
-    name: str
-    role: str
-    sha256: str
-
-
 @dataclass(frozen=True, slots=True)
 class Principal:
     """Who is asking: a user (panel login) or a token (REST)."""
@@ -90,77 +69,6 @@ class Principal:
 
     def can(self, needed: str) -> bool:
         return role_at_least(self.role, needed)
-
-
-# --- configuration --------------------------------------------------------------
-
-def _err(field_: str, message: str) -> Exception:
-    from .config import ConfigError
-
-    return ConfigError(field_, message)
-
-
-def _entry_str(d: dict[str, Any], key: str, where: str) -> str:
-    v = d.get(key)
-    if not isinstance(v, str) or not v:
-        raise _err(f"{where}.{key}", f"must be a non-empty string, got {v!r}")
-    return v
-
-
-def _entry_name_role(d: Any, where: str, allowed: set[str]) -> tuple[dict[str, Any], str, str]:
-    if not isinstance(d, dict):
-        raise _err(where, f"must be a table, got {type(d).__name__}")
-    for key in d:
-        if key not in allowed:
-            raise _err(f"{where}.{key}", f"unknown setting (allowed: {', '.join(sorted(allowed))})")
-    name = _entry_str(d, "name", where)
-    if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
-        raise _err(f"{where}.name", f"{name!r}: use letters, digits, '-', '_' and '.' only")
-    role = _entry_str(d, "role", where)
-    if role not in ROLES:
-        raise _err(f"{where}.role", f"must be one of {', '.join(ROLES)}, got {role!r}")
-    return d, name, role
-
-
-def parse_users(raw: Any, where: str = "api.user") -> tuple[UserConfig, ...]:
-    if not isinstance(raw, list):
-        raise _err(where, "must be a list of tables ([[api.user]])")
-    out: list[UserConfig] = []
-    for i, d in enumerate(raw):
-        w = f"{where}[{i}]"
-        d, name, role = _entry_name_role(d, w, {"name", "role", "password_hash"})
-        ph = _entry_str(d, "password_hash", w)
-        parts = ph.split("$")
-        if len(parts) != 6 or parts[0] != "scrypt" or not all(x.isdigit() for x in parts[1:4]):
-            raise _err(f"{w}.password_hash", "must be scrypt$N$r$p$salt$hash (make one with appliance-hash-password)")
-        if any(u.name == name for u in out):
-            raise _err(f"{w}.name", f"duplicate user {name!r}")
-        out.append(UserConfig(name, role, ph))
-    return tuple(out)
-
-
-def parse_tokens(raw: Any, where: str = "api.tokens") -> tuple[TokenConfig, ...]:
-    if not isinstance(raw, list):
-        raise _err(where, "must be a list of tables ([[api.tokens]])")
-    out: list[TokenConfig] = []
-    for i, d in enumerate(raw):
-        w = f"{where}[{i}]"
-        d, name, role = _entry_name_role(d, w, {"name", "role", "sha256", "token"})
-        if ("sha256" in d) == ("token" in d):
-            raise _err(f"{w}.sha256", "give exactly one of sha256 or token")
-        if "token" in d:
-            tok = _entry_str(d, "token", w)
-            if len(tok) < 16:
-                raise _err(f"{w}.token", "must be at least 16 characters")
-            digest = token_digest(tok)
-        else:
-            digest = _entry_str(d, "sha256", w).lower()
-            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-                raise _err(f"{w}.sha256", "must be 64 hex digits")
-        if any(t.name == name for t in out):
-            raise _err(f"{w}.name", f"duplicate token name {name!r}")
-        out.append(TokenConfig(name, role, digest))
-    return tuple(out)
 
 
 # --- the runtime store ---------------------------------------------------------------

@@ -57,7 +57,7 @@ import socket
 import struct
 import time
 
-from .repair_ici import (
+from ..repair_ici import (
     ICI_VERSION,
     Ici,
     IciError,
@@ -66,7 +66,7 @@ from .repair_ici import (
     ici_from_record,
     record_fields_from_ici,
 )
-from .seqnum import MASK, seq_add
+from ..seqnum import MASK, seq_add
 
 # include/uapi/linux/tcp.h
 TCP_MAXSEG = 2

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import lab
+from ..lab import topology as lab
 
 
 def _iperf(host: str, port: int, seconds: int, reverse: bool) -> float:
@@ -46,7 +46,7 @@ def _curl(url: str) -> float:
 
 
 def _queue_stats(api: str, token: str) -> dict[str, Any]:
-    from .cli import api_get
+    from ..apiclient import api_get
 
     return api_get("/api/v1/status", api, token)["queues"]
 
@@ -123,8 +123,8 @@ def handler_microbench(packets: int = 2000, repeat: int = 20) -> dict[str, float
     return-path data segment (observed) and per client ACK (held, rewritten)."""
     from scapy.all import IP, TCP, Raw  # test-time packet builder, not the hot path
 
-    from .config import parse
-    from .dataplane import Dataplane
+    from ..config import parse
+    from ..dataplane import Dataplane
 
     cfg = {"api": {"token": "bench-token"}, "service": [{"name": "web", "vip": "203.0.113.10", "port": 80,
            "backend": [{"name": "primary", "address": "198.51.100.10"}]}]}
@@ -176,7 +176,7 @@ def _first_backup_bytes(api: str, token: str, t0: float) -> dict[int, float]:
     gateway's first forwarding of a backup byte to the client (the failover
     event's time plus the move's ``first_forward_ms``; same clock, and the
     client is one veth away)."""
-    from .cli import api_get
+    from ..apiclient import api_get
 
     events = api_get("/api/v1/events?service=web&limit=10000", api, token) or []
     starts = [e["time"] for e in events if e["kind"] == "failover"]
@@ -264,7 +264,7 @@ def upload_bench(rounds: int = 3, body_name: str = "100M.bin") -> dict[str, Any]
             for _ in range(rounds):
                 p.append(_upload(plain, body))
                 g.append(_upload(vip, body))
-            from .cli import api_get
+            from ..apiclient import api_get
 
             store = api_get("/api/v1/store", api, token)
             dp = api_get("/api/v1/status", api, token)["dataplane"]

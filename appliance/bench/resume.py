@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-Builds the lab (``appliance.lab.up``: the example resumable file server and
+Builds the lab (``appliance.lab.topology.up``: the example resumable file server and
 an agent on primary and backup, the ``resumable`` service in resume mode),
 starts one download through the VIP with the example client (paced at
 ``--rate``), and moves its connection ``--migrations`` times through the
@@ -17,7 +17,7 @@ copy disconnected) comes after the release.  The API round trip is
 reported too.  At the end the client's sha256 must equal the file's, so
 every figure is of a move that lost and duplicated nothing.
 
-    sudo flock /run/appliance-lab.lock .venv/bin/python -m appliance.resume_bench --migrations 100
+    sudo flock /run/appliance-lab.lock .venv/bin/python -m appliance.bench.resume --migrations 100
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from . import lab
+from ..lab import topology as lab
 
 ROOT = Path(__file__).resolve().parent.parent
 

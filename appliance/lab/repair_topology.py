@@ -154,7 +154,7 @@ def move(topo: Topology, sock: socket.socket, to: str, *,
     import json
     import time
 
-    from checkpoint import repair
+    from checkpoint.io import tcp_repair as repair
 
     t0 = time.perf_counter()
     topo.hold()

@@ -1,4 +1,4 @@
-"""The README's pictures, made from a real lab run: ``python -m appliance.readme_images [--out images]``.
+"""The README's pictures, made from a real lab run: ``python -m appliance.bench.readme_images [--out images]``.
 
 Builds the lab (taking the lab lock, like the lab tests), downloads
 ``100M.bin`` through the VIP with curl while tcpdump records the client's
@@ -27,8 +27,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from . import lab
-from .pcap import packets, tcp_fields
+from ..lab import topology as lab
+from ..pcap import packets, tcp_fields
 
 LOCK = "/run/appliance-lab.lock"
 PANEL = f"http://{lab.API_HOST}:{lab.API_PORT}"

@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-``agent run`` starts :class:`appliance.agent.Agent` in the foreground.
+``agent run`` starts :class:`appliance.agent.server.Agent` in the foreground.
 ``agent export --pid P --fd N --to HOST:PORT`` is SockMi's passive export
 done by the command itself (it needs root for ``pidfd_getfd``): it takes
 the descriptor, reads the ICI (isolating the endpoint) and has the agent at
@@ -60,8 +60,8 @@ def add_agent_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_agent(args: argparse.Namespace) -> None:
-    from . import agent_proto as proto
-    from .agent import Agent, export_socket, load_config, steal_fd
+    from . import protocol as proto
+    from .server import Agent, export_socket, load_config, steal_fd
 
     try:
         cfg = load_config(args.config, key_file=args.key_file, listen=getattr(args, "listen", None),
@@ -96,3 +96,17 @@ def cmd_agent(args: argparse.Namespace) -> None:
     except (proto.ProtocolError, proto.AgentError, OSError, ValueError) as exc:
         _die(str(exc), 1)
     print(json.dumps(reply, indent=2))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``appliance-agent``: the agent's own command, for a backend host that installs only the
+    base package (no gateway dependencies); the same as ``appliance agent``."""
+    p = argparse.ArgumentParser(prog="appliance-agent")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    add_agent_parser(sub)
+    args = p.parse_args(["agent", *(sys.argv[1:] if argv is None else argv)])
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

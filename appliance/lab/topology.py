@@ -52,7 +52,7 @@ PLAIN_HTTP_PORT = 8080
 SAMPLED_HTTP_PORT = 8081  # the "web-sampled" service: same files, verify = "sampled"
 IPERF_PORT = 5201        # the "iperf" service (through the appliance, verify = "sampled")
 PLAIN_IPERF_PORT = 5202  # the same server, plainly forwarded
-UPLOAD_PORT = 8090       # the "upload" service: appliance.labapps upload-hash (sha256 of the body)
+UPLOAD_PORT = 8090       # the "upload" service: appliance.lab.apps upload-hash (sha256 of the body)
 PLAIN_UPLOAD_PORT = 8091  # the same app, plainly forwarded
 RESUME_PORT = 8000       # the "resumable" service: the example resumable file server, failover.mode = "resume"
 AGENT_PORT = 7070        # the endpoint agent on every server host (resume mode)
@@ -264,7 +264,7 @@ def start_upload_app(h: Host) -> None:
         return
     log = open(rd / f"upload-{h.short}.log", "ab")
     subprocess.Popen(
-        ["ip", "netns", "exec", h.ns, sys.executable, "-m", "appliance.labapps", "upload-hash",
+        ["ip", "netns", "exec", h.ns, sys.executable, "-m", "appliance.lab.apps", "upload-hash",
          "--bind", h.address, "--port", str(UPLOAD_PORT), "--port", str(PLAIN_UPLOAD_PORT),
          "--pidfile", str(pidfile)],
         stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,

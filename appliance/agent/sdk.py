@@ -50,7 +50,7 @@ import struct
 import time
 from dataclasses import dataclass
 
-from . import agent_proto as proto
+from . import protocol as proto
 
 DEFAULT_SOCKET = "/run/appliance-agent.sock"
 TCP_REPAIR = 19

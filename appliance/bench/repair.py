@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-Builds the ``rp-*`` topology of :mod:`appliance.repair_topology`, opens one
+Builds the ``rp-*`` topology of :mod:`appliance.lab.repair_topology`, opens one
 connection from ``rp-c`` to the service address on ``rp-a`` and keeps a
 stream flowing on it (the server writes at ``--rate``, the client reads
 everything).  Then it moves the server end ``--migrations`` times,
@@ -17,7 +17,7 @@ gateway's switch), and the client's longest pause between two reads
 around the move.  At the end the client's sha256 must equal the stream's,
 so every figure is of a move that lost and duplicated nothing.
 
-    sudo .venv/bin/python -m appliance.repair_bench --migrations 100
+    sudo .venv/bin/python -m appliance.bench.repair --migrations 100
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import sys
 import threading
 import time
 
-from .repair_topology import SERVICE_ADDR, Topology, move, reap_stale
+from ..lab.repair_topology import SERVICE_ADDR, Topology, move, reap_stale
 
 
 def _pct(xs: list[float], p: float) -> float:

@@ -13,7 +13,7 @@ channels:
   ``export {"pid", "fd"} | {"local", "remote"}, "to"?, "activate"?, "app"?, "app_state"?``
       take a socket of a local process (SockMi's *passive* export:
       ``pidfd_open`` + ``pidfd_getfd``, or found by its address pair in
-      ``/proc``), read its ICI (``checkpoint.repair.get``: the endpoint is
+      ``/proc``), read its ICI (``checkpoint.io.tcp_repair.get``: the endpoint is
       isolated from then on) and, with ``to``, send it to that agent as an
       ``import``; the reply is the destination's.  Without ``to`` the reply
       carries the ICI document.  If the import fails the origin socket
@@ -81,10 +81,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from checkpoint import repair
+from checkpoint.io import tcp_repair as repair
 from checkpoint.repair_ici import Ici, IciError
 
-from . import agent_proto as proto
+from . import protocol as proto
 
 SYS_PIDFD_OPEN = 434      # x86_64 and arm64 alike (the unified syscall table)
 SYS_PIDFD_GETFD = 438

@@ -4,10 +4,13 @@
 interface and returns, for every connection the client opened during the
 capture, every violation it finds:
 
-* I1: an acknowledgment the client received for a byte it had not sent yet
-  (the capture cannot see the gateway's log; in memory mode a byte is logged
-  before it leaves the gateway, so "sent by the client" is the observable
-  bound);
+* I1: an acknowledgment (ACK or SACK block) the client received for a byte
+  it had not sent yet (in memory mode a byte is logged before it leaves the
+  gateway, so "sent by the client" is the observable bound); and, when the
+  caller passes the gateway's commit log (``commits``: client port -> the
+  records of ``/api/v1/store/commits``), for a byte not yet committed when
+  the acknowledgment was captured (before the first commit not even the SYN
+  may be acknowledged);
 * I2: a byte received at a stream offset that differs from the byte received
   there before (values of volatile fields, such as the HTTP Date header, are
   allowed to differ, as the gateway masks them for its own check);
@@ -20,11 +23,14 @@ capture, every violation it finds:
 * I4: any RST from the service, or a FIN before the end of the stream;
 * stream holes: bytes of the final stream never seen in the capture.
 
+All sequence and TSval arithmetic is modulo 2**32.
+
 A small pcap reader (struct) keeps it fast enough for 100 MiB captures.
 """
 
 from __future__ import annotations
 
+import bisect
 import socket
 import struct
 from collections import defaultdict
@@ -45,6 +51,7 @@ class ConnReport:
     segments: int = 0
     rsts: int = 0
     tsval_checks: int = 0
+    commit_checks: int = 0
 
     def add(self, what: str) -> None:
         if len(self.violations) < 20:
@@ -57,8 +64,25 @@ def _in_date(data: bytearray, pos: int) -> bool:
     return i >= 0 and i + len(DATE) <= pos < i + len(DATE) + DATE_LEN
 
 
-def check(pcap: Path, client_ip: str, vip: str, vport: int) -> dict[int, ConnReport]:
+def _signed(a: int, b: int) -> int:
+    """a - b modulo 2**32, in [-2**31, 2**31)."""
+    return ((a - b + (1 << 31)) & 0xFFFFFFFF) - (1 << 31)
+
+
+def _commit_limits(commits: list[dict]) -> tuple[list[float], list[int]]:
+    """(times, client bytes acknowledgeable from then on: the commit offset, +1 for a committed FIN)."""
+    times, allowed = [], []
+    for c in sorted(commits, key=lambda c: c["t"]):
+        times.append(c["t"])
+        allowed.append(c["commit_offset"] + (1 if c["commit_fin"] else 0))
+    return times, allowed
+
+
+def check(pcap: Path, client_ip: str, vip: str, vport: int,
+          commits: dict[int, list[dict]] | None = None) -> dict[int, ConnReport]:
     cip, sip = socket.inet_aton(client_ip), socket.inet_aton(vip)
+    limits = {port: _commit_limits(log) for port, log in (commits or {}).items()}
+    client_isn: dict[int, int] = {}
     reports: dict[int, ConnReport] = {}
     isn: dict[int, int] = {}
     stream: dict[int, bytearray] = defaultdict(bytearray)
@@ -68,7 +92,7 @@ def check(pcap: Path, client_ip: str, vip: str, vport: int) -> dict[int, ConnRep
     last_ack_sent: dict[int, int] = {}
     fins: dict[int, int] = {}
     opened: set[int] = set()
-    for _, p in packets(pcap):
+    for t, p in packets(pcap):
         if len(p) < 40 or p[9] != 6:
             continue
         ihl = (p[0] & 15) * 4
@@ -79,6 +103,7 @@ def check(pcap: Path, client_ip: str, vip: str, vport: int) -> dict[int, ConnRep
         payload = p[ihl + thl:total]
         opts = p[ihl + 20:ihl + thl]
         tsval = None
+        sack_right: list[int] = []  # the right edges of SACK blocks
         o = 0
         while o < len(opts):
             k = opts[o]
@@ -91,11 +116,15 @@ def check(pcap: Path, client_ip: str, vip: str, vport: int) -> dict[int, ConnRep
                 break
             if k == 8 and opts[o + 1] == 10:
                 tsval = struct.unpack_from("!I", opts, o + 2)[0]
+            elif k == 5:
+                for e in range(o + 6, min(o + opts[o + 1], len(opts)) - 3, 8):
+                    sack_right.append(struct.unpack_from("!I", opts, e)[0])
             o += opts[o + 1]
         if p[12:16] == cip and p[16:20] == sip and dport == vport:
             port = sport
             if flags & 0x02 and not flags & 0x10:
                 opened.add(port)
+                client_isn[port] = seq
             r = reports.setdefault(port, ConnReport(port))
             # the length on the wire, not what the capture kept (a short snaplen truncates)
             end = (seq + total - ihl - thl + (1 if flags & 3 else 0)) & 0xFFFFFFFF
@@ -114,8 +143,27 @@ def check(pcap: Path, client_ip: str, vip: str, vport: int) -> dict[int, ConnRep
                 continue
             if flags & 0x02:
                 isn[port] = seq
-            if flags & 0x10 and port in client_high and 0 < ((ack - client_high[port]) & 0xFFFFFFFF) < (1 << 31):
-                r.add(f"I1: ACK {ack} above what the client sent ({client_high[port]})")
+            if flags & 0x10 and port in client_high:
+                if _signed(ack, client_high[port]) > 0:
+                    r.add(f"I1: ACK {ack} above what the client sent ({client_high[port]})")
+                for edge in sack_right:
+                    if _signed(edge, client_high[port]) > 0:
+                        r.add(f"I1: SACK up to {edge} above what the client sent ({client_high[port]})")
+            if flags & 0x10 and port in limits:
+                if port not in client_isn:
+                    r.add("I1: no client SYN in the capture: the commit log cannot be checked")
+                else:
+                    times, allowed = limits[port]
+                    i = bisect.bisect_right(times, t) - 1
+                    limit = allowed[i] if i >= 0 else -1  # before the first commit not even the SYN
+                    base = (client_isn[port] + 1) & 0xFFFFFFFF
+                    r.commit_checks += 1
+                    if _signed(ack, base) > limit:
+                        r.add(f"I1: ACK of {_signed(ack, base)} client bytes at {t:.6f}, committed then: {limit}")
+                    for edge in sack_right:
+                        if _signed(edge, base) > limit:
+                            r.add(f"I1: SACK up to {_signed(edge, base)} client bytes at {t:.6f}, "
+                                  f"committed then: {limit}")
             if tsval is not None:
                 r.tsval_checks += 1
                 recent = ts_recent.get(port)
@@ -129,6 +177,10 @@ def check(pcap: Path, client_ip: str, vip: str, vport: int) -> dict[int, ConnRep
             off = (seq - isn[port] - (0 if flags & 0x02 else 1)) & 0xFFFFFFFF
             if flags & 0x02:
                 off = 0
+            if off >= 1 << 31:  # before the first byte (a keep-alive probe's seq is snd_una - 1)
+                if payload or flags & 0x01:  # bytes or a FIN there: no stream offset, no 4 GiB buffer for it
+                    r.add(f"I2: segment at seq {seq}, before the server's first byte ({isn[port]} + 1)")
+                continue
             if flags & 0x01:
                 fin_at = off + len(payload)
                 if port in fins and fins[port] != fin_at:

@@ -1,5 +1,6 @@
 """Fixtures for the endpoint-passing tests: their own namespaces (``rp-*``),
-always removed again, also when a test fails."""
+always removed again, also when a test fails; the tests that use them are
+marked ``root``."""
 
 from __future__ import annotations
 
@@ -11,6 +12,21 @@ from pathlib import Path
 import pytest
 
 from appliance.lab.repair_topology import SERVICE_ADDR, Topology, reap_stale
+
+
+ROOT_FIXTURES = {"topo"}  # the rp-* namespaces; ``connected`` and the modules' own fixtures build on it
+HERE = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark ``root`` every test here that builds the namespaces (directly or
+    through another fixture): without root it fails (tests/conftest.py), it
+    is not skipped.  The pure checks (ICI validation, config, frames) stay
+    unmarked and run unprivileged."""
+    for item in items:
+        if (Path(str(item.path)).is_relative_to(HERE) and ROOT_FIXTURES & set(getattr(item, "fixturenames", ()))
+                and item.get_closest_marker("root") is None):
+            item.add_marker("root")
 
 
 def require_root() -> None:

@@ -34,17 +34,50 @@ and that needs every byte.
 nftables fixes the IPv4 checksum and the TCP checksum's pseudo-header part;
 the route lookup after the hook sends a packet by its new address.  (This
 kernel has no tc ``act_nat``, so nftables rather than tc.)  The table is
-replaced in one ``nft -f`` transaction and removed as a whole.
+replaced in one transaction and removed as a whole.
+
+Every update is one libnftables transaction made in process
+(:mod:`nfq.nftables`), whatever the number of flows: these run on the event
+loop that carries every packet, where starting an ``nft`` process per call
+(let alone per flow) stalled the data path at a failover.  Deleting an
+element the set does not hold fails a whole ``delete element`` batch (nft
+1.0.6 has no ``destroy``), so :class:`MovedSet` keeps the flows this process
+put in ``moved``: deletes name only present elements, adds skip present
+ones, and a delete that fails anyway (the set changed behind our back)
+re-reads the set from the kernel and retries once.
 """
 
 from __future__ import annotations
 
-import subprocess
+import re
+import socket
 from dataclasses import dataclass
+from typing import Final
 
-TABLE = "appliance_nat"
-PRIORITY = "raw + 10"
-MOVED_MARK = 0x4D56
+from . import nftables
+from .nftables import NftError
+
+__all__ = [
+    "MOVED_MARK",
+    "PRIORITY",
+    "TABLE",
+    "Flow",
+    "MovedSet",
+    "NftError",
+    "ServiceNat",
+    "add_moved",
+    "del_moved",
+    "install",
+    "moved",
+    "parse_elements",
+    "remove",
+    "repoint",
+    "ruleset",
+]
+
+TABLE: Final = "appliance_nat"
+PRIORITY: Final = "raw + 10"
+MOVED_MARK: Final = 0x4D56
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +89,7 @@ class ServiceNat:
 
 
 def _nat_rules(services: list[ServiceNat], fallback: bool) -> list[str]:
-    lines = []
+    lines: list[str] = []
     for s in services:
         for addr, port in s.backends:
             snat = f"ip saddr set {s.vip}" + (f" tcp sport set {s.port}" if port != s.port else "")
@@ -82,42 +115,129 @@ def ruleset(services: list[ServiceNat], fallback: bool = True) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _nft(script: str) -> None:
-    res = subprocess.run(["nft", "-f", "-"], input=script, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise RuntimeError(f"nft: {res.stderr.strip()}")
-
-
 def repoint(services: list[ServiceNat], fallback: bool = True) -> None:
     """Rewrite the NAT rules (the active backend changed), leaving the set alone."""
-    _nft(f"flush chain ip {TABLE} prerouting\n"
-         + "".join(f"add rule ip {TABLE} prerouting {r.strip()}\n" for r in _nat_rules(services, fallback)))
+    nftables.run(f"flush chain ip {TABLE} prerouting\n"
+                 + "".join(f"add rule ip {TABLE} prerouting {r.strip()}\n" for r in _nat_rules(services, fallback)))
 
 
 Flow = tuple[str, int, str, int]  # backend address, backend port, client address, client port
+
+_ELEMENT = re.compile(r"(\d+\.\d+\.\d+\.\d+) \. (\d+) \. (\d+\.\d+\.\d+\.\d+) \. (\d+)")
+
+
+def _addr(a: str) -> str:
+    try:  # C calls: a tenth of ipaddress's cost, which was half of a 500-flow update
+        return socket.inet_ntop(socket.AF_INET, socket.inet_pton(socket.AF_INET, a))
+    except (OSError, TypeError):
+        raise ValueError(f"not an IPv4 address: {a!r}") from None
+
+
+def _port(p: int) -> int:
+    if not 0 <= int(p) <= 0xFFFF:
+        raise ValueError(f"not a port: {p!r}")
+    return int(p)
+
+
+def _flow(f: Flow) -> Flow:
+    """``f`` in the form nft prints it (so bookkeeping and kernel agree), validated:
+    anything else would be nft syntax in the script and fail the whole batch."""
+    b, bp, c, cp = f
+    return _addr(b), _port(bp), _addr(c), _port(cp)
 
 
 def _elements(flows: list[Flow]) -> str:
     return ", ".join(f"{b} . {bp} . {c} . {cp}" for b, bp, c, cp in flows)
 
 
+def parse_elements(listing: str) -> set[Flow]:
+    """The flows in ``nft list set ip appliance_nat moved`` output."""
+    return {(b, int(bp), c, int(cp)) for b, bp, c, cp in _ELEMENT.findall(listing)}
+
+
+class MovedSet:
+    """The flows in the kernel's ``moved`` set, kept by the process that fills it.
+
+    One owner (the event loop), like the libnftables context it uses.
+    """
+
+    def __init__(self) -> None:
+        self._present: set[Flow] = set()
+
+    @property
+    def flows(self) -> frozenset[Flow]:
+        return frozenset(self._present)
+
+    def __len__(self) -> int:
+        return len(self._present)
+
+    def reset(self) -> None:
+        """The set is empty (a fresh table) or gone."""
+        self._present.clear()
+
+    def sync(self) -> None:
+        """Re-read the set from the kernel (empty when the table is gone)."""
+        try:
+            listing = nftables.run(f"list set ip {TABLE} moved\n")
+        except NftError:
+            if _table_present():
+                raise
+            listing = ""
+        self._present = parse_elements(listing)
+
+    def add(self, flows: list[Flow]) -> None:
+        """Add the flows not yet present, in one transaction."""
+        new = [f for f in dict.fromkeys(map(_flow, flows)) if f not in self._present]
+        if new:
+            nftables.run(f"add element ip {TABLE} moved {{ {_elements(new)} }}\n")
+            self._present.update(new)
+
+    def delete(self, flows: list[Flow]) -> None:
+        """Delete the flows that are present, in one transaction; absent ones are no error."""
+        for attempt in (1, 2):
+            gone = [f for f in dict.fromkeys(map(_flow, flows)) if f in self._present]
+            if not gone:
+                return
+            try:
+                nftables.run(f"delete element ip {TABLE} moved {{ {_elements(gone)} }}\n")
+            except NftError:
+                if attempt == 2:
+                    raise
+                self.sync()  # someone else changed the set: believe the kernel, retry once
+                continue
+            self._present.difference_update(gone)
+            return
+
+
+moved = MovedSet()  # the process's view of the kernel's set
+
+
 def add_moved(flows: list[Flow]) -> None:
-    if flows:
-        _nft(f"add element ip {TABLE} moved {{ {_elements(flows)} }}\n")
+    moved.add(flows)
 
 
 def del_moved(flows: list[Flow]) -> None:
-    for f in flows:  # one at a time: deleting an absent element fails the whole batch
-        subprocess.run(["nft", "delete", "element", "ip", TABLE, "moved", f"{{ {_elements([f])} }}"],
-                       capture_output=True, text=True)
+    moved.delete(flows)
 
 
 def install(services: list[ServiceNat], fallback: bool = True) -> None:
-    """Replace the table with one for ``services`` (atomically)."""
-    _nft(ruleset(services, fallback))
+    """Replace the table with one for ``services`` (atomically); its set starts empty."""
+    nftables.run(ruleset(services, fallback))
+    moved.reset()
+
+
+def _table_present() -> bool:
+    return any(line.split() == ["table", "ip", TABLE] for line in nftables.run("list tables ip\n").splitlines())
 
 
 def remove() -> bool:
     """Delete the table; True when there was one."""
-    res = subprocess.run(["nft", "delete", "table", "ip", TABLE], capture_output=True, text=True)
-    return res.returncode == 0
+    try:
+        nftables.run(f"delete table ip {TABLE}\n")
+    except NftError:
+        if _table_present():
+            raise  # there is a table and we could not delete it
+        moved.reset()
+        return False
+    moved.reset()
+    return True

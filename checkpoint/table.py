@@ -13,9 +13,37 @@ segment), so expiry and eviction look at the oldest first.
   finished (TIME_WAIT or reset).  ``expire(now)`` removes the records past
   theirs and returns them.
 * ``max_connections`` bounds the table.  When a new connection would exceed it
-  the least recently seen *finished* record is evicted; if there is none the
-  new connection is refused (``admit`` returns None, counted in
-  ``refused_full``) rather than dropping a live connection's protection.
+  one record is evicted to make room, in this order:
+
+  1. the least recently seen *finished* record (TIME_WAIT / CLOSED), counted
+     in ``evicted``;
+  2. else the *oldest half-open* record (SYN_SENT / SYN_RECV: the client has
+     not completed the handshake), oldest by **creation** time, counted in
+     ``early_drops`` (conntrack's "early drop" of unassured entries);
+  3. else the new connection is refused (``admit`` returns None, counted in
+     ``refused_full``).
+
+  An ESTABLISHED or closing connection is never evicted: that would drop a
+  live connection's protection.  Without step 2 a flood of spoofed SYNs
+  larger than the table filled it with handshakes nobody completes and every
+  new connection was refused until they expired.  Half-open records go in
+  creation order, not last-seen order, because last-seen does not tell a
+  real handshake from a spoofed one: the backend retransmits its SYN-ACK to
+  a spoofed source and so refreshes that record as often as a real one.  A
+  real client completes its handshake within a round trip, so the handshake
+  that has been pending longest is the likeliest to be dead; a real client
+  whose record was dropped retransmits its SYN, which is admitted afresh.
+  Creation order also costs nothing to keep: a record is appended once.
+
+  Eviction is O(1) amortised, never a scan of the table: two side indexes,
+  ``_finished`` (least recently seen first) and ``_opening`` (oldest first),
+  are kept by ``admit``/``restore``/``observe``/removal.  A record only ever
+  leaves the half-open states and never returns to them, and finished states
+  are final, so an index entry is added once and dropped once.  Entries made
+  stale by a caller that changes ``rec.state`` directly (not through
+  ``observe``) are checked and skipped when met; such a caller may call
+  ``reindex(rec)``, and ``expire`` (a scan anyway) picks up finished records
+  the index missed.
 * A SYN (without ACK) for a key whose record is finished starts a new
   incarnation: the old record is replaced.
 
@@ -64,8 +92,13 @@ class ConnectionTable:
         self._by_key: OrderedDict[Key, ConnectionRecord] = OrderedDict()
         self._by_id: dict[int, ConnectionRecord] = {}
         self._next_id = 1
-        self.refused_full = 0
-        self.evicted = 0
+        # Eviction indexes (see the module docstring), keyed by record id.
+        self._finished: OrderedDict[int, ConnectionRecord] = OrderedDict()  # least recently seen first
+        self._opening: OrderedDict[int, ConnectionRecord] = OrderedDict()   # oldest created first
+        # Counters (monotonic, public: the data plane reports them).
+        self.refused_full = 0  # new connections refused: full, nothing evictable
+        self.evicted = 0       # finished records evicted to make room
+        self.early_drops = 0   # half-open (SYN_SENT / SYN_RECV) records evicted to make room
         self.expired = 0
         self.created = 0
 
@@ -122,6 +155,7 @@ class ConnectionTable:
         self._next_id += 1
         self._by_key[key] = rec
         self._by_id[rec.id] = rec
+        self._index(rec)
         self.created += 1
         return rec
 
@@ -137,31 +171,76 @@ class ConnectionTable:
             return False
         self._by_key[rec.key] = rec
         self._by_id[rec.id] = rec
+        self._index(rec)
         self._next_id = max(self._next_id, rec.id + 1)
         return True
 
     def observe(self, rec: ConnectionRecord, seg: SegmentLike, from_client: bool, now: float) -> None:
         observe(rec, seg, from_client, now)
         self._by_key.move_to_end(rec.key)
+        self._index(rec)
+
+    def reindex(self, rec: ConnectionRecord) -> None:
+        """Tell the table that ``rec.state`` was changed other than by :meth:`observe`
+        (so its eviction class may have changed).  O(1)."""
+        if self._by_id.get(rec.id) is rec:
+            self._index(rec)
 
     def expire(self, now: float) -> list[ConnectionRecord]:
-        gone = [
-            rec for rec in self._by_key.values()
-            if now - rec.last_seen >= self.timeouts.for_state(rec.state)
-        ]
+        gone: list[ConnectionRecord] = []
+        for rec in self._by_key.values():
+            if now - rec.last_seen >= self.timeouts.for_state(rec.state):
+                gone.append(rec)
+            elif rec.state in FINISHED and rec.id not in self._finished:
+                self._index(rec)  # finished behind the table's back: evictable again
         for rec in gone:
             self._remove(rec)
         self.expired += len(gone)
         return gone
 
+    def _index(self, rec: ConnectionRecord) -> None:
+        """File ``rec`` in the eviction index its state belongs to.  O(1)."""
+        state = rec.state
+        if state in OPENING:
+            self._opening.setdefault(rec.id, rec)  # creation order: never moved
+            return
+        self._opening.pop(rec.id, None)
+        if state in FINISHED:
+            self._finished[rec.id] = rec
+            self._finished.move_to_end(rec.id)  # least recently seen first
+        else:
+            self._finished.pop(rec.id, None)
+
     def _evict_one(self) -> bool:
-        for rec in self._by_key.values():  # oldest first
-            if rec.state in FINISHED:
+        """Make room for one record: the least recently seen finished record, else
+        the oldest half-open one.  False when neither exists.  O(1) amortised: an
+        entry found stale is dropped from its index, so each is looked at once."""
+        finished, opening, by_id = self._finished, self._opening, self._by_id
+        while finished:
+            cid, rec = next(iter(finished.items()))
+            if by_id.get(cid) is rec and rec.state in FINISHED:
                 self._remove(rec)
                 self.evicted += 1
                 return True
+            del finished[cid]
+        while opening:
+            cid, rec = next(iter(opening.items()))
+            if by_id.get(cid) is not rec:
+                del opening[cid]
+            elif rec.state in OPENING:
+                self._remove(rec)
+                self.early_drops += 1
+                return True
+            elif rec.state in FINISHED:  # finished without observe(): still the cheaper victim
+                self._remove(rec)
+                self.evicted += 1
+                return True
+            else:  # established or closing without observe(): never evicted
+                del opening[cid]
         return False
 
     def _remove(self, rec: ConnectionRecord) -> None:
         self._by_key.pop(rec.key, None)
         self._by_id.pop(rec.id, None)
+        self._finished.pop(rec.id, None)
+        self._opening.pop(rec.id, None)

@@ -2,9 +2,13 @@
 
 One asyncio loop does everything, so the data plane, the controller and the
 API share state without locks: the NFQUEUE sockets are readers on the loop
-(each wake-up drains every waiting packet through the data plane, then sends
-what it asked to inject), the health checker's probes are tasks, a 10 ms
-tick drives the moves' timers, and uvicorn serves the REST API and the panel.
+(each wake-up drains a bounded batch of packets through the data plane, acts
+on the engine's events, then sends what it asked to inject), the health
+checker's probes are tasks, one timer task sleeps until the gateway's next
+deadline (``Gateway.run_timers``: no fixed-rate tick), and uvicorn serves the
+REST API and the panel, whose handlers are coroutines on the same loop.  A
+:class:`~appliance.loopstall.LoopMonitor` times every callback the loop runs:
+the longest stalls are in the status document.
 
 Three queues, numbered from ``gateway.queue_num``:
 
@@ -60,9 +64,9 @@ from .config import Config
 from .dataplane import Dataplane
 from .gateway import Gateway
 from .health import HealthChecker
+from .loopstall import LoopMonitor
 
 log = logging.getLogger("appliance")
-TICK = 0.01
 
 
 def flows_for(config: Config) -> list[rules.FlowMatch]:
@@ -152,20 +156,6 @@ class Kernel:
         log.info("data plane down: rules and kernel NAT removed")
 
 
-async def housekeeping(gw: Gateway) -> None:
-    last_expire = 0.0
-    while True:
-        await asyncio.sleep(TICK)
-        try:
-            gw.tick()
-            now = time.monotonic()
-            if now - last_expire >= 1.0:
-                last_expire = now
-                gw.dataplane.expire(gw.clock())
-        except Exception:  # the loop must survive whatever one tick does
-            log.exception("housekeeping tick failed")
-
-
 async def committer(gw: Gateway, backend: SqliteBackend, interval: float) -> None:
     """The group commit: one batch in flight, written on a thread of its own."""
     loop = asyncio.get_running_loop()
@@ -203,8 +193,11 @@ async def serve(config: Config, listen_fd: int | None = None) -> None:
     from webui.app import create_app
 
     loop = asyncio.get_running_loop()
+    monitor = LoopMonitor()
+    monitor.install()
     gw = Gateway(config)
     gw.loop = loop
+    gw.loop_stats = monitor.stats
     sock = socket.socket(fileno=listen_fd) if listen_fd is not None else listen_socket(config.api.host, config.api.port)
     sock.setblocking(False)
     app = create_app(gw)
@@ -225,7 +218,7 @@ async def serve(config: Config, listen_fd: int | None = None) -> None:
     kernel.start()
     gw.flush()  # resets of connections that could not be resumed
     gw.health = HealthChecker(gw.health_targets(), gw.on_health)
-    tasks = [asyncio.create_task(housekeeping(gw)), asyncio.create_task(server.serve(sockets=[sock])),
+    tasks = [asyncio.create_task(gw.run_timers()), asyncio.create_task(server.serve(sockets=[sock])),
              asyncio.create_task(gw.health.run())]
     if backend is not None:
         tasks.append(asyncio.create_task(committer(gw, backend, config.store.commit_interval)))

@@ -29,6 +29,15 @@ the health checker and the packet injector.  It is the *failover controller*:
   backend fails over (the client never sees the close), a live one has its
   close released.
 
+**One owner.**  Every change of the gateway's state — API and panel requests, the health
+checker, probes, the agents' replies — runs on one event loop (``self.loop`` when running for
+real); request handlers are coroutines on that loop and await the action.  The data plane hands
+out typed events (:meth:`Dataplane.next_event`), drained by :meth:`pump_events` after every
+batch of packets and every action, and says when its timers must next run
+(:meth:`next_deadline`); nothing polls at a fixed rate.  A failover of many connections moves
+them in chunks of :data:`MOVE_CHUNK`, letting the loop read the queues in between, so the
+loop never stalls for the whole table.
+
 Time comes from ``clock`` (``time.time`` by default); nothing here blocks.
 """
 
@@ -37,7 +46,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Callable
+from collections.abc import Awaitable, Callable, Generator
+from typing import Any, TypeVar
 
 from checkpoint.ici import TcpState
 from checkpoint.splice import Out, Phase, Splice
@@ -47,11 +57,16 @@ from nfq.queue import PacketQueue
 
 from .config import Config
 from .errors import Conflict, NotFound
-from .dataplane import BackendRuntime, Dataplane, ServiceRuntime, Suspect
+from .dataplane import (BackendRuntime, CloseSuspected, Dataplane, HalfOpenEvicted, Held, MoveEnded, MoveStarted,
+                        MoveVerified, ResumeRefused, ServiceRuntime, Suspect)
 from .events import EventLog
 from .health import HealthChecker, Target
 
 log = logging.getLogger("appliance")
+T = TypeVar("T")
+MOVE_CHUNK = 32        # connections a failover moves before it lets the loop read the queues
+EXPIRE_INTERVAL = 1.0  # seconds between sweeps of idle records
+Flow = tuple[str, int, str, int]  # backend ip, port, client ip, port: the kernel's "moved" set
 
 
 def build_packet(o: Out) -> bytes:
@@ -80,7 +95,9 @@ class Gateway:
         self.unsent_raw: list[bytearray] = []
         self.store_error: str | None = None  # the checkpoint store's last write failure
         self.last_failover: dict[str, Any] | None = None
-        self._reported: set[int] = set()  # id() of splices whose outcome was reported
+        self._next_expire = clock() + EXPIRE_INTERVAL
+        self._wake: asyncio.Event | None = None  # set when the deadline may have moved earlier
+        self.loop_stats: Callable[[], dict[str, Any]] | None = None  # the loop's stall monitor (appliance run)
         self._probing: dict[tuple[str, str], asyncio.Task] = {}
         self._probe_waiters: dict[tuple[str, str], list[Suspect]] = {}
         self.loop: asyncio.AbstractEventLoop | None = None  # the loop that carries the packets (appliance run)
@@ -91,11 +108,41 @@ class Gateway:
             self.resume = ResumeController(self)
         self._tasks: set[asyncio.Future] = set()
 
-    # --- output -----------------------------------------------------------------------
+    # --- the one owner ------------------------------------------------------------------
+    async def call(self, fn: Callable[[], T | Awaitable[T]]) -> T:
+        """Run ``fn`` on the gateway's loop and return its result (awaiting it if it is a
+        coroutine).  A caller on another thread or loop (a test client, a worker) is marshalled
+        over; a caller on the loop runs it in place.  Every change of state goes through here
+        or runs on the loop already."""
+        loop = self.loop
+        try:
+            here = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        if loop is None or not loop.is_running() or loop is here:
+            out = fn()
+            return await out if asyncio.iscoroutine(out) else out  # type: ignore[no-any-return]
+
+        async def on_loop() -> T:
+            out = fn()
+            return await out if asyncio.iscoroutine(out) else out  # type: ignore[no-any-return]
+
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(on_loop(), loop))
+
+    def wake(self) -> None:
+        """The next deadline may have moved earlier (a move started): the timer task looks again."""
+        if self._wake is not None:
+            self._wake.set()
+
+    # --- output and engine events -------------------------------------------------------
     def flush(self) -> None:
+        """Take the engine's events, then send what it asked to send: the kernel learns of a
+        moved flow before that flow's SYN leaves."""
+        self.pump_events()
         dp = self.dataplane
         if dp.raw_out:
-            raw, dp.raw_out = dp.raw_out, []
+            raw = dp.raw_out[:]
+            dp.raw_out.clear()
             if self.send is None:
                 self.unsent_raw.extend(raw)
             else:
@@ -104,12 +151,50 @@ class Gateway:
         if not dp.outbox:
             return
         dp.gate_outbox()
-        out, dp.outbox = dp.outbox, []
+        out = dp.outbox[:]
+        dp.outbox.clear()
         if self.send is None:
             self.unsent.extend(out)
             return
         for o in out:
             self.send(build_packet(o))
+
+    def pump_events(self) -> None:
+        """Act on every event the data plane has queued, in order."""
+        dp = self.dataplane
+        marks: dict[Flow, None] = {}
+        gone: dict[Flow, None] = {}
+        now = self.clock()
+        while (ev := dp.next_event()) is not None:
+            if isinstance(ev, MoveStarted):
+                flow = self._flow(ev.splice)
+                gone.pop(flow, None)
+                marks[flow] = None
+                self.wake()
+            elif isinstance(ev, MoveVerified):
+                self._report(ev.splice, now)
+            elif isinstance(ev, MoveEnded):
+                if not ev.verified:
+                    self._report(ev.splice, now)
+                flow = self._flow(ev.splice)
+                marks.pop(flow, None)
+                gone[flow] = None
+            elif isinstance(ev, CloseSuspected):
+                self._suspect(ev.suspect)
+            elif isinstance(ev, ResumeRefused):
+                self.events.add("reset", f"not resumed after the restart: {ev.reason}", service=ev.rec.service,
+                                connection=ev.rec.id, now=now)
+            elif isinstance(ev, HalfOpenEvicted):
+                self.events.add("overload", f"connection table full: {ev.count} half-open connection(s) evicted "
+                                            f"for new ones (a SYN flood?)", now=now, evicted=ev.count, total=ev.total)
+        if gone and self.on_unmoved is not None:
+            self.on_unmoved(list(gone))
+        if marks and self.on_moved is not None:
+            self.on_moved(list(marks))
+
+    @staticmethod
+    def _flow(sp: Splice) -> Flow:
+        return (sp.target.ip, sp.target.port, sp.rec.client_ip, sp.rec.client_port)
 
     # --- failover ----------------------------------------------------------------------
     def _service(self, name: str) -> ServiceRuntime:
@@ -142,10 +227,31 @@ class Gateway:
 
     def failover(self, service: str, to: str | None = None, reason: str = "manual",
                  dead: bool | None = None) -> dict[str, Any]:
-        """``dead``: the old backend is known dead (a health check or a failed
-        probe); None: its health state says.  Only resume mode cares: a live
-        backend's connections are exported from it, a dead one's are
-        re-created from the wire checkpoint."""
+        """Fail ``service`` over, all at once (no loop needed: tests, the CLI's direct use).
+        ``dead``: the old backend is known dead (a health check or a failed probe); None: its
+        health state says.  Only resume mode cares: a live backend's connections are exported
+        from it, a dead one's are re-created from the wire checkpoint."""
+        steps = self._failover_steps(service, to, reason, dead)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
+
+    async def failover_async(self, service: str, to: str | None = None, reason: str = "manual",
+                             dead: bool | None = None) -> dict[str, Any]:
+        """The same on the loop, :data:`MOVE_CHUNK` connections at a time: the queues are read
+        between chunks, so a failover of thousands of connections never stalls the packets."""
+        steps = self._failover_steps(service, to, reason, dead)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
+            await asyncio.sleep(0)
+
+    def _failover_steps(self, service: str, to: str | None, reason: str,
+                        dead: bool | None) -> Generator[None, None, dict[str, Any]]:
         now = self.clock()
         dp = self.dataplane
         svc = self._service(service)
@@ -156,41 +262,43 @@ class Gateway:
         svc.active = target.name
         if self.on_active_change is not None:
             self.on_active_change()
-        moved, repinned, reset = [], [], []
-        marks: list[tuple[str, int, str, int]] = []
-        for rec in list(dp.table):
-            if rec.service != service or rec.backend != old or rec.state in (TcpState.TIME_WAIT, TcpState.CLOSED):
-                continue
-            outcome = self._move(rec, target, now, reason, marks)
-            {"moved": moved, "repinned": repinned, "reset": reset}[outcome].append(rec.id)
-        if marks and self.on_moved is not None:
-            self.on_moved(marks)
-        self.flush()
+        recs = [rec for rec in dp.table if rec.service == service and rec.backend == old
+                and rec.state not in (TcpState.TIME_WAIT, TcpState.CLOSED)]
+        # the event first, naming what it will move, so that every migration event follows it
         self.last_failover = {
             "time": now, "service": service, "from": old, "to": target.name, "reason": reason,
-            "connections": len(moved), "reset": len(reset), "pending": set(moved), "duration_ms": None,
+            "connections": len(recs), "reset": 0, "pending": {r.id for r in recs}, "duration_ms": None,
         }
-        if not moved:
-            self.last_failover["duration_ms"] = 0.0
         ev = self.events.add("failover", reason, service=service, backend=target.name, now=now,
-                             **{"from": old, "moved": moved, "repinned": repinned, "reset": reset})
+                             **{"from": old, "moved": [r.id for r in recs], "repinned": [], "reset": []})
+        outcomes: dict[str, list[int]] = {"moved": [], "repinned": [], "reset": []}
+        lf = self.last_failover
+        for i in range(0, len(recs), MOVE_CHUNK):
+            for rec in recs[i:i + MOVE_CHUNK]:
+                if rec.backend != old or rec.state in (TcpState.TIME_WAIT, TcpState.CLOSED):
+                    lf["pending"].discard(rec.id)  # closed or moved meanwhile
+                    continue
+                outcome = self._move(rec, target, self.clock(), reason)
+                outcomes[outcome].append(rec.id)
+                if outcome != "moved":
+                    lf["pending"].discard(rec.id)
+            self.flush()
+            if i + MOVE_CHUNK < len(recs):
+                yield
+        ev.details.update(outcomes)
+        lf["connections"], lf["reset"] = len(outcomes["moved"]), len(outcomes["reset"])
+        if not lf["pending"] and lf["duration_ms"] is None:
+            lf["duration_ms"] = round((self.clock() - now) * 1000, 3)
         log.warning("failover of %s: %s -> %s (%s): %d moved, %d reset", service, old, target.name, reason,
-                    len(moved), len(reset))
+                    len(outcomes["moved"]), len(outcomes["reset"]))
         return ev.to_dict()
 
-    def _move(self, rec, target: BackendRuntime, now: float, reason: str,
-              marks: list[tuple[str, int, str, int]] | None = None) -> str:
-        """Move one connection; the kernel must mark its flow before the SYN
-        leaves (at flush), so the SYN-ACK is marked: ``marks`` collects the flow
-        for the caller to install in one go, else it is installed here."""
+    def _move(self, rec: Any, target: BackendRuntime, now: float, reason: str) -> str:
+        """Move one connection (the kernel learns of its flow from the engine's MoveStarted
+        event, at the next flush, before its SYN leaves)."""
         dp = self.dataplane
         try:
             dp.move(rec, target, now)
-            flow = (target.address, target.port, rec.client_ip, rec.client_port)
-            if marks is not None:
-                marks.append(flow)
-            elif self.on_moved is not None:
-                self.on_moved([flow])
             return "moved"
         except LookupError:
             return "repinned"
@@ -230,18 +338,17 @@ class Gateway:
             if bc is None or not bc.agent:
                 raise Conflict(f"backend {b.name!r} of service {svc.name!r} has no agent (backend.agent)")
 
-    def _migrate_resume(self, cid: int, to: str, reason: str) -> dict[str, Any]:
-        from .resume import ResumeFailed
-
+    def _resume_plan(self, cid: int, to: str) -> tuple[Any, BackendRuntime, BackendRuntime]:
+        """Check a resume-mode move of one connection: its record, origin and target."""
         dp = self.dataplane
         rec = dp.table.by_id(cid)
         if rec is None:
             raise NotFound(f"no connection with id {cid}")
         if rec.state is not TcpState.ESTABLISHED:
             raise Conflict(f"connection {cid} is {rec.state.value}: only ESTABLISHED connections can be resumed")
-        if cid in dp.splices:
+        if dp.splice_of(cid) is not None:
             raise Conflict(f"connection {cid} is being replayed; a resume move must wait until it has ended")
-        if cid in dp.resume_holds or (self.resume is not None and cid in self.resume.moving):
+        if isinstance(dp.mode_of(cid), Held) or (self.resume is not None and cid in self.resume.moving):
             raise Conflict(f"connection {cid} is being moved already")
         svc = self._service(rec.service)
         origin = svc.backends.get(rec.backend)
@@ -249,9 +356,31 @@ class Gateway:
             raise Conflict(f"connection {cid} has no backend (it was reset)")
         target = self._target(svc, to, rec.backend)
         self._resume_pair(svc, origin, target)
+        return rec, origin, target
+
+    def _migrate_resume(self, cid: int, to: str, reason: str) -> dict[str, Any]:
+        """A resume move from a thread that is not the loop's (tests): blocks for the result."""
+        from .resume import ResumeFailed
+
+        rec, origin, target = self._resume_plan(cid, to)
+        assert self.resume is not None
         wait = 4 * self.config.agent.timeout + 5
         try:
-            return self._spawn(self.resume.migrate(rec, origin, target, reason), wait=wait)
+            return self._spawn(self.resume.migrate(rec, origin, target, reason), wait=wait)  # type: ignore[no-any-return]
+        except ResumeFailed as exc:
+            raise Conflict(f"connection {cid} was not moved (resume, {exc.step}): {exc}") from None
+
+    async def migrate_async(self, cid: int, to: str, mode: str = "replay", reason: str = "manual") -> dict[str, Any]:
+        """:meth:`migrate` on the loop: a resume move is awaited (the agents' requests run on
+        their thread pool), a replay move is started at once."""
+        if mode != "resume":
+            return self.migrate(cid, to, mode, reason)
+        from .resume import ResumeFailed
+
+        rec, origin, target = self._resume_plan(cid, to)
+        assert self.resume is not None
+        try:
+            return await self.resume.migrate(rec, origin, target, reason)
         except ResumeFailed as exc:
             raise Conflict(f"connection {cid} was not moved (resume, {exc.step}): {exc}") from None
 
@@ -266,7 +395,7 @@ class Gateway:
         if self.on_active_change is not None:
             self.on_active_change()
         recs = [r for r in dp.table if r.service == svc.name and r.backend == old.name
-                and r.state not in (TcpState.TIME_WAIT, TcpState.CLOSED) and r.id not in dp.splices]
+                and r.state not in (TcpState.TIME_WAIT, TcpState.CLOSED) and dp.splice_of(r.id) is None]
         moving, repinned = [], []
         for rec in recs:
             if rec.server.isn is None:
@@ -331,7 +460,7 @@ class Gateway:
             raise NotFound(f"no connection with id {cid}")
         if rec.state in (TcpState.TIME_WAIT, TcpState.CLOSED):
             raise Conflict(f"connection {cid} is {rec.state.value}")
-        sp = dp.splices.get(cid)
+        sp = dp.splice_of(cid)
         if sp is not None and not (sp.phase is Phase.SPLICED and sp.verifier.done):
             raise Conflict(f"connection {cid} is being moved already ({sp.phase.value})")
         svc = self._service(rec.service)
@@ -367,46 +496,65 @@ class Gateway:
         svc = self.dataplane.services.get(target.service)
         if svc is None or new != "down" or svc.active != target.backend or not svc.failover.auto:
             return
-        try:
-            self.failover(svc.name, reason=f"health check: {target.backend} down ({detail})", dead=True)
-        except Conflict as exc:
-            self.events.add("refusal", f"cannot fail over: {exc}", service=svc.name, backend=target.backend)
+        self._spawn(self._failover_or_refuse(svc.name, f"health check: {target.backend} down ({detail})",
+                                             target.backend))
 
-    # --- the periodic part --------------------------------------------------------------
-    def tick(self) -> None:
-        """Timers of moves, events for moves that ended, suspects to probe."""
+    async def _failover_or_refuse(self, service: str, reason: str, backend: str) -> None:
+        try:
+            await self.failover_async(service, reason=reason, dead=True)
+        except Conflict as exc:
+            self.events.add("refusal", f"cannot fail over: {exc}", service=service, backend=backend)
+
+    # --- timers ---------------------------------------------------------------------------
+    def next_deadline(self) -> float:
+        """When :meth:`service` must next run (on ``clock``'s scale): the engine's earliest timer,
+        or the next sweep of idle records."""
+        t = self.dataplane.next_deadline()
+        return self._next_expire if t is None else min(t, self._next_expire)
+
+    def service(self) -> None:
+        """Run what is due: the moves' timers, the sweep of idle records; then act on the events."""
         dp = self.dataplane
         now = self.clock()
-        dp.poll(now)
-        for sp in list(dp.splices.values()):
-            if sp.phase is Phase.SPLICED and sp.verifier.done and id(sp) not in self._reported:
-                self._report(sp, now)
-        gone = []
-        while dp.finished_splices:
-            sp = dp.finished_splices.pop()
-            if id(sp) not in self._reported:
-                self._report(sp, now)
-            self._reported.discard(id(sp))
-            gone.append((sp.target.ip, sp.target.port, sp.rec.client_ip, sp.rec.client_port))
-        if gone and self.on_unmoved is not None:
-            self.on_unmoved(gone)
-        while dp.resume_refusals:
-            rec, why = dp.resume_refusals.pop()
-            self.events.add("reset", f"not resumed after the restart: {why}", service=rec.service,
-                            connection=rec.id, now=now)
-        if dp.suspects:
-            suspects, dp.suspects = dp.suspects, []
-            for s in suspects:
-                self._suspect(s)
+        t = dp.next_deadline()
+        if t is not None and t <= now:
+            dp.poll(now)
+        if now >= self._next_expire:
+            self._next_expire = now + EXPIRE_INTERVAL
+            dp.expire(now)
         self.flush()
 
+    def tick(self) -> None:
+        """Run the moves' timers now, due or not, and act on the events (tests drive time by hand)."""
+        self.dataplane.poll(self.clock())
+        self.flush()
+
+    async def run_timers(self) -> None:
+        """The timer task of a running gateway: sleeps until :meth:`next_deadline` (or until
+        :meth:`wake` says it moved earlier), then :meth:`service`.  No fixed-rate tick."""
+        self._wake = asyncio.Event()
+        while True:
+            delay = min(max(self.next_deadline() - self.clock(), 0.001), EXPIRE_INTERVAL)
+            try:
+                await asyncio.wait_for(self._wake.wait(), delay)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                self.service()
+            except Exception:  # the loop must survive whatever one run does
+                log.exception("gateway timers failed")
+
     def _report(self, sp: Splice, now: float) -> None:
-        self._reported.add(id(sp))
         d = sp.describe()
         if sp.phase is Phase.FAILED:
             kind = "divergence" if (sp.reason or "").startswith("divergence") else "reset"
             self.events.add(kind, sp.reason or "move failed", service=sp.rec.service, backend=sp.target.name,
                             connection=sp.rec.id, now=now, **d)
+        elif sp.phase is Phase.CLOSED and not sp.verifier.done:
+            # ended before it was verified: the connection closed, was reset or moved again
+            self.events.add("migration", "move ended before it was verified", service=sp.rec.service,
+                            backend=sp.target.name, connection=sp.rec.id, now=now, outcome="ended", **d)
         else:
             self.events.add("migration", "moved", service=sp.rec.service, backend=sp.target.name,
                             connection=sp.rec.id, now=now, **d)
@@ -444,7 +592,7 @@ class Gateway:
         reason = f"{backend} closed {len(waiters)} connection(s) and failed a probe"
         try:
             if svc.active == backend:
-                self.failover(service, reason=reason, dead=True)
+                await self.failover_async(service, reason=reason, dead=True)
             else:
                 for w in waiters:
                     rec = self.dataplane.table.by_id(w.conn_id)
@@ -518,7 +666,7 @@ class Gateway:
             "on_failure": self.config.gateway.on_failure,
             "connections": len(dp.table),
             "protected": protected,
-            "moving": len(dp.splices),
+            "moving": sum(1 for m in dp.modes.values() if m.name == "spliced"),
             "connections_by_state": states,
             "table": {
                 "max_connections": dp.table.max_connections,
@@ -526,7 +674,9 @@ class Gateway:
                 "expired": dp.table.expired,
                 "evicted": dp.table.evicted,
                 "refused_full": dp.table.refused_full,
+                "early_drops": getattr(dp.table, "early_drops", 0),
             },
+            "loop": self.loop_stats() if self.loop_stats is not None else None,
             "dataplane": dp.counters.as_dict(),
             "queues": per_queue,
             "last_failover": lf,
@@ -536,9 +686,12 @@ class Gateway:
     def services(self) -> list[dict[str, Any]]:
         out = []
         counts: dict[tuple[str, str], int] = {}
+        tracked: dict[tuple[str, str], int] = {}
         for rec in self.dataplane.table:
+            k = (rec.service, rec.backend)
+            tracked[k] = tracked.get(k, 0) + 1
             if rec.state not in (TcpState.TIME_WAIT, TcpState.CLOSED):
-                counts[(rec.service, rec.backend)] = counts.get((rec.service, rec.backend), 0) + 1
+                counts[k] = counts.get(k, 0) + 1
         health = self.health.status(self.clock()) if self.health else {}
         for s in self.dataplane.services.values():
             out.append({
@@ -556,6 +709,9 @@ class Gateway:
                         "admin_state": b.admin_state,
                         "health": health.get(f"{s.name}/{b.name}", {"state": "unknown"}),
                         "connections": counts.get((s.name, b.name), 0),
+                        "tracked": tracked.get((s.name, b.name), 0),
+                        "bytes_from_client": b.bytes_from_client,
+                        "bytes_from_server": b.bytes_from_server,
                     }
                     for b in s.backends.values()
                 ],
@@ -565,6 +721,36 @@ class Gateway:
     def connections(self) -> list[dict[str, Any]]:
         now = self.clock()
         return [self._connection_doc(rec, now) for rec in self.dataplane.table]
+
+    def connections_page(self, q: str | None = None, state: str | None = None, service: str | None = None,
+                         backend: str | None = None, protected: bool | None = None, open_only: bool = False,
+                         offset: int = 0, limit: int = 50) -> tuple[int, list[dict[str, Any]]]:
+        """A filtered page of connections in id order, and how many matched: the records are
+        filtered and paged first, and only the page's documents are built (a document costs
+        microseconds; the table may hold tens of thousands)."""
+        ql = q.lower() if q else None
+        st = state.upper() if state else None
+        found = []
+        for rec in self.dataplane.table:
+            rs = rec.state.value
+            if st and rs != st:
+                continue
+            if open_only and rs in ("TIME_WAIT", "CLOSED"):
+                continue
+            if service and service != rec.service and service != f"{rec.vip}:{rec.vport}":
+                continue
+            if backend and rec.backend != backend:
+                continue
+            if protected is not None and bool(rec.protected) != protected:
+                continue
+            if ql and not any(ql in v.lower() for v in (
+                    str(rec.id), f"{rec.client_ip}:{rec.client_port}", f"{rec.vip}:{rec.vport}", rec.service,
+                    rec.backend, f"{rec.backend_ip}:{rec.backend_port}", rs)):
+                continue
+            found.append(rec)
+        found.sort(key=lambda r: r.id)
+        now = self.clock()
+        return len(found), [self._connection_doc(r, now) for r in found[offset:offset + limit]]
 
     def connection(self, cid: int) -> dict[str, Any] | None:
         rec = self.dataplane.table.by_id(cid)

@@ -307,7 +307,7 @@ class ResumeController:
                 except Exception:
                     pass
             if switched:
-                dp.resumed.pop(rec.id, None)
+                dp.forget_resumed(rec)
             dp.release(rec)
             if rec.state not in (TcpState.TIME_WAIT, TcpState.CLOSED):
                 dp.reset(rec, gw.clock())

@@ -270,6 +270,21 @@ class Splice:
         return out
 
     # --- timers ---------------------------------------------------------------------------
+    def next_timer(self) -> float | None:
+        """When :meth:`poll` next has something to do (as aioquic's ``get_timer()``): the move's
+        deadline, the next retransmission of the SYN or the replay, of what was sent to the
+        client; None when nothing is pending."""
+        if not self.active:
+            return None
+        times = []
+        if self.phase is not Phase.SPLICED:
+            times.append(self.t_start + self.opts.move_timeout)
+        if self.phase is Phase.CONNECTING or (self.phase is Phase.REPLAYING):
+            times.append(self.last_tx + self.rto)
+        if self.retained:
+            times.append(self.retained_tx + max(self.rto, INITIAL_RTO))
+        return min(times) if times else None
+
     def poll(self, now: float) -> list[Out]:
         if not self.active:
             return []

@@ -85,7 +85,7 @@ def build(ctx: Context) -> APIRouter:
         return st
 
     @r.get("/api/v1/status", tags=["status"])
-    def status(p: Principal = viewer) -> dict[str, Any]:
+    async def status(p: Principal = viewer) -> dict[str, Any]:
         return status_doc()
 
     @r.get("/api/v1/status/stream", tags=["status"], summary="The status, every second (SSE)")
@@ -95,25 +95,24 @@ def build(ctx: Context) -> APIRouter:
         return live.response(live.snapshot_stream(request, status_doc, "status", interval, timeout))
 
     @r.get("/api/v1/whoami", tags=["auth"])
-    def whoami(p: Principal = viewer) -> dict[str, Any]:
+    async def whoami(p: Principal = viewer) -> dict[str, Any]:
         return {"name": p.name, "role": p.role, "via": p.via}
 
     @r.get("/api/v1/services", tags=["services"])
-    def services(p: Principal = viewer) -> list[dict[str, Any]]:
+    async def services(p: Principal = viewer) -> list[dict[str, Any]]:
         return gw.services()
 
     @r.get("/api/v1/backends", tags=["services"], summary="Every backend of every service, HAProxy style")
-    def backends(p: Principal = viewer) -> list[dict[str, Any]]:
-        return views.backends(gw.services(), gw.connections())
+    async def backends(p: Principal = viewer) -> list[dict[str, Any]]:
+        return views.backends(gw.services())
 
     def connections_page(q: str | None, state: str | None, service: str | None, backend: str | None,
                          protected: bool | None, open_only: bool, offset: int, limit: int) -> tuple[int, list]:
-        found = views.filter_connections(gw.connections(), q, state, service, backend, protected, open_only)
-        found.sort(key=lambda c: c["id"])
-        return len(found), found[offset:offset + limit]
+        total, page = gw.connections_page(q, state, service, backend, protected, open_only, offset, limit)
+        return total, [views.decorate(c) for c in page]
 
     @r.get("/api/v1/connections", tags=["connections"])
-    def connections(response: Response, p: Principal = viewer,
+    async def connections(response: Response, p: Principal = viewer,
                     q: str | None = Query(None, max_length=200, description="substring of id, client, backend..."),
                     state: str | None = Query(None, max_length=20), service: str | None = Query(None, max_length=64),
                     backend: str | None = Query(None, max_length=64), protected: bool | None = None,
@@ -145,7 +144,7 @@ def build(ctx: Context) -> APIRouter:
         return views.decorate(c)
 
     @r.get("/api/v1/connections/{cid}", tags=["connections"])
-    def connection(cid: int, p: Principal = viewer) -> dict[str, Any]:
+    async def connection(cid: int, p: Principal = viewer) -> dict[str, Any]:
         return one(cid)
 
     @r.get("/api/v1/connections/{cid}/stream", tags=["connections"], summary="One connection, live (SSE)")
@@ -161,7 +160,7 @@ def build(ctx: Context) -> APIRouter:
         return live.response(live.snapshot_stream(request, produce, "connection", interval, timeout))
 
     @r.get("/api/v1/connections/{cid}/pcap", tags=["connections"], summary="The connection's recent packets (pcap)")
-    def connection_pcap(cid: int, p: Principal = viewer) -> Response:
+    async def connection_pcap(cid: int, p: Principal = viewer) -> Response:
         from appliance import packetring
 
         one(cid)
@@ -174,7 +173,7 @@ def build(ctx: Context) -> APIRouter:
 
     # --- traffic actions (operator) ------------------------------------------------
     @r.get("/api/v1/services/{name}/failover", tags=["failover"], summary="What a failover would touch")
-    def failover_impact(name: str, p: Principal = viewer) -> dict[str, Any]:
+    async def failover_impact(name: str, p: Principal = viewer) -> dict[str, Any]:
         svc = next((s for s in gw.services() if s["name"] == name), None)
         if svc is None:
             raise HTTPException(404, f"no service named {name!r}")
@@ -185,29 +184,29 @@ def build(ctx: Context) -> APIRouter:
                             and b["admin_state"] == "ready" and b["health"].get("state") != "down"]}
 
     @r.post("/api/v1/services/{name}/failover", tags=["failover"], status_code=202)
-    def failover(name: str, body: FailoverRequest | None = Body(None), p: Principal = operator) -> dict[str, Any]:
+    async def failover(name: str, body: FailoverRequest | None = Body(None), p: Principal = operator) -> dict[str, Any]:
         """Move every open connection of the service's active backend to another backend."""
         to = body.to if body else None
-        return ctx.act(p, "failover", f"service {name}", {"to": to},
-                       lambda: gw.failover(name, to, reason=f"manual ({p.via} {p.name})"))
+        return await ctx.act(p, "failover", f"service {name}", {"to": to},
+                       lambda: gw.failover_async(name, to, reason=f"manual ({p.via} {p.name})"))
 
     @r.post("/api/v1/connections/{cid}/migrate", tags=["failover"], status_code=202)
-    def migrate(cid: int, body: MigrateRequest, p: Principal = operator) -> dict[str, Any]:
+    async def migrate(cid: int, body: MigrateRequest, p: Principal = operator) -> dict[str, Any]:
         """Move one connection to another backend."""
-        return ctx.act(p, "migrate", f"connection {cid}", {"to": body.to, "mode": body.mode},
-                       lambda: gw.migrate(cid, body.to, body.mode, reason=f"manual ({p.via} {p.name})"))
+        return await ctx.act(p, "migrate", f"connection {cid}", {"to": body.to, "mode": body.mode},
+                       lambda: gw.migrate_async(cid, body.to, body.mode, reason=f"manual ({p.via} {p.name})"))
 
     @r.delete("/api/v1/connections/{cid}", tags=["connections"])
-    def reset_connection(cid: int, p: Principal = operator) -> dict[str, Any]:
+    async def reset_connection(cid: int, p: Principal = operator) -> dict[str, Any]:
         """Reset a connection on both sides."""
-        return ctx.act(p, "reset", f"connection {cid}", {},
+        return await ctx.act(p, "reset", f"connection {cid}", {},
                        lambda: gw.reset_connection(cid, reason=f"manual ({p.via} {p.name})"))
 
     @r.get("/api/v1/backends/{name}", tags=["services"], summary="A backend, and what a change of state would touch")
-    def backend(name: str, p: Principal = viewer,
+    async def backend(name: str, p: Principal = viewer,
                 admin_state: Literal["ready", "drain", "maint"] | None = None,
                 service: str | None = Query(None, max_length=64)) -> dict[str, Any]:
-        rows = [b for b in views.backends(gw.services(), gw.connections())
+        rows = [b for b in views.backends(gw.services())
                 if b["name"] == name and (service is None or b["service"] == service)]
         if not rows:
             raise HTTPException(404, f"no backend named {name!r}")
@@ -217,16 +216,16 @@ def build(ctx: Context) -> APIRouter:
         return out
 
     @r.put("/api/v1/backends/{name}", tags=["services"])
-    def set_backend(name: str, body: BackendStateRequest, p: Principal = operator) -> dict[str, Any]:
+    async def set_backend(name: str, body: BackendStateRequest, p: Principal = operator) -> dict[str, Any]:
         """Set a backend's admin state: ready, drain or maint (at run time; the file is not changed)."""
-        return ctx.act(p, "backend.admin_state", f"backend {name}", body.model_dump(),
+        return await ctx.act(p, "backend.admin_state", f"backend {name}", body.model_dump(),
                        lambda: admin.set_admin_state(gw, name, body.admin_state, body.service,
                                                      reason=f"admin ({p.via} {p.name})"),
                        changes_config=True)
 
     # --- events and audit -------------------------------------------------------------
     @r.get("/api/v1/events", tags=["events"])
-    def events(p: Principal = viewer, kind: str | None = Query(None, max_length=20),
+    async def events(p: Principal = viewer, kind: str | None = Query(None, max_length=20),
                service: str | None = Query(None, max_length=64), backend: str | None = Query(None, max_length=64),
                connection: int | None = None, q: str | None = Query(None, max_length=200),
                since_id: int | None = None, limit: int = Query(100, ge=1, le=10000)) -> list[dict[str, Any]]:
@@ -258,7 +257,7 @@ def build(ctx: Context) -> APIRouter:
         return live.response(live.events_stream(request, gw.events, match, since_id, timeout))
 
     @r.get("/api/v1/audit", tags=["audit"])
-    def audit(p: Principal = viewer, who: str | None = Query(None, max_length=64),
+    async def audit(p: Principal = viewer, who: str | None = Query(None, max_length=64),
               action: str | None = Query(None, max_length=64), since_id: int | None = None,
               limit: int = Query(100, ge=1, le=10000)) -> list[dict[str, Any]]:
         """Every change asked of the appliance: who, what, when, and the result."""
@@ -266,43 +265,43 @@ def build(ctx: Context) -> APIRouter:
 
     # --- tokens and users (admin) ---------------------------------------------------------
     @r.get("/api/v1/tokens", tags=["auth"])
-    def tokens(p: Principal = admin_) -> list[dict[str, Any]]:
+    async def tokens(p: Principal = admin_) -> list[dict[str, Any]]:
         return ctx.auth.list_tokens()
 
     @r.post("/api/v1/tokens", tags=["auth"], status_code=201)
-    def create_token(body: TokenRequest, p: Principal = admin_) -> dict[str, Any]:
+    async def create_token(body: TokenRequest, p: Principal = admin_) -> dict[str, Any]:
         """Create an API token; the response is the only time the token is shown."""
         if body.name in ctx.auth.tokens:
             ctx._audit(p, "token.create", f"token {body.name}", {"role": body.role}, "error 409: exists")
             raise HTTPException(409, f"a token named {body.name!r} exists already")
-        tok = ctx.act(p, "token.create", f"token {body.name}", {"role": body.role},
+        tok = await ctx.act(p, "token.create", f"token {body.name}", {"role": body.role},
                       lambda: ctx.auth.create_token(body.name, body.role, p.name))
         return {"name": body.name, "role": body.role, "token": tok}
 
     @r.delete("/api/v1/tokens/{name}", tags=["auth"])
-    def revoke_token(name: str, p: Principal = admin_) -> dict[str, Any]:
+    async def revoke_token(name: str, p: Principal = admin_) -> dict[str, Any]:
         def revoke() -> dict[str, Any]:
             try:
                 return ctx.auth.revoke_token(name).public()
             except LookupError as exc:
                 raise HTTPException(404, str(exc)) from None
 
-        return ctx.act(p, "token.revoke", f"token {name}", {}, revoke)
+        return await ctx.act(p, "token.revoke", f"token {name}", {}, revoke)
 
     @r.get("/api/v1/users", tags=["auth"])
-    def users(p: Principal = admin_) -> list[dict[str, Any]]:
+    async def users(p: Principal = admin_) -> list[dict[str, Any]]:
         return ctx.auth.list_users()
 
     # --- configuration ------------------------------------------------------------------------
     @r.get("/api/v1/config", tags=["config"])
-    def config(response: Response, p: Principal = viewer) -> dict[str, Any]:
+    async def config(response: Response, p: Principal = viewer) -> dict[str, Any]:
         """The running configuration (without [api]) and its version; ``ETag`` carries the version too."""
         response.headers["ETag"] = f'"{ctx.config_version}"'
         return {"version": ctx.config_version, "runtime_fields": list(configdoc.RUNTIME_FIELDS),
                 "config": configdoc.document(gw)}
 
     @r.put("/api/v1/config", tags=["config"])
-    def write_config(body: ConfigWrite, p: Principal = admin_) -> dict[str, Any]:
+    async def write_config(body: ConfigWrite, p: Principal = admin_) -> dict[str, Any]:
         """Replace the configuration document.  ``version`` must be the current one (409 otherwise);
         only runtime fields may differ (others: 422 naming the field)."""
         def write() -> dict[str, Any]:
@@ -312,12 +311,12 @@ def build(ctx: Context) -> APIRouter:
             changed = configdoc.apply(gw, body.config, reason=f"config write ({p.via} {p.name})")
             return {"changed": changed}
 
-        out = ctx.act(p, "config.write", "config", {"version": body.version}, write, changes_config=True)
+        out = await ctx.act(p, "config.write", "config", {"version": body.version}, write, changes_config=True)
         return {**out, "version": ctx.config_version}
 
     # --- metrics --------------------------------------------------------------------------------
     @r.get("/metrics", tags=["metrics"], response_class=PlainTextResponse)
-    def metrics(p: Principal = viewer) -> PlainTextResponse:
+    async def metrics(p: Principal = viewer) -> PlainTextResponse:
         """Prometheus text format, ``gateway_*`` names."""
         return PlainTextResponse(ctx.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 

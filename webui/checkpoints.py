@@ -32,17 +32,17 @@ def build(ctx: Context) -> APIRouter:
     r = APIRouter(tags=["checkpoints"])
 
     @r.get("/api/v1/store", summary="The checkpoint store: mode, group commits, held ACKs")
-    def store(p: Principal = viewer) -> dict[str, Any]:
+    async def store(p: Principal = viewer) -> dict[str, Any]:
         return gw.store_status()
 
     @r.get("/api/v1/store/commits", summary="When each connection's commit point moved")
-    def commits(p: Principal = viewer, connection: int | None = Query(None, ge=0, le=2**63 - 1),
+    async def commits(p: Principal = viewer, connection: int | None = Query(None, ge=0, le=2**63 - 1),
                 since: float = Query(0.0, ge=0, le=1e12)) -> list[dict[str, Any]]:
         return gw.store_commits(connection, since)
 
     @r.get("/api/v1/connections/{cid}/checkpoint", summary="The connection's signed, portable checkpoint")
-    def export(cid: int, request: Request, p: Principal = operator) -> dict[str, Any]:
-        return ctx.act(p, "checkpoint.export", f"connection/{cid}", {}, lambda: gw.export_checkpoint(cid))
+    async def export(cid: int, request: Request, p: Principal = operator) -> dict[str, Any]:
+        return await ctx.act(p, "checkpoint.export", f"connection/{cid}", {}, lambda: gw.export_checkpoint(cid))
 
     @r.post("/api/v1/checkpoints", status_code=201, summary="Take over a connection from a signed checkpoint")
     async def import_(request: Request, p: Principal = operator) -> dict[str, Any]:
@@ -54,7 +54,7 @@ def build(ctx: Context) -> APIRouter:
         except ValueError as exc:
             raise HTTPException(422, [{"loc": ["body"], "field": "document", "msg": f"not JSON: {exc}",
                                        "type": "value_error"}]) from None
-        return ctx.act(p, "checkpoint.import", "checkpoints", {"bytes": len(body)}, lambda: _import(doc))
+        return await ctx.act(p, "checkpoint.import", "checkpoints", {"bytes": len(body)}, lambda: _import(doc))
 
     def _import(doc: Any) -> dict[str, Any]:
         from checkpoint.document import CheckpointError

@@ -1,6 +1,7 @@
 """What the web layer shares between its routers: the gateway, who is who, the audit trail.
 
-``Context.act`` runs one change on behalf of a principal and audits it,
+``Context.act`` runs one change on behalf of a principal, on the gateway's event loop (the one
+owner of its state: ``Gateway.call``), and audits it,
 whatever its outcome: controller errors become HTTP errors (NotFound 404,
 Conflict 409, a bad value 422) and the audit entry records the status.
 """
@@ -16,6 +17,7 @@ from fastapi import HTTPException
 from webui.audit import AuditLog
 from webui.auth import AuthStore, Principal
 from appliance.config import ConfigError
+from appliance.errors import Conflict, NotFound
 from webui.metrics import Metrics
 
 from .security import Security, Sessions
@@ -41,12 +43,11 @@ class Context:
         return cls(gw=gw, auth=auth, sessions=sessions, audit=audit, security=Security(auth, sessions, audit),
                    metrics=Metrics(gw))
 
-    def act(self, who: Principal, action: str, target: str, params: dict[str, Any],
-            fn: Callable[[], Any], changes_config: bool = False) -> Any:
-        from appliance.errors import Conflict, NotFound
-
+    async def act(self, who: Principal, action: str, target: str, params: dict[str, Any],
+                  fn: Callable[[], Any], changes_config: bool = False) -> Any:
+        """Run ``fn`` on the gateway's loop (awaiting it when it is a coroutine) and audit it."""
         try:
-            result = fn()
+            result = await self.gw.call(fn)
         except HTTPException as exc:
             self._audit(who, action, target, params, f"error {exc.status_code}: {exc.detail}")
             raise

@@ -102,26 +102,26 @@ def build(ctx: Context) -> APIRouter:
         return resp
 
     @r.get("/", response_class=HTMLResponse)
-    def index(request: Request) -> Response:
+    async def index(request: Request) -> Response:
         s = session(request)
         if s is None:
             return login_redirect()
-        found = views.filter_connections(gw.connections())
-        found.sort(key=lambda c: c["id"])
-        return page(request, "index.html", s, "status", connections=found[:20], total=len(found), offset=0,
+        total, found = gw.connections_page(limit=20)
+        return page(request, "index.html", s, "status", connections=[views.decorate(c) for c in found],
+                    total=total, offset=0,
                     limit=20,
                     events=[e.to_dict() for e in gw.events.list(limit=15)][::-1])
 
     @r.get("/services", response_class=HTMLResponse)
-    def services_page(request: Request) -> Response:
+    async def services_page(request: Request) -> Response:
         s = session(request)
         if s is None:
             return login_redirect()
         return page(request, "services.html", s, "services",
-                    backends=views.backends(gw.services(), gw.connections()))
+                    backends=views.backends(gw.services()))
 
     @r.get("/connections", response_class=HTMLResponse)
-    def connections_page(request: Request, q: str = Query("", max_length=200), state: str = Query("", max_length=20),
+    async def connections_page(request: Request, q: str = Query("", max_length=200), state: str = Query("", max_length=20),
                          service: str = Query("", max_length=64), backend: str = Query("", max_length=64),
                          protected: str = Query("", pattern="^(|yes|no)$"),
                          offset: int = Query(0, ge=0, le=10_000_000)) -> Response:
@@ -129,18 +129,17 @@ def build(ctx: Context) -> APIRouter:
         if s is None:
             return login_redirect()
         prot = {"yes": True, "no": False}.get(protected)
-        found = views.filter_connections(gw.connections(), q or None, state or None, service or None,
-                                         backend or None, prot)
-        found.sort(key=lambda c: c["id"])
+        total, found = gw.connections_page(q or None, state or None, service or None, backend or None, prot,
+                                           offset=offset, limit=PAGE)
         filters = {"q": q, "state": state, "service": service, "backend": backend, "protected": protected}
-        return page(request, "connections.html", s, "connections", connections=found[offset:offset + PAGE],
-                    total=len(found), offset=offset, limit=PAGE, filters=filters,
+        return page(request, "connections.html", s, "connections", connections=[views.decorate(c) for c in found],
+                    total=total, offset=offset, limit=PAGE, filters=filters,
                     states=["SYN_SENT", "SYN_RECV", "ESTABLISHED", "FIN_WAIT", "CLOSE_WAIT", "LAST_ACK",
                             "TIME_WAIT", "CLOSED"],
                     backend_names=sorted({b["name"] for sv in gw.services() for b in sv["backends"]}))
 
     @r.get("/connections/{cid}", response_class=HTMLResponse)
-    def connection_page(request: Request, cid: int) -> Response:
+    async def connection_page(request: Request, cid: int) -> Response:
         s = session(request)
         if s is None:
             return login_redirect()
@@ -162,7 +161,7 @@ def build(ctx: Context) -> APIRouter:
                     targets=targets)
 
     @r.get("/events", response_class=HTMLResponse)
-    def events_page(request: Request, kind: str = Query("", max_length=20), service: str = Query("", max_length=64),
+    async def events_page(request: Request, kind: str = Query("", max_length=20), service: str = Query("", max_length=64),
                     backend: str = Query("", max_length=64), q: str = Query("", max_length=200)) -> Response:
         s = session(request)
         if s is None:
@@ -176,7 +175,7 @@ def build(ctx: Context) -> APIRouter:
                     kinds=KINDS, filters={"kind": kind, "service": service, "backend": backend, "q": q})
 
     @r.get("/audit", response_class=HTMLResponse)
-    def audit_page(request: Request) -> Response:
+    async def audit_page(request: Request) -> Response:
         s = session(request)
         if s is None:
             return login_redirect()
@@ -184,7 +183,7 @@ def build(ctx: Context) -> APIRouter:
                     entries=[e.to_dict() for e in ctx.audit.list(limit=500)][::-1])
 
     @r.get("/admin", response_class=HTMLResponse)
-    def admin_page(request: Request) -> Response:
+    async def admin_page(request: Request) -> Response:
         s = session(request)
         if s is None:
             return login_redirect()

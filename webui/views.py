@@ -60,21 +60,13 @@ def last_failover(gw: Any) -> dict[str, Any] | None:
             "pending": len(pending), "duration_ms": None if pending else round((end - f.time) * 1000, 1)}
 
 
-def backends(services: list[dict[str, Any]], conns: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per service backend, HAProxy style, with bytes summed over its connections."""
-    bytes_in: dict[tuple[str, str], int] = {}
-    bytes_out: dict[tuple[str, str], int] = {}
-    total: dict[tuple[str, str], int] = {}
-    for c in conns:
-        k = (c.get("service_name") or "", c.get("backend") or "")
-        bytes_in[k] = bytes_in.get(k, 0) + (c.get("bytes_from_client") or 0)
-        bytes_out[k] = bytes_out.get(k, 0) + (c.get("bytes_from_server") or 0)
-        total[k] = total.get(k, 0) + 1
+def backends(services: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per service backend, HAProxy style; bytes are cumulative (every connection the
+    backend ever carried, as HAProxy's bytes in/out), connections the open and tracked ones."""
     rows = []
     for s in services:
         for b in s["backends"]:
             h = b["health"]
-            k = (s["name"], b["name"])
             rows.append({
                 "service": s["name"], "name": b["name"], "address": f"{b['address']}:{b['port']}",
                 "active": b["active"], "admin_state": b["admin_state"], "state": h.get("state", "unknown"),
@@ -82,8 +74,8 @@ def backends(services: list[dict[str, Any]], conns: list[dict[str, Any]]) -> lis
                 "last_check": h.get("last_check"), "latency_ms": _ms(h.get("last_latency")),
                 "checks": h.get("checks", 0), "failures": h.get("failures", 0),
                 "transitions": h.get("transitions", 0), "downtime": round(h.get("downtime_total") or 0.0, 3),
-                "since": h.get("last_change"), "connections": b["connections"], "tracked": total.get(k, 0),
-                "bytes_from_client": bytes_in.get(k, 0), "bytes_from_server": bytes_out.get(k, 0),
+                "since": h.get("last_change"), "connections": b["connections"], "tracked": b.get("tracked", 0),
+                "bytes_from_client": b.get("bytes_from_client", 0), "bytes_from_server": b.get("bytes_from_server", 0),
             })
     return rows
 

@@ -1,0 +1,140 @@
+"""The delayed-ACK gate (tcpcp 6.2, invariant I1): one stage every packet to a client passes.
+
+Theory of operation
+-------------------
+With a checkpoint store on disk (``store.mode = "disk"``, :mod:`checkpoint.store`) a logged
+client byte is safe only once its group commit is durable, so the client must not be told
+earlier that it arrived.  Every packet to the client is checked against the connection's commit
+point (:meth:`AckGate.allowed`): a segment carrying data (or a FIN, or a RST) has its ACK field
+clamped to the commit point and SACK blocks above it stripped, and the client is *owed* the rest;
+a pure ACK or a SYN-ACK above it is held — the newest one per connection — and sent by the
+gateway when the commit catches up (:meth:`AckGate.committed`: its source rewritten to the VIP,
+its TSval raised to the newest the client saw, its ACK the commit point if that is still lower).
+Segments the gateway sends itself are clamped too (:meth:`AckGate.clamp_outbox`).  With
+``store.mode = "memory"`` there is no gate: the commit point is the log's end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from checkpoint.ici import ConnectionRecord
+from checkpoint.segment import ACK, FIN, RST, SYN
+from checkpoint.seqnum import seq_add, seq_diff
+from checkpoint.splice import Out
+from checkpoint.table import ConnectionTable
+from nfq.build import tcp_options, tcp_packet
+from nfq.packet import PacketView
+from nfq.queue import Verdict
+
+from .runtime import DataplaneCounters, ServiceRuntime
+
+
+class AckGate:
+    def __init__(self, table: ConnectionTable, counters: DataplaneCounters, send: Callable[[bytearray], None],
+                 translated: Callable[[int], bool]) -> None:
+        self.table = table
+        self.counters = counters
+        self.send = send                # a whole packet the gateway sends (a held ACK, released)
+        self.translated = translated    # is this connection moved (its TSvals are the splice's)?
+        self.held: dict[int, bytearray] = {}  # conn id -> newest held ACK, in the client's view
+
+    @staticmethod
+    def allowed(rec: ConnectionRecord) -> int | None:
+        """The highest ACK the client may see: ISN + 1 + committed bytes (+1 for a committed
+        FIN); the ISN itself (not even the SYN) before the record is durable.  None: no limit
+        known (no client ISN)."""
+        isn = rec.client.isn
+        if isn is None:
+            return None
+        return seq_add(isn, 1 + rec.commit_offset + (1 if rec.commit_fin else 0))
+
+    def forget(self, cid: int) -> None:
+        self.held.pop(cid, None)
+
+    def check(self, rec: ConnectionRecord, pv: PacketView, verdict: Verdict,
+              svc: ServiceRuntime | None = None) -> Verdict:
+        """Clamp or hold a packet to the client whose ACK is above the commit point.  ``svc`` is
+        given for a packet still in the backend's addressing (the kernel would rewrite its
+        source): a held copy is readdressed here."""
+        flags = pv.flags
+        if not flags & ACK or flags & RST:
+            return verdict
+        allowed = self.allowed(rec)
+        if allowed is None:
+            return verdict
+        ack = pv.ack
+        if seq_diff(ack, allowed) <= 0:
+            held = self.held.get(rec.id)
+            if held is not None and seq_diff(ack, PacketView(held).ack) >= 0:
+                del self.held[rec.id]  # superseded by what goes out now
+            return verdict
+        if pv.payload_len == 0 and not flags & FIN:
+            # a pure ACK (or the SYN-ACK): keep the newest, send it when the commit catches up
+            held = bytearray(pv.buf)
+            if svc is not None:
+                hv = PacketView(held)
+                hv.set_src(svc.vip_raw)
+                if hv.ports[0] != svc.port:
+                    hv.set_sport(svc.port)
+            self.held[rec.id] = held
+            self.counters.acks_held += 1
+            return Verdict.DROP
+        if flags & SYN:  # a SYN-ACK with data: hold it too (never seen in practice)
+            self.counters.acks_held += 1
+            return Verdict.DROP
+        # the client is owed this acknowledgment: a pure ACK carrying it waits for the commit
+        # (else a FIN acknowledged late is retransmitted to a peer that has closed: RST)
+        src, sport = (svc.vip, svc.port) if svc is not None else (pv.src, pv.ports[0])
+        owed = tcp_packet(src, pv.dst, sport, pv.ports[1], seq_add(pv.seq, pv.payload_len + (1 if flags & FIN else 0)),
+                          ack, ACK, pv.window, tcp_options(tsval=pv.tsval, tsecr=pv.tsecr), b"")
+        self.held[rec.id] = bytearray(owed)
+        pv.set_ack(allowed)
+        if pv.options.sack_blocks:
+            pv.strip_sack()
+        self.counters.acks_clamped += 1
+        return Verdict.REWRITTEN
+
+    def committed(self, recs: list[ConnectionRecord]) -> None:
+        """Commit points moved (the store's batch is durable): send the held ACKs they now
+        cover, or lowered to the new commit point."""
+        for rec in recs:
+            held = self.held.get(rec.id)
+            if held is None:
+                continue
+            allowed = self.allowed(rec)
+            hv = PacketView(held)
+            if allowed is None:
+                continue
+            syn = hv.flags & SYN
+            if seq_diff(hv.ack, allowed) <= 0:
+                del self.held[rec.id]
+                out = held
+            elif syn:
+                continue  # a SYN-ACK cannot be partly sent
+            else:
+                out = bytearray(held)
+            ov = PacketView(out)
+            if out is not held:  # only part of it is durable: acknowledge that much now
+                ov.set_ack(allowed)
+                if ov.options.sack_blocks:
+                    ov.strip_sack()
+            ts = rec.server.tsval
+            if ov.tsval is not None and ts is not None and not syn and not self.translated(rec.id):
+                if seq_diff(ts, ov.tsval) > 0:  # I3: never older than what the client saw
+                    ov.set_timestamps(ts, ov.tsecr)
+            self.send(out)
+            self.counters.acks_released += 1
+
+    def clamp_outbox(self, outbox: list[Out]) -> None:
+        """I1 for the segments the gateway itself sends to clients."""
+        for o in outbox:
+            if o.to != "client" or not o.flags & ACK:
+                continue
+            rec = self.table.get((o.dst, o.dport, o.src, o.sport))
+            if rec is None or rec.log is None:
+                continue
+            allowed = self.allowed(rec)
+            if allowed is not None and seq_diff(o.ack, allowed) > 0:
+                o.ack = allowed
+                self.counters.acks_clamped += 1

@@ -64,11 +64,16 @@ Example::
     address = "198.51.100.20"
     admin_state = "ready"        # or "drain", "maint"
     # agent = "198.51.100.20:7070"  # its endpoint agent (required by failover.mode = "resume")
+
+    # [testing]                  # the test suite's and the lab's only: refused unless the
+    # store_commit_delay = 0.05  # environment has APPLIANCE_TESTING=1 (every disk commit takes this long)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,7 +154,8 @@ class StoreConfig:
     path: str = "/var/lib/appliance/checkpoints.db"
     commit_interval: float = 0.005  # seconds between group commits
     max_total_bytes: int = 1 << 30  # client log bytes held over all connections
-    # test only: every commit takes at least this long (to watch delayed ACKs at work)
+    # test only, from [testing] store_commit_delay (refused without APPLIANCE_TESTING=1):
+    # every commit takes at least this long (to watch delayed ACKs at work)
     test_commit_delay: float = 0.0
 
 
@@ -347,7 +353,10 @@ def _api(data: dict[str, Any], base: Path) -> ApiConfig:
 def _store(data: dict[str, Any], base: Path) -> StoreConfig:
     where = "store"
     d = StoreConfig()
-    _no_unknown(data, {"mode", "path", "commit_interval", "max_total_bytes", "test_commit_delay"}, where)
+    if "test_commit_delay" in data:
+        raise ConfigError(f"{where}.test_commit_delay", "a test-only setting: it is [testing] store_commit_delay, "
+                                                        "which needs APPLIANCE_TESTING=1 in the environment")
+    _no_unknown(data, {"mode", "path", "commit_interval", "max_total_bytes"}, where)
     mode = _choice(data, "mode", where, d.mode, STORE_MODES)
     if mode == "peer":
         raise ConfigError(f"{where}.mode", "'peer' replication to a standby gateway is not available yet; "
@@ -360,8 +369,26 @@ def _store(data: dict[str, Any], base: Path) -> StoreConfig:
         path=str(base / _str(data, "path", where, d.path)),
         commit_interval=commit_interval,
         max_total_bytes=_int(data, "max_total_bytes", where, d.max_total_bytes, 1 << 16, 1 << 40),
-        test_commit_delay=_float(data, "test_commit_delay", where, 0.0, 0.0),
     )
+
+
+TESTING_ENV = "APPLIANCE_TESTING"
+
+
+def testing_enabled() -> bool:
+    """Test-only settings are accepted: ``APPLIANCE_TESTING=1`` in the environment."""
+    return os.environ.get(TESTING_ENV) == "1"
+
+
+def _testing(data: dict[str, Any]) -> dict[str, Any]:
+    """The ``[testing]`` table: settings for the test suite and the lab, never production."""
+    where = "testing"
+    if not data:
+        return {}
+    if not testing_enabled():
+        raise ConfigError(where, f"test-only settings need {TESTING_ENV}=1 in the environment")
+    _no_unknown(data, {"store_commit_delay"}, where)
+    return {"test_commit_delay": _float(data, "store_commit_delay", where, 0.0, 0.0)}
 
 
 def _checkpoint(data: dict[str, Any], base: Path) -> CheckpointConfig:
@@ -480,7 +507,8 @@ def _service(data: Any, i: int) -> ServiceConfig:
 
 
 def parse(data: dict[str, Any], base: Path = Path(".")) -> Config:
-    _no_unknown(data, {"gateway", "api", "service", "store", "checkpoint", "agent"}, "")
+    _no_unknown(data, {"gateway", "api", "service", "store", "checkpoint", "agent", "testing"}, "")
+    testing = _testing(_table(data.get("testing", {}), "testing"))
     gateway = _gateway(_table(data.get("gateway", {}), "gateway"))
     api = _api(_table(data.get("api", {}), "api"), base)
     raw = data.get("service")
@@ -501,7 +529,7 @@ def parse(data: dict[str, Any], base: Path = Path(".")) -> Config:
             if (b.address, b.port) in backs and backs[(b.address, b.port)] != i:
                 raise ConfigError(f"service[{i}].backend[{j}].address", "a backend address:port may serve one service only")
             backs[(b.address, b.port)] = i
-    store = _store(_table(data.get("store", {}), "store"), base)
+    store = dataclasses.replace(_store(_table(data.get("store", {}), "store"), base), **testing)
     checkpoint = _checkpoint(_table(data.get("checkpoint", {}), "checkpoint"), base)
     agents = _agents(_table(data.get("agent", {}), "agent"), base)
     if not agents.key:

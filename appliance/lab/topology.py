@@ -38,6 +38,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -387,9 +388,12 @@ def gateway_config(hosts: list[Host], token_file: Path, agent_key: Path | None =
 
 
 def variant_config(name: str, gateway: dict[str, object] | None = None,
-                   store: dict[str, object] | None = None) -> Path:
-    """The lab's configuration with settings added to ``[gateway]`` and a
-    ``[store]`` section (a disk store gets a fresh file in the run dir)."""
+                   store: dict[str, object] | None = None,
+                   testing: dict[str, object] | None = None) -> Path:
+    """The lab's configuration with settings added to ``[gateway]``, a
+    ``[store]`` section (a disk store gets a fresh file in the run dir) and a
+    ``[testing]`` section (test-only settings: :func:`start_appliance` then
+    runs the appliance with ``APPLIANCE_TESTING=1``)."""
     rd = run_dir()
     text = (rd / "gateway.toml").read_text()
 
@@ -406,9 +410,28 @@ def variant_config(name: str, gateway: dict[str, object] | None = None,
                 old.unlink()
             store["path"] = str(db)
         text += "\n[store]\n" + "".join(f"{k} = {toml(v)}\n" for k, v in store.items())
+    if testing:
+        text += "\n[testing]\n" + "".join(f"{k} = {toml(v)}\n" for k, v in testing.items())
     cfg = rd / f"gateway-{name}.toml"
     cfg.write_text(text)
     return cfg
+
+
+TESTING_ENV = "APPLIANCE_TESTING"  # appliance.config's switch for the [testing] table
+
+
+def appliance_env(config: Path) -> dict[str, str]:
+    """The appliance's environment: ``APPLIANCE_TESTING=1`` only when its
+    configuration has test-only settings (a ``[testing]`` table), never
+    inherited from whoever runs the lab."""
+    env = {k: v for k, v in os.environ.items() if k != TESTING_ENV}
+    try:
+        data = tomllib.loads(config.read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return env  # the appliance reports it
+    if data.get("testing"):
+        env[TESTING_ENV] = "1"
+    return env
 
 
 def start_appliance(config: Path, extra_args: list[str] | None = None) -> int:
@@ -431,7 +454,7 @@ def start_appliance(config: Path, extra_args: list[str] | None = None) -> int:
         ["ip", "netns", "exec", GATEWAY, sys.executable, "-m", "appliance", "run",
          "--config", str(config), "--listen-fd", str(fd), *(extra_args or [])],
         pass_fds=(fd,), stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-        cwd=str(Path(__file__).resolve().parent.parent),
+        cwd=str(Path(__file__).resolve().parent.parent), env=appliance_env(config),
     )
     sock.close()
     log.close()

@@ -256,3 +256,58 @@ def test_resume_mode_errors_name_the_field(change, field: str) -> None:
     with pytest.raises(ConfigError) as e:
         parse(d)
     assert e.value.field == field, str(e.value)
+
+
+# --- test-only settings ([testing], APPLIANCE_TESTING=1) ------------------------------------
+
+def test_testing_table_is_refused_without_the_environment(monkeypatch) -> None:
+    monkeypatch.delenv("APPLIANCE_TESTING", raising=False)
+    with pytest.raises(ConfigError) as e:
+        parse(variant(["testing"], {"store_commit_delay": 0.05}))
+    assert e.value.field == "testing"
+    assert "APPLIANCE_TESTING=1" in str(e.value)
+    monkeypatch.setenv("APPLIANCE_TESTING", "yes")  # only "1" enables it
+    with pytest.raises(ConfigError, match="APPLIANCE_TESTING=1"):
+        parse(variant(["testing"], {"store_commit_delay": 0.05}))
+
+
+def test_testing_table_is_accepted_with_the_environment(monkeypatch) -> None:
+    monkeypatch.setenv("APPLIANCE_TESTING", "1")
+    cfg = parse(variant(["testing"], {"store_commit_delay": 0.05}))
+    assert cfg.store.test_commit_delay == 0.05  # where the daemon reads it
+    with pytest.raises(ConfigError) as e:
+        parse(variant(["testing"], {"store_commit_delay": -1}))
+    assert e.value.field == "testing.store_commit_delay"
+    with pytest.raises(ConfigError) as e:
+        parse(variant(["testing"], {"commit_delay": 0.05}))
+    assert e.value.field == "testing.commit_delay"
+
+
+def test_store_no_longer_takes_the_test_setting(monkeypatch) -> None:
+    for env in ("0", "1"):
+        monkeypatch.setenv("APPLIANCE_TESTING", env)
+        with pytest.raises(ConfigError) as e:
+            parse(variant(["store"], {"mode": "disk", "test_commit_delay": 0.05}))
+        assert e.value.field == "store.test_commit_delay" and "[testing]" in str(e.value)
+    monkeypatch.delenv("APPLIANCE_TESTING")
+    assert parse(GOOD).store.test_commit_delay == 0.0
+
+
+def test_the_lab_enables_testing_only_for_a_config_with_test_settings(tmp_path, monkeypatch) -> None:
+    from appliance.lab import topology as lab
+
+    monkeypatch.setenv("APPLIANCE_LAB_DIR", str(tmp_path))
+    monkeypatch.setenv("APPLIANCE_TESTING", "1")  # the runner's own environment is not passed on
+    token = tmp_path / "token"
+    token.write_text("a-long-token\n")
+    (tmp_path / "gateway.toml").write_text(lab.gateway_config(lab.topology(), token))
+    plain = lab.variant_config("disk", store={"mode": "disk"})
+    slow = lab.variant_config("slow", store={"mode": "disk"}, testing={"store_commit_delay": 0.05})
+    assert "APPLIANCE_TESTING" not in lab.appliance_env(tmp_path / "gateway.toml")
+    assert "APPLIANCE_TESTING" not in lab.appliance_env(plain)
+    assert lab.appliance_env(slow)["APPLIANCE_TESTING"] == "1"
+    assert load(slow).store.test_commit_delay == 0.05  # the daemon's attribute
+    monkeypatch.delenv("APPLIANCE_TESTING")
+    with pytest.raises(ConfigError, match="^testing: test-only settings need APPLIANCE_TESTING=1"):
+        load(slow)
+    assert load(plain).store.test_commit_delay == 0.0

@@ -22,11 +22,12 @@ from .invariants import assert_clean, check
 pytestmark = pytest.mark.lab
 
 
-def disk_config(**settings: object) -> Path:
-    """The lab's configuration with a disk store (a fresh file) and these settings."""
+def disk_config(testing: dict[str, object] | None = None, **settings: object) -> Path:
+    """The lab's configuration with a disk store (a fresh file), these settings
+    and test-only ones (``[testing]``: the lab then sets APPLIANCE_TESTING=1)."""
     gw = {k: v for k, v in settings.items() if k == "on_failure"}
     st = {k: v for k, v in settings.items() if k != "on_failure"}
-    return lab.variant_config("disk", gateway=gw, store={"mode": "disk", **st})
+    return lab.variant_config("disk", gateway=gw, store={"mode": "disk", **st}, testing=testing)
 
 
 def restart_with(cfg: Path) -> int:
@@ -87,7 +88,7 @@ def sack_edges(p: bytes) -> list[int]:
 
 def test_delayed_acks_never_run_ahead_of_the_commit(fresh: dict, tmp_path: Path) -> None:
     # every commit takes 50 ms: the backend acknowledges long before the bytes are safe
-    restart_with(disk_config(test_commit_delay=0.05))
+    restart_with(disk_config(testing={"store_commit_delay": 0.05}))
     body = lab.cache_dir() / "www" / "10M.bin"
     out = tmp_path / "answer.txt"
     with Capture("lab-client", tmp_path / "client.pcap", bpf=f"tcp port {lab.UPLOAD_PORT}", snaplen=512) as cap:

@@ -17,8 +17,8 @@ translates it.
 
 ``up`` is idempotent (it creates what is missing), writes everything it
 needs under the run directory (``$APPLIANCE_LAB_DIR``, default
-``/run/appliance-lab``): the gateway's config, the API token, nginx
-configs, pid files and logs.  ``down`` removes every
+``/run/appliance-lab``): the gateway's config, the API token, the agents'
+and the checkpoints' keys, nginx configs, pid files and logs.  ``down`` removes every
 ``lab-*`` namespace after killing every process in it, and the run
 directory, whatever state a crash left them in.  The seeded test files are
 made once and kept in a cache directory (``$APPLIANCE_LAB_CACHE``, default
@@ -283,6 +283,18 @@ def agent_key_file() -> Path:
     return path
 
 
+def checkpoint_key_file() -> Path:
+    """The HMAC key signing the gateway's exported checkpoints (made once per
+    lab, like the token): the panel's and ``appliance checkpoint export``."""
+    path = run_dir() / "checkpoint.key"
+    if not path.exists():
+        # created 0600: the key is never readable by others, not even for a moment
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+            f.write(secrets.token_hex(32) + "\n")
+        path.chmod(0o600)
+    return path
+
+
 def agent_socket(h: Host) -> Path:
     return run_dir() / f"agent-{h.short}.sock"
 
@@ -354,7 +366,8 @@ def make_upload_file() -> tuple[Path, str]:
     return path, h.hexdigest()
 
 
-def gateway_config(hosts: list[Host], token_file: Path, agent_key: Path | None = None) -> str:
+def gateway_config(hosts: list[Host], token_file: Path, agent_key: Path | None = None,
+                   checkpoint_key: Path | None = None) -> str:
     def backends(port: int, agent: bool = False) -> str:
         return "".join(
             f'\n[[service.backend]]\nname = "{h.short}"\naddress = "{h.address}"\nport = {port}\n'
@@ -374,7 +387,8 @@ def gateway_config(hosts: list[Host], token_file: Path, agent_key: Path | None =
         "# written by `appliance lab up`\n"
         "[gateway]\nqueue_num = 0\n\n"
         f'[api]\nlisten = "{API_HOST}:{API_PORT}"\ntoken_file = "{token_file}"\n\n'
-        f'[[service]]\nname = "web"\nvip = "{VIP}"\nport = {SERVICE_PORT}\n{backends(SERVICE_PORT)}\n'
+        + (f'[checkpoint]\nkey_file = "{checkpoint_key}"\n\n' if checkpoint_key is not None else "")
+        + f'[[service]]\nname = "web"\nvip = "{VIP}"\nport = {SERVICE_PORT}\n{backends(SERVICE_PORT)}\n'
         f'[[service]]\nname = "web-sampled"\nvip = "{VIP}"\nport = {SAMPLED_HTTP_PORT}\n'
         f'[service.failover]\nverify = "sampled"\n{backends(SAMPLED_HTTP_PORT)}\n'
         f'[[service]]\nname = "iperf"\nvip = "{VIP}"\nport = {IPERF_PORT}\n'
@@ -558,7 +572,7 @@ def up(clients: int = 1, backups: int = 1, appliance: bool = True) -> dict[str, 
         token_file.write_text(secrets.token_urlsafe(24) + "\n")
         token_file.chmod(0o600)
     config = rd / "gateway.toml"
-    config.write_text(gateway_config(hosts, token_file, agent_key_file()))
+    config.write_text(gateway_config(hosts, token_file, agent_key_file(), checkpoint_key_file()))
     (rd / "topology.json").write_text(json.dumps([h.__dict__ for h in hosts], indent=1))
     pid = start_appliance(config) if appliance else None
     return {

@@ -8,7 +8,7 @@ import copy
 from fastapi.testclient import TestClient
 from scapy.all import IP, TCP, Raw
 
-from appliance.config import parse
+from appliance.config import Config, load, parse
 from appliance.gateway import Gateway
 from webui.app import create_app
 
@@ -36,8 +36,8 @@ def pkt(src: str, dst: str, sport: int, dport: int, flags: str, seq: int, ack: i
     return bytearray(bytes(p / Raw(data) if data else p))
 
 
-def gateway_with_a_connection(key: str | None = KEY) -> Gateway:
-    gw = Gateway(parse(cfg(key)))
+def gateway_with_a_connection(key: str | None = KEY, config: Config | None = None) -> Gateway:
+    gw = Gateway(config or parse(cfg(key)))
     dp = gw.dataplane
     ts = lambda v, e: [("Timestamp", (v, e))]  # noqa: E731
     dp.handle(pkt(CLIENT, VIP, 40000, 80, "S", 1000, options=[("MSS", 1460), ("WScale", 7), *ts(100, 0)]), 1.0)
@@ -117,3 +117,25 @@ def test_store_status_and_commit_log_in_memory_mode() -> None:
     assert c.get("/api/v1/store/commits", headers=AUTH).json() == []
     (conn,) = c.get("/api/v1/connections", headers=AUTH).json()
     assert conn["commit_offset"] == 19 and conn["commit_lag"] == 0
+
+
+def test_the_labs_configuration_can_export_checkpoints(tmp_path, monkeypatch) -> None:
+    """The lab (demo) writes a checkpoint key: the panel's export and
+    ``appliance checkpoint export`` work there."""
+    from appliance.lab import topology as lab
+
+    monkeypatch.setenv("APPLIANCE_LAB_DIR", str(tmp_path))
+    token = tmp_path / "token"
+    token.write_text(TOKEN + "\n")
+    key = lab.checkpoint_key_file()
+    assert key.stat().st_mode & 0o777 == 0o600 and len(key.read_text().strip()) >= 32
+    assert lab.checkpoint_key_file().read_text() == key.read_text()  # made once per lab
+    conf = tmp_path / "gateway.toml"
+    conf.write_text(lab.gateway_config(lab.topology(), token, lab.agent_key_file(), key))
+    config = load(conf)
+    assert config.checkpoint.key == key.read_text().strip().encode()
+    assert config.service("web").vip == VIP and config.service("web").backend("primary").address == PRIMARY
+    c = TestClient(create_app(gateway_with_a_connection(config=config)))
+    r = c.get("/api/v1/connections/1/checkpoint", headers=AUTH)
+    assert r.status_code == 200, r.text
+    assert r.json()["signature"].startswith("hmac-sha256:")

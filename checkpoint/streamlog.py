@@ -77,6 +77,9 @@ def _h() -> "hashlib._Hash":
     return hashlib.blake2b(digest_size=DIGEST_SIZE)
 
 
+_EMPTY_DIGEST = _h().digest()  # the partial chunk's digest when it holds no bytes
+
+
 class Masker:
     """Streaming replacement of volatile field values by ``*`` (fed in order)."""
 
@@ -299,7 +302,14 @@ class StreamDigest:
         return mv
 
     def snapshot(self) -> DigestSnapshot:
-        partial = None if self.cur is None else self.cur.copy().digest()
+        """What the stream is so far.  ``partial`` is None only when the bytes after
+        the last full chunk are blind: an empty partial chunk (``end`` on a boundary)
+        has nothing blind in it, so it is the empty digest even while the digest is
+        blind past ``end`` (a horizon reaching into the next chunk)."""
+        if self.end % CHUNK == 0:
+            partial = _EMPTY_DIGEST
+        else:
+            partial = None if self.cur is None else self.cur.copy().digest()
         return DigestSnapshot(tuple(self.chunks), partial, self.end, self.volatile)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.lab import topology as lab
+from appliance.pcap import packets, tcp_fields
 
 
 def api(path: str, method: str = "GET", body: Any = None, token: str | None = None) -> Any:
@@ -120,7 +121,25 @@ class Capture:
             assert self.dropped == 0, f"tcpdump dropped {self.dropped} packets: the capture is incomplete"
 
 
+def captured(pcap: Path, *preds) -> bool:
+    """Whether, for each of ``preds``, a packet of ``pcap`` (also one still
+    being written) satisfies it; a predicate gets ``tcp_fields``: (src, dst,
+    sport, dport, seq, ack, flags, payload length)."""
+    todo = list(preds)
+    if not pcap.exists():
+        return not todo
+    for _, p in packets(pcap):
+        f = tcp_fields(p)
+        if f is not None:
+            todo = [pred for pred in todo if not pred(f)]
+            if not todo:
+                break
+    return not todo
+
+
 def wait_for(pred, timeout: float = 10.0, interval: float = 0.1, what: str = "condition"):
+    """Poll ``pred`` until it returns something true (returned) or fail after
+    ``timeout`` seconds: tests wait for a condition, never for a fixed time."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         v = pred()

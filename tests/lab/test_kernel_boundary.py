@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -119,7 +118,9 @@ def test_rules_removed_on_clean_exit_kept_on_kill_and_cleaned_up(netns: str, tmp
     p = _start(netns, cfg)
     p.kill()
     p.wait(timeout=10)
-    time.sleep(0.2)
+    # nothing left in the namespace that could still remove the rules
+    wait_for(lambda: not subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True).stdout.split(),
+             timeout=10, what="no process left in the namespace")
     assert _state(netns) == (True, True)  # fail-open: the bypassing rules and the fallback stay
     res = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-m", "appliance", "cleanup"],
                          cwd=ROOT, capture_output=True, text=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ from scapy.all import IP, TCP, PcapReader
 
 from appliance.lab import topology as lab
 
-from .helpers import Capture, api, expected_sha, sha256_file, start_download, wait_for
+from .helpers import Capture, api, captured, expected_sha, sha256_file, start_download, wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -64,10 +63,13 @@ def test_record_matches_client_capture(appliance_running: dict, tmp_path: Path) 
         # rate-limited so that tcpdump keeps up (its drops would fail the test)
         rc, port = start_download("100M.bin", out, rate="40M").wait()
         assert rc == 0
-        # let the closing handshake's last ACK pass the gateway and the capture
-        wait_for(lambda: any(c["client"].endswith(f":{port}") and c["state"] == "TIME_WAIT"
-                             for c in api("/api/v1/connections")), what="TIME_WAIT")
-        time.sleep(0.5)
+        # the closing handshake's last ACKs through the gateway (TIME_WAIT: both FINs acknowledged) ...
+        rec = wait_for(lambda: next((c for c in api("/api/v1/connections") if c["client"] == f"192.0.2.10:{port}"
+                                     and c["state"] == "TIME_WAIT"), None), what="TIME_WAIT")
+        # ... and in the capture: the ACKs of both FINs, whichever side closed first
+        wait_for(lambda: captured(pcap, lambda f: f[2] == port and f[6] & 0x10 and f[5] == rec["server_next_seq"],
+                                  lambda f: f[3] == port and f[6] & 0x10 and f[5] == rec["client_next_seq"]),
+                 timeout=20, interval=0.5, what="both FINs' ACKs in the capture")
     assert sha256_file(out) == expected_sha("100M.bin")
 
     rec = next(c for c in api("/api/v1/connections") if c["client"] == f"192.0.2.10:{port}")

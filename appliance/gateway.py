@@ -58,7 +58,7 @@ from nfq.queue import PacketQueue
 from .config import Config
 from .errors import Conflict, NotFound
 from .dataplane import (BackendRuntime, CloseSuspected, Dataplane, HalfOpenEvicted, Held, MoveEnded, MoveStarted,
-                        MoveVerified, ResumeRefused, ServiceRuntime, Suspect)
+                        MoveVerified, ResumeRefused, ServiceRuntime, Spliced, Suspect)
 from .events import EventLog
 from .health import HealthChecker, Target
 
@@ -666,7 +666,8 @@ class Gateway:
             "on_failure": self.config.gateway.on_failure,
             "connections": len(dp.table),
             "protected": protected,
-            "moving": sum(1 for m in dp.modes.values() if m.name == "spliced"),
+            "moving": sum(1 for m in dp.modes.values() if isinstance(m, Spliced) and not m.verified),
+            "translated": sum(1 for m in dp.modes.values() if isinstance(m, Spliced) and m.verified),
             "connections_by_state": states,
             "table": {
                 "max_connections": dp.table.max_connections,

@@ -466,6 +466,7 @@ class Dataplane:
         gone = self.table.expire(now)
         for rec in gone:
             self._forget(rec)
+        self._note_evictions(now)  # the tail of a flood that no later admission reported
         return gone
 
     def _forget(self, rec: ConnectionRecord) -> None:

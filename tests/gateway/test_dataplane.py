@@ -140,11 +140,39 @@ def test_mutated_real_packets_never_raise(noise: bytes, at: int) -> None:
     dp.handle(pkt, 1.0)
 
 
-def test_full_table_refuses_new_connections_and_counts() -> None:
+def _established(dp: Dataplane, port: int, now: float) -> None:
+    for pkt in (IP(src=CLIENT, dst="203.0.113.10") / TCP(sport=port, dport=80, flags="S", seq=port),
+                IP(src="198.51.100.10", dst=CLIENT) / TCP(sport=80, dport=port, flags="SA", seq=7, ack=port + 1),
+                IP(src=CLIENT, dst="203.0.113.10") / TCP(sport=port, dport=80, flags="A", seq=port + 1, ack=8)):
+        dp.handle(raw(pkt), now)
+
+
+def test_full_table_of_established_connections_refuses_new_ones_and_counts() -> None:
     dp = Dataplane(parse(CFG | {"gateway": {"max_connections": 2}}))
-    verdicts = []
-    for port in (1, 2, 3):
-        syn = raw(IP(src=CLIENT, dst="203.0.113.10") / TCP(sport=port, dport=80, flags="S", seq=port))
-        verdicts.append(dp.handle(syn, 1.0))
-    assert verdicts == [Verdict.REWRITTEN, Verdict.REWRITTEN, Verdict.DROP]
+    for port in (1, 2):
+        _established(dp, port, 1.0)
+    syn = raw(IP(src=CLIENT, dst="203.0.113.10") / TCP(sport=3, dport=80, flags="S", seq=3))
+    assert dp.handle(syn, 1.0) is Verdict.DROP
     assert dp.counters.table_full_drops == 1 and dp.table.refused_full == 1
+
+
+def test_full_table_of_half_open_records_makes_room_and_says_so() -> None:
+    """A SYN flood: the oldest half-open record goes for a new connection, and one event says so."""
+    from appliance.dataplane import HalfOpenEvicted
+
+    dp = Dataplane(parse(CFG | {"gateway": {"max_connections": 2}}))
+    verdicts = [dp.handle(raw(IP(src=CLIENT, dst="203.0.113.10") / TCP(sport=port, dport=80, flags="S", seq=port)),
+                          1.0 + port / 10) for port in (1, 2, 3, 4)]
+    assert verdicts == [Verdict.REWRITTEN] * 4
+    assert sorted(r.client_port for r in dp.table) == [3, 4]  # the oldest went first
+    assert dp.table.early_drops == 2 and dp.counters.table_full_drops == 0
+    events = []
+    while (ev := dp.next_event()) is not None:
+        events.append(ev)
+    assert [type(e) for e in events] == [HalfOpenEvicted]  # one a second, not one a SYN
+    assert events[0].count == 1
+    dp.expire(3.0)  # the rest of the story, a second later
+    (tail,) = [dp.next_event()]
+    assert isinstance(tail, HalfOpenEvicted) and tail.count == 1 and tail.total == 2
+
+

@@ -71,12 +71,16 @@ class IciError(ValueError):
         self.field = field_name
 
 
+DEFAULT_RMEM_MAX = 6 * 1024 * 1024   # Linux's default tcp_rmem[2]
+DEFAULT_WMEM_MAX = 4 * 1024 * 1024   # Linux's default tcp_wmem[2]
+
+
 @dataclass(slots=True)
 class Limits:
     """The local system's constraints an ICI must fit (tcpcp 7.1)."""
 
-    rmem_max: int = 6 * 1024 * 1024     # tcp_rmem[2]: largest receive buffer
-    wmem_max: int = 4 * 1024 * 1024     # tcp_wmem[2]: largest send buffer
+    rmem_max: int = DEFAULT_RMEM_MAX    # tcp_rmem[2]: largest receive buffer
+    wmem_max: int = DEFAULT_WMEM_MAX    # tcp_wmem[2]: largest send buffer
     max_future_seconds: float = 5.0     # clock skew tolerated on ``taken_at``
 
     @classmethod
@@ -90,8 +94,9 @@ class Limits:
             except (OSError, ValueError, IndexError):
                 return default
 
-        return cls(rmem_max=third("/proc/sys/net/ipv4/tcp_rmem", cls.rmem_max),
-                   wmem_max=third("/proc/sys/net/ipv4/tcp_wmem", cls.wmem_max))
+        # (not cls.rmem_max: in a slots dataclass that is the slot's descriptor, not the default)
+        return cls(rmem_max=third("/proc/sys/net/ipv4/tcp_rmem", DEFAULT_RMEM_MAX),
+                   wmem_max=third("/proc/sys/net/ipv4/tcp_wmem", DEFAULT_WMEM_MAX))
 
 
 @dataclass(slots=True)

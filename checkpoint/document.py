@@ -58,7 +58,7 @@ import ipaddress
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Any, NoReturn, Protocol, Sequence
 
 from .ici import ConnectionRecord, HalfConnection, TcpState
 from .seqnum import seq_add, seq_diff
@@ -167,7 +167,7 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
-def _parse(raw: bytes | str | dict, limits: ImportLimits) -> dict[str, Any]:
+def _parse(raw: bytes | str | dict[str, Any], limits: ImportLimits) -> dict[str, Any]:
     if isinstance(raw, dict):
         doc = raw
     else:
@@ -225,7 +225,7 @@ def _log(d: Any, limits: ImportLimits) -> ByteLog:
     return log_from_state({k: v for k, v in d.items() if k != "data_b64"}, data, "log")
 
 
-def import_document(raw: bytes | str | dict, key: bytes, services: Sequence[ServiceShape],
+def import_document(raw: bytes | str | dict[str, Any], key: bytes, services: Sequence[ServiceShape],
                     limits: ImportLimits = ImportLimits()) -> Imported:
     """Parse, authenticate and check a checkpoint document (see the module docstring).
     Raises :class:`CheckpointError` naming the field; returns a complete import."""
@@ -261,17 +261,20 @@ def import_document(raw: bytes | str | dict, key: bytes, services: Sequence[Serv
 
 # ----- tcpcp section 7's sanity checks ---------------------------------------------------
 
-def _fail(field: str, message: str) -> None:
+def _fail(field: str, message: str) -> NoReturn:
     raise CheckpointError(field, message)
 
 
-def _half_sane(h: HalfConnection, p: str, peer_wscale: int | None, limits: ImportLimits) -> None:
+def _half_sane(h: HalfConnection, p: str, peer_wscale: int | None,
+               limits: ImportLimits) -> tuple[int, int]:
     """One end's own numbers: handshake seen, MSS and windows in range, sequence
-    numbers in order (data_base <= data_high <= next_seq, FIN inside)."""
+    numbers in order (data_base <= data_high <= next_seq, FIN inside).  Returns the
+    end's (data_base, next_seq), both known once it passed."""
     if h.isn is None:
         _fail(f"{p}.isn", "unknown (no SYN seen): the connection cannot be resumed")
-    if h.data_base != seq_add(h.isn, 1):
-        _fail(f"{p}.data_base", f"expected isn + 1 = {seq_add(h.isn, 1)}")
+    data_base = seq_add(h.isn, 1)
+    if h.data_base != data_base:
+        _fail(f"{p}.data_base", f"expected isn + 1 = {data_base}")
     if h.mss is None or not MIN_MSS <= h.mss <= MAX_MSS:
         _fail(f"{p}.mss", f"expected {MIN_MSS}..{MAX_MSS}")
     shift = h.wscale if (h.wscale is not None and peer_wscale is not None) else 0
@@ -287,15 +290,28 @@ def _half_sane(h: HalfConnection, p: str, peer_wscale: int | None, limits: Impor
         _fail(f"{p}.max_window", f"{h.max_window} is less than the current window {h.window}")
     if h.next_seq is None:
         _fail(f"{p}.next_seq", "unknown")
-    sent = seq_diff(h.next_seq, h.data_base)
+    sent = seq_diff(h.next_seq, data_base)
     if sent < 0:
         _fail(f"{p}.next_seq", "behind the first byte of the stream")
-    if h.data_high is not None and not 0 <= seq_diff(h.data_high, h.data_base) <= sent:
+    if h.data_high is not None and not 0 <= seq_diff(h.data_high, data_base) <= sent:
         _fail(f"{p}.data_high", "outside the stream sent (data_base .. next_seq)")
     if h.ts_offered and h.tsval is None:
         _fail(f"{p}.tsval", "unknown, though its SYN offered timestamps")
-    if h.fin_seq is not None and not 0 <= seq_diff(h.fin_seq, h.data_base) < sent:
+    if h.fin_seq is not None and not 0 <= seq_diff(h.fin_seq, data_base) < sent:
         _fail(f"{p}.fin_seq", "outside the stream sent (data_base .. next_seq)")
+    return data_base, h.next_seq
+
+
+def _acked(h: HalfConnection, name: str, peer_base: int, peer_sent: int) -> int:
+    """How many of the peer's stream bytes (plus 1 for its FIN) this end acknowledged."""
+    if h.ack is None:
+        _fail(f"connection.{name}.ack", "unknown: nothing acknowledged")
+    acked = seq_diff(h.ack, peer_base)
+    if acked < 0:
+        _fail(f"connection.{name}.ack", "below the peer's first byte")
+    if acked > peer_sent:
+        _fail(f"connection.{name}.ack", f"acknowledges {acked} bytes, the peer sent {peer_sent}")
+    return acked
 
 
 def _sanity(rec: ConnectionRecord, log: ByteLog, digest: StreamDigest | SampledDigest | None,
@@ -326,18 +342,12 @@ def _sanity(rec: ConnectionRecord, log: ByteLog, digest: StreamDigest | SampledD
         _fail("connection.backend_port", f"backend {be.name!r} listens on {be.port}, not {rec.backend_port}")
     # each end on its own, then the two against each other and against the log
     c, s = rec.client, rec.server
-    _half_sane(c, "connection.client", s.wscale, limits)
-    _half_sane(s, "connection.server", c.wscale, limits)
-    c_sent = seq_diff(c.next_seq, c.data_base)   # client stream bytes, plus 1 for its FIN
-    s_sent = seq_diff(s.next_seq, s.data_base)
-    for name, h, peer, peer_sent in (("server", s, c, c_sent), ("client", c, s, s_sent)):
-        if h.ack is None:
-            _fail(f"connection.{name}.ack", "unknown: nothing acknowledged")
-        acked = seq_diff(h.ack, peer.data_base)
-        if acked < 0:
-            _fail(f"connection.{name}.ack", "below the peer's first byte")
-        if acked > peer_sent:
-            _fail(f"connection.{name}.ack", f"acknowledges {acked} bytes, the peer sent {peer_sent}")
+    c_base, c_next = _half_sane(c, "connection.client", s.wscale, limits)
+    s_base, s_next = _half_sane(s, "connection.server", c.wscale, limits)
+    c_sent = seq_diff(c_next, c_base)   # client stream bytes, plus 1 for its FIN
+    s_sent = seq_diff(s_next, s_base)
+    s_acked = _acked(s, "server", c_base, c_sent)
+    _acked(c, "client", s_base, s_sent)
     if log.overflow is not None:
         _fail("log.overflow", f"the log is incomplete ({log.overflow})")
     if log.end > limits.max_log_bytes:
@@ -346,12 +356,11 @@ def _sanity(rec: ConnectionRecord, log: ByteLog, digest: StreamDigest | SampledD
         _fail("log.end", f"the log holds {log.end} bytes, the client sent {c.bytes}")
     if c.fin_seq is None and log.fin_offset is not None:
         _fail("log.fin_offset", "the log has a FIN, the client's FIN was never seen")
-    if c.fin_seq is not None and log.fin_offset != seq_diff(c.fin_seq, c.data_base):
-        _fail("log.fin_offset", f"the client's FIN is at {seq_diff(c.fin_seq, c.data_base)}, "
+    if c.fin_seq is not None and log.fin_offset != seq_diff(c.fin_seq, c_base):
+        _fail("log.fin_offset", f"the client's FIN is at {seq_diff(c.fin_seq, c_base)}, "
               f"the log says {log.fin_offset}")
     # the FIN counts once every byte before it is logged
     have = log.end + (1 if log.fin_offset == log.end else 0)
-    s_acked = seq_diff(s.ack, c.data_base)
     if s_acked > have:  # I1: what the server acknowledged must be in the log
         _fail("log", f"server acknowledged {s_acked} bytes, log holds {have}")
     if rec.commit_offset < 0:

@@ -163,6 +163,7 @@ class Splice:
         self.opts = options
         self.phase = Phase.CONNECTING
         self.reason: str | None = None
+        self.c_isn, self.s_isn = c.isn, s.isn
         self.c_base = seq_add(c.isn, 1)
         self.s_base = seq_add(s.isn, 1)
         # the client's acknowledged point in the server stream (offsets)
@@ -236,7 +237,7 @@ class Splice:
         return Out(
             src=rec.client_ip, dst=self.target.ip, sport=rec.client_port, dport=self.target.port,
             # a SYN's window is never scaled: give the client's window in bytes, capped
-            seq=c.isn, ack=0, flags=SYN,
+            seq=self.c_isn, ack=0, flags=SYN,
             window=min((c.window_raw or 65535) << (c.wscale if rec.wscale_ok and c.wscale else 0), 0xFFFF),
             tsval=self._client_tsval(), tsecr=0 if self.ts else None,
             mss=c.mss or DEFAULT_MSS, wscale=c.wscale if rec.wscale_ok else None,
@@ -394,10 +395,10 @@ class Splice:
                 if self.ts_high is not None and seq_diff((seg.tsval + ts_delta) & MASK, self.ts_high) < 0:
                     ts_delta = (self.ts_high - seg.tsval) & MASK  # start the clock at the floor, not stuck below it
             self.tr = Translation(
-                seq_delta=(rec.server.isn - seg.seq) & MASK,
+                seq_delta=(self.s_isn - seg.seq) & MASK,
                 ts_delta=ts_delta,
                 backend_wscale=self.b_wscale,
-                client_view_wscale=rec.server.wscale if rec.wscale_ok else 0,
+                client_view_wscale=rec.server.wscale if rec.wscale_ok and rec.server.wscale is not None else 0,
             )
             self.phase = Phase.REPLAYING
             self.rto = INITIAL_RTO

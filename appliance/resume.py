@@ -276,7 +276,7 @@ class ResumeController:
             logb = rec.log
             if why is None and logb is None:
                 why = "no client log (picked up mid-stream)"
-            if why is not None:
+            if why is not None or logb is None:
                 raise ResumeFailed("checkpoint", f"unprotected: {why}")
             why = check_resumable(rec, rec.last_seen, now, gw.config.checkpoint.msl)
             if why is not None:

@@ -18,6 +18,7 @@ from enum import Enum
 from typing import Any
 
 from .seqnum import seq_diff
+from .streamlog import ByteLog, SampledDigest, StreamDigest
 
 
 class TcpState(str, Enum):
@@ -104,8 +105,8 @@ class ConnectionRecord:
     closed_at: float | None = None
     # failover protection (kept by the data plane): the client byte log and the
     # digest of the server stream (checkpoint.streamlog), None when not kept
-    log: Any = None
-    digest: Any = None
+    log: ByteLog | None = None
+    digest: StreamDigest | SampledDigest | None = None
     moves: int = 0
     server_close_ok: bool = False   # a FIN/RST from this backend was vetted by a probe
     # the commit point (tcpcp 6.2): client stream bytes [0, commit_offset) are safe in

@@ -158,7 +158,7 @@ _TYPES: dict[str, tuple[_Reader, Callable[[Any], Any]]] = {
 }
 
 
-def _kind(f: dataclasses.Field) -> tuple[_Reader, Callable[[Any], Any]]:
+def _kind(f: dataclasses.Field[Any]) -> tuple[_Reader, Callable[[Any], Any]]:
     ann = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", repr(f.type))
     try:
         return _TYPES[ann]
@@ -166,7 +166,7 @@ def _kind(f: dataclasses.Field) -> tuple[_Reader, Callable[[Any], Any]]:
         raise TypeError(f"checkpoint.state cannot serialise field {f.name!r} of type {ann!r}") from None
 
 
-def _fields_of(cls: type) -> list[dataclasses.Field]:
+def _fields_of(cls: type) -> list[dataclasses.Field[Any]]:
     return [f for f in dataclasses.fields(cls) if f.name not in EXCLUDED]
 
 

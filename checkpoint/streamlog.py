@@ -73,7 +73,7 @@ VOLATILE: dict[str, tuple[bytes, int]] = {
 }
 
 
-def _h() -> "hashlib._Hash":
+def _h() -> hashlib.blake2b:
     return hashlib.blake2b(digest_size=DIGEST_SIZE)
 
 
@@ -91,7 +91,7 @@ class Masker:
         self.tail = b""
         self.left = 0  # bytes still to mask at the start of the next data
 
-    def __call__(self, data: bytes | memoryview) -> bytes | memoryview:
+    def __call__(self, data: bytes | memoryview) -> bytes | bytearray | memoryview:
         if not self.fields:
             return data
         n = len(data)
@@ -202,7 +202,7 @@ class StreamDigest:
         self.volatile = volatile
         self.mask = Masker(volatile)
         self.chunks: list[bytes | None] = []
-        self.cur: "hashlib._Hash | None" = _h()  # None while blind
+        self.cur: hashlib.blake2b | None = _h()  # None while blind (end < blind_until)
         self.end = 0
         self.ooo: dict[int, bytes] = {}   # segments beyond a gap, until it fills
         self.overflow: str | None = None  # why hashing stopped (None: contiguous)
@@ -280,13 +280,15 @@ class StreamDigest:
         if self.end < self.blind_until:
             mv = self._skip(mv)
         while len(mv):
+            cur = self.cur
+            assert cur is not None, "hashing while blind"  # _skip counted every blind byte
             room = CHUNK - (self.end % CHUNK)
             part = mv[:room]
-            self.cur.update(part)
+            cur.update(part)
             self.end += len(part)
             mv = mv[len(part):]
             if self.end % CHUNK == 0:
-                self.chunks.append(self.cur.digest())
+                self.chunks.append(cur.digest())
                 self.cur = _h()
 
     def _skip(self, mv: memoryview) -> memoryview:
@@ -306,6 +308,7 @@ class StreamDigest:
         the last full chunk are blind: an empty partial chunk (``end`` on a boundary)
         has nothing blind in it, so it is the empty digest even while the digest is
         blind past ``end`` (a horizon reaching into the next chunk)."""
+        partial: bytes | None
         if self.end % CHUNK == 0:
             partial = _EMPTY_DIGEST
         else:
@@ -394,7 +397,7 @@ SAMPLE_CONTEXT = 64
 MAX_SAMPLES = 8192
 
 
-def _sample_digest(data: bytes | memoryview, volatile: tuple[str, ...]) -> bytes:
+def _sample_digest(data: bytes | bytearray | memoryview, volatile: tuple[str, ...]) -> bytes:
     mask = Masker(volatile)
     masked = bytes(mask(bytes(data)))
     h = _h()

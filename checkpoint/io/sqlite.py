@@ -130,11 +130,11 @@ class SqliteBackend:
         m = json.loads(meta)
         volatile = tuple(m.get("volatile", ()))
         if m["kind"] == "sampled":
-            dg = SampledDigest(volatile)
-            dg.samples = [(o, n, bytes(h)) for o, n, h in
+            sdg = SampledDigest(volatile)
+            sdg.samples = [(o, n, bytes(h)) for o, n, h in
                           db.execute("SELECT off, len, hash FROM sample WHERE conn = ? ORDER BY off", (cid,))]
-            dg.end, dg.stride, dg.overflow = m["end"], m.get("stride", 1), m.get("overflow")
-            return dg
+            sdg.end, sdg.stride, sdg.overflow = m["end"], m.get("stride", 1), m.get("overflow")
+            return sdg
         chunks = [None if h is None else bytes(h) for (h,) in
                   db.execute("SELECT hash FROM chunk WHERE conn = ? ORDER BY idx", (cid,))]
         end = max(m["end"], len(chunks) * (64 * 1024))

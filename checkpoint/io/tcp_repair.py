@@ -140,14 +140,16 @@ def _setbuf(sock: socket.socket, opt: int, value: bytes, name: str) -> None:
 
 def _getint(sock: socket.socket, opt: int, name: str) -> int:
     try:
-        return struct.unpack("=i", sock.getsockopt(socket.IPPROTO_TCP, opt, 4))[0]
+        value: int = struct.unpack("=i", sock.getsockopt(socket.IPPROTO_TCP, opt, 4))[0]
+        return value
     except OSError as exc:
         raise _fail(f"getsockopt({name})", exc) from None
 
 
 def _ioctl(sock: socket.socket, req: int, name: str) -> int:
     try:
-        return struct.unpack("=i", fcntl.ioctl(sock.fileno(), req, b"\0" * 4))[0]
+        value: int = struct.unpack("=i", fcntl.ioctl(sock.fileno(), req, b"\0" * 4))[0]
+        return value
     except OSError as exc:
         raise _fail(f"ioctl({name})", exc) from None
 

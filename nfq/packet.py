@@ -50,7 +50,7 @@ class PacketView:
         ihl = (b0 & 0x0F) * 4
         if ihl < 20:
             raise MalformedPacket(f"bad IPv4 header length {ihl}")
-        total = _H.unpack_from(buf, 2)[0]
+        total: int = _H.unpack_from(buf, 2)[0]
         truncated = total > n
         if truncated and not allow_truncated:
             raise MalformedPacket(f"truncated: IPv4 total length {total} > {n} bytes captured")
@@ -114,11 +114,13 @@ class PacketView:
     # ----- TCP fixed header ---------------------------------------------------
     @property
     def sport(self) -> int:
-        return _H.unpack_from(self.buf, self.ihl)[0]
+        v: int = _H.unpack_from(self.buf, self.ihl)[0]
+        return v
 
     @property
     def dport(self) -> int:
-        return _H.unpack_from(self.buf, self.ihl + 2)[0]
+        v: int = _H.unpack_from(self.buf, self.ihl + 2)[0]
+        return v
 
     @property
     def ports(self) -> tuple[int, int]:
@@ -126,11 +128,13 @@ class PacketView:
 
     @property
     def seq(self) -> int:
-        return _I.unpack_from(self.buf, self.ihl + 4)[0]
+        v: int = _I.unpack_from(self.buf, self.ihl + 4)[0]
+        return v
 
     @property
     def ack(self) -> int:
-        return _I.unpack_from(self.buf, self.ihl + 8)[0]
+        v: int = _I.unpack_from(self.buf, self.ihl + 8)[0]
+        return v
 
     @property
     def flags(self) -> int:
@@ -138,7 +142,8 @@ class PacketView:
 
     @property
     def window(self) -> int:
-        return _H.unpack_from(self.buf, self.ihl + 14)[0]
+        v: int = _H.unpack_from(self.buf, self.ihl + 14)[0]
+        return v
 
     @property
     def payload_len(self) -> int:

@@ -35,7 +35,10 @@ import socket
 import struct
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, cast
+
+if TYPE_CHECKING:
+    from netfilterqueue import Packet
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +113,7 @@ class PacketQueue:
     def fileno(self) -> int:
         return self._nfq.get_fd()
 
-    def _callback(self, pkt) -> None:  # NetfilterQueue's Packet
+    def _callback(self, pkt: Packet) -> None:
         t0 = time.perf_counter()
         st = self.stats
         st.packets += 1
@@ -140,7 +143,8 @@ class PacketQueue:
     def process_pending(self, budget: int = 64) -> None:
         """Handle up to ``budget`` waiting packets, then return."""
         self._budget.left = budget
-        self._nfq.run_socket(self._budget)
+        # run_socket only calls recv(); its stub asks for a whole socket
+        self._nfq.run_socket(cast(socket.socket, self._budget))
 
     def run_forever(self) -> None:
         """Serve the queue until it is closed (for a dedicated thread or process)."""

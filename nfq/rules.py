@@ -25,6 +25,7 @@ jumps and the chain away again; both are idempotent.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 CHAIN = "APPLIANCE"
 HOOKS = ("PREROUTING", "OUTPUT")
@@ -44,13 +45,14 @@ class FlowMatch:
     not_local: bool = False  # only packets not addressed to this host
 
 
-def _iptc():  # imported lazily: loading libiptc needs the shared library, not root
+# python-iptables has no type information: the module and its rules are Any here
+def _iptc() -> Any:  # imported lazily: loading libiptc needs the shared library, not root
     import iptc
 
     return iptc
 
 
-def _rule(iptc, flow: FlowMatch, target: str, **target_args: str):
+def _rule(iptc: Any, flow: FlowMatch, target: str, **target_args: str) -> Any:
     r = iptc.Rule()
     r.protocol = "tcp"
     if flow.dst:
@@ -68,14 +70,14 @@ def _rule(iptc, flow: FlowMatch, target: str, **target_args: str):
     return _finish(r, flow.comment, target, target_args)
 
 
-def _mark_rule(iptc, mark: int, comment: str, target: str, **target_args: str):
+def _mark_rule(iptc: Any, mark: int, comment: str, target: str, **target_args: str) -> Any:
     r = iptc.Rule()
     m = r.create_match("mark")
     m.mark = hex(mark)
     return _finish(r, comment, target, target_args)
 
 
-def _finish(r, comment: str, target: str, target_args: dict[str, str]):
+def _finish(r: Any, comment: str, target: str, target_args: dict[str, str]) -> Any:
     """The comment every rule of ours carries, and its target."""
     c = r.create_match("comment")
     c.comment = f"{COMMENT_PREFIX} {comment}"
@@ -87,8 +89,8 @@ def _finish(r, comment: str, target: str, target_args: dict[str, str]):
 
 def install(flows: list[FlowMatch], inject_mark: int | None = None, bypass: bool = True,
             moved: tuple[int, int] | None = None) -> None:
-    """``moved``: (mark, queue): packets with that mark go to that queue first."""
-    """(Re)write the ``APPLIANCE`` chain for ``flows`` and hook it, atomically."""
+    """(Re)write the ``APPLIANCE`` chain for ``flows`` and hook it, atomically.
+    ``moved``: (mark, queue): packets with that mark go to that queue first."""
     iptc = _iptc()
     table = iptc.Table(iptc.Table.RAW)
     table.autocommit = False

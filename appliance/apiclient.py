@@ -6,15 +6,17 @@ import json
 import sys
 import urllib.error
 import urllib.request
+from typing import Any, NoReturn
 
 
-def die(msg: str, code: int = 2) -> None:
+def die(msg: str, code: int = 2) -> NoReturn:
     print(f"appliance: {msg}", file=sys.stderr)
     raise SystemExit(code)
 
 
 
-def api_call(method: str, path: str, api: str, token: str, body: object = None) -> object:
+def api_call(method: str, path: str, api: str, token: str, body: object = None) -> Any:
+    """The decoded JSON answer (its shape is the endpoint's: Any to the caller)."""
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(api.rstrip("/") + path, data=data, method=method,
                                  headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
@@ -30,8 +32,7 @@ def api_call(method: str, path: str, api: str, token: str, body: object = None) 
         die(f"{method} {path}: HTTP {exc.code}: {detail}")
     except OSError as exc:
         die(f"cannot reach the API at {api}: {exc}")
-    return None
 
 
-def api_get(path: str, api: str, token: str) -> object:
+def api_get(path: str, api: str, token: str) -> Any:
     return api_call("GET", path, api, token)

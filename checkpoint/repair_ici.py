@@ -183,7 +183,7 @@ class Ici:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Ici:
+    def from_dict(cls, d: object) -> Ici:
         """The document back; a missing, unknown or mistyped field is named."""
         if not isinstance(d, dict):
             raise IciError("<document>", f"expected an object, got {type(d).__name__}")

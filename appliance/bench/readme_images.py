@@ -113,6 +113,7 @@ def run(out: Path, rate: str = "12M", cut_after: float = 3.0) -> dict[str, Any]:
         cap = subprocess.Popen(["ip", "netns", "exec", "lab-client", "tcpdump", "-i", "eth0", "-U", "-n", "-s", "96",
                                 "-B", "32768", "-w", str(work / "client.pcap"), f"tcp port {lab.SERVICE_PORT}"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        assert cap.stderr is not None   # stderr=PIPE
         cap.stderr.readline()   # "listening on ..."
         chromium = shutil.which("chromium") or "/usr/bin/chromium"
         with sync_playwright() as p:

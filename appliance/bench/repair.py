@@ -29,9 +29,9 @@ import random
 import select
 import socket
 import statistics
-import sys
 import threading
 import time
+from typing import Any
 
 from ..lab.repair_topology import SERVICE_ADDR, Topology, move, reap_stale
 
@@ -41,7 +41,15 @@ def _pct(xs: list[float], p: float) -> float:
     return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))]
 
 
-def run(migrations: int, interval: float, rate: float, port: int = 7100) -> dict:
+class _Sender:
+    """The server end the writer thread sends on (replaced by each move) and its progress."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.sent = 0
+
+
+def run(migrations: int, interval: float, rate: float, port: int = 7100) -> dict[str, Any]:
     topo = Topology().up(owner="a")
     try:
         lst = topo.socket("a")
@@ -56,7 +64,7 @@ def run(migrations: int, interval: float, rate: float, port: int = 7100) -> dict
         got = hashlib.sha256()
         arrivals: list[float] = []
         received = [0]
-        state = {"sock": srv, "sent": 0}
+        state = _Sender(srv)
         pause, paused, resume = threading.Event(), threading.Event(), threading.Event()
         errors: list[BaseException] = []
 
@@ -75,24 +83,24 @@ def run(migrations: int, interval: float, rate: float, port: int = 7100) -> dict
         def writer() -> None:
             t0 = time.monotonic()
             try:
-                while state["sent"] < size:
+                while state.sent < size:
                     if pause.is_set():
                         paused.set()
                         resume.wait()
                         continue
                     due = (time.monotonic() - t0) * rate
-                    if state["sent"] >= due:
+                    if state.sent >= due:
                         time.sleep(0.001)
                         continue
-                    s = state["sock"]
+                    s = state.sock
                     if not select.select([], [s], [], 0.01)[1]:
                         continue
                     try:
-                        n = s.send(data[state["sent"]:state["sent"] + 16384], socket.MSG_DONTWAIT)
+                        n = s.send(data[state.sent:state.sent + 16384], socket.MSG_DONTWAIT)
                     except BlockingIOError:
                         continue
-                    state["sent"] += n
-                state["sock"].shutdown(socket.SHUT_WR)
+                    state.sent += n
+                state.sock.shutdown(socket.SHUT_WR)
             except BaseException as exc:  # noqa: BLE001  (reported by the main thread)
                 errors.append(exc)
             finally:
@@ -101,7 +109,7 @@ def run(migrations: int, interval: float, rate: float, port: int = 7100) -> dict
         threads = [threading.Thread(target=reader, daemon=True), threading.Thread(target=writer, daemon=True)]
         for t in threads:
             t.start()
-        moves: list[dict] = []
+        moves: list[dict[str, float]] = []
         where = "a"
         for i in range(migrations):
             time.sleep(interval)
@@ -110,20 +118,19 @@ def run(migrations: int, interval: float, rate: float, port: int = 7100) -> dict
             paused.wait(10)
             to = "b" if where == "a" else "a"
             t_hold = time.monotonic()
-            new, t = move(topo, state["sock"], to)
-            t["t_hold"] = t_hold
-            t["t_release"] = time.monotonic()
-            state["sock"] = new
+            new, timings = move(topo, state.sock, to)
+            m: dict[str, float] = {**timings, "t_hold": t_hold, "t_release": time.monotonic()}
+            state.sock = new
             where = to
             paused.clear()
             pause.clear()
             resume.set()
-            moves.append(t)
+            moves.append(m)
             if errors:
                 break
         for t in threads:
             t.join(60)
-        state["sock"].close()
+        state.sock.close()
         cli.close()
         if errors:
             raise RuntimeError(f"stream failed: {errors[0]!r}")
@@ -134,7 +141,7 @@ def run(migrations: int, interval: float, rate: float, port: int = 7100) -> dict
             before = [a for a in arrivals if a <= m["t_hold"]]
             after = [a for a in arrivals if a >= m["t_release"]]
             m["client_gap"] = (after[0] - before[-1]) if before and after else float("nan")
-        out: dict = {"migrations": len(moves), "stream_bytes": size, "rate": rate, "sha256_ok": True}
+        out: dict[str, Any] = {"migrations": len(moves), "stream_bytes": size, "rate": rate, "sha256_ok": True}
         for key in ("hold_to_release", "library", "get", "create", "activate", "address", "release", "hold",
                     "client_gap"):
             xs = [m[key] * 1000 for m in moves]
@@ -164,4 +171,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -121,7 +121,8 @@ def profile_gateway(seconds: int) -> list[str]:
 def handler_microbench(packets: int = 2000, repeat: int = 20) -> dict[str, float]:
     """Pure-Python cost of ``Dataplane.handle`` (no kernel): microseconds per
     return-path data segment (observed) and per client ACK (held, rewritten)."""
-    from scapy.all import IP, TCP, Raw  # test-time packet builder, not the hot path
+    from scapy.all import Raw  # test-time packet builder, not the hot path
+    from scapy.layers.inet import IP, TCP  # (scapy.all re-exports them where mypy cannot see)
 
     from ..config import parse
     from ..dataplane import Dataplane

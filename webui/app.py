@@ -57,7 +57,7 @@ def create_app(gw: Any) -> FastAPI:
     if importlib.util.find_spec("webui.checkpoints") is not None:
         from . import checkpoints
 
-        app.include_router(checkpoints.build(ctx) if hasattr(checkpoints, "build") else checkpoints.router)
+        app.include_router(checkpoints.build(ctx))
     app.include_router(panel.build(ctx))
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     return app

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 NFQ_PROC = Path("/proc/net/netfilter/nfnetlink_queue")
 
@@ -37,7 +37,7 @@ def _esc(v: str) -> str:
     return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
-def _labels(labels: dict[str, Any]) -> str:
+def _labels(labels: Mapping[str, Any]) -> str:
     if not labels:
         return ""
     return "{" + ",".join(f'{k}="{_esc(str(v))}"' for k, v in labels.items()) + "}"
@@ -47,7 +47,8 @@ class _Writer:
     def __init__(self) -> None:
         self.lines: list[str] = []
 
-    def family(self, name: str, kind: str, help_: str, samples: list[tuple[dict[str, Any], float]]) -> None:
+    def family(self, name: str, kind: str, help_: str,
+               samples: Sequence[tuple[Mapping[str, Any], float]]) -> None:
         # the text format (0.0.4) names a counter's family with its _total suffix
         full = name + "_total" if kind == "counter" else name
         self.lines.append(f"# HELP {full} {help_}")

@@ -104,7 +104,9 @@ class Security:
             form = await request.form()
             v = form.get("csrf_token")
             sent = v if isinstance(v, str) else None
-        return bool(sent) and hmac.compare_digest(sent, s.csrf)
+        if not sent:
+            return False
+        return hmac.compare_digest(sent, s.csrf)
 
     def require(self, role: str) -> Callable[[Request], Any]:
         async def dependency(request: Request) -> Principal:

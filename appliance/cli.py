@@ -129,10 +129,13 @@ def demo(args: argparse.Namespace) -> None:
 
     info = lab.up(clients=1, backups=1)
     _print_lab(info)
-    api, token = info["api"], info["token"]
+    # lab.up() describes the lab in a dict of mixed values: take each as what it is
+    api, token = str(info["api"]), str(info["token"])
     name = args.file
-    expected = info["files"][name]
-    out = Path(info["run_dir"]) / "demo-download.bin"
+    files = info["files"]
+    assert isinstance(files, dict)
+    expected = files[name]
+    out = Path(str(info["run_dir"])) / "demo-download.bin"
     url = f"http://{lab.VIP}/{name}"
     print(f"\nclient: curl {url} at {args.rate} ...")
     proc = subprocess.Popen(

@@ -53,7 +53,7 @@ def _queue_stats(api: str, token: str) -> dict[str, Any]:
 
 def run_bench(rounds: int = 3, seconds: int = 8, profile: bool = False) -> dict[str, Any]:
     info = lab.up()
-    api, token = info["api"], info["token"]
+    api, token = str(info["api"]), str(info["token"])
     prim = "198.51.100.10"
     cases = {
         "iperf3 download, verify=sampled": (lambda: _iperf(prim, lab.PLAIN_IPERF_PORT, seconds, True),
@@ -212,7 +212,7 @@ def failover_bench(runs: int = 10, connections: tuple[int, ...] = (1, 100)) -> d
                 p.kill()
             for p in procs:
                 p.wait()
-            first = _first_backup_bytes(info["api"], info["token"], t0)
+            first = _first_backup_bytes(str(info["api"]), str(info["token"]), t0)
             lab.restore_link("primary")
             if len(first) < n:
                 per_run.append({"median_ms": float("nan"), "max_ms": float("nan"), "moved": len(first)})
@@ -250,7 +250,7 @@ def upload_bench(rounds: int = 3, body_name: str = "100M.bin") -> dict[str, Any]
     """Upload throughput (curl POST to the upload app) plain and through the
     gateway, with the checkpoint store in memory and on disk (delayed ACKs)."""
     info = lab.up()
-    api, token = info["api"], info["token"]
+    api, token = str(info["api"]), str(info["token"])
     body = lab.cache_dir() / "www" / body_name
     plain = f"http://198.51.100.10:{lab.PLAIN_UPLOAD_PORT}/"
     vip = f"http://{lab.VIP}:{lab.UPLOAD_PORT}/"

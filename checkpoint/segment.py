@@ -33,15 +33,35 @@ class TcpOptions:
 
 
 class SegmentLike(Protocol):
-    src: str
-    dst: str
-    sport: int
-    dport: int
-    seq: int
-    ack: int
-    flags: int
-    window: int
-    payload_len: int
+    """What the tracker reads of a segment: read-only, so a parsed packet's
+    properties (``nfq.packet.PacketView``) fit as well as a ``Segment``'s fields."""
+
+    @property
+    def src(self) -> str: ...
+
+    @property
+    def dst(self) -> str: ...
+
+    @property
+    def sport(self) -> int: ...
+
+    @property
+    def dport(self) -> int: ...
+
+    @property
+    def seq(self) -> int: ...
+
+    @property
+    def ack(self) -> int: ...
+
+    @property
+    def flags(self) -> int: ...
+
+    @property
+    def window(self) -> int: ...
+
+    @property
+    def payload_len(self) -> int: ...
 
     @property
     def options(self) -> TcpOptions: ...

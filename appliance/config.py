@@ -138,6 +138,7 @@ class GatewayConfig:
     on_failure: str = "open"        # appliance gone: "open" bypasses the queue (kernel fallback NAT), "closed" holds
     queue_full: str = "drop"        # queue overflow: "drop" (TCP retransmits) or "accept" unseen
     timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)
+    failover_batch: int = 32        # connections a failover moves before the loop reads the queues again
 
     @property
     def fail_open(self) -> bool:
@@ -304,7 +305,7 @@ def _name(data: dict[str, Any], where: str) -> str:
 def _gateway(data: dict[str, Any]) -> GatewayConfig:
     where = "gateway"
     _no_unknown(data, {"queue_num", "on_malformed", "max_connections", "on_failure", "fail_open", "queue_full",
-                       "timeouts"}, where)
+                       "timeouts", "failover_batch"}, where)
     if "fail_open" in data:  # the older spelling
         if "on_failure" in data:
             raise ConfigError(f"{where}.fail_open", "give on_failure or fail_open, not both")
@@ -327,6 +328,7 @@ def _gateway(data: dict[str, Any]) -> GatewayConfig:
         on_failure=on_failure,
         queue_full=_choice(data, "queue_full", where, "drop", ("drop", "accept")),
         timeouts=timeouts,
+        failover_batch=_int(data, "failover_batch", where, 32, 1, 10_000_000),
     )
 
 

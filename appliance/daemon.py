@@ -47,11 +47,15 @@ removes them by hand).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import socket
 import time
+from collections.abc import Generator
 from concurrent.futures import ThreadPoolExecutor
+
+import uvicorn
 
 from checkpoint.io.sqlite import SqliteBackend
 
@@ -179,6 +183,18 @@ async def committer(gw: Gateway, backend: SqliteBackend, interval: float) -> Non
             gw.flush()
 
 
+class _Server(uvicorn.Server):
+    """uvicorn without signal handlers of its own: the appliance owns SIGTERM and SIGINT (a clean
+    exit removes the rules and NAT in order)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+    def install_signal_handlers(self) -> None:  # uvicorn before 0.29
+        pass
+
+
 def listen_socket(host: str, port: int) -> socket.socket:
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -188,8 +204,6 @@ def listen_socket(host: str, port: int) -> socket.socket:
 
 
 async def serve(config: Config, listen_fd: int | None = None) -> None:
-    import uvicorn
-
     from webui.app import create_app
 
     loop = asyncio.get_running_loop()
@@ -201,8 +215,7 @@ async def serve(config: Config, listen_fd: int | None = None) -> None:
     sock = socket.socket(fileno=listen_fd) if listen_fd is not None else listen_socket(config.api.host, config.api.port)
     sock.setblocking(False)
     app = create_app(gw)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
-    server.install_signal_handlers = lambda: None  # we own the signals
+    server = _Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)

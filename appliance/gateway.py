@@ -35,7 +35,7 @@ real); request handlers are coroutines on that loop and await the action.  The d
 out typed events (:meth:`Dataplane.next_event`), drained by :meth:`pump_events` after every
 batch of packets and every action, and says when its timers must next run
 (:meth:`next_deadline`); nothing polls at a fixed rate.  A failover of many connections moves
-them in chunks of :data:`MOVE_CHUNK`, letting the loop read the queues in between, so the
+them in chunks of ``gateway.failover_batch`` (32), letting the loop read the queues in between, so the
 loop never stalls for the whole table.
 
 Time comes from ``clock`` (``time.time`` by default); nothing here blocks.
@@ -47,7 +47,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Generator
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from checkpoint.ici import TcpState
 from checkpoint.splice import Out, Phase, Splice
@@ -64,7 +64,6 @@ from .health import HealthChecker, Target
 
 log = logging.getLogger("appliance")
 T = TypeVar("T")
-MOVE_CHUNK = 32        # connections a failover moves before it lets the loop read the queues
 EXPIRE_INTERVAL = 1.0  # seconds between sweeps of idle records
 Flow = tuple[str, int, str, int]  # backend ip, port, client ip, port: the kernel's "moved" set
 
@@ -97,7 +96,7 @@ class Gateway:
         self.last_failover: dict[str, Any] | None = None
         self._next_expire = clock() + EXPIRE_INTERVAL
         self._wake: asyncio.Event | None = None  # set when the deadline may have moved earlier
-        self.loop_stats: Callable[[], dict[str, Any]] | None = None  # the loop's stall monitor (appliance run)
+        self.loop_stats: Callable[..., dict[str, Any]] | None = None  # the loop's stall monitor (appliance run)
         self._probing: dict[tuple[str, str], asyncio.Task] = {}
         self._probe_waiters: dict[tuple[str, str], list[Suspect]] = {}
         self.loop: asyncio.AbstractEventLoop | None = None  # the loop that carries the packets (appliance run)
@@ -119,15 +118,13 @@ class Gateway:
             here = asyncio.get_running_loop()
         except RuntimeError:
             here = None
+        async def here_and_now() -> T:
+            out = fn()
+            return cast(T, await out) if asyncio.iscoroutine(out) else cast(T, out)
+
         if loop is None or not loop.is_running() or loop is here:
-            out = fn()
-            return await out if asyncio.iscoroutine(out) else out  # type: ignore[no-any-return]
-
-        async def on_loop() -> T:
-            out = fn()
-            return await out if asyncio.iscoroutine(out) else out  # type: ignore[no-any-return]
-
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(on_loop(), loop))
+            return await here_and_now()
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(here_and_now(), loop))
 
     def wake(self) -> None:
         """The next deadline may have moved earlier (a move started): the timer task looks again."""
@@ -240,7 +237,7 @@ class Gateway:
 
     async def failover_async(self, service: str, to: str | None = None, reason: str = "manual",
                              dead: bool | None = None) -> dict[str, Any]:
-        """The same on the loop, :data:`MOVE_CHUNK` connections at a time: the queues are read
+        """The same on the loop, ``gateway.failover_batch`` connections at a time: the queues are read
         between chunks, so a failover of thousands of connections never stalls the packets."""
         steps = self._failover_steps(service, to, reason, dead)
         while True:
@@ -269,12 +266,13 @@ class Gateway:
             "time": now, "service": service, "from": old, "to": target.name, "reason": reason,
             "connections": len(recs), "reset": 0, "pending": {r.id for r in recs}, "duration_ms": None,
         }
-        ev = self.events.add("failover", reason, service=service, backend=target.name, now=now,
-                             **{"from": old, "moved": [r.id for r in recs], "repinned": [], "reset": []})
+        details: dict[str, Any] = {"from": old, "moved": [r.id for r in recs], "repinned": [], "reset": []}
+        ev = self.events.add("failover", reason, service=service, backend=target.name, now=now, **details)
         outcomes: dict[str, list[int]] = {"moved": [], "repinned": [], "reset": []}
         lf = self.last_failover
-        for i in range(0, len(recs), MOVE_CHUNK):
-            for rec in recs[i:i + MOVE_CHUNK]:
+        chunk = self.config.gateway.failover_batch
+        for i in range(0, len(recs), chunk):
+            for rec in recs[i:i + chunk]:
                 if rec.backend != old or rec.state in (TcpState.TIME_WAIT, TcpState.CLOSED):
                     lf["pending"].discard(rec.id)  # closed or moved meanwhile
                     continue
@@ -283,7 +281,7 @@ class Gateway:
                 if outcome != "moved":
                     lf["pending"].discard(rec.id)
             self.flush()
-            if i + MOVE_CHUNK < len(recs):
+            if i + chunk < len(recs):
                 yield
         ev.details.update(outcomes)
         lf["connections"], lf["reset"] = len(outcomes["moved"]), len(outcomes["reset"])
@@ -410,9 +408,9 @@ class Gateway:
         }
         if not moving:
             self.last_failover["duration_ms"] = 0.0
-        ev = self.events.add("failover", reason, service=svc.name, backend=target.name, now=now,
-                             **{"from": old.name, "moved": [r.id for r in moving], "repinned": repinned,
-                                "reset": [], "mode": "resume", "source": "wire" if dead else "live"})
+        details: dict[str, Any] = {"from": old.name, "moved": [r.id for r in moving], "repinned": repinned,
+                                   "reset": [], "mode": "resume", "source": "wire" if dead else "live"}
+        ev = self.events.add("failover", reason, service=svc.name, backend=target.name, now=now, **details)
         log.warning("failover of %s: %s -> %s (%s, resume from the %s): %d connection(s)", svc.name, old.name,
                     target.name, reason, "wire checkpoint" if dead else "live endpoints", len(moving))
         if moving:
@@ -426,14 +424,15 @@ class Gateway:
                           dead: bool) -> None:
         from .resume import ResumeFailed
 
-        assert self.resume is not None
+        resume = self.resume
+        assert resume is not None
 
         async def one(rec: Any) -> None:
             if dead or rec.state is not TcpState.ESTABLISHED:
-                await self.resume.resume_from_wire(rec, old, target, reason)
+                await resume.resume_from_wire(rec, old, target, reason)
                 return
             try:
-                await self.resume.migrate(rec, old, target, reason)
+                await resume.migrate(rec, old, target, reason)
             except ResumeFailed:
                 pass  # the refusal event says why; the connection stays where it was
             self.resume_done(rec.id)
@@ -472,8 +471,8 @@ class Gateway:
         ev = self.events.add("migration", f"{reason}: {outcome}", service=svc.name, backend=target.name,
                              connection=cid, now=now, **{"from": old, "outcome": outcome})
         if outcome == "reset":
-            raise Conflict(f"connection {cid} could not be moved and was reset: "
-                           f"{self.events.last('reset').reason if self.events.last('reset') else ''}")
+            last = self.events.last("reset")
+            raise Conflict(f"connection {cid} could not be moved and was reset: {last.reason if last else ''}")
         return ev.to_dict()
 
     def reset_connection(self, cid: int, reason: str = "manual") -> dict[str, Any]:
@@ -576,8 +575,9 @@ class Gateway:
 
     async def _probe_suspect(self, key: tuple[str, str]) -> None:
         service, backend = key
+        health = self.health
         try:
-            ok = await self.health.probe_now(service, backend)
+            ok = health is not None and await health.probe_now(service, backend)
         except Exception as exc:  # a probe that cannot run says nothing good
             log.warning("probe of %s/%s failed to run: %s", service, backend, exc)
             ok = False
@@ -617,6 +617,7 @@ class Gateway:
         for item in loaded:
             rec = item.rec
             svc = dp.services.get(rec.service)
+            reason: str | None
             if svc is None or rec.backend not in svc.backends or (svc.vip, svc.port) != (rec.vip, rec.vport):
                 reason = "its service or backend is no longer configured"
             elif rec.state in (TcpState.CLOSED, TcpState.TIME_WAIT):

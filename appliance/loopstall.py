@@ -62,19 +62,24 @@ class LoopMonitor:
                 if dt > 0.001:
                     mon.record(dt, handle)
 
-        asyncio.events.Handle._run = _run  # type: ignore[method-assign]
+        asyncio.events.Handle._run = _run  # type: ignore[method-assign,assignment]
 
     def stats(self, since: float | None = None) -> dict[str, Any]:
-        """The figures for the status document; ``since``: only the recent stalls after it."""
-        recent = [{"time": t, "ms": ms, "callback": what} for t, ms, what in self.recent
-                  if since is None or t >= since]
+        """The figures for the status document; with ``since`` (a time), also every recent stall
+        of :data:`RECENT_MS` or more after it (``GET /api/v1/loop``)."""
+        out = self.summary()
+        if since is not None:
+            out["recent_stalls"] = [{"time": t, "ms": ms, "callback": what} for t, ms, what in self.recent
+                                    if t >= since]
+        return out
+
+    def summary(self) -> dict[str, Any]:
         return {
             "max_stall_ms": round(self.max_ms, 3),
             "max_stall_at": self.max_at,
             "max_stall_callback": self.max_callback,
             "stalls_by_ms": {f"le_{b}" if i < len(BUCKETS_MS) else "more": n
                              for i, (b, n) in enumerate(zip((*BUCKETS_MS, None), self.histogram))},
-            "recent_stalls": recent[-50:],
         }
 
 

@@ -94,6 +94,14 @@ def build(ctx: Context) -> APIRouter:
                             timeout: float | None = Query(None, gt=0, le=86400)) -> Response:
         return live.response(live.snapshot_stream(request, status_doc, "status", interval, timeout))
 
+    @r.get("/api/v1/loop", tags=["status"], summary="The event loop's stalls (the longest callbacks it ran)")
+    async def loop_stalls(p: Principal = viewer, since: float = Query(0.0, ge=0, le=1e12,
+                                                                      description="stalls after this time")
+                          ) -> dict[str, Any]:
+        if gw.loop_stats is None:
+            raise HTTPException(409, "the loop monitor runs in 'appliance run' only")
+        return gw.loop_stats(since)
+
     @r.get("/api/v1/whoami", tags=["auth"])
     async def whoami(p: Principal = viewer) -> dict[str, Any]:
         return {"name": p.name, "role": p.role, "via": p.via}

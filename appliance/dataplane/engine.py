@@ -73,7 +73,7 @@ def apply_rewrite(pv: PacketView, rw: Rewrite) -> None:
         pv.set_window(rw.window)
     if rw.tsecr is not None or rw.tsval is not None:
         tsval, tsecr = pv.tsval, pv.tsecr
-        if tsval is not None:
+        if tsval is not None and tsecr is not None:
             pv.set_timestamps(rw.tsval if rw.tsval is not None else tsval,
                               rw.tsecr if rw.tsecr is not None else tsecr)
     if rw.strip_sack:

@@ -120,9 +120,11 @@ class AckGate:
                 if ov.options.sack_blocks:
                     ov.strip_sack()
             ts = rec.server.tsval
-            if ov.tsval is not None and ts is not None and not syn and not self.translated(rec.id):
+            tsecr = ov.tsecr
+            if ov.tsval is not None and tsecr is not None and ts is not None and not syn \
+                    and not self.translated(rec.id):
                 if seq_diff(ts, ov.tsval) > 0:  # I3: never older than what the client saw
-                    ov.set_timestamps(ts, ov.tsecr)
+                    ov.set_timestamps(ts, tsecr)
             self.send(out)
             self.counters.acks_released += 1
 

@@ -468,7 +468,7 @@ def start_appliance(config: Path, extra_args: list[str] | None = None) -> int:
         ["ip", "netns", "exec", GATEWAY, sys.executable, "-m", "appliance", "run",
          "--config", str(config), "--listen-fd", str(fd), *(extra_args or [])],
         pass_fds=(fd,), stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-        cwd=str(Path(__file__).resolve().parent.parent), env=appliance_env(config),
+        cwd=str(Path(__file__).resolve().parents[2]), env=appliance_env(config),
     )
     sock.close()
     log.close()

@@ -176,3 +176,28 @@ def test_full_table_of_half_open_records_makes_room_and_says_so() -> None:
     assert isinstance(tail, HalfOpenEvicted) and tail.count == 1 and tail.total == 2
 
 
+
+
+def test_backend_byte_counters_are_cumulative() -> None:
+    """As HAProxy's bytes in/out: a backend's counters keep what its connections carried after
+    those connections are gone from the table."""
+    from appliance.gateway import Gateway
+
+    now = [100.0]
+    gw = Gateway(parse(CFG), clock=lambda: now[0])
+    dp = gw.dataplane
+    handshake(dp, now[0])
+    dp.handle(raw(IP(src=CLIENT, dst="203.0.113.10") / TCP(sport=40000, dport=80, flags="PA", seq=1001, ack=5001)
+                  / Raw(b"G" * 100)), now[0])
+    dp.handle(raw(IP(src="198.51.100.10", dst=CLIENT) / TCP(sport=80, dport=40000, flags="PA", seq=5001, ack=1101)
+                  / Raw(b"x" * 1000)), now[0])
+    for flags, src, dst, sport, dport, seq, ack in (
+            ("FA", CLIENT, "203.0.113.10", 40000, 80, 1101, 6001),
+            ("FA", "198.51.100.10", CLIENT, 80, 40000, 6001, 1102),
+            ("A", CLIENT, "203.0.113.10", 40000, 80, 1102, 6002)):
+        dp.handle(raw(IP(src=src, dst=dst) / TCP(sport=sport, dport=dport, flags=flags, seq=seq, ack=ack)), now[0])
+    now[0] += 10_000
+    dp.expire(now[0])
+    assert len(dp.table) == 0
+    (primary,) = [b for s in gw.services() for b in s["backends"] if b["name"] == "primary"]
+    assert primary["bytes_from_client"] == 100 and primary["bytes_from_server"] == 1000

@@ -57,7 +57,7 @@ from nfq.queue import PacketQueue
 
 from .config import Config
 from .errors import Conflict, NotFound
-from .dataplane import (BackendRuntime, CloseSuspected, Dataplane, HalfOpenEvicted, Held, MoveEnded, MoveStarted,
+from .dataplane import (BackendRuntime, CloseSuspected, ConnectionClosed, Dataplane, HalfOpenEvicted, Held, MoveEnded, MoveStarted,
                         MoveVerified, ResumeRefused, ServiceRuntime, Spliced, Suspect)
 from .events import EventLog
 from .health import HealthChecker, Target
@@ -97,6 +97,8 @@ class Gateway:
         self._next_expire = clock() + EXPIRE_INTERVAL
         self._wake: asyncio.Event | None = None  # set when the deadline may have moved earlier
         self.loop_stats: Callable[..., dict[str, Any]] | None = None  # the loop's stall monitor (appliance run)
+        # told of every connection that is over, once, at the batch it ended in: (record, why, now)
+        self.closed_listeners: list[Callable[[Any, str, float], None]] = []
         self._probing: dict[tuple[str, str], asyncio.Task] = {}
         self._probe_waiters: dict[tuple[str, str], list[Suspect]] = {}
         self.loop: asyncio.AbstractEventLoop | None = None  # the loop that carries the packets (appliance run)
@@ -181,6 +183,9 @@ class Gateway:
             elif isinstance(ev, ResumeRefused):
                 self.events.add("reset", f"not resumed after the restart: {ev.reason}", service=ev.rec.service,
                                 connection=ev.rec.id, now=now)
+            elif isinstance(ev, ConnectionClosed):
+                for listener in self.closed_listeners:
+                    listener(ev.rec, ev.why, now)
             elif isinstance(ev, HalfOpenEvicted):
                 self.events.add("overload", f"connection table full: {ev.count} half-open connection(s) evicted "
                                             f"for new ones (a SYN flood?)", now=now, evicted=ev.count, total=ev.total)

@@ -99,6 +99,7 @@ class ConnectionTable:
         self.refused_full = 0  # new connections refused: full, nothing evictable
         self.evicted = 0       # finished records evicted to make room
         self.early_drops = 0   # half-open (SYN_SENT / SYN_RECV) records evicted to make room
+        self._evicted_out: list[ConnectionRecord] = []  # evicted since take_evicted()
         self.expired = 0
         self.created = 0
 
@@ -220,6 +221,7 @@ class ConnectionTable:
             cid, rec = next(iter(finished.items()))
             if by_id.get(cid) is rec and rec.state in FINISHED:
                 self._remove(rec)
+                self._evicted_out.append(rec)
                 self.evicted += 1
                 return True
             del finished[cid]
@@ -229,15 +231,22 @@ class ConnectionTable:
                 del opening[cid]
             elif rec.state in OPENING:
                 self._remove(rec)
+                self._evicted_out.append(rec)
                 self.early_drops += 1
                 return True
             elif rec.state in FINISHED:  # finished without observe(): still the cheaper victim
                 self._remove(rec)
+                self._evicted_out.append(rec)
                 self.evicted += 1
                 return True
             else:  # established or closing without observe(): never evicted
                 del opening[cid]
         return False
+
+    def take_evicted(self) -> list[ConnectionRecord]:
+        """The records evicted to make room since the last call (their owner forgets them too)."""
+        out, self._evicted_out = self._evicted_out, []
+        return out
 
     def _remove(self, rec: ConnectionRecord) -> None:
         self._by_key.pop(rec.key, None)

@@ -10,6 +10,7 @@ for input that does not validate (the field is named).
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request, Response
@@ -59,6 +60,13 @@ class ConfigWrite(BaseModel):
     model_config = ConfigDict(extra="forbid")
     version: int = Field(..., description="the version this change was made from (GET /api/v1/config)")
     config: dict[str, Any] = Field(..., description="the whole document, as GET returns it")
+
+
+def json_response(doc: Any, headers: dict[str, str] | None = None) -> Response:
+    """A large document straight to JSON: FastAPI's generic encoder and response validation cost
+    milliseconds per thousand items, on the loop that carries the packets."""
+    return Response(json.dumps(doc, default=str, separators=(",", ":")), media_type="application/json",
+                    headers=headers)
 
 
 def _kind(kind: str | None) -> str | None:
@@ -119,17 +127,16 @@ def build(ctx: Context) -> APIRouter:
         total, page = gw.connections_page(q, state, service, backend, protected, open_only, offset, limit)
         return total, [views.decorate(c) for c in page]
 
-    @r.get("/api/v1/connections", tags=["connections"])
-    async def connections(response: Response, p: Principal = viewer,
+    @r.get("/api/v1/connections", tags=["connections"], response_model=list[dict[str, Any]])
+    async def connections(p: Principal = viewer,
                     q: str | None = Query(None, max_length=200, description="substring of id, client, backend..."),
                     state: str | None = Query(None, max_length=20), service: str | None = Query(None, max_length=64),
                     backend: str | None = Query(None, max_length=64), protected: bool | None = None,
                     open_only: bool = False, offset: int = Query(0, ge=0, le=10_000_000),
-                    limit: int = Query(10000, ge=1, le=100000)) -> list[dict[str, Any]]:
+                    limit: int = Query(10000, ge=1, le=100000)) -> Response:
         """Tracked connections, filtered, in id order; ``X-Total-Count`` says how many matched."""
         total, page = connections_page(q, state, service, backend, protected, open_only, offset, limit)
-        response.headers["X-Total-Count"] = str(total)
-        return page
+        return json_response(page, {"X-Total-Count": str(total)})
 
     @r.get("/api/v1/connections/stream", tags=["connections"], summary="A filtered page of connections (SSE)")
     async def connections_stream(request: Request, p: Principal = viewer, q: str | None = Query(None, max_length=200),
@@ -232,11 +239,11 @@ def build(ctx: Context) -> APIRouter:
                        changes_config=True)
 
     # --- events and audit -------------------------------------------------------------
-    @r.get("/api/v1/events", tags=["events"])
+    @r.get("/api/v1/events", tags=["events"], response_model=list[dict[str, Any]])
     async def events(p: Principal = viewer, kind: str | None = Query(None, max_length=20),
                service: str | None = Query(None, max_length=64), backend: str | None = Query(None, max_length=64),
                connection: int | None = None, q: str | None = Query(None, max_length=200),
-               since_id: int | None = None, limit: int = Query(100, ge=1, le=10000)) -> list[dict[str, Any]]:
+               since_id: int | None = None, limit: int = Query(100, ge=1, le=10000)) -> Response:
         """Failovers, migrations, health transitions, divergences, resets, refusals, admin changes; oldest first."""
         found = gw.events.list(kind=_kind(kind), service=service, connection=connection, since_id=since_id,
                                limit=None)
@@ -244,7 +251,7 @@ def build(ctx: Context) -> APIRouter:
             found = [e for e in found if e.backend == backend]
         if q:
             found = [e for e in found if q.lower() in e.reason.lower()]
-        return [e.to_dict() for e in found[-limit:]]
+        return json_response([e.to_dict() for e in found[-limit:]])
 
     @r.get("/api/v1/events/stream", tags=["events"], summary="New events as they happen (SSE)")
     async def events_stream(request: Request, p: Principal = viewer, kind: str | None = Query(None, max_length=20),

@@ -109,7 +109,7 @@ def one_run(n: int, batch: int, api: str, token: str) -> dict[str, Any]:
                 break
             if time.monotonic() > deadline:
                 raise RuntimeError(f"moves not done: {len(moves)} of {fos and fos[0]['details']}")
-            time.sleep(0.2)
+            time.sleep(0.5)
         t1 = max(m["time"] for m in moves) if moves else time.time()
         fo = fos[0]
         loop = api_get(f"/api/v1/loop?since={t0}", api, token)

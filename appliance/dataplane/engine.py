@@ -40,13 +40,13 @@ from checkpoint.seqnum import seq_add, seq_diff
 from checkpoint.splice import Decision, Out, Phase, Rewrite, Splice, SpliceOptions
 from checkpoint.store import CommitPlanner
 from checkpoint.streamlog import ByteLog, SampledDigest, StreamDigest
-from checkpoint.table import ConnectionTable, Timeouts
+from checkpoint.table import FINISHED, ConnectionTable, Timeouts
 from nfq.packet import MalformedPacket, PacketView
 from nfq.queue import Verdict
 
 from ..config import Config, FailoverConfig
-from .events import (CloseSuspected, EngineEvent, HalfOpenEvicted, MoveEnded, MoveStarted, MoveVerified,
-                     ResumeRefused, Suspect)
+from .events import (CloseSuspected, ConnectionClosed, EngineEvent, HalfOpenEvicted, MoveEnded, MoveStarted,
+                     MoveVerified, ResumeRefused, Suspect)
 from .gate import AckGate
 from .modes import ORDINARY, Held, Mode, Ordinary, Resumed, ResumedFlow, Resyncing, Spliced
 from .runtime import BackendRuntime, DataplaneCounters, ServiceRuntime
@@ -107,6 +107,7 @@ class Dataplane:
                                 lambda cid: isinstance(self.modes.get(cid), Spliced))
         self._events: deque[EngineEvent] = deque()
         self._suspected: set[int] = set()  # connections whose backend close waits for a probe
+        self._ended: set[int] = set()      # connections whose ConnectionClosed was given
         self._fence_sent: dict[int, float] = {}
         self._evictions_reported = 0
         self._eviction_event_at = float("-inf")
@@ -210,6 +211,8 @@ class Dataplane:
                 self.counters.table_full_drops += 1
                 return Verdict.DROP
         table.observe(rec, pv, True, now)
+        if rec.state in FINISHED:
+            self._closed(rec, "closed")
         self._log_client(rec, pv)
         if self.store is not None:
             self.store.touch(rec)
@@ -223,11 +226,13 @@ class Dataplane:
         be = svc.active_backend
         rec = self.table.admit(key, pv, service=svc.name, backend=be.name, backend_ip=be.address,
                                backend_port=be.port, now=now)
+        for gone in self.table.take_evicted():
+            self._forget(gone, "evicted")
         self._note_evictions(now)
         if rec is None or rec is old:
             return rec
         if old is not None:
-            self._forget(old)
+            self._forget(old, "replaced")
         if pv.flags & SYN:
             rec.log = ByteLog(svc.failover.max_log_bytes)
             kind = SampledDigest if svc.failover.verify == "sampled" else StreamDigest
@@ -279,6 +284,8 @@ class Dataplane:
         """Track a backend segment (in the backend's own view) and feed the stream digest."""
         be.bytes_from_server += pv.payload_len
         self.table.observe(rec, pv, False, now)
+        if rec.state in FINISHED:
+            self._closed(rec, "closed")
         dg = rec.digest
         if dg is not None and pv.payload_len and rec.server.isn is not None:
             off = seq_diff(pv.seq + (1 if pv.flags & SYN else 0), seq_add(rec.server.isn, 1))
@@ -356,6 +363,8 @@ class Dataplane:
             return Verdict.REWRITTEN
         # a backend segment, now in the client's view
         self.table.observe(observe_rec, pv, False, now)
+        if observe_rec.state in FINISHED:
+            self._closed(observe_rec, "closed")
         dg = observe_rec.digest
         if dg is not None and pv.payload_len and observe_rec.server.isn is not None:
             off = seq_diff(pv.seq, seq_add(observe_rec.server.isn, 1))
@@ -384,6 +393,7 @@ class Dataplane:
         self._events.append(MoveEnded(sp, mode.verified))
         if sp.phase is Phase.FAILED:
             self._disown(rec)
+            self._closed(rec, "reset")
 
     def move(self, rec: ConnectionRecord, target: BackendRuntime, now: float) -> Splice:
         """Start moving ``rec`` to ``target`` (replay).  Raises ValueError with the reason when it
@@ -444,6 +454,12 @@ class Dataplane:
         self._suspected.discard(rec.id)
         self._disown(rec)
         rec.closed_at = now
+        self._closed(rec, "reset")
+
+    def _closed(self, rec: ConnectionRecord, why: str) -> None:
+        if rec.id not in self._ended:
+            self._ended.add(rec.id)
+            self._events.append(ConnectionClosed(rec, why))
 
     @staticmethod
     def _disown(rec: ConnectionRecord) -> None:
@@ -465,11 +481,14 @@ class Dataplane:
         """Drop idle and finished records, and end the moves of those that moved."""
         gone = self.table.expire(now)
         for rec in gone:
-            self._forget(rec)
+            self._forget(rec, "idle")
         self._note_evictions(now)  # the tail of a flood that no later admission reported
         return gone
 
-    def _forget(self, rec: ConnectionRecord) -> None:
+    def _forget(self, rec: ConnectionRecord, why: str) -> None:
+        """``rec`` leaves the table: its mode, held ACKs, suspicion and store rows go with it."""
+        self._closed(rec, why)  # (a no-op for one that closed before)
+        self._ended.discard(rec.id)
         mode = self.modes.pop(rec.id, None)
         if isinstance(mode, Spliced):
             self._end_splice(rec, mode)

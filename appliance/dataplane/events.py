@@ -71,4 +71,14 @@ class HalfOpenEvicted:
     total: int
 
 
-EngineEvent = Union[MoveStarted, MoveVerified, MoveEnded, CloseSuspected, ResumeRefused, HalfOpenEvicted]
+@dataclass(frozen=True, slots=True)
+class ConnectionClosed:
+    """A connection is over, once per record: it closed or was reset (its state reached TIME_WAIT
+    or CLOSED), or it left the table open (``why``: "idle", "evicted", "replaced")."""
+
+    rec: ConnectionRecord
+    why: str       # "closed", "reset", "idle", "evicted", "replaced"
+
+
+EngineEvent = Union[MoveStarted, MoveVerified, MoveEnded, CloseSuspected, ResumeRefused, HalfOpenEvicted,
+                    ConnectionClosed]

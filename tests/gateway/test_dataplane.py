@@ -158,7 +158,7 @@ def test_full_table_of_established_connections_refuses_new_ones_and_counts() -> 
 
 def test_full_table_of_half_open_records_makes_room_and_says_so() -> None:
     """A SYN flood: the oldest half-open record goes for a new connection, and one event says so."""
-    from appliance.dataplane import HalfOpenEvicted
+    from appliance.dataplane import ConnectionClosed, HalfOpenEvicted
 
     dp = Dataplane(parse(CFG | {"gateway": {"max_connections": 2}}))
     verdicts = [dp.handle(raw(IP(src=CLIENT, dst="203.0.113.10") / TCP(sport=port, dport=80, flags="S", seq=port)),
@@ -169,8 +169,11 @@ def test_full_table_of_half_open_records_makes_room_and_says_so() -> None:
     events = []
     while (ev := dp.next_event()) is not None:
         events.append(ev)
-    assert [type(e) for e in events] == [HalfOpenEvicted]  # one a second, not one a SYN
-    assert events[0].count == 1
+    # each evicted record is over (said once), and the eviction is one event a second, not one a SYN
+    assert [(e.rec.client_port, e.why) for e in events if isinstance(e, ConnectionClosed)] == [(1, "evicted"),
+                                                                                             (2, "evicted")]
+    (ev,) = [e for e in events if isinstance(e, HalfOpenEvicted)]
+    assert ev.count == 1
     dp.expire(3.0)  # the rest of the story, a second later
     (tail,) = [dp.next_event()]
     assert isinstance(tail, HalfOpenEvicted) and tail.count == 1 and tail.total == 2
@@ -201,3 +204,40 @@ def test_backend_byte_counters_are_cumulative() -> None:
     assert len(dp.table) == 0
     (primary,) = [b for s in gw.services() for b in s["backends"] if b["name"] == "primary"]
     assert primary["bytes_from_client"] == 100 and primary["bytes_from_server"] == 1000
+
+
+def test_every_connection_is_said_to_be_over_exactly_once() -> None:
+    from appliance.dataplane import CloseSuspected, ConnectionClosed
+
+    suspects = []
+
+    def closed(dp: Dataplane) -> list[tuple[int, str]]:
+        out = []
+        while (ev := dp.next_event()) is not None:
+            if isinstance(ev, ConnectionClosed):
+                out.append((ev.rec.client_port, ev.why))
+            elif isinstance(ev, CloseSuspected):
+                suspects.append(ev.suspect)
+        return out
+
+    def seg(flags: str, from_client: bool, port: int, seq: int, ack: int) -> bytearray:
+        ip = IP(src=CLIENT, dst="203.0.113.10") if from_client else IP(src="198.51.100.10", dst=CLIENT)
+        tcp = TCP(sport=port, dport=80, flags=flags, seq=seq, ack=ack) if from_client else \
+            TCP(sport=80, dport=port, flags=flags, seq=seq, ack=ack)
+        return raw(ip / tcp)
+
+    dp = Dataplane(parse(CFG))
+    for port in (1, 2, 3):  # 1 closes with FINs both ways, 2 is reset by the gateway, 3 goes idle
+        _established(dp, port, 1.0)
+    dp.handle(seg("FA", True, 1, 2, 8), 2.0)
+    assert dp.handle(seg("FA", False, 1, 8, 3), 2.0) is Verdict.DROP  # held: is the backend dying?
+    assert closed(dp) == [] and len(suspects) == 1
+    dp.release_suspect(suspects[0])  # a probe says it is alive: its FIN (retransmitted) passes
+    assert dp.handle(seg("FA", False, 1, 8, 3), 2.1) is Verdict.ACCEPT
+    dp.handle(seg("A", True, 1, 3, 9), 2.1)
+    assert closed(dp) == [(1, "closed")]
+    dp.reset(next(r for r in dp.table if r.client_port == 2), 2.0)
+    assert closed(dp) == [(2, "reset")]
+    dp.expire(10_000.0)
+    assert closed(dp) == [(3, "idle")]  # 1 and 2 were said to be over already
+    assert len(dp.table) == 0 and closed(dp) == []

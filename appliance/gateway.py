@@ -68,6 +68,15 @@ EXPIRE_INTERVAL = 1.0  # seconds between sweeps of idle records
 Flow = tuple[str, int, str, int]  # backend ip, port, client ip, port: the kernel's "moved" set
 
 
+def _finish(steps: Generator[None, None, T]) -> T:
+    """Run a stepwise action to its end at once (no loop to yield to)."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+
+
 def build_packet(o: Out) -> bytes:
     syn = bool(o.flags & 0x02)
     opts = tcp_options(mss=o.mss, wscale=o.wscale, sack_permitted=o.sack_permitted,
@@ -233,12 +242,7 @@ class Gateway:
         ``dead``: the old backend is known dead (a health check or a failed probe); None: its
         health state says.  Only resume mode cares: a live backend's connections are exported
         from it, a dead one's are re-created from the wire checkpoint."""
-        steps = self._failover_steps(service, to, reason, dead)
-        while True:
-            try:
-                next(steps)
-            except StopIteration as done:
-                return done.value  # type: ignore[no-any-return]
+        return _finish(self._failover_steps(service, to, reason, dead))
 
     async def failover_async(self, service: str, to: str | None = None, reason: str = "manual",
                              dead: bool | None = None) -> dict[str, Any]:
@@ -250,7 +254,7 @@ class Gateway:
                 next(steps)
             except StopIteration as done:
                 return done.value  # type: ignore[no-any-return]
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # the queues are read here
 
     def _failover_steps(self, service: str, to: str | None, reason: str,
                         dead: bool | None) -> Generator[None, None, dict[str, Any]]:

@@ -59,6 +59,9 @@ while time.time() < end and not stop:
         got[s] += len(b)
     time.sleep(0.05)
 print(f"alive {n - len(dead)} bytes {sum(got.values())}", flush=True)
+for s in socks:  # close with a RST: no socket of this run lingers (FIN_WAIT) into the next one
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    s.close()
 """
 
 
@@ -73,10 +76,13 @@ def _sse(url: str, token: str, stop: threading.Event) -> None:
         pass
 
 
-def one_run(n: int, batch: int, api: str, token: str) -> dict[str, Any]:
+def one_run(n: int, batch: int, api: str, token: str, k: int) -> dict[str, Any]:
     lab.down_appliance_state()
     lab.restore_link("primary")
-    lab.up(appliance=False)  # nginx again where the last run killed it
+    # run k's client ports are its own: the last run's server sockets (their client gone, still
+    # retransmitting) never meet a new connection with the same address pair
+    lo = 20000 + (k % 20) * 2000
+    lab.nsexec("lab-client", "sysctl", "-qw", f"net.ipv4.ip_local_port_range={lo} {lo + 1999}")
     config = lab.variant_config(f"stall-{batch}", gateway={"failover_batch": batch})
     lab.start_appliance(config)
     holder = subprocess.Popen(["ip", "netns", "exec", "lab-client", sys.executable, "-c", HOLDER, str(n), lab.VIP,
@@ -130,11 +136,6 @@ def one_run(n: int, batch: int, api: str, token: str) -> dict[str, Any]:
         if holder.poll() is None:
             holder.kill()
             holder.wait()
-        # the cut primary still holds the moved connections: kill it while it is cut, so its
-        # retransmissions do not meet the next run's appliance as strangers
-        # and the backup, which still holds this run's moved connections
-        lab.kill_server("primary")
-        lab.kill_server("backup")
         lab.restore_link("primary")
 
 
@@ -148,14 +149,15 @@ def main(argv: list[str] | None = None) -> None:
     batches = args.batch or [32]
     info = lab.up()
     api, token = str(info["api"]), str(info["token"])
-    runs = []
+    runs: list[dict[str, Any]] = []
     try:
         for r in range(args.rounds):
             for b in batches:  # alternating, so drift hits every variant alike
-                res = one_run(args.connections, b, api, token)
+                res = one_run(args.connections, b, api, token, len(runs))
                 runs.append(res)
                 print(json.dumps(res), flush=True)
     finally:
+        lab.nsexec("lab-client", "sysctl", "-qw", "net.ipv4.ip_local_port_range=32768 60999")
         lab.down_appliance_state()
         lab.up()
     for b in batches:

@@ -83,13 +83,23 @@ class Ordinary:
 
     def server(self, dp: Dataplane, rec: ConnectionRecord, pv: PacketView, svc: ServiceRuntime,
                be: BackendRuntime, now: float) -> Verdict:
+        early = self.screen(dp, rec, pv, svc, be, now)
+        if early is not None:
+            return early
+        dp.observe_server(rec, pv, be, now)
+        return dp.gate_server(rec, pv, svc)
+
+    @staticmethod
+    def screen(dp: Dataplane, rec: ConnectionRecord, pv: PacketView, svc: ServiceRuntime,
+               be: BackendRuntime, now: float) -> Verdict | None:
+        """A backend packet that goes no further: from a backend that no longer owns the
+        connection (fenced), or a close held until a probe has spoken.  None: it goes on."""
         if rec.backend != be.name:
             return dp.fence(rec, pv, be, now)
         if pv.flags & (FIN | RST) and not rec.server_close_ok and rec.state not in (TcpState.TIME_WAIT,
                                                                                      TcpState.CLOSED):
             return dp.hold_close(rec, svc, be, pv)
-        dp.observe_server(rec, pv, be, now)
-        return dp.gate_server(rec, pv, svc)
+        return None
 
 
 ORDINARY = Ordinary()
@@ -105,11 +115,9 @@ class Resyncing(Ordinary):
 
     def server(self, dp: Dataplane, rec: ConnectionRecord, pv: PacketView, svc: ServiceRuntime,
                be: BackendRuntime, now: float) -> Verdict:
-        if rec.backend != be.name:
-            return dp.fence(rec, pv, be, now)
-        if pv.flags & (FIN | RST) and not rec.server_close_ok and rec.state not in (TcpState.TIME_WAIT,
-                                                                                     TcpState.CLOSED):
-            return dp.hold_close(rec, svc, be, pv)
+        early = self.screen(dp, rec, pv, svc, be, now)
+        if early is not None:
+            return early
         dp.observe_server(rec, pv, be, now)
         if self.client_segments is not None and not pv.truncated and pv.payload_len:
             self._end_resync(rec)

@@ -27,6 +27,10 @@ def one(kind: str) -> dict:
     return evs[0]
 
 
+def established(service: str) -> list[dict]:
+    return [c for c in api(f"/api/v1/connections?service={service}") if c["state"] == "ESTABLISHED"]
+
+
 def moved_ok(n: int) -> list[dict]:
     try:
         return wait_for(lambda: len(events("migration")) >= n and events("migration"), timeout=30,
@@ -77,8 +81,10 @@ def test_twenty_parallel_downloads_one_failover(fresh: dict, tmp_path: Path) -> 
     with client_capture(tmp_path) as cap:
         for i in range(20):
             downloads.append(start_download("10M.bin", tmp_path / f"d{i}.bin", rate="600K"))
-            time.sleep(0.15)  # different start times
-        time.sleep(2)
+            time.sleep(0.15)  # pacing, not a wait: different start times (and sequence positions) at the cut
+        # all 20 tracked and receiving before the cut, so that all 20 have to move
+        wait_for(lambda: all(d.out.exists() and d.out.stat().st_size > 0 for d in downloads)
+                 and len(established("web")) >= 20, timeout=60, interval=0.2, what="20 downloads under way")
         lab.cut_link("primary")
         results = [d.wait(timeout=120) for d in downloads]
     assert [rc for rc, _ in results] == [0] * 20
@@ -113,7 +119,9 @@ def test_keepalive_failover_during_a_later_response(fresh: dict, tmp_path: Path)
 def test_loss_on_the_backup_link_during_the_move(fresh: dict, tmp_path: Path) -> None:
     lab.set_loss("backup", 0.01)
     downloads = [start_download("10M.bin", tmp_path / f"l{i}.bin", rate="2M") for i in range(5)]
-    time.sleep(1.5)
+    # the cut comes mid-body for all five (10 MiB at 2 MB/s: about 5 s each)
+    wait_for(lambda: all(d.out.exists() and d.out.stat().st_size > 1 << 20 for d in downloads)
+             and len(established("web")) >= 5, timeout=60, interval=0.1, what="5 downloads 1 MiB in")
     lab.cut_link("primary")
     assert [d.wait(timeout=120)[0] for d in downloads] == [0] * 5
     for d in downloads:

@@ -461,14 +461,14 @@ class Dataplane:
             self._ended.add(rec.id)
             self._events.append(ConnectionClosed(rec, why))
 
-    @staticmethod
-    def _disown(rec: ConnectionRecord) -> None:
+    def _disown(self, rec: ConnectionRecord) -> None:
         """The gateway reset this connection: no backend owns it any more, so whatever a backend
         still sends for it is fenced."""
         rec.rst_seen = True
         rec.rst_from = "gateway"
         rec.state = TcpState.CLOSED
         rec.backend = NO_BACKEND
+        self.table.reindex(rec)  # finished: the first to make room in a full table
 
     # --- timers and expiry ----------------------------------------------------------------------
     def poll(self, now: float) -> None:

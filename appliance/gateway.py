@@ -60,6 +60,7 @@ from .errors import Conflict, NotFound
 from .dataplane import (BackendRuntime, CloseSuspected, ConnectionClosed, Dataplane, HalfOpenEvicted, Held, MoveEnded, MoveStarted,
                         MoveVerified, ResumeRefused, ServiceRuntime, Spliced, Suspect)
 from .events import EventLog
+from .failover_stats import FailoverStats
 from .health import HealthChecker, Target
 
 log = logging.getLogger("appliance")
@@ -117,6 +118,8 @@ class Gateway:
 
             self.resume = ResumeController(self)
         self._tasks: set[asyncio.Future] = set()
+        # how long failovers take: decision, first byte and catch-up histograms (GET /metrics)
+        self.failover_stats = FailoverStats((s.name, s.failover.mode) for s in config.services)
 
     # --- the one owner ------------------------------------------------------------------
     async def call(self, fn: Callable[[], T | Awaitable[T]]) -> T:
@@ -181,6 +184,7 @@ class Gateway:
                 self.wake()
             elif isinstance(ev, MoveVerified):
                 self._report(ev.splice, now)
+                self.failover_stats.move_verified(ev.splice, now)
             elif isinstance(ev, MoveEnded):
                 if not ev.verified:
                     self._report(ev.splice, now)
@@ -263,6 +267,8 @@ class Gateway:
         svc = self._service(service)
         old = svc.active
         target = self._target(svc, to, old)
+        if dead:  # an automatic failover: how long since the backend's death could be known
+            self._observe_decision(service, old, reason, now)
         if svc.failover.mode == "resume":
             return self._failover_resume(svc, target, reason, dead, now)
         svc.active = target.name
@@ -299,6 +305,16 @@ class Gateway:
         log.warning("failover of %s: %s -> %s (%s): %d moved, %d reset", service, old, target.name, reason,
                     len(outcomes["moved"]), len(outcomes["reset"]))
         return ev.to_dict()
+
+    def _observe_decision(self, service: str, backend: str, reason: str, now: float) -> None:
+        """Failover decision time: from the earliest sign of ``backend``'s death (its first failed
+        probe since the last success, or a held close) to ``now`` (appliance.failover_stats)."""
+        stats = self.failover_stats
+        fail_since = self.health.fail_since(service, backend) if self.health is not None else None
+        died = stats.died_at(service, backend, fail_since)
+        stats.close_released(service, backend)
+        if died is not None:
+            stats.observe_decision(service, reason, now - died)
 
     def _move(self, rec: Any, target: BackendRuntime, now: float, reason: str) -> str:
         """Move one connection (the kernel learns of its flow from the engine's MoveStarted
@@ -387,7 +403,9 @@ class Gateway:
         rec, origin, target = self._resume_plan(cid, to)
         assert self.resume is not None
         try:
-            return await self.resume.migrate(rec, origin, target, reason)
+            ev = await self.resume.migrate(rec, origin, target, reason)
+            self.failover_stats.resumed(rec.service, ev)
+            return ev
         except ResumeFailed as exc:
             raise Conflict(f"connection {cid} was not moved (resume, {exc.step}): {exc}") from None
 
@@ -435,13 +453,15 @@ class Gateway:
 
         resume = self.resume
         assert resume is not None
+        held = self.clock()  # the failover held the connections just before
 
         async def one(rec: Any) -> None:
             if dead or rec.state is not TcpState.ESTABLISHED:
-                await resume.resume_from_wire(rec, old, target, reason)
+                if await resume.resume_from_wire(rec, old, target, reason) == "resumed":
+                    self.failover_stats.resumed(rec.service, seconds=self.clock() - held)
                 return
             try:
-                await resume.migrate(rec, old, target, reason)
+                self.failover_stats.resumed(rec.service, await resume.migrate(rec, old, target, reason))
             except ResumeFailed:
                 pass  # the refusal event says why; the connection stays where it was
             self.resume_done(rec.id)
@@ -580,6 +600,7 @@ class Gateway:
                 for w in self._probe_waiters.pop(key, []):
                     self.dataplane.release_suspect(w)
             return
+        self.failover_stats.close_held(s.service, s.backend, self.clock())  # a sign of death, if it is one
         self._probing[key] = asyncio.get_running_loop().create_task(self._probe_suspect(key))
 
     async def _probe_suspect(self, key: tuple[str, str]) -> None:
@@ -594,6 +615,7 @@ class Gateway:
             self._probing.pop(key, None)
         waiters = self._probe_waiters.pop(key, [])
         if ok:
+            self.failover_stats.close_released(service, backend)
             for w in waiters:
                 self.dataplane.release_suspect(w)
             return
@@ -611,6 +633,7 @@ class Gateway:
             self.events.add("refusal", f"cannot move after {reason}: {exc}", service=service, backend=backend)
             for w in waiters:
                 self.dataplane.release_suspect(w)
+        self.failover_stats.close_released(service, backend)  # acted on (a failover took it already)
         self.flush()
 
     # --- restart -------------------------------------------------------------------------

@@ -18,7 +18,10 @@ consecutive failures, from unknown too — a link that is still coming up
 when the appliance starts must not fail its service over.  After that,
 hysteresis keeps one lost probe from triggering a failover and one lucky
 probe from ending one.  The
-machine keeps counters and the time spent down, for operators.
+machine keeps counters and the time spent down, for operators, and
+``fail_since``: when the first failed probe since the last success started,
+the backend's death as the checks can know it (the failover decision's
+histogram measures from there, :mod:`appliance.failover_stats`).
 
 The probes are the I/O: :func:`probe_tcp` (a connect) and :func:`probe_http`
 (a ``GET`` whose status line must fall in the expected range).  Both return
@@ -83,9 +86,14 @@ class BackendHealth:
         self.transitions = 0
         self.downtime_total = 0.0               # closed down periods only; see downtime()
         self._down_since: float | None = None
+        # when the first failed probe since the last success started: the backend's death as
+        # the checks can know it (None while the last probe succeeded)
+        self.fail_since: float | None = None
 
-    def record(self, ok: bool, latency: float | None, now: float, detail: str) -> tuple[str, str] | None:
-        """Feed one probe result; returns ``(old, new)`` if the state changed."""
+    def record(self, ok: bool, latency: float | None, now: float, detail: str,
+               started: float | None = None) -> tuple[str, str] | None:
+        """Feed one probe result (``now``: when it ended; ``started``: when it began, default
+        ``now``); returns ``(old, new)`` if the state changed."""
         self.checks += 1
         self.last_result = "ok" if ok else "fail"
         self.last_detail = detail
@@ -94,7 +102,10 @@ class BackendHealth:
         if ok:
             self.consecutive_ok += 1
             self.consecutive_fail = 0
+            self.fail_since = None
         else:
+            if self.consecutive_fail == 0:
+                self.fail_since = now if started is None else started
             self.failures += 1
             self.consecutive_fail += 1
             self.consecutive_ok = 0
@@ -141,6 +152,7 @@ class BackendHealth:
             "last_check": self.last_check,
             "last_change": self.last_change,
             "transitions": self.transitions,
+            "fail_since": self.fail_since,
             "downtime_total": self.downtime(now),
         }
 
@@ -268,6 +280,10 @@ class HealthChecker:
     def state(self, service: str, backend: str) -> str:
         return self.health[self._target(service, backend).key].state
 
+    def fail_since(self, service: str, backend: str) -> float | None:
+        """When the first failed probe of that target since its last success started (None: none)."""
+        return self.health[self._target(service, backend).key].fail_since
+
     def status(self, now: float | None = None) -> dict[str, dict[str, Any]]:
         now = time.time() if now is None else now
         return {key: h.as_dict(now) for key, h in self.health.items()}
@@ -293,6 +309,7 @@ class HealthChecker:
 
     async def _probe(self, target: Target) -> bool:
         cfg = target.config
+        started = time.time()
         try:
             if cfg.check == "http":
                 ok, latency, detail = await probe_http(target.address, target.port, cfg.path,
@@ -302,7 +319,7 @@ class HealthChecker:
         except Exception as exc:            # a probe bug must not stop the checks
             log.exception("health probe of %s failed", target.key)
             ok, latency, detail = False, None, f"probe error: {exc}"
-        change = self.health[target.key].record(ok, latency, time.time(), detail)
+        change = self.health[target.key].record(ok, latency, time.time(), detail, started)
         if change is not None:
             old, new = change
             log.info("health %s: %s -> %s (%s)", target.key, old, new, detail)

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from appliance import agent_proto as proto
-from appliance.agent import sdk as agent_sdk, netns
+from appliance.agent import protocol as proto
+from appliance.agent import sdk as agent_sdk
+from appliance.lab import netns
 from appliance.lab.repair_topology import SERVICE_ADDR, Topology
 
 from .helpers import Capture, check_capture

@@ -12,8 +12,9 @@ import sys
 import threading
 from pathlib import Path
 
-from appliance import agent_proto as proto
-from appliance.agent import sdk as agent_sdk, netns
+from appliance.agent import protocol as proto
+from appliance.agent import sdk as agent_sdk
+from appliance.lab import netns
 from appliance.agent.server import established_pairs
 from appliance.lab.repair_topology import SERVICE_ADDR, Topology
 

@@ -283,7 +283,7 @@ def test_wire_checkpoint_resumes_a_live_connection(topo: Topology, tmp_path: Pat
 
 
 def topo_create(topo: Topology, host: str, ici: Ici) -> repair.RepairedSocket:
-    from appliance import netns
+    from appliance.lab import netns
 
     return netns.call_in(topo.ns(host), lambda: repair.create(ici))
 
@@ -293,7 +293,7 @@ def test_kernel_refusal_names_the_call(topo: Topology) -> None:
     address lives elsewhere): the error says which call the kernel refused,
     and nothing is left behind."""
     ici = good(taken_at=time.time())          # 203.0.113.10 is on rp-a, not on rp-b
-    from appliance import netns
+    from appliance.lab import netns
 
     fds = len(os.listdir("/proc/self/fd"))
     with pytest.raises(repair.RepairError) as exc:

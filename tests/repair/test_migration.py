@@ -178,7 +178,7 @@ def test_port_choices(topo: Topology, connected) -> None:
     """tcpcp 2.1: 'prebound' uses the caller's socket and its port (here the
     same one, so the connection carries on), 'any' lets the kernel choose
     (only useful behind address translation: checked silent and bound)."""
-    from appliance import netns
+    from appliance.lab import netns
 
     cli, srv = connected
     cli.sendall(b"x")

@@ -19,10 +19,11 @@ import threading
 import time
 from pathlib import Path
 
-from appliance import netns
+from appliance.lab import netns
 from appliance.pcap import packets
 from appliance.lab.repair_topology import CLIENT_ADDR, SERVICE_ADDR, Topology
-from checkpoint.io import tcp_repair as repair, tracker
+from checkpoint import tracker
+from checkpoint.io import tcp_repair as repair
 from checkpoint.ici import ConnectionRecord
 from checkpoint.repair_ici import ici_from_record
 from checkpoint.seqnum import seq_diff

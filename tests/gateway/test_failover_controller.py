@@ -107,3 +107,23 @@ def test_api_failover_migrate_and_events() -> None:
     assert c.post("/api/v1/services/web/failover", headers=auth).status_code == 202
     assert c.post("/api/v1/services/web/failover").status_code == 401
     assert c.delete("/api/v1/connections/1", headers=auth).json()["kind"] == "reset"
+
+
+def test_a_reset_move_leaves_the_kernels_moved_set_and_is_reported_once() -> None:
+    """Issue 10: a splice ended by a reset never said so — its flow stayed in the kernel's moved
+    set for good.  Every way a move ends now takes its flow out, once."""
+    gw = Gateway(parse(config()), clock=lambda: 2.0)
+    moved: list[tuple[str, int, str, int]] = []
+    unmoved: list[tuple[str, int, str, int]] = []
+    gw.on_moved = moved.extend
+    gw.on_unmoved = unmoved.extend
+    connect(gw)
+    gw.failover("web")
+    assert moved == [(B, 80, C, 40000)] and unmoved == []
+    gw.reset_connection(1)
+    assert unmoved == [(B, 80, C, 40000)]
+    assert [e.details.get("outcome") for e in gw.events.list(kind="migration", limit=None)] == ["ended"]
+    gw.tick()
+    gw.dataplane.expire(10_000.0)
+    gw.flush()
+    assert unmoved == [(B, 80, C, 40000)]  # once

@@ -246,6 +246,25 @@ def test_open_mode_marks_connections_that_passed_unlogged_bytes(tmp_path: Path) 
     assert not rec.protected and "unlogged" in rec.unprotected_reason
 
 
+def test_after_a_restart_an_overflowed_log_still_lets_the_backend_through(tmp_path: Path) -> None:
+    """Issue 10's _check_reloaded bug: a connection whose log had overflowed before the restart
+    had its first backend packet dropped, without a reset or a reason.  It passes (the connection
+    stays, unprotected, with its reason)."""
+    from appliance.dataplane import ResumeRefused
+
+    backend = SqliteBackend(tmp_path / "cp.db")
+    dp = Dataplane(parse(config(tmp_path)))
+    open_connection(dp, backend)
+    loaded = backend.load()
+    loaded[0].rec.log.overflow = "client log over max_log_bytes"
+    gw = Gateway(parse(config(tmp_path)))
+    gw.restore(loaded)
+    (rec,) = gw.dataplane.connections()
+    assert gw.dataplane.handle(s2c("A", 5001, 1001, b"x" * 100), 2.0) is not Verdict.DROP
+    assert not any(isinstance(e, ResumeRefused) for e in iter(gw.dataplane.next_event, None))
+    assert rec.state.value != "CLOSED" and not rec.protected and "max_log_bytes" in rec.unprotected_reason
+
+
 def test_planner_keeps_one_batch_in_flight() -> None:
     p = CommitPlanner()
     cfg = parse({"api": {"token": "a-long-token"}, "store": {"mode": "disk", "path": "/tmp/x.db"},

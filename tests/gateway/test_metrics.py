@@ -261,3 +261,42 @@ def test_histogram_buckets_are_upper_bounds(v: float, bucket: int) -> None:
     h.observe(v)
     assert h.counts[bucket] == 1 and h.count == 1 and h.sum == v
     assert h.cumulative()[-1] == (float("inf"), 1)
+
+
+# --- resume mode (agents scripted as in tests/gateway/test_resume.py) --------------------------
+
+def resume_gateway() -> tuple[Gateway, Clock, Any]:
+    from tests.gateway.test_resume import CFG, Agents
+
+    clock = Clock(100.0)
+    gw = Gateway(parse(CFG), clock=clock)
+    agents = Agents()
+    assert gw.resume is not None
+    gw.resume.rpc = agents
+    return gw, clock, agents
+
+
+def test_resume_from_the_wire_is_observed_from_the_hold_to_the_release() -> None:
+    from tests.gateway.test_resume import established
+
+    gw, clock, agents = resume_gateway()
+    rec = established(gw, 100.0)
+    agents.during["activate"] = lambda: setattr(clock, "t", 100.25)  # the backup's endpoint goes live
+    gw.failover("files", reason="health check: primary down", dead=True)
+    assert rec.backend == "backup"
+    s = scrape(gw)
+    assert hist(s, "gateway_move_first_byte_seconds", service="files", mode="resume")[:2] == (1, 0.25)
+    # no health checker, no held close: the death is unknown, so no decision is observed
+    assert hist(s, "gateway_failover_decision_seconds", service="files", reason="health")[0] == 0
+    assert ("gateway_move_catchup_bytes_count", (("service", "files"),)) not in s  # replay only
+
+
+def test_planned_resume_move_is_observed_with_its_hold_to_release() -> None:
+    from tests.gateway.test_resume import established
+
+    gw, _, _ = resume_gateway()
+    rec = established(gw, 100.0)
+    ev = asyncio.run(gw.migrate_async(rec.id, "backup", mode="resume"))
+    seconds = ev["details"]["timings_ms"]["hold_to_release"] / 1000
+    s = scrape(gw)
+    assert hist(s, "gateway_move_first_byte_seconds", service="files", mode="resume")[:2] == (1, seconds)

@@ -49,12 +49,15 @@ import time
 from collections.abc import Awaitable, Callable, Generator
 from typing import Any, TypeVar, cast
 
+from checkpoint.document import CheckpointError, ImportLimits, export_document, import_document
 from checkpoint.ici import TcpState
+from checkpoint.resurrect import check_resumable
 from checkpoint.splice import Out, Phase, Splice
 from checkpoint.store import Loaded
 from nfq.build import tcp_options, tcp_packet
 from nfq.queue import PacketQueue
 
+from . import __version__
 from .config import Config
 from .errors import Conflict, NotFound
 from .dataplane import (BackendRuntime, CloseSuspected, ConnectionClosed, Dataplane, HalfOpenEvicted, Held, MoveEnded, MoveStarted,
@@ -62,6 +65,7 @@ from .dataplane import (BackendRuntime, CloseSuspected, ConnectionClosed, Datapl
 from .events import EventLog
 from .failover_stats import FailoverStats
 from .health import HealthChecker, Target
+from .resume import ResumeController, ResumeFailed
 
 log = logging.getLogger("appliance")
 T = TypeVar("T")
@@ -114,8 +118,6 @@ class Gateway:
         self.loop: asyncio.AbstractEventLoop | None = None  # the loop that carries the packets (appliance run)
         self.resume = None  # the agents' controller (resume mode), when an [agent] key is configured
         if config.agent.key:
-            from .resume import ResumeController
-
             self.resume = ResumeController(self)
         self._tasks: set[asyncio.Future] = set()
         # how long failovers take: decision, first byte and catch-up histograms (GET /metrics)
@@ -383,8 +385,6 @@ class Gateway:
 
     def _migrate_resume(self, cid: int, to: str, reason: str) -> dict[str, Any]:
         """A resume move from a thread that is not the loop's (tests): blocks for the result."""
-        from .resume import ResumeFailed
-
         rec, origin, target = self._resume_plan(cid, to)
         assert self.resume is not None
         wait = 4 * self.config.agent.timeout + 5
@@ -398,8 +398,6 @@ class Gateway:
         their thread pool), a replay move is started at once."""
         if mode != "resume":
             return self.migrate(cid, to, mode, reason)
-        from .resume import ResumeFailed
-
         rec, origin, target = self._resume_plan(cid, to)
         assert self.resume is not None
         try:
@@ -449,8 +447,6 @@ class Gateway:
 
     async def _resume_all(self, recs: list, old: BackendRuntime, target: BackendRuntime, reason: str,
                           dead: bool) -> None:
-        from .resume import ResumeFailed
-
         resume = self.resume
         assert resume is not None
         held = self.clock()  # the failover held the connections just before
@@ -641,8 +637,6 @@ class Gateway:
         """Connections read back from the checkpoint store after a restart:
         re-attached, or — when tcpcp 6.1's rules refuse the checkpoint, or
         the configuration no longer has their service — reset cleanly."""
-        from checkpoint.resurrect import check_resumable
-
         dp = self.dataplane
         now = self.clock()
         kept = reset = 0
@@ -690,8 +684,6 @@ class Gateway:
         if self.last_failover:
             lf = {k: v for k, v in self.last_failover.items() if k != "pending"}
             lf["pending"] = len(self.last_failover["pending"])
-        from . import __version__
-
         return {
             "version": __version__,
             "uptime_seconds": round(self.clock() - self.started, 3),
@@ -819,8 +811,6 @@ class Gateway:
 
     def export_checkpoint(self, cid: int) -> dict[str, Any]:
         """The connection's ICI, log and digest as a signed, portable document."""
-        from checkpoint.document import export_document
-
         key = self.config.checkpoint.key
         if not key:
             raise Conflict("no checkpoint key is configured ([checkpoint] key or key_file)")
@@ -837,9 +827,6 @@ class Gateway:
         sanity-checked (tcpcp 7), refused when too old (tcpcp 6.1), then
         tracked and protected like one of ours.  Raises ``CheckpointError``
         (a ValueError naming the field) or Conflict."""
-        from checkpoint.document import CheckpointError, ImportLimits, import_document
-        from checkpoint.resurrect import check_resumable
-
         key = self.config.checkpoint.key
         if not key:
             raise Conflict("no checkpoint key is configured ([checkpoint] key or key_file)")

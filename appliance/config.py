@@ -200,6 +200,7 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     agent: AgentsConfig = field(default_factory=AgentsConfig)
+    notify: tuple[Any, ...] = ()        # appliance.notify.NotifyConfig: [[notify]] entries
 
     def service(self, name: str) -> ServiceConfig | None:
         return next((s for s in self.services if s.name == name), None)
@@ -509,7 +510,7 @@ def _service(data: Any, i: int) -> ServiceConfig:
 
 
 def parse(data: dict[str, Any], base: Path = Path(".")) -> Config:
-    _no_unknown(data, {"gateway", "api", "service", "store", "checkpoint", "agent", "testing"}, "")
+    _no_unknown(data, {"gateway", "api", "service", "store", "checkpoint", "agent", "testing", "notify"}, "")
     testing = _testing(_table(data.get("testing", {}), "testing"))
     gateway = _gateway(_table(data.get("gateway", {}), "gateway"))
     api = _api(_table(data.get("api", {}), "api"), base)
@@ -540,7 +541,10 @@ def parse(data: dict[str, Any], base: Path = Path(".")) -> Config:
                 if b.agent is not None:
                     raise ConfigError("agent.key", f"service[{i}].backend[{j}].agent is set: the agents' shared "
                                                    "key is required ([agent] key or key_file)")
-    return Config(gateway=gateway, api=api, services=services, store=store, checkpoint=checkpoint, agent=agents)
+    from .notify import parse_notify  # it uses this module's helpers
+
+    return Config(gateway=gateway, api=api, services=services, store=store, checkpoint=checkpoint, agent=agents,
+                  notify=parse_notify(data.get("notify")))
 
 
 def load(path: str | Path) -> Config:

@@ -69,6 +69,7 @@ from .dataplane import Dataplane
 from .gateway import Gateway
 from .health import HealthChecker
 from .loopstall import LoopMonitor
+from .notify import Notifier
 
 log = logging.getLogger("appliance")
 
@@ -237,12 +238,14 @@ async def serve(config: Config, listen_fd: int | None = None) -> None:
         tasks.append(asyncio.create_task(committer(gw, backend, config.store.commit_interval)))
     if gw.resume is not None:  # resume mode: the applications' reported offsets, from every agent
         tasks.append(asyncio.create_task(gw.resume.heartbeat(config.agent.heartbeat)))
+    notifier = Notifier.start(config.notify, gw.events, app.state.ctx.audit)  # [[notify]]: commands, webhooks
     log.info("API on %s", sock.getsockname())
     try:
         await stop.wait()
     finally:
         server.should_exit = True
         gw.health.stop()
+        await notifier.stop()
         kernel.stop()
         for t in tasks:
             t.cancel()

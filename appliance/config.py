@@ -182,6 +182,11 @@ class ApiConfig:
     users: tuple[Any, ...] = ()         # webui.auth.UserConfig: panel logins with roles
     tokens: tuple[Any, ...] = ()        # webui.auth.TokenConfig: REST tokens with roles
     audit_file: str | None = None       # audit trail appended here as JSON lines
+    login_attempts: int = 5             # failed sign-ins per source address and per user ...
+    login_window: float = 60.0          # ... within this many seconds; beyond: 429
+    tls_cert: str | None = None         # PEM certificate (chain): the panel and API serve HTTPS
+    tls_key: str | None = None          # its private key
+    allow_plain_http: bool = False      # listen beyond localhost without TLS anyway
 
     @property
     def host(self) -> str:
@@ -335,7 +340,8 @@ def _gateway(data: dict[str, Any]) -> GatewayConfig:
 
 def _api(data: dict[str, Any], base: Path) -> ApiConfig:
     where = "api"
-    _no_unknown(data, {"listen", "token", "token_file", "user", "tokens", "audit_file"}, where)
+    _no_unknown(data, {"listen", "token", "token_file", "user", "tokens", "audit_file", "login_attempts",
+                       "login_window", "tls_cert", "tls_key", "allow_plain_http"}, where)
     listen = _str(data, "listen", where, "127.0.0.1:8080")
     host, sep, port = listen.rpartition(":")
     try:
@@ -350,7 +356,45 @@ def _api(data: dict[str, Any], base: Path) -> ApiConfig:
     users = parse_users(data.get("user", []), f"{where}.user")
     tokens = parse_tokens(data.get("tokens", []), f"{where}.tokens")
     audit_file = str(base / _str(data, "audit_file", where)) if "audit_file" in data else None
-    return ApiConfig(listen=listen, token=token, users=users, tokens=tokens, audit_file=audit_file)
+    login_attempts = _int(data, "login_attempts", where, 5, 1, 1_000_000)
+    login_window = _float(data, "login_window", where, 60.0, 0.001)
+    tls_cert, tls_key = _tls(data, where, base)
+    allow_plain = _bool(data, "allow_plain_http", where, False)
+    if tls_cert is None and not allow_plain and not ipaddress.ip_address(host).is_loopback:
+        raise ConfigError(f"{where}.listen", f"{listen!r} is beyond localhost: set tls_cert and tls_key "
+                                             "(or allow_plain_http = true to serve sessions and tokens in clear)")
+    return ApiConfig(listen=listen, token=token, users=users, tokens=tokens, audit_file=audit_file,
+                     login_attempts=login_attempts, login_window=login_window, tls_cert=tls_cert, tls_key=tls_key,
+                     allow_plain_http=allow_plain)
+
+
+def _tls(data: dict[str, Any], where: str, base: Path) -> tuple[str | None, str | None]:
+    """``tls_cert`` and ``tls_key``: both or neither; each readable, and the pair loads."""
+    if ("tls_cert" in data) != ("tls_key" in data):
+        given, missing = ("tls_cert", "tls_key") if "tls_cert" in data else ("tls_key", "tls_cert")
+        raise ConfigError(f"{where}.{missing}", f"is required with {given} (give both or neither)")
+    if "tls_cert" not in data:
+        return None, None
+    import ssl
+
+    paths = {}
+    for key in ("tls_cert", "tls_key"):
+        path = base / _str(data, key, where)
+        try:
+            path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"{where}.{key}", f"cannot read {path}: {exc.strerror or exc}") from None
+        paths[key] = str(path)
+    try:
+        ssl.create_default_context().load_verify_locations(cafile=paths["tls_cert"])
+    except (ssl.SSLError, ValueError) as exc:
+        raise ConfigError(f"{where}.tls_cert", f"{paths['tls_cert']} is not a PEM certificate: {exc}") from None
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(paths["tls_cert"], paths["tls_key"])
+    except (ssl.SSLError, ValueError) as exc:
+        raise ConfigError(f"{where}.tls_key", f"{paths['tls_key']} is not the private key of "
+                                              f"{paths['tls_cert']}: {exc}") from None
+    return paths["tls_cert"], paths["tls_key"]
 
 
 def _store(data: dict[str, Any], base: Path) -> StoreConfig:

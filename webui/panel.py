@@ -70,6 +70,16 @@ def build(ctx: Context) -> APIRouter:
 
     @r.post("/login")
     def login(request: Request, username: str = Form(""), password: str = Form(""), token: str = Form("")) -> Response:
+        # a sync handler: scrypt runs on a worker thread, off the loop; the limiter refuses before it runs
+        source = request.client.host if request.client else "-"
+        keys = [f"addr {source}"] + ([f"user {username}"] if username and not token else [])
+        wait, stamp = sec.logins.begin(keys)
+        if wait is not None:
+            msg = sec.logins.message(wait)
+            ctx.audit.record("(token)" if token else username or "-", None, "-", "login", "panel",
+                             {"source": source}, f"error 429: {msg}")
+            return templates.TemplateResponse(request, "login.html", {"error": msg}, status_code=429,
+                                              headers={"Retry-After": str(sec.logins.seconds(wait))})
         p = None
         if token:
             p = ctx.auth.by_token(token)
@@ -85,10 +95,12 @@ def build(ctx: Context) -> APIRouter:
                                               status_code=401)
         from webui.auth import Principal
 
+        sec.logins.succeeded(keys, stamp)
         sid, _ = ctx.sessions.open(Principal(p.name, p.role, "session"))
         ctx.audit.record(p.name, p.role, "session", "login", "panel", {}, "ok")
         resp = RedirectResponse("/", status_code=303)
-        resp.set_cookie(COOKIE, sid, httponly=True, samesite="strict", max_age=int(ctx.sessions.ttl))
+        resp.set_cookie(COOKIE, sid, httponly=True, samesite="strict", max_age=int(ctx.sessions.ttl),
+                        secure=sec.secure_cookies)
         return resp
 
     @r.post("/logout")

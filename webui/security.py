@@ -11,13 +11,21 @@
 * ``require(role)`` gives a FastAPI dependency: 401 without credentials,
   403 for a role too low or a missing CSRF token (refused changes are
   audited too).
+* :class:`LoginLimiter`: failed sign-ins per source address and per user in
+  a sliding window (``[api] login_attempts`` within ``login_window``
+  seconds); beyond it a sign-in is refused (429) before its password is
+  checked.  The login handler runs on worker threads (scrypt is slow), so the
+  limiter holds a lock.
 """
 
 from __future__ import annotations
 
 import hmac
+import math
 import secrets
+import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -75,11 +83,88 @@ class Sessions:
             self._by_id.pop(sid, None)
 
 
+class LoginLimiter:
+    """Failed sign-ins per key (``addr <ip>``, ``user <name>``) in a sliding window of ``window`` s.
+
+    ``begin(keys)`` is atomic: it refuses (the seconds until the oldest counted attempt leaves
+    the window) when any key already has ``attempts`` in the window, else counts this attempt
+    for every key at once, before the credentials are checked — so concurrent sign-ins on
+    worker threads can never run more checks than the limit allows.  ``succeeded`` takes the
+    attempt back (a successful sign-in does not count).  Refused attempts are not counted:
+    a client hammering a locked key does not extend its lock.
+    """
+
+    def __init__(self, attempts: int = 5, window: float = 60.0, max_keys: int = 100_000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.attempts = attempts
+        self.window = window
+        self.max_keys = max_keys
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._tries: dict[str, deque[float]] = {}
+
+    def _live(self, key: str, now: float) -> deque[float] | None:
+        q = self._tries.get(key)
+        if q is None:
+            return None
+        while q and q[0] <= now - self.window:
+            q.popleft()
+        if not q:
+            del self._tries[key]
+            return None
+        return q
+
+    def begin(self, keys: list[str]) -> tuple[float | None, float]:
+        """(None, stamp) when the attempt may go on (``stamp`` for :meth:`succeeded`);
+        (seconds to wait, 0.0) when it is refused."""
+        with self._lock:
+            now = self.clock()
+            wait = 0.0
+            for k in keys:
+                q = self._live(k, now)
+                if q is not None and len(q) >= self.attempts:
+                    wait = max(wait, q[-self.attempts] + self.window - now)
+            if wait > 0:
+                return wait, 0.0
+            if len(self._tries) + len(keys) > self.max_keys:  # bounded: forget expired keys, then the oldest
+                for k in list(self._tries):
+                    self._live(k, now)
+                while len(self._tries) + len(keys) > self.max_keys:
+                    del self._tries[next(iter(self._tries))]
+            for k in keys:
+                self._tries.setdefault(k, deque()).append(now)
+            return None, now
+
+    def succeeded(self, keys: list[str], stamp: float) -> None:
+        with self._lock:
+            for k in keys:
+                q = self._tries.get(k)
+                if q is not None:
+                    try:
+                        q.remove(stamp)
+                    except ValueError:
+                        pass
+                    if not q:
+                        del self._tries[k]
+
+    @staticmethod
+    def seconds(wait: float) -> int:
+        """Whole seconds to wait (the ``Retry-After``), at least 1."""
+        return max(1, math.ceil(wait))
+
+    @classmethod
+    def message(cls, wait: float) -> str:
+        return f"too many sign-in attempts; try again in {cls.seconds(wait)} s"
+
+
 class Security:
-    def __init__(self, auth: AuthStore, sessions: Sessions, audit: AuditLog) -> None:
+    def __init__(self, auth: AuthStore, sessions: Sessions, audit: AuditLog,
+                 logins: LoginLimiter | None = None, secure_cookies: bool = False) -> None:
         self.auth = auth
         self.sessions = sessions
         self.audit = audit
+        self.logins = logins if logins is not None else LoginLimiter()
+        self.secure_cookies = secure_cookies    # TLS is on: the session cookie is marked Secure
 
     def session_of(self, request: Request) -> Session | None:
         return self.sessions.get(request.cookies.get(COOKIE))

@@ -11,14 +11,23 @@ function toast(text, bad = false) {
   clearTimeout(toast.timer); toast.timer = setTimeout(() => { t.className = ''; }, 6000);
 }
 
+// an API error's detail as a sentence: a string as it is, validation errors as "field: message"
+function detailText(d) {
+  if (typeof d === 'string') return d;
+  if (Array.isArray(d)) return d.map(e => (e && typeof e === 'object')
+    ? ((e.field || (e.loc || []).slice(1).join('.')) ? `${e.field || (e.loc || []).slice(1).join('.')}: ` : '') + (e.msg || 'invalid')
+    : String(e)).join('; ');
+  return d == null ? '' : String(d);
+}
+
 async function call(method, url, body) {
   const r = await fetch(url, { method, credentials: 'same-origin',
-    headers: { 'Content-Type': 'application/json', 'X-CSRF-Token': csrf || '' },
+    headers: { 'Content-Type': 'application/json', 'Accept': 'application/json', 'X-CSRF-Token': csrf || '' },
     body: body === undefined ? undefined : JSON.stringify(body) });
-  let data = null; try { data = await r.json(); } catch (e) { /* empty body */ }
+  let data = null; try { data = await r.json(); } catch (e) { /* empty or not JSON (a proxy's page) */ }
   if (!r.ok) {
-    const d = data && data.detail; const msg = typeof d === 'string' ? d : JSON.stringify(d);
-    throw new Error(`${r.status}: ${msg}`);
+    const msg = detailText(data && data.detail) || r.statusText || 'request failed';
+    throw new Error(`${r.status === 403 ? 'Refused' : 'Error'} (${r.status}): ${msg}`);
   }
   return data;
 }

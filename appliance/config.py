@@ -198,6 +198,23 @@ class ApiConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class HistoryConfig:
+    """What the gateway keeps of connections that are over (appliance.history)."""
+
+    max_connections: int = 10000    # closed connections kept; the oldest is dropped first
+    max_bytes: int = 64 << 20       # their documents, timelines and pcaps together
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    """A log line per connection, failover and move (appliance.connlog)."""
+
+    connections: str = "stdout"     # "stdout" (the journal under systemd), "file" or "off"
+    format: str = "text"            # or "json"
+    path: str = "/var/log/appliance/connections.log"  # connections = "file"
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     gateway: GatewayConfig
     api: ApiConfig
@@ -205,6 +222,8 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     agent: AgentsConfig = field(default_factory=AgentsConfig)
+    history: HistoryConfig = field(default_factory=HistoryConfig)  # appliance.history
+    log: LogConfig = field(default_factory=LogConfig)              # appliance.connlog
     notify: tuple[Any, ...] = ()        # appliance.notify.NotifyConfig: [[notify]] entries
 
     def service(self, name: str) -> ServiceConfig | None:
@@ -453,6 +472,23 @@ def _agents(data: dict[str, Any], base: Path) -> AgentsConfig:
                         heartbeat=_float(data, "heartbeat", where, 0.5, 0.05))
 
 
+def _history(data: dict[str, Any]) -> HistoryConfig:
+    where = "history"
+    _no_unknown(data, {"max_connections", "max_bytes"}, where)
+    d = HistoryConfig()
+    return HistoryConfig(max_connections=_int(data, "max_connections", where, d.max_connections, 0, 10_000_000),
+                         max_bytes=_int(data, "max_bytes", where, d.max_bytes, 0, 1 << 40))
+
+
+def _log(data: dict[str, Any], base: Path) -> LogConfig:
+    where = "log"
+    _no_unknown(data, {"connections", "format", "path"}, where)
+    d = LogConfig()
+    return LogConfig(connections=_choice(data, "connections", where, d.connections, ("stdout", "file", "off")),
+                     format=_choice(data, "format", where, d.format, ("text", "json")),
+                     path=str(base / _str(data, "path", where, d.path)))
+
+
 def _hostport(data: dict[str, Any], key: str, where: str) -> str:
     """An ``"IPv4:PORT"`` string (an agent's address)."""
     v = _str(data, key, where)
@@ -554,7 +590,7 @@ def _service(data: Any, i: int) -> ServiceConfig:
 
 
 def parse(data: dict[str, Any], base: Path = Path(".")) -> Config:
-    _no_unknown(data, {"gateway", "api", "service", "store", "checkpoint", "agent", "testing", "notify"}, "")
+    _no_unknown(data, {"gateway", "api", "service", "store", "checkpoint", "agent", "testing", "history", "log", "notify"}, "")
     testing = _testing(_table(data.get("testing", {}), "testing"))
     gateway = _gateway(_table(data.get("gateway", {}), "gateway"))
     api = _api(_table(data.get("api", {}), "api"), base)
@@ -588,7 +624,9 @@ def parse(data: dict[str, Any], base: Path = Path(".")) -> Config:
     from .notify import parse_notify  # it uses this module's helpers
 
     return Config(gateway=gateway, api=api, services=services, store=store, checkpoint=checkpoint, agent=agents,
-                  notify=parse_notify(data.get("notify")))
+                  notify=parse_notify(data.get("notify")),
+                  history=_history(_table(data.get("history", {}), "history")),
+                  log=_log(_table(data.get("log", {}), "log"), base))
 
 
 def load(path: str | Path) -> Config:

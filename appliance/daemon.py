@@ -63,7 +63,7 @@ from nfq import kernelnat, rules
 from nfq.inject import INJECT_MARK, Injector
 from nfq.queue import PacketQueue, Verdict
 
-from . import packetring
+from . import connlog, packetring
 from .config import Config
 from .dataplane import Dataplane
 from .gateway import Gateway
@@ -213,6 +213,8 @@ async def serve(config: Config, listen_fd: int | None = None) -> None:
     gw = Gateway(config)
     gw.loop = loop
     gw.loop_stats = monitor.stats
+    conn_log = connlog.attach(gw)  # a line per connection, failover and move ([log]), from a thread
+    conn_log.start()
     sock = socket.socket(fileno=listen_fd) if listen_fd is not None else listen_socket(config.api.host, config.api.port)
     sock.setblocking(False)
     app = create_app(gw)
@@ -247,6 +249,7 @@ async def serve(config: Config, listen_fd: int | None = None) -> None:
         gw.health.stop()
         await notifier.stop()
         kernel.stop()
+        conn_log.close()
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

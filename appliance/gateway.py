@@ -113,6 +113,9 @@ class Gateway:
         self.loop_stats: Callable[..., dict[str, Any]] | None = None  # the loop's stall monitor (appliance run)
         # told of every connection that is over, once, at the batch it ended in: (record, why, now)
         self.closed_listeners: list[Callable[[Any, str, float], None]] = []
+        from . import history
+
+        history.attach(self)  # what is kept of a connection once it is over (closed_listeners)
         self._probing: dict[tuple[str, str], asyncio.Task] = {}
         self._probe_waiters: dict[tuple[str, str], list[Suspect]] = {}
         self.loop: asyncio.AbstractEventLoop | None = None  # the loop that carries the packets (appliance run)

@@ -15,6 +15,7 @@ packets as a pcap file (LINKTYPE_RAW: IPv4 packets without a link header).
 
 from __future__ import annotations
 
+import socket
 import struct
 from collections import OrderedDict, deque
 from typing import Any
@@ -62,16 +63,35 @@ class PacketRing:
 
     def packets(self, cid: int) -> list[tuple[float, int, bytes]]:
         rec = self.gw.dataplane.table.by_id(cid)
-        if rec is None:
-            return []
-        import socket
+        return [] if rec is None else self.packets_of(rec)
 
+    def packets_of(self, rec: Any) -> list[tuple[float, int, bytes]]:
+        """The record's packets (its flow's, from its creation on: not an earlier incarnation's)."""
         ring = self._flows.get((socket.inet_aton(rec.client_ip), rec.client_port))
-        return list(ring) if ring else []
+        if not ring:
+            return []
+        since = rec.created
+        return [p for p in ring if p[0] >= since]
 
     def pcap(self, cid: int) -> bytes:
+        return self._pcap(self.packets(cid))
+
+    def pcap_of(self, rec: Any) -> bytes:
+        """The record's packets as a pcap file (the history copies it when the connection ends)."""
+        return self._pcap(self.packets_of(rec))
+
+    def first_fin(self, rec: Any) -> str | None:
+        """Who sent the first FIN among the record's packets here: "client", "server" or None."""
+        client = socket.inet_aton(rec.client_ip)
+        for _, _, data in self.packets_of(rec):
+            ihl = (data[0] & 15) * 4
+            if len(data) > ihl + 13 and data[ihl + 13] & 0x01:
+                return "client" if data[12:16] == client else "server"
+        return None
+
+    def _pcap(self, packets: list[tuple[float, int, bytes]]) -> bytes:
         out = [struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, self.snaplen, LINKTYPE_RAW)]
-        for t, length, data in self.packets(cid):
+        for t, length, data in packets:
             sec = int(t)
             out.append(struct.pack("<IIII", sec, int((t - sec) * 1e6), len(data), length))
             out.append(data)

@@ -17,7 +17,7 @@ from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request, Res
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from appliance import admin, configdoc
+from appliance import admin, configdoc, history
 from webui.auth import Principal
 from appliance.events import KINDS
 
@@ -123,8 +123,11 @@ def build(ctx: Context) -> APIRouter:
         return views.backends(gw.services())
 
     def connections_page(q: str | None, state: str | None, service: str | None, backend: str | None,
-                         protected: bool | None, open_only: bool, offset: int, limit: int) -> tuple[int, list]:
-        total, page = gw.connections_page(q, state, service, backend, protected, open_only, offset, limit)
+                         protected: bool | None, open_only: bool, offset: int, limit: int,
+                         closed: bool | None = None, moved: bool | None = None) -> tuple[int, list]:
+        # live and closed connections (appliance.history), each once
+        total, page = history.connections_page(gw, q, state, service, backend, protected, open_only, offset, limit,
+                                               closed=closed, moved=moved)
         return total, [views.decorate(c) for c in page]
 
     @r.get("/api/v1/connections", tags=["connections"], response_model=list[dict[str, Any]])
@@ -133,9 +136,13 @@ def build(ctx: Context) -> APIRouter:
                     state: str | None = Query(None, max_length=20), service: str | None = Query(None, max_length=64),
                     backend: str | None = Query(None, max_length=64), protected: bool | None = None,
                     open_only: bool = False, offset: int = Query(0, ge=0, le=10_000_000),
-                    limit: int = Query(10000, ge=1, le=100000)) -> Response:
-        """Tracked connections, filtered, in id order; ``X-Total-Count`` says how many matched."""
-        total, page = connections_page(q, state, service, backend, protected, open_only, offset, limit)
+                    limit: int = Query(10000, ge=1, le=100000),
+                    closed: bool | None = Query(None, description="only closed (true) or only open (false) ones"),
+                    moved: bool | None = Query(None, description="moved at least once (true) or never (false)")
+                    ) -> Response:
+        """Tracked connections and closed ones (the history), filtered, in id order; ``X-Total-Count``
+        says how many matched."""
+        total, page = connections_page(q, state, service, backend, protected, open_only, offset, limit, closed, moved)
         return json_response(page, {"X-Total-Count": str(total)})
 
     @r.get("/api/v1/connections/stream", tags=["connections"], summary="A filtered page of connections (SSE)")
@@ -145,15 +152,17 @@ def build(ctx: Context) -> APIRouter:
                                  backend: str | None = Query(None, max_length=64), protected: bool | None = None,
                                  open_only: bool = False, offset: int = Query(0, ge=0, le=10_000_000),
                                  limit: int = Query(50, ge=1, le=1000), interval: float = Query(1.0, ge=0.1, le=60),
-                                 timeout: float | None = Query(None, gt=0, le=86400)) -> Response:
+                                 timeout: float | None = Query(None, gt=0, le=86400),
+                                 closed: bool | None = None, moved: bool | None = None) -> Response:
         def produce() -> dict[str, Any]:
-            total, page = connections_page(q, state, service, backend, protected, open_only, offset, limit)
+            total, page = connections_page(q, state, service, backend, protected, open_only, offset, limit,
+                                           closed, moved)
             return {"total": total, "offset": offset, "limit": limit, "connections": page}
 
         return live.response(live.snapshot_stream(request, produce, "connections", interval, timeout))
 
     def one(cid: int) -> dict[str, Any]:
-        c = gw.connection(cid)
+        c = history.connection_doc(gw, cid)  # a closed one from the history
         if c is None:
             raise HTTPException(404, f"no connection with id {cid}")
         return views.decorate(c)
@@ -169,7 +178,7 @@ def build(ctx: Context) -> APIRouter:
         one(cid)
 
         def produce() -> dict[str, Any] | None:
-            c = gw.connection(cid)
+            c = history.connection_doc(gw, cid)
             return None if c is None else views.decorate(c)
 
         return live.response(live.snapshot_stream(request, produce, "connection", interval, timeout))
@@ -180,9 +189,11 @@ def build(ctx: Context) -> APIRouter:
 
         one(cid)
         ring = packetring.of(gw)
-        if ring is None:
-            raise HTTPException(409, "packet recording is not enabled on this gateway")
-        data = ring.pcap(cid)
+        data = history.pcap(gw, cid)  # a closed connection's, copied when it ended
+        if data is None:
+            if ring is None:
+                raise HTTPException(409, "packet recording is not enabled on this gateway")
+            data = ring.pcap(cid)
         return Response(data, media_type="application/vnd.tcpdump.pcap",
                         headers={"Content-Disposition": f'attachment; filename="connection-{cid}.pcap"'})
 

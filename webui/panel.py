@@ -17,7 +17,7 @@ from fastapi import APIRouter, Form, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
-from appliance import configdoc
+from appliance import configdoc, history
 from appliance.events import KINDS
 
 from . import views
@@ -136,14 +136,19 @@ def build(ctx: Context) -> APIRouter:
     async def connections_page(request: Request, q: str = Query("", max_length=200), state: str = Query("", max_length=20),
                          service: str = Query("", max_length=64), backend: str = Query("", max_length=64),
                          protected: str = Query("", pattern="^(|yes|no)$"),
+                         closed: str = Query("", pattern="^(|true|false)$"),
+                         moved: str = Query("", pattern="^(|true|false)$"),
                          offset: int = Query(0, ge=0, le=10_000_000)) -> Response:
         s = session(request)
         if s is None:
             return login_redirect()
         prot = {"yes": True, "no": False}.get(protected)
-        total, found = gw.connections_page(q or None, state or None, service or None, backend or None, prot,
-                                           offset=offset, limit=PAGE)
-        filters = {"q": q, "state": state, "service": service, "backend": backend, "protected": protected}
+        yes_no = {"true": True, "false": False}
+        total, found = history.connections_page(gw, q or None, state or None, service or None, backend or None, prot,
+                                                offset=offset, limit=PAGE, closed=yes_no.get(closed),
+                                                moved=yes_no.get(moved))
+        filters = {"q": q, "state": state, "service": service, "backend": backend, "protected": protected,
+                   "closed": closed, "moved": moved}
         return page(request, "connections.html", s, "connections", connections=[views.decorate(c) for c in found],
                     total=total, offset=offset, limit=PAGE, filters=filters,
                     states=["SYN_SENT", "SYN_RECV", "ESTABLISHED", "FIN_WAIT", "CLOSE_WAIT", "LAST_ACK",
@@ -155,22 +160,20 @@ def build(ctx: Context) -> APIRouter:
         s = session(request)
         if s is None:
             return login_redirect()
-        c = gw.connection(cid)
+        c = history.connection_doc(gw, cid)  # a closed one from the history
         if c is None:
             raise HTTPException(404, f"no connection with id {cid}")
         views.decorate(c)
-        timeline = [e.to_dict() for e in gw.events.list(connection=cid, limit=None)]
-        # failovers name their connections in details, not in the connection field
-        for e in gw.events.list(kind="failover", limit=None):
-            d = e.details
-            if cid in d.get("moved", []) or cid in d.get("reset", []) or cid in d.get("repinned", []):
-                timeline.append(e.to_dict())
-        timeline.sort(key=lambda e: e["id"])
+        # its events, and the failovers that name it in their details; kept past the event log's
+        # bound for a closed one
+        timeline = history.timeline(gw, cid)
         svc = next((sv for sv in gw.services() if sv["name"] == c.get("service_name")), None)
         targets = [b["name"] for b in svc["backends"] if b["name"] != c["backend"]] if svc else []
         move = c.pop("move", None)
+        from appliance.connlog import moves_of
+
         return page(request, "connection.html", s, "connections", c=c, move=move, timeline=timeline,
-                    targets=targets)
+                    targets=targets, moves=moves_of(c | {"move": move}, timeline))
 
     @r.get("/events", response_class=HTMLResponse)
     async def events_page(request: Request, kind: str = Query("", max_length=20), service: str = Query("", max_length=64),

@@ -54,6 +54,7 @@ import socket
 import time
 from collections.abc import Generator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import uvicorn
 
@@ -196,6 +197,13 @@ class _Server(uvicorn.Server):
         pass
 
 
+def web_config(app: Any, config: Config) -> uvicorn.Config:
+    """uvicorn's settings for the panel and API: HTTPS with ``[api] tls_cert``/``tls_key`` (also on a
+    socket opened by someone else: ``serve(sockets=[...])``)."""
+    return uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                          ssl_certfile=config.api.tls_cert, ssl_keyfile=config.api.tls_key)
+
+
 def listen_socket(host: str, port: int) -> socket.socket:
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -218,7 +226,7 @@ async def serve(config: Config, listen_fd: int | None = None) -> None:
     sock = socket.socket(fileno=listen_fd) if listen_fd is not None else listen_socket(config.api.host, config.api.port)
     sock.setblocking(False)
     app = create_app(gw)
-    server = _Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
+    server = _Server(web_config(app, config))
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -241,7 +249,7 @@ async def serve(config: Config, listen_fd: int | None = None) -> None:
     if gw.resume is not None:  # resume mode: the applications' reported offsets, from every agent
         tasks.append(asyncio.create_task(gw.resume.heartbeat(config.agent.heartbeat)))
     notifier = Notifier.start(config.notify, gw.events, app.state.ctx.audit)  # [[notify]]: commands, webhooks
-    log.info("API on %s", sock.getsockname())
+    log.info("API on %s (%s)", sock.getsockname(), "https" if config.api.tls_cert else "http")
     try:
         await stop.wait()
     finally:

@@ -4,8 +4,10 @@ service over from the panel, and the download completes with the right bytes."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
+import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -50,6 +52,12 @@ def metrics(token: str) -> dict[str, list]:
     req = urllib.request.Request(f"{PANEL}/metrics", headers={"Authorization": f"Bearer {token}"})
     with urllib.request.urlopen(req, timeout=10) as r:
         return {f.name: f.samples for f in text_string_to_metric_families(r.read().decode())}
+
+
+def api_get(token: str, path: str) -> dict:
+    req = urllib.request.Request(f"{PANEL}{path}", headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())  # type: ignore[no-any-return]
 
 
 def failovers(m: dict[str, list]) -> float:
@@ -98,6 +106,24 @@ def test_fail_over_from_the_panel_while_curl_downloads(fresh: dict, browser, tmp
             dl.proc.kill()
             dl.proc.wait()
     assert rc == 0 and sha256_file(out) == expected_sha("100M.bin")
+    # once it has ended, the moved connection's page still opens from the history: closed, its
+    # final record, timeline and the move's timings; its last packets download and open in tcpdump
+    wait_for(lambda: api_get(token, f"/api/v1/connections/{cid}").get("closed"), timeout=20,
+             what="the connection closed")
+    page.goto(f"{PANEL}/connections/{cid}")
+    assert "Closed" in page.inner_text("#closed") and "primary → backup" in page.inner_text("#closed")
+    assert page.locator("#timeline td.kind-failover").count() >= 1
+    assert page.locator("#timeline td.kind-migration").count() >= 1
+    timings = page.inner_text("#moves td.timings")
+    assert re.search(r"\w+ \d", timings), timings
+    assert page.inner_text("#ici td[data-k=closed]") == "True"
+    with page.expect_download() as dl_info:
+        page.click(f"a[href='/api/v1/connections/{cid}/pcap']")
+    pcap = tmp_path / "conn.pcap"
+    dl_info.value.save_as(pcap)
+    shown = subprocess.run(["tcpdump", "-n", "-r", str(pcap)], capture_output=True, text=True, timeout=30)
+    assert shown.returncode == 0, shown.stderr
+    assert len([ln for ln in shown.stdout.splitlines() if "203.0.113.10.80" in ln]) >= 10, shown.stdout[:2000]
     after = metrics(token)
     assert failovers(after) == failovers(before) + 1
     assert sum(s.value for s in after["gateway_packets"]) > sum(s.value for s in before["gateway_packets"])

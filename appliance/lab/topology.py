@@ -403,11 +403,12 @@ def gateway_config(hosts: list[Host], token_file: Path, agent_key: Path | None =
 
 def variant_config(name: str, gateway: dict[str, object] | None = None,
                    store: dict[str, object] | None = None,
-                   testing: dict[str, object] | None = None) -> Path:
+                   testing: dict[str, object] | None = None, extra: str = "") -> Path:
     """The lab's configuration with settings added to ``[gateway]``, a
     ``[store]`` section (a disk store gets a fresh file in the run dir) and a
     ``[testing]`` section (test-only settings: :func:`start_appliance` then
-    runs the appliance with ``APPLIANCE_TESTING=1``)."""
+    runs the appliance with ``APPLIANCE_TESTING=1``); ``extra``: TOML appended as is
+    (``[[notify]]`` tables, say)."""
     rd = run_dir()
     text = (rd / "gateway.toml").read_text()
 
@@ -426,6 +427,7 @@ def variant_config(name: str, gateway: dict[str, object] | None = None,
         text += "\n[store]\n" + "".join(f"{k} = {toml(v)}\n" for k, v in store.items())
     if testing:
         text += "\n[testing]\n" + "".join(f"{k} = {toml(v)}\n" for k, v in testing.items())
+    text += extra
     cfg = rd / f"gateway-{name}.toml"
     cfg.write_text(text)
     return cfg

@@ -35,7 +35,7 @@ from typing import Any
 
 from ..lab import topology as lab
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _api(path: str, method: str = "GET", body: Any = None) -> Any:

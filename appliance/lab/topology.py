@@ -269,7 +269,7 @@ def start_upload_app(h: Host) -> None:
          "--bind", h.address, "--port", str(UPLOAD_PORT), "--port", str(PLAIN_UPLOAD_PORT),
          "--pidfile", str(pidfile)],
         stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-        cwd=str(Path(__file__).resolve().parent.parent),
+        cwd=str(Path(__file__).resolve().parents[2]),
     )
     log.close()
 
@@ -313,7 +313,7 @@ def start_agent(h: Host) -> None:
          "--listen", f"{h.address}:{AGENT_PORT}", "--key-file", str(agent_key_file()),
          "--socket", str(agent_socket(h))],
         stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-        cwd=str(Path(__file__).resolve().parent.parent),
+        cwd=str(Path(__file__).resolve().parents[2]),
     )
     log.close()
     pidfile.write_text(f"{proc.pid}\n")
@@ -334,7 +334,7 @@ def start_fileserver(h: Host) -> None:
     deadline = time.monotonic() + 10
     while not agent_socket(h).exists() and time.monotonic() < deadline:
         time.sleep(0.05)   # the agent just started: its Unix socket comes first
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     log = open(fileserver_log(h.short), "ab")
     proc = subprocess.Popen(
         ["ip", "netns", "exec", h.ns, sys.executable, str(root / "examples" / "resumable_fileserver" / "server.py"),

@@ -83,7 +83,9 @@ from checkpoint.streamlog import VOLATILE
 
 from .health import HealthConfig
 from .credentials import parse_tokens, parse_users
+from .configfields import _bool, _float, _int, _no_unknown, _str, _table
 from .errors import ConfigError
+from .notify import parse_notify
 
 __all__ = ["ConfigError"]
 
@@ -231,55 +233,6 @@ class Config:
 
 
 # --- validation helpers -----------------------------------------------------
-
-def _table(data: Any, where: str) -> dict[str, Any]:
-    if not isinstance(data, dict):
-        raise ConfigError(where, f"must be a table, got {type(data).__name__}")
-    return data
-
-
-def _no_unknown(data: dict[str, Any], allowed: set[str], where: str) -> None:
-    for key in data:
-        if key not in allowed:
-            path = f"{where}.{key}" if where else key
-            raise ConfigError(path, f"unknown setting (allowed: {', '.join(sorted(allowed))})")
-
-
-def _int(data: dict[str, Any], key: str, where: str, default: int, lo: int, hi: int) -> int:
-    v = data.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise ConfigError(f"{where}.{key}", f"must be an integer, got {v!r}")
-    if not lo <= v <= hi:
-        raise ConfigError(f"{where}.{key}", f"must be between {lo} and {hi}, got {v}")
-    return v
-
-
-def _float(data: dict[str, Any], key: str, where: str, default: float, lo: float) -> float:
-    v = data.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ConfigError(f"{where}.{key}", f"must be a number, got {v!r}")
-    if v < lo:
-        raise ConfigError(f"{where}.{key}", f"must be at least {lo}, got {v}")
-    return float(v)
-
-
-def _bool(data: dict[str, Any], key: str, where: str, default: bool) -> bool:
-    v = data.get(key, default)
-    if not isinstance(v, bool):
-        raise ConfigError(f"{where}.{key}", f"must be true or false, got {v!r}")
-    return v
-
-
-def _str(data: dict[str, Any], key: str, where: str, default: str | None = None) -> str:
-    if key not in data:
-        if default is None:
-            raise ConfigError(f"{where}.{key}", "is required")
-        return default
-    v = data[key]
-    if not isinstance(v, str) or not v:
-        raise ConfigError(f"{where}.{key}", f"must be a non-empty string, got {v!r}")
-    return v
-
 
 def _ipv4(data: dict[str, Any], key: str, where: str) -> str:
     v = _str(data, key, where)
@@ -621,7 +574,6 @@ def parse(data: dict[str, Any], base: Path = Path(".")) -> Config:
                 if b.agent is not None:
                     raise ConfigError("agent.key", f"service[{i}].backend[{j}].agent is set: the agents' shared "
                                                    "key is required ([agent] key or key_file)")
-    from .notify import parse_notify  # it uses this module's helpers
 
     return Config(gateway=gateway, api=api, services=services, store=store, checkpoint=checkpoint, agent=agents,
                   notify=parse_notify(data.get("notify")),

@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
+from .configfields import _float, _int, _no_unknown, _table
 from .errors import ConfigError
 from .events import KINDS, Event, EventLog
 
@@ -89,8 +90,6 @@ NOTIFY_KEYS = {"events", "command", "webhook", "timeout", "retries", "backoff", 
 
 def parse_notify(raw: Any) -> tuple[NotifyConfig, ...]:
     """The ``[[notify]]`` entries; errors name the field (``notify[0].webhook``)."""
-    from .config import _float, _int, _no_unknown, _table   # config imports this module inside parse()
-
     if raw is None:
         return ()
     if not isinstance(raw, list):

@@ -134,6 +134,17 @@ class SpliceOptions:
     move_timeout: float = 10.0
 
 
+def reset_seqs(rec: ConnectionRecord) -> list[int]:
+    """Where to put a RST to the client so that it is accepted (RFC 5961).  The client's last
+    ACK is its rcv_nxt when nothing is in flight (a RST there resets at once), but it may lag
+    what the client has received (delayed ACKs): a RST below rcv_nxt is dropped silently.  So a
+    second one goes at the highest sequence the server sent, which is at rcv_nxt or in the
+    window: there the client answers with a challenge ACK, and the gateway answers that with a
+    RST at exactly the acknowledged sequence."""
+    seqs = [s for s in (rec.client.ack, rec.server.next_seq) if s is not None]
+    return seqs[:1] if len(seqs) == 2 and seqs[0] == seqs[1] else seqs
+
+
 class Splice:
     def __init__(
         self,
@@ -260,11 +271,9 @@ class Splice:
         self.reason = reason
         self._mark("failed_ms", now)
         rec = self.rec
-        out = []
-        if rec.client.ack is not None:
-            # exactly the client's rcv_nxt, so it is accepted
-            out.append(Out(src=self.vip, dst=rec.client_ip, sport=self.vport, dport=rec.client_port,
-                           seq=rec.client.ack, ack=rec.client.next_seq or 0, flags=RST | ACK, to="client"))
+        out: list[Out] = []
+        out.extend(Out(src=self.vip, dst=rec.client_ip, sport=self.vport, dport=rec.client_port, seq=seq,
+                       ack=rec.client.next_seq or 0, flags=RST | ACK, to="client") for seq in reset_seqs(rec))
         if self.b_isn is not None:
             out.append(Out(src=rec.client_ip, dst=self.target.ip, sport=rec.client_port, dport=self.target.port,
                            seq=seq_add(self.c_base, self.replay_acked), ack=0, flags=RST))

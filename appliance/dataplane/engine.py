@@ -37,7 +37,7 @@ from checkpoint.ici import ConnectionRecord, TcpState
 from checkpoint.resurrect import estimate_tsval
 from checkpoint.segment import ACK, FIN, RST, SYN
 from checkpoint.seqnum import seq_add, seq_diff
-from checkpoint.splice import Decision, Out, Phase, Rewrite, Splice, SpliceOptions
+from checkpoint.splice import Decision, Out, Phase, Rewrite, Splice, SpliceOptions, reset_seqs
 from checkpoint.store import CommitPlanner
 from checkpoint.streamlog import ByteLog, SampledDigest, StreamDigest
 from checkpoint.table import FINISHED, ConnectionTable, Timeouts
@@ -339,6 +339,19 @@ class Dataplane:
                                    seq=pv.ack, ack=0, flags=RST, to="old"))
         return Verdict.DROP
 
+    def after_reset(self, rec: ConnectionRecord, pv: PacketView, svc: ServiceRuntime, now: float) -> Verdict:
+        """A client packet of a connection the gateway reset: dropped, and answered with a RST at
+        exactly the sequence it acknowledges (RFC 5961: the RST sent at the reset may have been
+        in the window but not at rcv_nxt, and the client answered it with a challenge ACK; this
+        one it accepts).  At most one every :data:`FENCE_RST_INTERVAL` / 10 per connection."""
+        if rec.rst_from == "gateway" and pv.flags & ACK and not pv.flags & RST:
+            last = self._fence_sent.get(rec.id, 0.0)
+            if now - last >= FENCE_RST_INTERVAL / 10:
+                self._fence_sent[rec.id] = now
+                self.outbox.append(Out(src=svc.vip, dst=rec.client_ip, sport=svc.port, dport=rec.client_port,
+                                       seq=pv.ack, ack=0, flags=RST, to="client"))
+        return Verdict.DROP
+
     def set_mode(self, rec: ConnectionRecord, mode: Mode | None) -> None:
         if mode is None or mode is ORDINARY:
             self.modes.pop(rec.id, None)
@@ -442,9 +455,9 @@ class Dataplane:
         """Reset a connection cleanly on both sides (the client and its backend)."""
         svc = self.services[rec.service]
         be = svc.backends.get(rec.backend)
-        if rec.client.ack is not None:
+        for seq in reset_seqs(rec):  # (RFC 5961: see reset_seqs and after_reset)
             self.outbox.append(Out(src=svc.vip, dst=rec.client_ip, sport=svc.port, dport=rec.client_port,
-                                   seq=rec.client.ack, ack=rec.client.next_seq or 0, flags=RST | ACK, to="client"))
+                                   seq=seq, ack=rec.client.next_seq or 0, flags=RST | ACK, to="client"))
         if be is not None and rec.server.ack is not None:
             self.outbox.append(Out(src=rec.client_ip, dst=be.address, sport=rec.client_port, dport=be.port,
                                    seq=rec.server.ack, ack=0, flags=RST, to="old"))

@@ -241,3 +241,21 @@ def test_every_connection_is_said_to_be_over_exactly_once() -> None:
     dp.expire(10_000.0)
     assert closed(dp) == [(3, "idle")]  # 1 and 2 were said to be over already
     assert len(dp.table) == 0 and closed(dp) == []
+
+
+def test_a_client_still_talking_after_a_reset_gets_a_rst_it_accepts() -> None:
+    """RFC 5961: the RST sent at the reset carries the client's ACK from before, in the window
+    but maybe not at rcv_nxt; the client answers with a challenge ACK, and the gateway's answer
+    to that is a RST at exactly the acknowledged sequence."""
+    dp = Dataplane(parse(CFG))
+    _established(dp, 1, 1.0)
+    rec = next(iter(dp.table))
+    dp.reset(rec, 2.0)
+    dp.outbox.clear()
+    challenge = raw(IP(src=CLIENT, dst="203.0.113.10") / TCP(sport=1, dport=80, flags="A", seq=2, ack=5000))
+    assert dp.handle(challenge, 2.5) is Verdict.DROP
+    (rst,) = dp.outbox
+    assert (rst.flags, rst.seq, rst.src, rst.dst, rst.dport) == (0x04, 5000, "203.0.113.10", CLIENT, 1)
+    dp.outbox.clear()
+    dp.handle(challenge, 2.51)  # rate-limited per connection
+    assert not dp.outbox

@@ -22,7 +22,7 @@ from checkpoint.resurrect import estimate_tsval
 from checkpoint.segment import ACK, FIN, PSH, RST, SYN, Segment, TcpOptions
 from checkpoint.seqnum import MASK, seq_add, seq_diff
 from checkpoint.splice import (
-    DEFAULT_MSS, INITIAL_RTO, Decision, Endpoint, Out, Phase, Rewrite, Splice, SpliceOptions,
+    DEFAULT_MSS, INITIAL_RTO, Decision, Endpoint, Out, Phase, Rewrite, Splice, SpliceOptions, reset_seqs,
 )
 from checkpoint.streamlog import CHUNK, ByteLog, SampledDigest, StreamDigest
 from checkpoint.tracker import observe
@@ -579,7 +579,9 @@ def test_syn_retransmitted_with_backoff_then_fails():
     outs = sp.poll(now)
     assert sp.phase is Phase.FAILED and "did not answer 4 SYNs" in sp.reason
     assert outs and all(o.flags & RST for o in outs)
-    assert len(outs) == 1  # no backup connection to reset
+    # no backup connection to reset: the client's RSTs only (RFC 5961: at its last ACK, and at the
+    # highest sequence it may have received when that is further)
+    assert {o.to for o in outs} == {"client"} and [o.seq for o in outs] == reset_seqs(sp.rec)
     rst = outs[0]
     assert rst.to == "client" and rst.flags == RST | ACK
     assert (rst.src, rst.sport, rst.dst, rst.dport) == (VIP, VPORT, CLIENT_IP, CLIENT_PORT)
@@ -848,7 +850,7 @@ def _assert_failed_closed(net: Net, d: Decision) -> None:
     rsts = [o for o in d.inject if o.flags & RST]
     to_client = [o for o in rsts if o.to == "client"]
     to_backup = [o for o in rsts if o.to == "backend"]
-    assert len(to_client) == 1 and len(to_backup) == 1
+    assert [o.seq for o in to_client] == reset_seqs(rec) and len(to_backup) == 1
     assert to_client[0].seq == rec.client.ack and to_client[0].dst == CLIENT_IP
     assert to_backup[0].dst == BACKUP.ip and to_backup[0].seq == seq_add(net.conv.c_base, sp.replay_acked)
     assert sp.on_backend(Segment(BACKUP.ip, CLIENT_IP, BACKUP.port, CLIENT_PORT, 0), b"", net.now) == Decision(False)

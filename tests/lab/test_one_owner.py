@@ -156,6 +156,7 @@ def test_api_actions_under_traffic_never_leak_an_untranslated_packet(fresh: dict
     assert not errors, errors
     ok = [(rc, port, d) for (rc, port), d in zip(results, downloads) if port != victim_port]
     assert len(ok) == N - 1, f"the reset connection (port {victim_port}) not among {results}"
+    assert [rc for rc, port in results if port == victim_port] != [0]  # its client saw the reset
     for rc, port, d in ok:
         assert rc == 0, f"download on port {port} failed"
         assert sha256_file(d.out) == expected_sha("10M.bin")

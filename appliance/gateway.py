@@ -57,7 +57,7 @@ from checkpoint.store import Loaded
 from nfq.build import tcp_options, tcp_packet
 from nfq.queue import PacketQueue
 
-from . import __version__
+from . import __version__, history
 from .config import Config
 from .errors import Conflict, NotFound
 from .dataplane import (BackendRuntime, CloseSuspected, ConnectionClosed, Dataplane, HalfOpenEvicted, Held, MoveEnded, MoveStarted,
@@ -113,9 +113,7 @@ class Gateway:
         self.loop_stats: Callable[..., dict[str, Any]] | None = None  # the loop's stall monitor (appliance run)
         # told of every connection that is over, once, at the batch it ended in: (record, why, now)
         self.closed_listeners: list[Callable[[Any, str, float], None]] = []
-        from . import history
-
-        history.attach(self)  # what is kept of a connection once it is over (closed_listeners)
+        self.history = history.attach(self)  # what is kept of a connection once it is over
         self._probing: dict[tuple[str, str], asyncio.Task] = {}
         self._probe_waiters: dict[tuple[str, str], list[Suspect]] = {}
         self.loop: asyncio.AbstractEventLoop | None = None  # the loop that carries the packets (appliance run)
@@ -706,6 +704,7 @@ class Gateway:
                 "early_drops": getattr(dp.table, "early_drops", 0),
             },
             "loop": self.loop_stats() if self.loop_stats is not None else None,
+            "history": self.history.stats(),
             "dataplane": dp.counters.as_dict(),
             "queues": per_queue,
             "last_failover": lf,

@@ -59,6 +59,7 @@ from nfq.queue import PacketQueue
 
 from . import __version__, history
 from .config import Config
+from .connfilter import record_matches
 from .errors import Conflict, NotFound
 from .dataplane import (BackendRuntime, CloseSuspected, ConnectionClosed, Dataplane, HalfOpenEvicted, Held, MoveEnded, MoveStarted,
                         MoveVerified, ResumeRefused, ServiceRuntime, Spliced, Suspect)
@@ -756,26 +757,8 @@ class Gateway:
         """A filtered page of connections in id order, and how many matched: the records are
         filtered and paged first, and only the page's documents are built (a document costs
         microseconds; the table may hold tens of thousands)."""
-        ql = q.lower() if q else None
-        st = state.upper() if state else None
-        found = []
-        for rec in self.dataplane.table:
-            rs = rec.state.value
-            if st and rs != st:
-                continue
-            if open_only and rs in ("TIME_WAIT", "CLOSED"):
-                continue
-            if service and service != rec.service and service != f"{rec.vip}:{rec.vport}":
-                continue
-            if backend and rec.backend != backend:
-                continue
-            if protected is not None and bool(rec.protected) != protected:
-                continue
-            if ql and not any(ql in v.lower() for v in (
-                    str(rec.id), f"{rec.client_ip}:{rec.client_port}", f"{rec.vip}:{rec.vport}", rec.service,
-                    rec.backend, f"{rec.backend_ip}:{rec.backend_port}", rs)):
-                continue
-            found.append(rec)
+        found = [rec for rec in self.dataplane.table
+                 if record_matches(rec, q, state, service, backend, protected, open_only)]
         found.sort(key=lambda r: r.id)
         now = self.clock()
         return len(found), [self._connection_doc(r, now) for r in found[offset:offset + limit]]

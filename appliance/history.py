@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import packetring
+from .connfilter import record_matches
 
 FAILOVER_LISTS = ("moved", "reset", "repinned")
 INDEX_GRACE = 60.0  # seconds an id outside the table keeps its indexed events (its close may be pending)
@@ -296,26 +297,10 @@ def connections_page(gw: Any, q: str | None = None, state: str | None = None, se
     old: list[ClosedConnection] = []
     if closed is not False and not open_only:
         old = [e for e in h.entries.values() if moved is None or e.moved == moved]
+    found: list[tuple[int, Any]] = [(rec.id, rec) for rec in live
+                                    if record_matches(rec, q, state, service, backend, protected, open_only)]
     ql = q.lower() if q else None
     st = state.upper() if state else None
-    found: list[tuple[int, Any]] = []
-    for rec in live:
-        rs = rec.state.value
-        if st and rs != st:
-            continue
-        if open_only and rs in ("TIME_WAIT", "CLOSED"):
-            continue
-        if service and service != rec.service and service != f"{rec.vip}:{rec.vport}":
-            continue
-        if backend and rec.backend != backend:
-            continue
-        if protected is not None and bool(rec.protected) != protected:
-            continue
-        if ql and not any(ql in v.lower() for v in (
-                str(rec.id), f"{rec.client_ip}:{rec.client_port}", f"{rec.vip}:{rec.vport}", rec.service,
-                rec.backend, f"{rec.backend_ip}:{rec.backend_port}", rs)):
-            continue
-        found.append((rec.id, rec))
     for e in old:
         d = e.doc
         if st and d["state"] != st:

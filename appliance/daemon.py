@@ -249,6 +249,7 @@ async def serve(config: Config, listen_fd: int | None = None) -> None:
     if gw.resume is not None:  # resume mode: the applications' reported offsets, from every agent
         tasks.append(asyncio.create_task(gw.resume.heartbeat(config.agent.heartbeat)))
     notifier = Notifier.start(config.notify, gw.events, app.state.ctx.audit)  # [[notify]]: commands, webhooks
+    gw.notify_stats = notifier.stats
     log.info("API on %s (%s)", sock.getsockname(), "https" if config.api.tls_cert else "http")
     try:
         await stop.wait()

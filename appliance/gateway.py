@@ -112,6 +112,7 @@ class Gateway:
         self._next_expire = clock() + EXPIRE_INTERVAL
         self._wake: asyncio.Event | None = None  # set when the deadline may have moved earlier
         self.loop_stats: Callable[..., dict[str, Any]] | None = None  # the loop's stall monitor (appliance run)
+        self.notify_stats: Callable[[], list[dict[str, Any]]] | None = None  # the notifier's targets (appliance run)
         # told of every connection that is over, once, at the batch it ended in: (record, why, now)
         self.closed_listeners: list[Callable[[Any, str, float], None]] = []
         self.history = history.attach(self)  # what is kept of a connection once it is over
@@ -706,6 +707,7 @@ class Gateway:
             },
             "loop": self.loop_stats() if self.loop_stats is not None else None,
             "history": self.history.stats(),
+            "notify": self.notify_stats() if self.notify_stats is not None else [],
             "dataplane": dp.counters.as_dict(),
             "queues": per_queue,
             "last_failover": lf,

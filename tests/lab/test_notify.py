@@ -135,6 +135,10 @@ def test_failover_notifies_command_and_webhooks_while_the_download_goes_on(fresh
         for e in of("notify.webhook", f"{url}/fail"):
             assert e["result"] == "error: HTTP 500 (3 attempts)" and e["params"]["errors"] == ["HTTP 500"] * 3
         assert len(received(hook_log, "/slow")) == 3 * len(fos) and len(received(hook_log, "/fail")) == 3 * len(fos)
+        # and the status says so per target
+        targets = {t["target"].rsplit("/", 1)[-1]: t for t in api("/api/v1/status")["notify"]}
+        assert targets["good"]["delivered"] == len(fos) and targets["good"]["failed"] == 0
+        assert targets["fail"]["failed"] == len(fos) and targets["fail"]["attempts"] == 3 * len(fos)
     finally:
         if dl is not None and dl.proc.poll() is None:
             dl.proc.kill()

@@ -53,6 +53,16 @@ class Event:
         return asdict(self)
 
 
+FAILOVER_LISTS = ("moved", "reset", "repinned")  # a failover event names its connections in these
+
+
+def names_connection(e: Event, cid: int) -> bool:
+    """Whether ``e`` is about connection ``cid``: its own, or a failover that lists it."""
+    if e.connection == cid:
+        return True
+    return e.kind == "failover" and any(cid in e.details.get(k, ()) for k in FAILOVER_LISTS)
+
+
 def _check_kind(kind: str) -> None:
     if kind not in KINDS:
         raise ValueError(f"unknown event kind {kind!r} (known: {', '.join(KINDS)})")
@@ -89,14 +99,15 @@ class EventLog:
 
     def list(self, kind: str | None = None, service: str | None = None, connection: int | None = None,
              since_id: int | None = None, limit: int | None = 100) -> list[Event]:
-        """The newest ``limit`` events matching every filter given, oldest first."""
+        """The newest ``limit`` events matching every filter given, oldest first (``connection``:
+        its events and the failovers that moved, reset or re-pinned it)."""
         if kind is not None:
             _check_kind(kind)
         found = [
             e for e in self._events
             if (kind is None or e.kind == kind)
             and (service is None or e.service == service)
-            and (connection is None or e.connection == connection)
+            and (connection is None or names_connection(e, connection))
             and (since_id is None or e.id > since_id)
         ]
         if limit is not None:

@@ -41,9 +41,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import packetring
+from .events import FAILOVER_LISTS, names_connection
 from .connfilter import record_matches
 
-FAILOVER_LISTS = ("moved", "reset", "repinned")
 INDEX_GRACE = 60.0  # seconds an id outside the table keeps its indexed events (its close may be pending)
 
 
@@ -68,15 +68,6 @@ class ClosedConnection:
         reported it), and the last splice's state from the document."""
         return [e["details"] | {"event": e["id"], "time": e["time"], "to": e.get("backend"), "reason": e["reason"]}
                 for e in self.events if e["kind"] == "migration"]
-
-
-def _names(ev: Any, cid: int) -> bool:
-    if ev.connection == cid:
-        return True
-    if ev.kind == "failover":
-        d = ev.details
-        return any(cid in d.get(k, ()) for k in FAILOVER_LISTS)
-    return False
 
 
 class History:
@@ -137,7 +128,7 @@ class History:
         evs = self._index.pop(rec.id, [])
         # failover events list their connections when they are added, but a failover's outcome
         # lists (reset, repinned) are filled in afterwards: check the index's failovers again
-        events = [e.to_dict() for e in evs if _names(e, rec.id)]
+        events = [e.to_dict() for e in evs if names_connection(e, rec.id)]
         doc["backends"] = backends_of(gw, rec, doc, events)
         if doc.get("move") is None and doc.get("moves"):
             # its splice ended with it (a failed move, a reset): the move's last report says
@@ -255,11 +246,8 @@ def timeline(gw: Any, cid: int) -> list[dict[str, Any]]:
     if entry is not None:
         for e in entry.events:
             seen[e["id"]] = e
-    for e in gw.events.list(connection=cid, limit=None):
+    for e in gw.events.list(connection=cid, limit=None):  # (failovers that name it included)
         seen.setdefault(e.id, e.to_dict())
-    for e in gw.events.list(kind="failover", limit=None):
-        if _names(e, cid):
-            seen.setdefault(e.id, e.to_dict())
     return [seen[k] for k in sorted(seen)]
 
 

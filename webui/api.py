@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from appliance import admin, configdoc, history
 from webui.auth import Principal
-from appliance.events import KINDS
+from appliance.events import KINDS, names_connection
 
 from . import live, views
 from .context import Context
@@ -278,7 +278,7 @@ def build(ctx: Context) -> APIRouter:
         def match(e: Any) -> bool:
             return ((kind is None or e.kind == kind) and (service is None or e.service == service)
                     and (backend is None or e.backend == backend)
-                    and (connection is None or e.connection == connection))
+                    and (connection is None or names_connection(e, connection)))
 
         return live.response(live.events_stream(request, gw.events, match, since_id, timeout))
 

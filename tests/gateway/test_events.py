@@ -98,3 +98,17 @@ def test_a_full_subscriber_loses_its_oldest_event() -> None:
         assert rest[-1] == 1005
 
     asyncio.run(main())
+
+
+def test_a_connections_events_include_the_failovers_that_name_it() -> None:
+    """The panel's timeline of a connection (and its live stream) shows the failover that moved
+    it: a failover event names its connections in its details, not in its connection field."""
+    log = EventLog()
+    fo = log.add("failover", "health check", service="web", backend="backup", moved=[7, 8], reset=[9],
+                 repinned=[])
+    mv = log.add("migration", "moved", service="web", backend="backup", connection=7)
+    other = log.add("migration", "moved", service="web", backend="backup", connection=8)
+    assert [e.id for e in log.list(connection=7, limit=None)] == [fo.id, mv.id]
+    assert [e.id for e in log.list(connection=9, limit=None)] == [fo.id]
+    assert [e.id for e in log.list(connection=8, limit=None)] == [fo.id, other.id]
+    assert log.list(connection=10, limit=None) == []

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,3 +36,21 @@ def _root_required(request: pytest.FixtureRequest) -> None:
         pytest.fail(f"this test is marked {needs[0]!r} and needs root (network namespaces, iptables, "
                     f"TCP_REPAIR): run it as root, or deselect it with -m 'not root and not lab'",
                     pytrace=False)
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    """Debian's Chromium, headless, driven by Playwright (the panel's browser tests)."""
+    from playwright.sync_api import sync_playwright
+
+    if not Path(CHROMIUM).exists():
+        pytest.fail("chromium is not installed: deploy/bootstrap.sh installs it")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        try:
+            yield b
+        finally:
+            b.close()

@@ -5,9 +5,7 @@ connection's page is the panel's 404 page; a viewer's failover from the panel ge
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,7 +15,6 @@ from webui.auth import hash_password
 
 from .test_tls import served
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ADMIN = "admin-token-123456"
 PASSWORD = "correct horse battery"
 
@@ -36,19 +33,6 @@ def config() -> dict:
 def panel() -> Iterator[str]:
     with served(parse(config())) as (addr, gw):
         yield f"http://{addr}"
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    assert Path(CHROMIUM).exists(), "chromium is not installed: deploy/bootstrap.sh installs it"
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 def sign_in(browser: Any, panel: str, **form: str) -> Any:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import urllib.error
 import urllib.request
@@ -22,22 +21,7 @@ from .helpers import expected_sha, sha256_file, start_download, wait_for
 
 pytestmark = pytest.mark.lab
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 PANEL = f"http://{lab.API_HOST}:{lab.API_PORT}"
-
-
-@pytest.fixture
-def browser() -> Iterator[object]:
-    from playwright.sync_api import sync_playwright
-
-    if not Path(CHROMIUM).exists():
-        pytest.fail("chromium is not installed: deploy/bootstrap.sh installs it")
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 @pytest.fixture

@@ -703,7 +703,7 @@ class Gateway:
                 "expired": dp.table.expired,
                 "evicted": dp.table.evicted,
                 "refused_full": dp.table.refused_full,
-                "early_drops": getattr(dp.table, "early_drops", 0),
+                "early_drops": dp.table.early_drops,
             },
             "loop": self.loop_stats() if self.loop_stats is not None else None,
             "history": self.history.stats(),

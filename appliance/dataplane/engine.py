@@ -242,7 +242,7 @@ class Dataplane:
         return rec
 
     def _note_evictions(self, now: float) -> None:
-        total = getattr(self.table, "early_drops", 0)
+        total = self.table.early_drops
         if total != self._evictions_reported and now - self._eviction_event_at >= EVICTION_EVENT_INTERVAL:
             self._events.append(HalfOpenEvicted(total - self._evictions_reported, total))
             self._evictions_reported = total

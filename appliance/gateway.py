@@ -753,6 +753,26 @@ class Gateway:
         now = self.clock()
         return [self._connection_doc(rec, now) for rec in self.dataplane.table]
 
+    def connection_gauges(self, now: float | None = None) -> dict[str, dict[str, Any]]:
+        """Per service, what /metrics shows of the table — connections by state, protected ones,
+        the largest commit lag and checkpoint age — from the records, without building a
+        document per connection (a scrape must not cost the loop the whole table's documents)."""
+        now = self.clock() if now is None else now
+        planner = self.dataplane.store
+        out: dict[str, dict[str, Any]] = {}
+        for rec in self.dataplane.table:
+            g = out.setdefault(rec.service, {"by_state": {}, "protected": 0, "lag_max": 0.0, "age_max": 0.0})
+            st = rec.state.value
+            g["by_state"][st] = g["by_state"].get(st, 0) + 1
+            g["protected"] += bool(rec.protected)
+            if rec.log is not None:
+                g["lag_max"] = max(g["lag_max"], float(rec.log.end - rec.commit_offset))
+            if planner is not None:  # memory mode: the record is the checkpoint (age 0)
+                age = planner.checkpoint_age(rec.id, now)
+                if age is not None:
+                    g["age_max"] = max(g["age_max"], round(age, 3))
+        return out
+
     def connections_page(self, q: str | None = None, state: str | None = None, service: str | None = None,
                          backend: str | None = None, protected: bool | None = None, open_only: bool = False,
                          offset: int = 0, limit: int = 50) -> tuple[int, list[dict[str, Any]]]:

@@ -100,21 +100,14 @@ class Metrics:
         self._fold_events()
         st = gw.status()
         services = gw.services()
-        conns = gw.connections()
         w = _Writer()
         w.family("gateway_uptime_seconds", "gauge", "Seconds since the appliance started.",
                  [({}, st["uptime_seconds"])])
-        by_state: dict[tuple[str, str], int] = defaultdict(int)
-        prot: dict[str, int] = defaultdict(int)
-        lag_max: dict[str, float] = defaultdict(float)
-        age_max: dict[str, float] = defaultdict(float)
-        for c in conns:
-            svc = c.get("service_name") or ""
-            by_state[(svc, c["state"])] += 1
-            prot[svc] += bool(c.get("protected"))
-            lag_max[svc] = max(lag_max[svc], float(c.get("commit_lag") or 0))
-            age = c.get("checkpoint_age", c.get("idle_seconds"))
-            age_max[svc] = max(age_max[svc], float(age or 0))
+        gauges = gw.connection_gauges()
+        by_state = {(svc, st): n for svc, g in gauges.items() for st, n in g["by_state"].items()}
+        prot = {svc: g["protected"] for svc, g in gauges.items()}
+        lag_max = {svc: g["lag_max"] for svc, g in gauges.items()}
+        age_max = {svc: g["age_max"] for svc, g in gauges.items()}
         w.family("gateway_tracked_connections", "gauge", "Connections in the table, by service and TCP state.",
                  [({"service": s, "state": t}, n) for (s, t), n in sorted(by_state.items())])
         w.family("gateway_protected_connections", "gauge", "Connections that can be failed over, by service.",

@@ -749,10 +749,6 @@ class Gateway:
             })
         return out
 
-    def connections(self) -> list[dict[str, Any]]:
-        now = self.clock()
-        return [self._connection_doc(rec, now) for rec in self.dataplane.table]
-
     def connection_gauges(self, now: float | None = None) -> dict[str, dict[str, Any]]:
         """Per service, what /metrics shows of the table — connections by state, protected ones,
         the largest commit lag and checkpoint age — from the records, without building a

@@ -1,10 +1,8 @@
-"""Read models shared by the API and the panel: the status banner, backends, filtered connections."""
+"""Read models shared by the API and the panel: the status banner, backends, a connection's derived columns."""
 
 from __future__ import annotations
 
 from typing import Any
-
-CLOSED_STATES = ("TIME_WAIT", "CLOSED")
 
 
 def node(gw: Any, services: list[dict[str, Any]]) -> dict[str, Any]:
@@ -89,27 +87,3 @@ def decorate(c: dict[str, Any]) -> dict[str, Any]:
     c.setdefault("commit_lag", None)
     c.setdefault("checkpoint_age", c.get("idle_seconds"))
     return c
-
-
-def filter_connections(conns: list[dict[str, Any]], q: str | None = None, state: str | None = None,
-                       service: str | None = None, backend: str | None = None,
-                       protected: bool | None = None, open_only: bool = False) -> list[dict[str, Any]]:
-    out = []
-    ql = q.lower() if q else None
-    st = state.upper() if state else None
-    for c in conns:
-        if st and c["state"] != st:
-            continue
-        if open_only and c["state"] in CLOSED_STATES:
-            continue
-        if service and service not in (c.get("service_name"), c.get("service")):
-            continue
-        if backend and c.get("backend") != backend:
-            continue
-        if protected is not None and bool(c.get("protected")) != protected:
-            continue
-        if ql and not any(ql in str(c.get(k, "")).lower() for k in ("id", "client", "service", "service_name",
-                                                                     "backend", "backend_address", "state")):
-            continue
-        out.append(decorate(c))
-    return out

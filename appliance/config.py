@@ -51,6 +51,8 @@ Example::
     mode = "replay"              # or "resume": an agent on the backup re-creates the socket
     max_log_bytes = 16777216     # client bytes kept per connection for replay
     verify = "full"              # hash every server byte ("sampled": faster, samples only)
+    replay = "stream"            # or "http": replay from the last finished HTTP/1.x exchange,
+                                 # range-resume the response in flight (README: when it is valid)
     volatile = ["http-date"]     # fields masked before comparing (the default)
     syn_retries = 6
     move_timeout = 10.0          # seconds
@@ -105,6 +107,7 @@ class FailoverConfig:
     mode: str = "replay"            # "replay" (unmodified backend) or "resume" (agent + TCP_REPAIR)
     max_log_bytes: int = 16 << 20   # client byte log kept per connection for replay
     verify: str = "full"            # "full": every server byte hashed; "sampled": observed path, samples
+    replay: str = "stream"          # "stream": from the first byte; "http": from the last HTTP exchange boundary
     syn_retries: int = 6
     move_timeout: float = 10.0      # seconds
     # fields whose values may differ in a regenerated stream, masked for the divergence check
@@ -149,6 +152,7 @@ class GatewayConfig:
 
 STORE_MODES = ("memory", "disk", "peer")
 FAILOVER_MODES = ("replay", "resume")
+REPLAY_KINDS = ("stream", "http")
 
 
 @dataclass(frozen=True, slots=True)
@@ -483,7 +487,8 @@ def _health(data: dict[str, Any], where: str) -> HealthConfig:
 
 def _failover(data: dict[str, Any], where: str) -> FailoverConfig:
     d = FailoverConfig()
-    _no_unknown(data, {"auto", "mode", "max_log_bytes", "verify", "volatile", "syn_retries", "move_timeout"}, where)
+    _no_unknown(data, {"auto", "mode", "max_log_bytes", "verify", "replay", "volatile", "syn_retries",
+                       "move_timeout"}, where)
     mode = _str(data, "mode", where, d.mode)
     volatile = data.get("volatile", list(d.volatile))
     if not isinstance(volatile, list) or any(not isinstance(v, str) or v not in VOLATILE for v in volatile):
@@ -491,11 +496,17 @@ def _failover(data: dict[str, Any], where: str) -> FailoverConfig:
                           f"must be a list of: {', '.join(sorted(VOLATILE))} (got {volatile!r})")
     if mode not in FAILOVER_MODES:
         raise ConfigError(f"{where}.mode", f"must be one of {', '.join(FAILOVER_MODES)}, got {mode!r}")
+    verify = _choice(data, "verify", where, d.verify, ("full", "sampled"))
+    replay = _choice(data, "replay", where, d.replay, REPLAY_KINDS)
+    if replay == "http" and verify != "full":
+        raise ConfigError(f"{where}.replay", 'replay = "http" needs verify = "full" (a replay that starts '
+                                             "at an exchange boundary verifies from there on every byte)")
     return FailoverConfig(
         auto=_bool(data, "auto", where, d.auto),
         mode=mode,
         max_log_bytes=_int(data, "max_log_bytes", where, d.max_log_bytes, 1024, 1 << 31),
-        verify=_choice(data, "verify", where, d.verify, ("full", "sampled")),
+        verify=verify,
+        replay=replay,
         syn_retries=_int(data, "syn_retries", where, d.syn_retries, 1, 20),
         move_timeout=_float(data, "move_timeout", where, d.move_timeout, 0.1),
         volatile=tuple(volatile),

@@ -61,7 +61,7 @@ from . import __version__, history
 from .config import Config
 from .connfilter import record_matches
 from .errors import Conflict, NotFound
-from .dataplane import (BackendRuntime, CloseSuspected, ConnectionClosed, Dataplane, HalfOpenEvicted, Held, MoveEnded, MoveStarted,
+from .dataplane import (BackendRuntime, CloseSuspected, ConnectionClosed, Dataplane, HalfOpenEvicted, Held, HttpFallback, MoveEnded, MoveStarted,
                         MoveVerified, ResumeRefused, ServiceRuntime, Spliced, Suspect)
 from .events import EventLog
 from .failover_stats import FailoverStats
@@ -204,6 +204,10 @@ class Gateway:
             elif isinstance(ev, ConnectionClosed):
                 for listener in self.closed_listeners:
                     listener(ev.rec, ev.why, now)
+            elif isinstance(ev, HttpFallback):
+                self.events.add("http-fallback", f"HTTP tracking stopped, stream replay from the last exchange "
+                                                 f"boundary: {ev.reason}", service=ev.rec.service,
+                                connection=ev.rec.id, now=now, side=ev.side)
             elif isinstance(ev, HalfOpenEvicted):
                 self.events.add("overload", f"connection table full: {ev.count} half-open connection(s) evicted "
                                             f"for new ones (a SYN flood?)", now=now, evicted=ev.count, total=ev.total)
@@ -574,6 +578,7 @@ class Gateway:
 
     def _report(self, sp: Splice, now: float) -> None:
         d = sp.describe()
+        self.failover_stats.move_reported(sp.rec.service, sp.strategy, sp.regenerated_bytes)
         if sp.phase is Phase.FAILED:
             kind = "divergence" if (sp.reason or "").startswith("divergence") else "reset"
             self.events.add(kind, sp.reason or "move failed", service=sp.rec.service, backend=sp.target.name,
@@ -788,6 +793,8 @@ class Gateway:
     def _connection_doc(self, rec: Any, now: float) -> dict[str, Any]:
         d = rec.to_dict(now)
         d["move"] = self.dataplane.describe_move(rec.id)
+        ht = self.dataplane.http.get(rec.id)
+        d["http"] = ht.describe() if ht is not None else None
         planner = self.dataplane.store
         if planner is None:
             d["checkpoint_age"] = 0.0 if rec.log is not None else None  # memory: the record is the checkpoint

@@ -350,8 +350,8 @@ def _sanity(rec: ConnectionRecord, log: ByteLog, digest: StreamDigest | SampledD
     _acked(c, "client", s_base, s_sent)
     if log.overflow is not None:
         _fail("log.overflow", f"the log is incomplete ({log.overflow})")
-    if log.end > limits.max_log_bytes:
-        _fail("log.end", f"{log.end} bytes, over the limit of {limits.max_log_bytes}")
+    if log.end - log.base > limits.max_log_bytes:
+        _fail("log.end", f"{log.end - log.base} bytes, over the limit of {limits.max_log_bytes}")
     if log.end > c.bytes:
         _fail("log.end", f"the log holds {log.end} bytes, the client sent {c.bytes}")
     if c.fin_seq is None and log.fin_offset is not None:

@@ -169,6 +169,8 @@ class HttpFraming:
         self._c_done = 0  # client offset after the last complete request
         self._s_done = 0  # server offset after the last complete response
         self._quiescent: tuple[int, int] = (0, 0)
+        self._point: tuple[int, int] = (0, 0)  # after the last exchange the client fully acknowledged
+        self.cuts: list[int] = []  # server offsets where a final response ended (taken by the owner)
         self._side: Side = "client"  # whose event is being handled
         self._client_closed = False  # h11 reported the client's end of stream
 
@@ -242,6 +244,19 @@ class HttpFraming:
         had ended and been acknowledged and no request was pending; (0, 0) at the
         start.  Kept, not advanced, once the tracker has failed."""
         return self._quiescent
+
+    def replay_point(self) -> tuple[int, int]:
+        """The latest (client offset, server offset) boundary between two exchanges
+        before which every exchange is complete and its response fully acknowledged:
+        a replay may start there even while later requests are in flight (pipelined,
+        or the next request already sent with the acknowledgment).  Kept, not
+        advanced, once the tracker has failed."""
+        return self._point
+
+    def take_cuts(self) -> list[int]:
+        """The server offsets where a final response ended since the last call."""
+        cuts, self.cuts = self.cuts, []
+        return cuts
 
     def in_flight(self) -> Exchange | None:
         """The oldest exchange whose response the client has not fully
@@ -378,6 +393,7 @@ class HttpFraming:
         elif isinstance(ev, h11.EndOfMessage):
             ex = self._cur()
             ex.response_end = self._s_done = self._consumed(self._resp, self.server_end)
+            self.cuts.append(ex.response_end)
             self._req.send(h11.EndOfMessage())
             self._maybe_complete()
         elif isinstance(ev, h11.ConnectionClosed):
@@ -439,10 +455,13 @@ class HttpFraming:
 
     def _drop_acked(self) -> None:
         while self._unacked:
-            end = self._unacked[0].response_end
+            ex = self._unacked[0]
+            end = ex.response_end
             if end is None or self.acked < end:
                 break
             self._unacked.popleft()
+            if ex.request_end is not None and self.state is not State.FAILED:
+                self._point = (ex.request_end, end)
 
     def _update_quiescent(self) -> None:
         self._drop_acked()

@@ -193,6 +193,7 @@ class ConnectionRecord:
             "protected": self.protected,
             "unprotected_reason": self.unprotected_reason,
             "log_bytes": self.log.end if self.log is not None else 0,
+            "log_held": (self.log.end - self.log.base) if self.log is not None else 0,
             "server_bytes_hashed": self.digest.end if self.digest is not None else 0,
             "moves": self.moves,
             "commit_offset": self.commit_offset,

@@ -51,10 +51,12 @@ No sockets, no clock: ``now`` comes from the caller.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+from .httpreplay import RangeAnswer, ReplayPlan, stream_plan
 from .ici import ConnectionRecord
 from .resurrect import absorb_ack
 from .segment import ACK, FIN, PSH, RST, SYN, SegmentLike
@@ -159,6 +161,7 @@ class Splice:
         now: float,
         options: SpliceOptions = SpliceOptions(),
         ts_floor: int | None = None,
+        plan: ReplayPlan | None = None,
     ) -> None:
         """``ts_floor``: the lowest TSval to show the client (tcpcp 6.1: the last one
         it saw plus the ticks elapsed since, ``resurrect.estimate_tsval``); by default
@@ -180,19 +183,32 @@ class Splice:
         # the client's acknowledged point in the server stream (offsets)
         self.client_acked = max(0, seq_diff(c.ack, self.s_base)) if c.ack is not None else 0
         self.ts = rec.ts_ok
-        self.verifier = StreamVerifier(snap) if isinstance(snap, DigestSnapshot) else SampledVerifier(snap)
+        if plan is None:
+            plan = stream_plan(log, snap) if isinstance(snap, DigestSnapshot) else ReplayPlan("stream", 0, 0, 0)
+        self.plan = plan
+        self.verifier: StreamVerifier | SampledVerifier = (
+            StreamVerifier(snap, plan.verify_from, plan.prime) if isinstance(snap, DigestSnapshot)
+            else SampledVerifier(snap))
+        # where the backup's streams start: the client's (its SYN one below), the server's
+        # (None until a range answer's head says: see httpreplay)
+        self.c_start = plan.client_start
+        self.s_start: int | None = plan.server_start
+        self.range_answer = RangeAnswer(plan.range) if plan.range is not None else None
+        self.range_buf = bytearray()  # the backup's first bytes until its answer's head is checked
+        self.range_outcome: str | None = None
+        self.range_head = 0
         self.tr: Translation | None = None
         self.b_isn: int | None = None
         self.b_base = 0
         self.b_mss = DEFAULT_MSS
         self.b_window = 65535
         self.b_wscale = 0
-        self.b_high = 0          # highest backup stream offset seen (incl. FIN)
+        self.b_high = plan.server_start or 0  # highest backup stream offset seen (incl. FIN)
         self.b_tsval: int | None = None
         self.b_ts_first: int | None = None
-        self.acked_to_b = 0      # highest backup stream offset acknowledged to it
-        self.replay_next = 0     # next client log offset to send
-        self.replay_acked = 0    # client log offset the backup acknowledged
+        self.acked_to_b = plan.server_start or 0  # highest backup stream offset acknowledged to it
+        self.replay_next = plan.client_start      # next client stream offset to send
+        self.replay_acked = plan.client_start     # client stream offset the backup acknowledged
         self.fin_sent = False
         self.pending: dict[int, tuple[bytes, int]] = {}   # backup segments awaiting verification
         self.retained: dict[int, tuple[bytes, int]] = {}  # sent to the client by us, not yet acked
@@ -248,7 +264,7 @@ class Splice:
         return Out(
             src=rec.client_ip, dst=self.target.ip, sport=rec.client_port, dport=self.target.port,
             # a SYN's window is never scaled: give the client's window in bytes, capped
-            seq=self.c_isn, ack=0, flags=SYN,
+            seq=seq_add(self.c_base, self.c_start - 1), ack=0, flags=SYN,
             window=min((c.window_raw or 65535) << (c.wscale if rec.wscale_ok and c.wscale else 0), 0xFFFF),
             tsval=self._client_tsval(), tsecr=0 if self.ts else None,
             mss=c.mss or DEFAULT_MSS, wscale=c.wscale if rec.wscale_ok else None,
@@ -331,12 +347,21 @@ class Splice:
         fin = 1 if self._fin_to_replay() else 0
         return self.replay_acked < self.log.end + fin
 
+    def _read(self, offset: int, n: int) -> bytes:
+        """Client stream bytes for the backup: the plan's prefix (a rewritten request) first."""
+        p = self.plan
+        if offset < p.log_from:
+            i = offset - p.client_start
+            return p.prefix[i:i + min(n, p.log_from - offset)]
+        return self.log.read(offset, n)
+
     def _replay(self, now: float) -> list[Out]:
         out = []
         limit = self.replay_acked + max(self.b_window, self.b_mss)
         while self.replay_next < self.log.end and self.replay_next < limit:
             n = min(self.b_mss, self.log.end - self.replay_next, limit - self.replay_next)
-            data = self.log.read(self.replay_next, n)
+            data = self._read(self.replay_next, n)
+            n = len(data)
             out.append(self._to_backend(seq_add(self.c_base, self.replay_next), self._ack_value_for_backend(),
                                         ACK | PSH, data))
             self.replay_next += n
@@ -380,16 +405,57 @@ class Splice:
             if self.phase is Phase.SPLICED and self.verifier.done:
                 return Decision(True, self._rewrite_to_client(seg), out)
             return Decision(False, inject=out)
+        if self.s_start is None:
+            return self._on_range_head(seg, payload, now, out)
         return self._on_backend_data(seg, payload, now, out)
 
+    def _on_range_head(self, seg: SegmentLike, payload: bytes, now: float, out: list[Out]) -> Decision:
+        """The backup's first bytes after a range request: collected (not acknowledged) until
+        its answer's head is checked; then the mapping of its stream is known, and what was
+        collected goes the usual way."""
+        assert self.range_answer is not None and self.b_isn is not None and self.plan.range is not None
+        raw = seq_diff(seg.seq, seq_add(self.b_isn, 1))
+        have = len(self.range_buf)
+        if raw > have or raw + len(payload) <= have:
+            return Decision(False, inject=out)  # a gap (the backup resends) or old bytes
+        new = payload[have - raw:]
+        self.range_buf += new
+        outcome = self.range_answer.feed(bytes(new))
+        if outcome is None:
+            if len(self.range_buf) > 64 * 1024:
+                return Decision(False, inject=out + self.fail("range resume: no answer head in 64 KiB", now))
+            return Decision(False, inject=out)
+        kind, detail = outcome
+        if kind == "fail":
+            return Decision(False, inject=out + self.fail(str(detail), now))
+        x = self.plan.range
+        if kind == "range":
+            self.range_head = int(detail)
+            s_start = x.server_first - self.range_head
+        else:  # a 200: the whole response again, verified from its start
+            assert self.plan.full_from is not None and isinstance(self.snap, DigestSnapshot)
+            s_start = self.plan.full_from
+            self.verifier = StreamVerifier(self.snap, s_start)
+        self.range_outcome = kind
+        self.s_start = s_start
+        self.b_base = seq_add(self.b_isn, 1 - s_start)
+        self.acked_to_b = self.b_high = s_start
+        assert self.tr is not None
+        self.tr = dataclasses.replace(self.tr, seq_delta=(self.s_isn + s_start - self.b_isn) & MASK)
+        data, flags = bytes(self.range_buf), seg.flags
+        self.range_buf = bytearray()
+        return self._on_backend_data(_Collected(seq_add(self.b_base, s_start), flags), data, now, out)
+
     def _on_synack(self, seg: SegmentLike, now: float) -> Decision:
-        if not seg.flags & ACK or seg.ack != self.c_base:
+        flags = seg.flags
+        if not flags & ACK or seg.ack != seq_add(self.c_base, self.c_start):
             return Decision(False)
         if self.b_isn is None:
             rec = self.rec
             opts = seg.options
             self.b_isn = seg.seq
-            self.b_base = seq_add(seg.seq, 1)
+            # backup stream offsets are counted as offsets of the original server stream
+            self.b_base = seq_add(seg.seq, 1 - (self.s_start or 0))
             self.b_mss = min(opts.mss or DEFAULT_MSS, rec.client.mss or DEFAULT_MSS)
             if self.ts:  # the MSS excludes options; replayed segments carry timestamps (RFC 6691)
                 self.b_mss -= TS_OPTION_LEN
@@ -404,7 +470,7 @@ class Splice:
                 if self.ts_high is not None and seq_diff((seg.tsval + ts_delta) & MASK, self.ts_high) < 0:
                     ts_delta = (self.ts_high - seg.tsval) & MASK  # start the clock at the floor, not stuck below it
             self.tr = Translation(
-                seq_delta=(self.s_isn - seg.seq) & MASK,
+                seq_delta=(self.s_isn + (self.s_start or 0) - seg.seq) & MASK,
                 ts_delta=ts_delta,
                 backend_wscale=self.b_wscale,
                 client_view_wscale=rec.server.wscale if rec.wscale_ok and rec.server.wscale is not None else 0,
@@ -413,7 +479,7 @@ class Splice:
             self.rto = INITIAL_RTO
             self._mark("synack_ms", now)
         # (re)acknowledge the SYN-ACK, then replay
-        out = [self._to_backend(self.c_base, self._ack_value_for_backend(), ACK)]
+        out = [self._to_backend(seq_add(self.c_base, self.c_start), self._ack_value_for_backend(), ACK)]
         if self.phase is Phase.REPLAYING:
             out += self._replay(now)
             self._maybe_spliced(now)
@@ -424,7 +490,10 @@ class Splice:
             self.phase = Phase.SPLICED
             self._mark("replayed_ms", now)
 
-    def _on_backend_data(self, seg: SegmentLike, payload: bytes, now: float, out: list[Out]) -> Decision:
+    def _on_backend_data(self, seg: SegmentLike | _Collected, payload: bytes, now: float,
+                         out: list[Out]) -> Decision:
+        """A :class:`_Collected` ``seg``: ``payload`` is not the packet's own (bytes gathered from
+        several): what may go to the client now is sent by the gateway, never by forwarding."""
         off = seq_diff(seg.seq, self.b_base)
         n = len(payload)
         end = off + n + (1 if seg.flags & FIN else 0)
@@ -458,7 +527,11 @@ class Splice:
             return Decision(False, inject=out)
         good = v.verified_end()
         need = min(off + n, self.snap.end)
+        if need <= good and isinstance(seg, _Collected):
+            self.pending[off] = (bytes(payload), seg.flags)
+            return Decision(False, inject=out + self._flush_pending(good, now))
         if need <= good:
+            assert not isinstance(seg, _Collected)
             out += self._flush_pending(good, now)
             self.stats["forwarded"] += 1
             if "first_forward_ms" not in self.timings:
@@ -596,9 +669,29 @@ class Splice:
             self.phase = Phase.CLOSED
         return Decision(True, rw, resend)
 
+    @property
+    def regenerated_bytes(self) -> int:
+        """Server bytes the backup sent again that the old primary had already sent (a range
+        answer's head included)."""
+        if self.s_start is None:
+            return len(self.range_buf)
+        return max(0, min(self.b_high, self.snap.end) - self.s_start)
+
+    @property
+    def strategy(self) -> str:
+        if self.plan.strategy == "range" and self.range_outcome == "full":
+            return "full"
+        return self.plan.strategy
+
     def describe(self) -> dict[str, Any]:
         return {
             "phase": self.phase.value,
+            "strategy": self.strategy,
+            "strategy_reason": self.plan.reason if self.range_outcome != "full" else
+            "the backup answered the range request with 200 (range ignored or validator changed)",
+            "regenerated_bytes": self.regenerated_bytes,
+            "replay_from": {"client": self.plan.client_start, "server": self.s_start},
+            "range_head_bytes": self.range_head,
             "failure": self.reason,
             "from": self.old.name,
             "to": self.target.name,
@@ -612,3 +705,11 @@ class Splice:
             "ts_delta": self.tr.ts_delta if self.tr else None,
             **self.stats,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class _Collected:
+    """Backup bytes gathered across segments, handed on as one (``Splice._on_range_head``)."""
+
+    seq: int
+    flags: int

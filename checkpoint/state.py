@@ -174,12 +174,12 @@ def _fields_to(obj: Any) -> Json:
     return {f.name: _kind(f)[1](getattr(obj, f.name)) for f in _fields_of(type(obj))}
 
 
-def _check_keys(path: str, d: Any, expected: list[str]) -> None:
+def _check_keys(path: str, d: Any, expected: list[str], optional: list[str] | tuple[str, ...] = ()) -> None:
     prefix = f"{path}." if path else ""
     if type(d) is not dict:
         raise StateError(path or "state", "expected an object")
     for k in d:
-        if k not in expected:
+        if k not in expected and k not in optional:
             raise StateError(f"{prefix}{k}", "unknown key")
     for k in expected:
         if k not in d:
@@ -209,28 +209,35 @@ def record_from_state(d: Any, path: str = "") -> ConnectionRecord:
 # ----- the client byte log ---------------------------------------------------------------
 
 LOG_KEYS = ["limit", "end", "fin_offset", "overflow"]
+LOG_OPTIONAL = ["base"]  # a log trimmed at an HTTP exchange boundary (absent: 0, as older states)
 
 
 def log_state(log: ByteLog) -> Json:
     """A log's metadata (its bytes, ``log.data``, travel separately)."""
-    return {"limit": log.limit, "end": log.end, "fin_offset": log.fin_offset, "overflow": log.overflow}
+    d: Json = {"limit": log.limit, "end": log.end, "fin_offset": log.fin_offset, "overflow": log.overflow}
+    if log.base:
+        d["base"] = log.base
+    return d
 
 
 def log_from_state(d: Any, data: bytes, path: str = "") -> ByteLog:
     """The log :func:`log_state` described, holding ``data`` (its contiguous prefix)."""
-    _check_keys(path, d, LOG_KEYS)
+    _check_keys(path, d, LOG_KEYS, LOG_OPTIONAL)
     p = f"{path}." if path else ""
     limit = _int(f"{p}limit", d["limit"], "limit")
     end = _int(f"{p}end", d["end"], "end")
+    base = _int(f"{p}base", d.get("base", 0), "base")
     fin = _opt_int(f"{p}fin_offset", d["fin_offset"], "fin_offset")
     overflow = _opt_str(f"{p}overflow", d["overflow"], "overflow")
-    if end > limit:
-        raise StateError(f"{p}end", f"{end} bytes logged, over the log's limit of {limit}")
-    if len(data) != end:
-        raise StateError(f"{p}end", f"says {end} bytes, the data holds {len(data)}")
+    if end - base > limit:
+        raise StateError(f"{p}end", f"{end - base} bytes logged, over the log's limit of {limit}")
+    if base > end:
+        raise StateError(f"{p}base", f"the log starts at {base}, after its end {end}")
+    if len(data) != end - base:
+        raise StateError(f"{p}end", f"says {end - base} bytes from {base}, the data holds {len(data)}")
     if fin is not None and fin < end:
         raise StateError(f"{p}fin_offset", f"FIN at {fin}, before the {end} bytes logged")
-    log = ByteLog(limit)
+    log = ByteLog(limit, base=base)
     log.data = bytearray(data)
     log.fin_offset = fin
     log.overflow = overflow
@@ -240,6 +247,8 @@ def log_from_state(d: Any, data: bytes, path: str = "") -> ByteLog:
 # ----- the server-stream digest ----------------------------------------------------------
 
 STREAM_KEYS = ["kind", "chunks", "end", "volatile", "overflow", "partial"]
+# a digest trimmed or cut at HTTP message boundaries (absent: from 0, every CHUNK, as older states)
+STREAM_OPTIONAL = ["base", "bounds", "grid", "cuts", "dropped"]
 SAMPLED_KEYS = ["kind", "samples", "end", "stride", "volatile", "overflow"]
 
 
@@ -273,7 +282,7 @@ def digest_state(dg: StreamDigest | SampledDigest) -> Json:
             "overflow": dg.overflow,
         }
     if isinstance(dg, StreamDigest):
-        return {
+        out: Json = {
             "kind": "stream",
             "chunks": [None if c is None else c.hex() for c in dg.chunks],
             "end": dg.end,
@@ -281,7 +290,23 @@ def digest_state(dg: StreamDigest | SampledDigest) -> Json:
             "overflow": dg.overflow,
             "partial": None if dg.cur is None else dg.cur.copy().hexdigest(),
         }
+        if dg.base or dg.cuts or dg.grid:
+            out.update(base=dg.base, bounds=list(dg.bounds), grid=dg.grid, cuts=list(dg.cuts), dropped=dg.dropped)
+        return out
     raise TypeError(f"not a digest: {type(dg).__name__}")
+
+
+def _offsets(path: str, v: Any, base: int, end: int, strict: bool = True) -> list[int]:
+    """A list of increasing stream offsets in (base, end] (``strict``) or [base, end]."""
+    if type(v) is not list:
+        raise StateError(path, "expected a list of offsets")
+    out: list[int] = []
+    for i, x in enumerate(v):
+        lo = base + 1 if strict else base
+        if type(x) is not int or not lo <= x <= end or (out and x <= out[-1]):
+            raise StateError(f"{path}[{i}]", f"expected an increasing offset in {lo}..{end}")
+        out.append(x)
+    return out
 
 
 def digest_from_state(d: Any, path: str = "") -> StreamDigest | SampledDigest:
@@ -293,17 +318,32 @@ def digest_from_state(d: Any, path: str = "") -> StreamDigest | SampledDigest:
         raise StateError(path or "digest", "expected an object")
     kind = d.get("kind")
     if kind == "stream":
-        _check_keys(path, d, STREAM_KEYS)
+        _check_keys(path, d, STREAM_KEYS, STREAM_OPTIONAL)
         end = _int(f"{p}end", d["end"], "end")
         if end > STREAM_LIMIT:
             raise StateError(f"{p}end", f"expected at most {STREAM_LIMIT}")
+        base = _int(f"{p}base", d.get("base", 0), "base")
+        bounds = _offsets(f"{p}bounds", d["bounds"], base, end) if "bounds" in d else None
+        cuts = _offsets(f"{p}cuts", d.get("cuts", []), base, end, strict=False)
         chunks = d["chunks"]
-        if type(chunks) is not list or len(chunks) != end // CHUNK:
-            raise StateError(f"{p}chunks", f"expected a list of {end // CHUNK} chunk hashes (hex or null)")
+        want = len(bounds) if bounds is not None else end // CHUNK
+        if type(chunks) is not list or len(chunks) != want:
+            raise StateError(f"{p}chunks", f"expected a list of {want} chunk hashes (hex or null)")
+        if bounds is not None and any(b - a > CHUNK for a, b in zip([base] + bounds, bounds)):
+            raise StateError(f"{p}bounds", f"a chunk longer than {CHUNK} bytes")
         hashes = [None if c is None else _hex_digest(f"{p}chunks[{i}]", c) for i, c in enumerate(chunks)]
         if d["partial"] is not None:
             _hex_digest(f"{p}partial", d["partial"])
-        dg = StreamDigest.restored(hashes, end, _volatile(f"{p}volatile", d["volatile"]))
+        grid = _int(f"{p}grid", d["grid"], "grid") if "grid" in d else None
+        if grid is not None and grid > end:
+            raise StateError(f"{p}grid", f"expected at most {end}")
+        dropped = _int(f"{p}dropped", d.get("dropped", 0), "dropped")
+        volatile = _volatile(f"{p}volatile", d["volatile"])
+        try:
+            dg = StreamDigest.restored(hashes, end, volatile, base=base,
+                                       bounds=bounds, grid=grid, cuts=cuts, dropped=dropped)
+        except ValueError as exc:
+            raise StateError(f"{p}chunks", str(exc)) from None
         dg.overflow = _opt_str(f"{p}overflow", d["overflow"], "overflow")
         return dg
     if kind == "sampled":

@@ -35,9 +35,13 @@ tracker's highest-plausible-value rule re-learns them from the wire within a
 round trip); the log and the digest, which the wire cannot give back, are
 saved every batch.
 
-Retention: a replay needs the client's stream from byte 0, so nothing of an
-open connection's log is trimmed; a connection's rows go when it is
-forgotten (closed, expired, reset).  Limits: ``failover.max_log_bytes`` per
+Retention: a stream replay needs the client's stream from byte 0, so nothing
+of such a connection's log is trimmed.  An HTTP-aware one (``replay = "http"``)
+trims the log and the digest at the boundary after the last exchange the client
+fully acknowledged (``checkpoint.httpreplay``); the next batch records the trim
+(``log_base``, ``digest_base``) and drops the rows before it, in the same
+transaction as the bytes after it.  A connection's rows go when it is forgotten
+(closed, expired, reset).  Limits: ``failover.max_log_bytes`` per
 connection (the log stops and says why) and ``max_total_bytes`` over all
 connections: a connection whose new bytes would pass it stops being logged,
 with the reason "checkpoint store full", and is *unprotected* (reset cleanly
@@ -75,6 +79,9 @@ class Write:
     ici: str | None = None              # record_state JSON, None: unchanged
     log_off: int = 0
     log_data: bytes = b""
+    log_base: int | None = None         # the log was trimmed to here (None: unchanged)
+    digest_base: tuple[int, int] | None = None  # the digest was trimmed: (its base, chunks dropped)
+    bounds: list[int] = field(default_factory=list)  # end offsets of ``chunks``
     log_end: int = 0                    # durable log length once written
     fin: bool = False                   # the client's FIN is logged
     digest_meta: str | None = None      # kind, end, volatile, overflow (JSON)
@@ -104,7 +111,9 @@ class _Entry:
     ici_saved: bool = False
     ici_at: float = 0.0
     state: TcpState | None = None
-    chunks_saved: int = 0
+    chunks_saved: int = 0               # chunk number (counting trimmed ones) saved up to
+    log_base: int = 0
+    digest_base: int = 0
     samples_saved: int = 0
     stride: int = 1
 
@@ -174,16 +183,17 @@ class CommitPlanner:
     def adopt(self, rec: ConnectionRecord, now: float) -> None:
         """A connection loaded from the store: durable as it stands."""
         e = _Entry(rec, log_saved=rec.log.end if rec.log is not None else 0, ici_saved=True, ici_at=now,
-                   state=rec.state)
+                   state=rec.state, log_base=rec.log.base if rec.log is not None else 0)
         e.fin_saved = rec.log is not None and rec.log.fin_offset is not None
         dg = rec.digest
         if isinstance(dg, StreamDigest):
-            e.chunks_saved = len(dg.chunks)
+            e.chunks_saved = dg.dropped + len(dg.chunks)
+            e.digest_base = dg.base
         elif isinstance(dg, SampledDigest):
             e.samples_saved, e.stride = len(dg.samples), dg.stride
         rec.commit_offset, rec.commit_fin = e.log_saved, e.fin_saved
         self.entries[rec.id] = e
-        self.stats.held_total += e.log_saved
+        self.stats.held_total += e.log_saved - e.log_base
 
     def touch(self, rec: ConnectionRecord) -> None:
         if rec.id in self.entries:
@@ -192,7 +202,7 @@ class CommitPlanner:
     def forget(self, cid: int) -> None:
         e = self.entries.pop(cid, None)
         if e is not None:
-            self.stats.held_total -= e.log_saved
+            self.stats.held_total -= e.log_saved - e.log_base
             self.dirty.discard(cid)
             self.forgotten.append(cid)
 
@@ -222,12 +232,15 @@ class CommitPlanner:
         log = rec.log
         if log is not None:
             end = log.end
-            new = end - e.log_saved
+            if log.base > e.log_base:
+                w.log_base = log.base
+            start = max(e.log_saved, log.base)  # bytes trimmed before they were saved are never needed
+            new = end - start
             if new > 0 and self.stats.held_total + new > self.max_total_bytes and log.overflow is None:
                 log.overflow = STORE_FULL
                 self.stats.overflowed += 1
             if new > 0 and log.overflow != STORE_FULL:
-                w.log_off, w.log_data = e.log_saved, bytes(log.data[e.log_saved:end])
+                w.log_off, w.log_data = start, bytes(log.data[start - log.base:end - log.base])
                 self.stats.held_total += new
             else:
                 end = e.log_saved
@@ -239,16 +252,22 @@ class CommitPlanner:
             dg = rec.digest
             if isinstance(dg, StreamDigest):
                 w.digest_meta = json.dumps({"kind": "stream", "end": dg.end, "volatile": list(dg.volatile),
-                                            "overflow": dg.overflow})
+                                            "overflow": dg.overflow, "grid": dg.grid, "cuts": dg.cuts[-64:]})
             elif isinstance(dg, SampledDigest):
                 w.digest_meta = json.dumps({"kind": "sampled", "end": dg.end, "volatile": list(dg.volatile),
                                             "overflow": dg.overflow, "stride": dg.stride})
         dg = rec.digest
-        if isinstance(dg, StreamDigest) and len(dg.chunks) > e.chunks_saved:
-            w.chunks_from, w.chunks = e.chunks_saved, list(dg.chunks[e.chunks_saved:])
+        if isinstance(dg, StreamDigest) and dg.base > e.digest_base:
+            w.digest_base = (dg.base, dg.dropped)
+        if isinstance(dg, StreamDigest) and dg.dropped + len(dg.chunks) > e.chunks_saved:
+            first = max(e.chunks_saved, dg.dropped)
+            w.chunks_from = first
+            w.chunks = list(dg.chunks[first - dg.dropped:])
+            w.bounds = list(dg.bounds[first - dg.dropped:])
         elif isinstance(dg, SampledDigest) and (dg.stride != e.stride or len(dg.samples) != e.samples_saved):
             w.samples = list(dg.samples)
-        if not w.log_data and w.ici is None and not w.chunks and w.samples is None and w.fin == e.fin_saved:
+        if (not w.log_data and w.ici is None and not w.chunks and w.samples is None and w.fin == e.fin_saved
+                and w.log_base is None and w.digest_base is None):
             return None
         return w
 
@@ -272,6 +291,11 @@ class CommitPlanner:
             if w.ici is not None:
                 e.ici_saved, e.ici_at, e.state = True, batch.planned, rec.state
             e.log_saved = max(e.log_saved, w.log_end)
+            if w.log_base is not None and w.log_base > e.log_base:
+                self.stats.held_total -= min(w.log_base, e.log_saved) - e.log_base
+                e.log_base = w.log_base
+            if w.digest_base is not None:
+                e.digest_base = max(e.digest_base, w.digest_base[0])
             e.fin_saved = e.fin_saved or w.fin
             if w.chunks:
                 e.chunks_saved = w.chunks_from + len(w.chunks)

@@ -57,8 +57,10 @@ section 6: a checkpoint with 2**31 bytes or more since it is not used).
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 from dataclasses import dataclass
+from typing import Callable
 
 CHUNK = 64 * 1024
 DIGEST_SIZE = 16
@@ -121,10 +123,11 @@ class Masker:
 
 
 class ByteLog:
-    __slots__ = ("limit", "data", "ooo", "overflow", "fin_offset")
+    __slots__ = ("limit", "data", "ooo", "overflow", "fin_offset", "base")
 
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
+    def __init__(self, limit: int, base: int = 0) -> None:
+        self.limit = limit      # bytes held at most (what follows ``base``)
+        self.base = base        # stream offset of data[0]: the bytes before it were trimmed
         self.data = bytearray()
         self.ooo: dict[int, bytes] = {}
         self.overflow: str | None = None  # why the log stopped (None: complete)
@@ -132,17 +135,24 @@ class ByteLog:
 
     @property
     def end(self) -> int:
-        """Length of the contiguous prefix logged."""
-        return len(self.data)
+        """Stream offset after the contiguous prefix logged."""
+        return self.base + len(self.data)
 
     @property
     def complete(self) -> bool:
         return self.overflow is None
 
+    def _append(self, new: bytes | memoryview) -> bool:
+        if len(self.data) + len(new) > self.limit:
+            self.overflow = f"client sent more than the log limit ({self.limit} bytes)"
+            return False
+        self.data += new
+        return True
+
     def add(self, offset: int, payload: bytes | memoryview) -> None:
         if self.overflow is not None or not payload:
             return
-        end = len(self.data)
+        end = self.end
         n = len(payload)
         if offset + n <= end:
             return  # all of it logged already
@@ -154,27 +164,37 @@ class ByteLog:
             if old is None or len(old) < n:
                 self.ooo[offset] = bytes(payload)
             return
-        new = payload[end - offset:]
-        if end + len(new) > self.limit:
-            self.overflow = f"client sent more than the log limit ({self.limit} bytes)"
+        if not self._append(payload[end - offset:]):
             return
-        self.data += new
         while self.ooo:
-            end = len(self.data)
+            end = self.end
             ready = [o for o in self.ooo if o <= end]
             if not ready:
                 break
             for o in sorted(ready):
                 seg = self.ooo.pop(o)
-                end = len(self.data)
-                if o + len(seg) > end:
-                    if o + len(seg) > self.limit:
-                        self.overflow = f"client sent more than the log limit ({self.limit} bytes)"
-                        return
-                    self.data += seg[end - o:]
+                end = self.end
+                if o + len(seg) > end and not self._append(seg[end - o:]):
+                    return
 
     def read(self, offset: int, n: int) -> bytes:
-        return bytes(self.data[offset:offset + n])
+        if offset < self.base:
+            raise ValueError(f"log offset {offset} was trimmed (the log starts at {self.base})")
+        i = offset - self.base
+        return bytes(self.data[i:i + n])
+
+    def trim(self, to: int) -> int:
+        """Forget the bytes before stream offset ``to`` (no replay will need them: an
+        HTTP-aware replay starts at a later message boundary).  Returns the bytes freed."""
+        to = min(to, self.end)
+        if to <= self.base:
+            return 0
+        k = to - self.base
+        del self.data[:k]
+        self.base = to
+        for o in [o for o, seg in self.ooo.items() if o + len(seg) <= to]:
+            del self.ooo[o]
+        return k
 
 
 def mask_horizon(names: tuple[str, ...]) -> int:
@@ -189,19 +209,43 @@ class DigestSnapshot:
     partial: bytes | None  # digest of the bytes after the last full chunk (None: blind)
     end: int            # stream bytes covered
     volatile: tuple[str, ...] = ()  # fields masked before hashing
+    base: int = 0       # where chunks[0] starts (the stream before it was trimmed)
+    bounds: tuple[int, ...] | None = None  # each chunk's end offset (None: every CHUNK from base)
+    cuts: tuple[int, ...] = ()  # offsets (>= base) where the chunk grid and the masker restart
+
+    def bound(self, i: int) -> int:
+        """End offset of chunk ``i``."""
+        return self.bounds[i] if self.bounds is not None else self.base + (i + 1) * CHUNK
+
+    @property
+    def partial_start(self) -> int:
+        return self.bound(len(self.chunks) - 1) if self.chunks else self.base
 
     @property
     def partial_len(self) -> int:
-        return self.end - len(self.chunks) * CHUNK
+        return self.end - self.partial_start
+
+    def chunk_starts(self) -> list[int]:
+        """Every offset a verifier may start at: each chunk's start, and the partial's."""
+        return [self.base] + [self.bound(i) for i in range(len(self.chunks))]
 
 
 class StreamDigest:
-    __slots__ = ("chunks", "cur", "end", "ooo", "overflow", "volatile", "mask", "blind_until", "resync")
+    __slots__ = ("chunks", "bounds", "base", "dropped", "grid", "cuts", "cutter", "cur", "end", "ooo",
+                 "overflow", "volatile", "mask", "blind_until", "resync")
 
     def __init__(self, volatile: tuple[str, ...] = ()) -> None:
         self.volatile = volatile
         self.mask = Masker(volatile)
         self.chunks: list[bytes | None] = []
+        self.bounds: list[int] = []  # chunks[i] covers [bounds[i-1] (or base), bounds[i])
+        self.base = 0        # start of chunks[0]: the stream before it was trimmed
+        self.dropped = 0     # chunks trimmed (chunks[0] is the stream's chunk number ``dropped``)
+        self.grid = 0        # chunks end at grid + k * CHUNK (the last cut)
+        self.cuts: list[int] = []  # offsets >= base where the grid and the masker restarted
+        # HTTP-aware replay: told the contiguous bytes before they are hashed, it returns
+        # the stream offsets in them where a new message starts (there the digest cuts)
+        self.cutter: Callable[[memoryview], list[int]] | None = None
         self.cur: hashlib.blake2b | None = _h()  # None while blind (end < blind_until)
         self.end = 0
         self.ooo: dict[int, bytes] = {}   # segments beyond a gap, until it fills
@@ -211,35 +255,55 @@ class StreamDigest:
 
     @classmethod
     def restored(cls, chunks: list[bytes | None] | tuple[bytes | None, ...], end: int,
-                 volatile: tuple[str, ...] = ()) -> "StreamDigest":
-        """A digest reloaded from a checkpoint: ``chunks`` are the hashes of the
-        ``end // CHUNK`` full chunks (missing ones at the end, not saved yet, are
-        blind: None); the partial chunk is blind, and the first segment fed may
-        start beyond ``end`` (see the module docstring)."""
-        if len(chunks) > end // CHUNK:
-            raise ValueError(f"{len(chunks)} chunk hashes for {end} bytes (at most {end // CHUNK})")
+                 volatile: tuple[str, ...] = (), *, base: int = 0, bounds: list[int] | None = None,
+                 grid: int | None = None, cuts: list[int] | tuple[int, ...] = (), dropped: int = 0) -> "StreamDigest":
+        """A digest reloaded from a checkpoint: ``chunks`` are the hashes of its full
+        chunks from ``base`` (``bounds`` their end offsets; by default every CHUNK from
+        ``base``); chunks missing at the end (not saved yet) are blind: None.  The partial
+        chunk is blind, and the first segment fed may start beyond ``end`` (see the module)."""
         d = cls(volatile)
-        d.chunks = list(chunks) + [None] * (end // CHUNK - len(chunks))
+        d.base, d.dropped, d.cuts = base, dropped, [c for c in cuts if c >= base]
+        d.grid = grid if grid is not None else (d.cuts[-1] if d.cuts else base)
+        if bounds is None:
+            bounds = [base + (i + 1) * CHUNK for i in range(len(chunks))]
+        if len(bounds) != len(chunks) or any(b > end for b in bounds):
+            raise ValueError(f"{len(chunks)} chunk hashes for {end} bytes ({len(bounds)} bounds)")
+        d.chunks, d.bounds = list(chunks), list(bounds)
+        d.end = d.bounds[-1] if d.bounds else base
+        while d._next_bound() <= end:
+            d.chunks.append(None)
+            d.bounds.append(d._next_bound())
+            d.end = d.bounds[-1]
         d.end = end
         d.resync = True
         d._blind_from(end)
         return d
+
+    @property
+    def chunk_start(self) -> int:
+        """Start of the current (partial) chunk."""
+        return self.bounds[-1] if self.bounds else self.base
+
+    def _next_bound(self) -> int:
+        """End of the chunk ``end`` is in (the next one if ``end`` is on a boundary)."""
+        return self.grid + ((self.end - self.grid) // CHUNK + 1) * CHUNK
 
     def _blind_from(self, start: int) -> None:
         """Bytes from ``start`` are not hashed up to the first chunk boundary at or
         past ``start`` plus the masker's horizon (a boundary itself is not blind
         when there is no horizon)."""
         reach = start + mask_horizon(self.volatile)
-        until = -(-reach // CHUNK) * CHUNK
+        until = self.grid + -(-(reach - self.grid) // CHUNK) * CHUNK
         if until > start:
             self.blind_until = until
             self.cur = None
 
     def _jump(self, offset: int) -> None:
         """Resync: skip to ``offset``; the chunks in between become blind."""
-        while (self.end // CHUNK + 1) * CHUNK <= offset:  # the current chunk ends before offset
+        while self._next_bound() <= offset:  # the current chunk ends before offset
             self.chunks.append(None)
-            self.end = (self.end // CHUNK + 1) * CHUNK
+            self.bounds.append(self._next_bound())
+            self.end = self.bounds[-1]
         self.end = offset
         self.mask = Masker(self.volatile)  # its state was for bytes before the gap
         self.cur = _h()
@@ -265,7 +329,7 @@ class StreamDigest:
         if offset + n > STREAM_LIMIT:
             self.overflow = "server stream reached 2**31 bytes"
             return
-        self._hash(memoryview(payload)[self.end - offset:])
+        self._feed(memoryview(payload)[self.end - offset:])
         while self.ooo:
             ready = sorted(o for o in self.ooo if o <= self.end)
             if not ready:
@@ -273,32 +337,76 @@ class StreamDigest:
             for o in ready:
                 seg = self.ooo.pop(o)
                 if o + len(seg) > self.end:
-                    self._hash(memoryview(seg)[self.end - o:])
+                    self._feed(memoryview(seg)[self.end - o:])
+
+    def _feed(self, mv: memoryview) -> None:
+        """Contiguous bytes at ``end``: hashed, cut where the cutter says a message starts."""
+        if self.cutter is None:
+            return self._hash(mv)
+        for c in self.cutter(mv):
+            k = c - self.end
+            if 0 <= k <= len(mv):
+                self._hash(mv[:k])
+                mv = mv[k:]
+                self.cut()
+        self._hash(mv)
+
+    def cut(self) -> None:
+        """A new message starts at ``end``: the current chunk ends here (early), and the
+        chunk grid and the masker restart, so that a verifier can start here with nothing
+        of the stream before it."""
+        if self.end > self.chunk_start:
+            self.chunks.append(None if self.cur is None else self.cur.digest())
+            self.bounds.append(self.end)
+        self.grid = self.end
+        if not self.cuts or self.cuts[-1] != self.end:
+            self.cuts.append(self.end)
+        self.mask = Masker(self.volatile)
+        self.cur = _h()
+        self.blind_until = 0
+
+    def trim(self, to: int) -> int:
+        """Forget the chunks that end at or before ``to`` (a replay never starts before
+        it again).  ``to`` should be a chunk start (a cut).  Returns the chunks dropped."""
+        k = bisect.bisect_right(self.bounds, to)
+        if k == 0:
+            return 0
+        self.base = self.bounds[k - 1]
+        del self.chunks[:k]
+        del self.bounds[:k]
+        self.dropped += k
+        self.cuts = [c for c in self.cuts if c >= self.base]
+        return k
 
     def _hash(self, mv: memoryview) -> None:
+        if not len(mv):
+            return
         mv = memoryview(self.mask(mv))
         if self.end < self.blind_until:
             mv = self._skip(mv)
         while len(mv):
             cur = self.cur
             assert cur is not None, "hashing while blind"  # _skip counted every blind byte
-            room = CHUNK - (self.end % CHUNK)
-            part = mv[:room]
+            nb = self._next_bound()
+            part = mv[:nb - self.end]
             cur.update(part)
             self.end += len(part)
             mv = mv[len(part):]
-            if self.end % CHUNK == 0:
+            if self.end == nb:
                 self.chunks.append(cur.digest())
+                self.bounds.append(nb)
                 self.cur = _h()
 
     def _skip(self, mv: memoryview) -> memoryview:
         """Count (not hash) the blind bytes at the start of ``mv``."""
         while len(mv) and self.end < self.blind_until:
-            k = min(len(mv), CHUNK - self.end % CHUNK, self.blind_until - self.end)
+            nb = self._next_bound()
+            k = min(len(mv), nb - self.end, self.blind_until - self.end)
             self.end += k
             mv = mv[k:]
-            if self.end % CHUNK == 0:
+            if self.end == nb:
                 self.chunks.append(None)
+                self.bounds.append(nb)
         if self.end >= self.blind_until:
             self.cur = _h()
         return mv
@@ -309,26 +417,40 @@ class StreamDigest:
         has nothing blind in it, so it is the empty digest even while the digest is
         blind past ``end`` (a horizon reaching into the next chunk)."""
         partial: bytes | None
-        if self.end % CHUNK == 0:
+        if self.end == self.chunk_start:
             partial = _EMPTY_DIGEST
         else:
             partial = None if self.cur is None else self.cur.copy().digest()
-        return DigestSnapshot(tuple(self.chunks), partial, self.end, self.volatile)
+        return DigestSnapshot(tuple(self.chunks), partial, self.end, self.volatile, self.base,
+                              tuple(self.bounds), tuple(self.cuts))
 
 
 class StreamVerifier:
-    """Checks a regenerated stream, fed in order, against a snapshot."""
+    """Checks a regenerated stream, fed in order, against a snapshot.
 
-    __slots__ = ("snap", "cur", "end", "verified", "mismatch_at", "mask", "unverified_bytes")
+    ``start`` (a chunk start of the snapshot: its base, a chunk's end, a cut) is the stream
+    offset the regenerated stream is checked from; ``prime`` bytes before it, when given,
+    only feed the masker (a verifier starting mid-message sees a value whose pattern lay
+    before ``start`` as the digest did)."""
 
-    def __init__(self, snap: DigestSnapshot) -> None:
+    __slots__ = ("snap", "cur", "end", "start", "verified", "mismatch_at", "mask", "unverified_bytes", "i", "cuts")
+
+    def __init__(self, snap: DigestSnapshot, start: int | None = None, prime: int = 0) -> None:
         self.snap = snap
+        start = snap.base if start is None else start
+        starts = snap.chunk_starts()
+        i = bisect.bisect_left(starts, start)
+        if i == len(starts) or starts[i] != start:
+            raise ValueError(f"a verifier cannot start at {start}: not a chunk start of the snapshot")
+        self.i = i            # the chunk being checked (len(chunks): the partial)
         self.mask = Masker(snap.volatile)
         self.cur = _h()
-        self.end = 0          # contiguous bytes received
-        self.verified = 0     # [0, verified) matched the snapshot (blind chunks taken on trust)
+        self.start = start
+        self.end = start - prime  # contiguous bytes received (from here on)
+        self.verified = start     # [start, verified) matched the snapshot (blind chunks taken on trust)
         self.mismatch_at: int | None = None
         self.unverified_bytes = 0  # bytes in blind chunks (None in the snapshot): not checked
+        self.cuts = [c for c in snap.cuts if c > start]
 
     @property
     def done(self) -> bool:
@@ -336,7 +458,7 @@ class StreamVerifier:
         return self.mismatch_at is None and self.end >= self.snap.end
 
     def verified_end(self) -> int:
-        """Bytes [0, verified_end) are known good (past the snapshot: all received)."""
+        """Bytes [start, verified_end) are known good (past the snapshot: all received)."""
         if self.mismatch_at is not None:
             return 0
         return self.end if self.end >= self.snap.end else self.verified
@@ -349,38 +471,46 @@ class StreamVerifier:
         n = len(payload)
         if offset + n <= self.end or offset > self.end:
             return True
-        mv = memoryview(self.mask(memoryview(payload)[self.end - offset:]))
+        mv = memoryview(payload)[self.end - offset:]
+        while len(mv):
+            cut = self.cuts[0] if self.cuts else None
+            k = len(mv) if cut is None else min(len(mv), cut - self.end)
+            if not self._check(memoryview(self.mask(mv[:k]))):
+                return False
+            mv = mv[k:]
+            if cut is not None and self.end >= cut:
+                self.cuts.pop(0)
+                self.mask = Masker(self.snap.volatile)
+        return True
+
+    def _check(self, mv: memoryview) -> bool:
+        if self.end < self.start:  # priming: masked, not hashed
+            k = min(len(mv), self.start - self.end)
+            self.end += k
+            mv = mv[k:]
         snap = self.snap
-        full = len(snap.chunks) * CHUNK
+        nchunks = len(snap.chunks)
         while len(mv) and self.end < snap.end:
-            if self.end < full:
-                room = CHUNK - self.end % CHUNK
-                want = snap.chunks[self.end // CHUNK]
+            if self.i < nchunks:
+                stop, want = snap.bound(self.i), snap.chunks[self.i]
             else:
-                room = snap.end - self.end
-                want = snap.partial
-            part = mv[:room]
+                stop, want = snap.end, snap.partial
+            part = mv[:stop - self.end]
             if want is None:
                 self.unverified_bytes += len(part)
             else:
                 self.cur.update(part)
             self.end += len(part)
             mv = mv[len(part):]
-            if self.end <= full:
-                if self.end % CHUNK == 0:
-                    if want is not None and self.cur.digest() != want:
-                        self.mismatch_at = self.end - CHUNK
-                        return False
-                    self.cur = _h()
-                    self.verified = self.end
-            elif self.end == snap.end:
+            if self.end == stop:
                 if want is not None and self.cur.digest() != want:
-                    self.mismatch_at = full
+                    self.mismatch_at = snap.bound(self.i - 1) if self.i else snap.base
                     return False
+                self.cur = _h()
                 self.verified = self.end
+                self.i += 1
         self.end += len(mv)  # past the snapshot: new bytes
         return True
-
 
 # --- sampled verification ------------------------------------------------------------
 #

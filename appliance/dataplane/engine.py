@@ -33,20 +33,21 @@ import socket
 from collections import deque
 from typing import Any
 
+from checkpoint.httpreplay import HttpTrack
 from checkpoint.ici import ConnectionRecord, TcpState
 from checkpoint.resurrect import estimate_tsval
 from checkpoint.segment import ACK, FIN, RST, SYN
 from checkpoint.seqnum import seq_add, seq_diff
 from checkpoint.splice import Decision, Out, Phase, Rewrite, Splice, SpliceOptions, reset_seqs
 from checkpoint.store import CommitPlanner
-from checkpoint.streamlog import ByteLog, SampledDigest, StreamDigest
+from checkpoint.streamlog import ByteLog, DigestSnapshot, SampledDigest, StreamDigest
 from checkpoint.table import FINISHED, ConnectionTable, Timeouts
 from nfq.packet import MalformedPacket, PacketView
 from nfq.queue import Verdict
 
 from ..config import Config, FailoverConfig
-from .events import (CloseSuspected, ConnectionClosed, EngineEvent, HalfOpenEvicted, MoveEnded, MoveStarted,
-                     MoveVerified, ResumeRefused, Suspect)
+from .events import (CloseSuspected, ConnectionClosed, EngineEvent, HalfOpenEvicted, HttpFallback, MoveEnded,
+                     MoveStarted, MoveVerified, ResumeRefused, Suspect)
 from .gate import AckGate
 from .modes import ORDINARY, Held, Mode, Ordinary, Resumed, ResumedFlow, Resyncing, Spliced
 from .runtime import BackendRuntime, DataplaneCounters, ServiceRuntime
@@ -96,6 +97,7 @@ class Dataplane:
         self._fronts: dict[tuple[bytes, int], ServiceRuntime] = {}
         self._backs: dict[tuple[bytes, int], tuple[ServiceRuntime, BackendRuntime]] = {}
         self.modes: dict[int, Mode] = {}   # conn id -> its mode; absent: ordinary
+        self.http: dict[int, HttpTrack] = {}  # conn id -> its HTTP framing (replay = "http" services)
         self.outbox: list[Out] = []
         self.raw_out: list[bytearray] = []  # whole packets to send (held ACKs, re-injected segments)
         # the checkpoint store's commit planner and the delayed-ACK gate (store.mode = "disk"); None: memory
@@ -213,7 +215,13 @@ class Dataplane:
         table.observe(rec, pv, True, now)
         if rec.state in FINISHED:
             self._closed(rec, "closed")
+        ht = self.http.get(rec.id)
+        if ht is not None and pv.flags & ACK and rec.server.isn is not None:
+            # the acknowledgment first: with the next request it may finish the previous exchange
+            ht.client_acked(seq_diff(pv.ack, seq_add(rec.server.isn, 1)))
         self._log_client(rec, pv)
+        if ht is not None:
+            self._http_step(rec, ht)
         if self.store is not None:
             self.store.touch(rec)
         elif rec.log is not None:  # memory: logged is committed
@@ -237,6 +245,8 @@ class Dataplane:
             rec.log = ByteLog(svc.failover.max_log_bytes)
             kind = SampledDigest if svc.failover.verify == "sampled" else StreamDigest
             rec.digest = kind(svc.failover.volatile)
+            if svc.failover.replay == "http" and isinstance(rec.digest, StreamDigest):
+                self.http[rec.id] = HttpTrack(rec.log, rec.digest)
             if self.store is not None:
                 self.store.track(rec)
         return rec
@@ -261,6 +271,30 @@ class Dataplane:
             log.add(off, pv.payload)
         if flags & FIN and log.fin_offset is None and off >= 0:
             log.fin_offset = off + n
+
+    def _http_step(self, rec: ConnectionRecord, ht: HttpTrack) -> None:
+        """After a client packet: the framing reads the new log bytes, and the log and digest are
+        trimmed when the replay point moved (not while a move still replays from them)."""
+        ht.client_logged()
+        if ht.fallback is not None:
+            return self._http_fallback(rec, ht)
+        mode = self.modes.get(rec.id)
+        if isinstance(mode, Spliced) and not (mode.splice.phase is Phase.SPLICED and mode.splice.verifier.done):
+            return
+        if ht.advance():
+            self.counters.http_trims += 1
+            if self.store is not None:
+                self.store.touch(rec)
+
+    def _http_fallback(self, rec: ConnectionRecord, ht: HttpTrack) -> None:
+        if ht.reported or ht.fallback is None:
+            return
+        ht.reported = True
+        c = self.counters
+        c.http_fallbacks += 1
+        reason = ": ".join(ht.fallback.split(": ")[:2]).split(" (")[0][:80]
+        c.http_fallback_reasons[reason] = c.http_fallback_reasons.get(reason, 0) + 1
+        self._events.append(HttpFallback(rec, ht.fallback_side, ht.fallback))
 
     # --- server -> client ------------------------------------------------------------------
     def _from_server(self, pv: PacketView, svc: ServiceRuntime, be: BackendRuntime, dport: int, now: float) -> Verdict:
@@ -293,6 +327,16 @@ class Dataplane:
                 dg.add(off, pv.captured_payload, pv.payload_len)
             elif not pv.truncated:
                 dg.add(off, pv.payload)
+        self._http_server(rec, pv)
+
+    def _http_server(self, rec: ConnectionRecord, pv: PacketView) -> None:
+        ht = self.http.get(rec.id) if self.http else None
+        if ht is None or rec.server.isn is None:
+            return
+        if pv.flags & FIN:
+            ht.server_fin(seq_diff(pv.seq + pv.payload_len, seq_add(rec.server.isn, 1)))
+        if ht.fallback is not None and not ht.reported:
+            self._http_fallback(rec, ht)
 
     def gate_server(self, rec: ConnectionRecord, pv: PacketView, svc: ServiceRuntime | None,
                     verdict: Verdict = Verdict.ACCEPT) -> Verdict:
@@ -385,6 +429,7 @@ class Dataplane:
                 dg.add(off, pv.payload, pv.payload_len)
             else:
                 dg.add(off, pv.payload)
+        self._http_server(observe_rec, pv)
         return self.gate_server(observe_rec, pv, None, Verdict.REWRITTEN)
 
     def _after_splice_step(self, mode: Spliced) -> None:
@@ -437,8 +482,14 @@ class Dataplane:
         # simply the time since the last server packet): the client's view of the server's
         # clock starts from a conservative estimate of where that clock is now
         floor = estimate_tsval(rec.server, rec.last_seen, now) if rec.ts_ok else None
-        sp = Splice(rec, rec.log, rec.digest.snapshot(), vip=svc.vip, vport=svc.port, old=old.endpoint,
-                    target=target.endpoint, now=now, ts_floor=floor,
+        snap = rec.digest.snapshot()
+        ht = self.http.get(rec.id)
+        plan = None
+        if ht is not None and isinstance(snap, DigestSnapshot):
+            acked = seq_diff(rec.client.ack, seq_add(rec.server.isn, 1)) if rec.client.ack is not None else 0
+            plan = ht.plan(snap, max(0, acked))
+        sp = Splice(rec, rec.log, snap, vip=svc.vip, vport=svc.port, old=old.endpoint,
+                    target=target.endpoint, now=now, ts_floor=floor, plan=plan,
                     options=SpliceOptions(syn_retries=svc.failover.syn_retries, move_timeout=svc.failover.move_timeout))
         # the splice owns the connection before anything points it at the target: from here on
         # every packet of it, either way, goes through the splice
@@ -509,6 +560,7 @@ class Dataplane:
             self.gate.forget(rec.id)
         self._suspected.discard(rec.id)
         self._fence_sent.pop(rec.id, None)
+        self.http.pop(rec.id, None)
         if self.store is not None:
             self.store.forget(rec.id)
 
@@ -531,6 +583,11 @@ class Dataplane:
             rec.log.limit = self.services[rec.service].failover.max_log_bytes
         if self.store is not None:
             self.store.adopt(rec, now)
+        svc = self.services[rec.service]
+        if svc.failover.replay == "http" and isinstance(rec.digest, StreamDigest) and rec.log is not None:
+            ht = HttpTrack(rec.log, rec.digest)  # its framing is not in the checkpoint: stream replay from the point
+            self.http[rec.id] = ht
+            ht.reported = True
         resync = isinstance(rec.digest, StreamDigest) and rec.digest.resync
         self.modes[rec.id] = Resyncing(first_packet=rec.log is not None,
                                        client_segments=rec.client.segments if resync else None)

@@ -72,6 +72,16 @@ class HalfOpenEvicted:
 
 
 @dataclass(frozen=True, slots=True)
+class HttpFallback:
+    """HTTP tracking of a ``replay = "http"`` connection stopped (malformed or unexpected HTTP,
+    a client log over its limit): a move of it is a stream replay from its last exchange boundary."""
+
+    rec: ConnectionRecord
+    side: str | None   # "client", "server", or None (not the peers' doing)
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class ConnectionClosed:
     """A connection is over, once per record: it closed or was reset (its state reached TIME_WAIT
     or CLOSED), or it left the table open (``why``: "idle", "evicted", "replaced")."""
@@ -81,4 +91,4 @@ class ConnectionClosed:
 
 
 EngineEvent = Union[MoveStarted, MoveVerified, MoveEnded, CloseSuspected, ResumeRefused, HalfOpenEvicted,
-                    ConnectionClosed]
+                    HttpFallback, ConnectionClosed]

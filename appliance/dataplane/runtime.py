@@ -61,9 +61,12 @@ class DataplaneCounters:
     acks_held: int = 0        # I1: pure ACKs / SYN-ACKs held until their commit
     acks_released: int = 0    # held ones sent by the gateway
     held_closes: int = 0
+    http_fallbacks: int = 0   # HTTP-aware replay: connections whose HTTP tracking stopped (stream replay then)
+    http_trims: int = 0       # client logs trimmed at an exchange boundary
     client_packets: int = 0
     server_packets: int = 0
     malformed_reasons: dict[str, int] = field(default_factory=dict)
+    http_fallback_reasons: dict[str, int] = field(default_factory=dict)
     last_foreign: str | None = None  # what the last packet we had no business with looked like
 
     def as_dict(self) -> dict[str, object]:
@@ -79,6 +82,9 @@ class DataplaneCounters:
             "acks_held": self.acks_held,
             "acks_released": self.acks_released,
             "held_closes": self.held_closes,
+            "http_fallbacks": self.http_fallbacks,
+            "http_fallback_reasons": dict(self.http_fallback_reasons),
+            "http_trims": self.http_trims,
             "client_packets": self.client_packets,
             "server_packets": self.server_packets,
             "malformed_reasons": dict(self.malformed_reasons),

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from ..store import Batch, Loaded
-from ..streamlog import ByteLog, SampledDigest, StreamDigest
+from ..streamlog import CHUNK, ByteLog, SampledDigest, StreamDigest
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS conn (
@@ -24,17 +24,27 @@ CREATE TABLE IF NOT EXISTS conn (
     saved REAL NOT NULL,
     log_end INTEGER NOT NULL DEFAULT 0,
     fin INTEGER NOT NULL DEFAULT 0,
-    digest TEXT
+    digest TEXT,
+    log_base INTEGER NOT NULL DEFAULT 0,
+    digest_base INTEGER NOT NULL DEFAULT 0,
+    digest_dropped INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS logdata (conn INTEGER NOT NULL, off INTEGER NOT NULL, data BLOB NOT NULL,
                                     PRIMARY KEY (conn, off)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS chunk (conn INTEGER NOT NULL, idx INTEGER NOT NULL, hash BLOB,
+CREATE TABLE IF NOT EXISTS chunk (conn INTEGER NOT NULL, idx INTEGER NOT NULL, hash BLOB, bound INTEGER,
                                   PRIMARY KEY (conn, idx)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS sample (conn INTEGER NOT NULL, off INTEGER NOT NULL, len INTEGER NOT NULL,
                                    hash BLOB NOT NULL, PRIMARY KEY (conn, off)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
 """
-FORMAT = "1"
+FORMAT = "2"
+# format 1 -> 2: trimmed logs and digests (HTTP-aware replay), chunks with their end offsets
+MIGRATE_1 = [
+    "ALTER TABLE conn ADD COLUMN log_base INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE conn ADD COLUMN digest_base INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE conn ADD COLUMN digest_dropped INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE chunk ADD COLUMN bound INTEGER",
+]
 
 
 class SqliteBackend:
@@ -51,10 +61,16 @@ class SqliteBackend:
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
+            fresh = db.execute("SELECT name FROM sqlite_master WHERE name = 'conn'").fetchone() is None
+            row = None if fresh else db.execute("SELECT v FROM meta WHERE k='format'").fetchone()
+            if row is not None and row[0] == "1":
+                for stmt in MIGRATE_1:
+                    db.execute(stmt)
+                db.execute("UPDATE meta SET v = ? WHERE k = 'format'", (FORMAT,))
+                row = (FORMAT,)
             db.executescript(SCHEMA)
-            row = db.execute("SELECT v FROM meta WHERE k='format'").fetchone()
             if row is None:
-                db.execute("INSERT INTO meta VALUES ('format', ?)", (FORMAT,))
+                db.execute("INSERT OR REPLACE INTO meta VALUES ('format', ?)", (FORMAT,))
             elif row[0] != FORMAT:
                 raise RuntimeError(f"{self.path}: checkpoint store format {row[0]}, this appliance reads {FORMAT}")
             self._db = db
@@ -78,11 +94,19 @@ class SqliteBackend:
                         (w.cid, w.ici, batch.planned, 0, 0, w.digest_meta))
                 if w.log_data:
                     db.execute("INSERT OR REPLACE INTO logdata VALUES (?, ?, ?)", (w.cid, w.log_off, w.log_data))
+                if w.log_base is not None:
+                    db.execute("UPDATE conn SET log_base = ? WHERE id = ?", (w.log_base, w.cid))
+                    db.execute("DELETE FROM logdata WHERE conn = ? AND off + length(data) <= ?", (w.cid, w.log_base))
+                if w.digest_base is not None:
+                    db.execute("UPDATE conn SET digest_base = ?, digest_dropped = ? WHERE id = ?",
+                               (w.digest_base[0], w.digest_base[1], w.cid))
+                    db.execute("DELETE FROM chunk WHERE conn = ? AND idx < ?", (w.cid, w.digest_base[1]))
                 db.execute("UPDATE conn SET log_end = MAX(log_end, ?), fin = MAX(fin, ?) WHERE id = ?",
                            (w.log_end, int(w.fin), w.cid))
                 if w.chunks:
-                    db.executemany("INSERT OR REPLACE INTO chunk VALUES (?, ?, ?)",
-                                   [(w.cid, w.chunks_from + i, h) for i, h in enumerate(w.chunks)])
+                    bounds: list[int | None] = list(w.bounds) if w.bounds else [None] * len(w.chunks)
+                    db.executemany("INSERT OR REPLACE INTO chunk VALUES (?, ?, ?, ?)",
+                                   [(w.cid, w.chunks_from + i, h, b) for i, (h, b) in enumerate(zip(w.chunks, bounds))])
                 if w.samples is not None:
                     db.execute("DELETE FROM sample WHERE conn = ?", (w.cid,))
                     db.executemany("INSERT OR REPLACE INTO sample VALUES (?, ?, ?, ?)",
@@ -101,8 +125,9 @@ class SqliteBackend:
         db = self._conn()
         out: list[Loaded] = []
         self.load_errors: list[str] = []
-        for cid, ici, saved, log_end, fin, digest in db.execute(
-                "SELECT id, ici, saved, log_end, fin, digest FROM conn ORDER BY id").fetchall():
+        for cid, ici, saved, log_end, fin, digest, log_base, digest_base, dropped in db.execute(
+                "SELECT id, ici, saved, log_end, fin, digest, log_base, digest_base, digest_dropped "
+                "FROM conn ORDER BY id").fetchall():
             try:
                 rec = record_from_state(json.loads(ici))
             except Exception as exc:  # a damaged row must not stop the others
@@ -110,21 +135,24 @@ class SqliteBackend:
                 continue
             data = bytearray()
             for off, chunk in db.execute("SELECT off, data FROM logdata WHERE conn = ? ORDER BY off", (cid,)):
-                if off > len(data):
+                end = log_base + len(data)
+                if off > end:
                     break  # never happens with in-order writes; a gap ends the usable log
-                data += chunk[len(data) - off:]
-            del data[log_end:]
-            log = ByteLog(1 << 31)
+                if off + len(chunk) > end:
+                    data += chunk[end - off:]
+            del data[max(0, log_end - log_base):]
+            log = ByteLog(1 << 31, base=log_base)
             log.data = data
             if fin:
-                log.fin_offset = len(data)
+                log.fin_offset = log.end
             rec.log = log
-            rec.digest = self._digest(db, cid, digest)
+            rec.digest = self._digest(db, cid, digest, digest_base, dropped)
             out.append(Loaded(rec, saved))
         return out
 
     @staticmethod
-    def _digest(db: sqlite3.Connection, cid: int, meta: str | None) -> StreamDigest | SampledDigest | None:
+    def _digest(db: sqlite3.Connection, cid: int, meta: str | None, base: int = 0,
+                dropped: int = 0) -> StreamDigest | SampledDigest | None:
         if meta is None:
             return None
         m = json.loads(meta)
@@ -135,10 +163,18 @@ class SqliteBackend:
                           db.execute("SELECT off, len, hash FROM sample WHERE conn = ? ORDER BY off", (cid,))]
             sdg.end, sdg.stride, sdg.overflow = m["end"], m.get("stride", 1), m.get("overflow")
             return sdg
-        chunks = [None if h is None else bytes(h) for (h,) in
-                  db.execute("SELECT hash FROM chunk WHERE conn = ? ORDER BY idx", (cid,))]
-        end = max(m["end"], len(chunks) * (64 * 1024))
-        dg = StreamDigest.restored(chunks, end, volatile)
+        rows = db.execute("SELECT idx, hash, bound FROM chunk WHERE conn = ? AND idx >= ? ORDER BY idx",
+                          (cid, dropped)).fetchall()
+        chunks: list[bytes | None] = []
+        bounds: list[int] = []
+        for idx, h, bound in rows:
+            if idx != dropped + len(chunks):
+                break  # a gap: the rest is blind
+            chunks.append(None if h is None else bytes(h))
+            bounds.append(bound if bound is not None else (idx + 1) * CHUNK)
+        end = max([m["end"], *bounds[-1:]])
+        dg = StreamDigest.restored(chunks, end, volatile, base=base, bounds=bounds, grid=m.get("grid"),
+                                   cuts=m.get("cuts", ()), dropped=dropped)
         dg.overflow = m.get("overflow")
         return dg
 

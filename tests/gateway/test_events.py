@@ -28,7 +28,7 @@ def test_unknown_kind_is_rejected() -> None:
     with pytest.raises(ValueError):
         log.list(kind="nope")
     assert len(log) == 0
-    assert set(KINDS) == {"failover", "migration", "health", "divergence", "refusal", "fence", "reset", "admin", "overload",
+    assert set(KINDS) == {"failover", "migration", "health", "divergence", "refusal", "fence", "reset", "admin", "overload", "http-fallback",
                           "restart", "checkpoint"}
 
 

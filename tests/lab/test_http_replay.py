@@ -1,0 +1,174 @@
+"""HTTP-aware replay (``replay = "http"``, the lab's ``web-http`` service): a move replays from
+the last finished exchange, range-resumes the response in flight or regenerates it, and the
+client — real curl, or a scripted keep-alive client — sees nothing but a pause.  Every test
+checks I1–I6 on a client capture."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from appliance.lab import topology as lab
+
+from .helpers import Capture, api, expected_sha, sha256_file, wait_for
+from .invariants import assert_clean, check
+
+pytestmark = pytest.mark.lab
+
+PORT = lab.HTTP_REPLAY_PORT
+SERVICE = "web-http"
+
+
+def events(kind: str) -> list[dict]:
+    return api(f"/api/v1/events?kind={kind}&service={SERVICE}")
+
+
+def moves(n: int) -> list[dict]:
+    return wait_for(lambda: len(events("migration")) >= n and events("migration"), timeout=60,
+                    what=f"{n} move(s) of {SERVICE}")
+
+
+def capture(tmp_path: Path) -> Capture:
+    return Capture("lab-client", tmp_path / "client.pcap", bpf=f"tcp port {PORT}", snaplen=65535)
+
+
+def curl(*urls_and_outs: tuple[str, Path], rate: str | None = None, extra: list[str] | None = None) -> subprocess.Popen:
+    cmd = ["ip", "netns", "exec", "lab-client", "curl", "-sS", "--fail", "--max-time", "200"]
+    if rate:
+        cmd += ["--limit-rate", rate]
+    for name, out in urls_and_outs:
+        cmd += ["-o", str(out), f"http://{lab.VIP}:{PORT}/{name}"]
+    return subprocess.Popen(cmd + (extra or []), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def metric(name: str, **labels: str) -> float:
+    import urllib.request
+    tok = (lab.run_dir() / "token").read_text().strip()
+    req = urllib.request.Request(f"http://{lab.API_HOST}:{lab.API_PORT}/metrics",
+                                 headers={"Authorization": f"Bearer {tok}"})
+    text = urllib.request.urlopen(req, timeout=10).read().decode()
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            lab_part = line[len(name):].split(" ")[0].strip("{}")
+            if ",".join(sorted(lab_part.split(","))) == want or (not want and not lab_part):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_long_download_is_range_resumed(fresh: dict, tmp_path: Path) -> None:
+    out = tmp_path / "100M.bin"
+    with capture(tmp_path) as cap:
+        dl = curl(("100M.bin", out), rate="20M")
+        wait_for(lambda: out.exists() and out.stat().st_size > 40 << 20, timeout=60, what="40 MiB received")
+        lab.cut_link("primary")
+        _, err = dl.communicate(timeout=120)
+        assert dl.returncode == 0, err
+    assert sha256_file(out) == expected_sha("100M.bin")
+    (mv,) = moves(1)
+    d = mv["details"]
+    assert d["strategy"] == "range", d
+    # the backup re-sent the verified overlap (64..128 KiB), its 206's head and what was in flight
+    assert d["range_head_bytes"] > 0
+    assert d["regenerated_bytes"] < 4 << 20, d
+    assert d["suppressed_bytes"] < 4 << 20, d
+    assert_clean(check(cap.path, "192.0.2.10", lab.VIP, PORT), expect_connections=1)
+    assert metric("gateway_moves_total", service=SERVICE, strategy="range") == 1
+
+
+def test_keepalive_connection_holds_only_what_follows_its_last_exchange(fresh: dict, tmp_path: Path) -> None:
+    names = ["1M.bin", "10M.bin", "1M.bin", "100M.bin"]
+    outs = [tmp_path / f"k{i}-{n}" for i, n in enumerate(names)]
+    with capture(tmp_path) as cap:
+        proc = curl(*zip(names, outs), rate="20M")
+        wait_for(lambda: outs[3].exists() and outs[3].stat().st_size > 20 << 20, timeout=60,
+                 what="the fourth response under way")
+        (conn,) = [c for c in api(f"/api/v1/connections?service={SERVICE}") if c["state"] == "ESTABLISHED"]
+        assert conn["http"]["requests"] == 4
+        # three exchanges finished: the log holds the fourth request only
+        assert 0 < conn["log_held"] < 200 and conn["log_bytes"] > 3 * conn["log_held"], conn
+        lab.cut_link("primary")
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+    for n, o in zip(names, outs):
+        assert sha256_file(o) == expected_sha(n), n
+    (mv,) = moves(1)
+    assert mv["details"]["strategy"] == "range"
+    assert mv["details"]["replay_from"]["server"] > 12 << 20  # not from the connection's first byte
+    assert_clean(check(cap.path, "192.0.2.10", lab.VIP, PORT), expect_connections=1)
+
+
+class KeepAliveClient:
+    """A scripted HTTP/1.1 client in lab-client: one connection, requests sent when told."""
+
+    SCRIPT = r"""
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+for line in sys.stdin:
+    method, path = line.split()
+    s.sendall(f"{method} /{path} HTTP/1.1\r\nHost: lab\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        c = s.recv(1)
+        if not c:
+            print("EOF", flush=True); sys.exit(1)
+        head += c
+    status = int(head.split()[1])
+    length = 0
+    for h in head.split(b"\r\n"):
+        if h.lower().startswith(b"content-length:"):
+            length = int(h.split(b":")[1])
+    body = b""
+    if method != "HEAD":
+        while len(body) < length:
+            c = s.recv(65536)
+            if not c:
+                print("EOF", flush=True); sys.exit(1)
+            body += c
+    import hashlib
+    print(status, len(body), hashlib.sha256(body).hexdigest(), flush=True)
+"""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", "lab-client", "python3", "-c", self.SCRIPT, lab.VIP, str(PORT)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def get(self, path: str, method: str = "GET") -> tuple[int, int, str]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(f"{method} {path}\n")
+        self.proc.stdin.flush()
+        status, n, digest = self.proc.stdout.readline().split()
+        return int(status), int(n), digest
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+def test_idle_keepalive_connection_moves_at_its_quiescent_point(fresh: dict, tmp_path: Path) -> None:
+    with capture(tmp_path) as cap:
+        c = KeepAliveClient()
+        try:
+            for _ in range(3):
+                assert c.get("1M.bin") == (200, 1 << 20, expected_sha("1M.bin"))
+            assert c.get("1M.bin", "HEAD")[0] == 200
+            (conn,) = wait_for(lambda: [x for x in api(f"/api/v1/connections?service={SERVICE}")
+                                        if x["state"] == "ESTABLISHED" and x["log_held"] == 0] or None,
+                               what="a quiescent connection with an empty log")
+            r = subprocess.run([".venv/bin/appliance", "failover", SERVICE, "--to", "backup"], capture_output=True,
+                               text=True, cwd=Path(__file__).resolve().parents[2])
+            assert r.returncode == 0, r.stderr
+            (mv,) = moves(1)
+            assert mv["details"]["strategy"] == "quiescent" and mv["details"]["regenerated_bytes"] == 0
+            lab.cut_link("primary")  # only the backup can answer now
+            assert c.get("10M.bin") == (200, 10 << 20, expected_sha("10M.bin"))
+        finally:
+            c.close()
+    assert api(f"/api/v1/connections/{conn['id']}")["backend"] == "backup"
+    assert_clean(check(cap.path, "192.0.2.10", lab.VIP, PORT), expect_connections=1)

@@ -172,3 +172,96 @@ def test_idle_keepalive_connection_moves_at_its_quiescent_point(fresh: dict, tmp
             c.close()
     assert api(f"/api/v1/connections/{conn['id']}")["backend"] == "backup"
     assert_clean(check(cap.path, "192.0.2.10", lab.VIP, PORT), expect_connections=1)
+
+
+def test_backup_that_ignores_range_regenerates_the_response_verified(fresh: dict, tmp_path: Path) -> None:
+    lab.serve_without_ranges("backup")  # says Accept-Ranges, answers every Range with a full 200
+    out = tmp_path / "100M.bin"
+    with capture(tmp_path) as cap:
+        dl = curl(("100M.bin", out), rate="20M")
+        wait_for(lambda: out.exists() and out.stat().st_size > 10 << 20, timeout=60, what="10 MiB received")
+        lab.cut_link("primary")
+        _, err = dl.communicate(timeout=120)
+        assert dl.returncode == 0, err
+    assert sha256_file(out) == expected_sha("100M.bin")
+    (mv,) = moves(1)
+    d = mv["details"]
+    assert d["strategy"] == "full" and "200" in d["strategy_reason"], d
+    assert d["regenerated_bytes"] > 10 << 20  # the whole response again, verified before the client got more
+    assert not events("divergence")
+    assert_clean(check(cap.path, "192.0.2.10", lab.VIP, PORT), expect_connections=1)
+
+
+def test_backup_whose_file_changed_resets_never_corrupts(fresh: dict, tmp_path: Path) -> None:
+    lab.serve_divergent("backup", changed=True)  # other bytes, another ETag: If-Range fails
+    out = tmp_path / "100M.bin"
+    with capture(tmp_path) as cap:
+        dl = curl(("100M.bin", out), rate="20M")
+        wait_for(lambda: out.exists() and out.stat().st_size > 10 << 20, timeout=60, what="10 MiB received")
+        lab.cut_link("primary")
+        dl.communicate(timeout=60)
+    assert dl.returncode != 0  # the client sees a reset ...
+    good = (lab.cache_dir() / "www" / "100M.bin").read_bytes()
+    got = out.read_bytes()
+    assert got == good[:len(got)]  # ... and never a wrong byte
+    (dv,) = wait_for(lambda: events("divergence"), what="divergence event")
+    assert dv["details"]["strategy"] == "full", dv  # the 200 to If-Range, checked in full
+    reports = check(cap.path, "192.0.2.10", lab.VIP, PORT)
+    assert not [v for r in reports.values() for v in r.violations if v.startswith(("I1", "I2", "I3"))]
+
+
+PIPELINE = r"""
+import hashlib, socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+names = sys.argv[3:]
+s.sendall(b"".join(f"GET /{n} HTTP/1.1\r\nHost: lab\r\n\r\n".encode() for n in names))
+buf = b""
+for n in names:
+    while b"\r\n\r\n" not in buf:
+        c = s.recv(65536)
+        if not c:
+            sys.exit("EOF in a head")
+        buf += c
+    head, _, buf = buf.partition(b"\r\n\r\n")
+    length = int([h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length:")][0].split(b":")[1])
+    while len(buf) < length:
+        c = s.recv(65536)
+        if not c:
+            sys.exit("EOF in a body")
+        buf += c
+    body, buf = buf[:length], buf[length:]
+    print(n, hashlib.sha256(body).hexdigest(), flush=True)
+"""
+
+
+def test_pipelined_requests_across_a_failover(fresh: dict, tmp_path: Path) -> None:
+    names = ["10M.bin", "1M.bin", "10M.bin"]
+    with capture(tmp_path) as cap:
+        # slow reads keep the first response in flight while the other requests wait behind it
+        proc = subprocess.Popen(["ip", "netns", "exec", "lab-client", "python3", "-c", PIPELINE, lab.VIP, str(PORT),
+                                 *names], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_for(lambda: any(c["state"] == "ESTABLISHED" and c["http"]["requests"] == 3
+                             for c in api(f"/api/v1/connections?service={SERVICE}")),
+                 timeout=30, what="three pipelined requests seen")
+        lab.cut_link("primary")
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, (err, api("/api/v1/events?limit=20"))
+    assert out.split() == [x for n in names for x in (n, expected_sha(n))]
+    if events("migration"):
+        assert events("migration")[0]["details"]["phase"] in ("SPLICED", "CLOSED")
+    assert_clean(check(cap.path, "192.0.2.10", lab.VIP, PORT), expect_connections=1)
+
+
+def test_malformed_http_from_the_client_falls_back_to_stream_replay(fresh: dict, tmp_path: Path) -> None:
+    script = (r"import socket, sys, time; s = socket.create_connection((sys.argv[1], int(sys.argv[2]))); "
+              r"s.sendall(b'GET /1M.bin HTTP/1.1\r\nHost: lab\r\n\r\n'); n = 0"
+              "\nwhile n < (1 << 20): n += len(s.recv(65536))\n"
+              r"s.sendall(b'\x00\x01 this is not HTTP\r\n\r\n'); print(s.recv(100)[:12], flush=True)")
+    r = subprocess.run(["ip", "netns", "exec", "lab-client", "python3", "-c", script, lab.VIP, str(PORT)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "400" in r.stdout  # nginx said so; the gateway passed everything through
+    (ev,) = wait_for(lambda: events("http-fallback"), what="an http-fallback event")
+    assert ev["details"]["side"] == "client" and "malformed" in ev["reason"], ev
+    st = api("/api/v1/status")
+    assert st["dataplane"]["http_fallbacks"] >= 1

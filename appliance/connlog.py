@@ -143,11 +143,13 @@ def moves_of(doc: dict[str, Any], events: list[dict[str, Any]]) -> list[dict[str
         strategy = "replay" if "phase" in d else d.get("mode", "resume")
         out.append({"to": e.get("backend"), "from": d.get("from"), "strategy": strategy,
                     "outcome": e["kind"] if e["kind"] != "migration" else d.get("outcome", e.get("reason")),
-                    "timings_ms": d.get("timings_ms") or d.get("timings") or {}})
+                    "timings_ms": d.get("timings_ms") or d.get("timings") or {},
+                    "replay": d.get("strategy"), "regenerated_bytes": d.get("regenerated_bytes")})
     if not out and doc.get("moves") and doc.get("move"):
         m = doc["move"]
         out.append({"to": m.get("to"), "from": m.get("from"), "strategy": "replay", "outcome": m.get("phase"),
-                    "timings_ms": m.get("timings_ms") or {}})
+                    "timings_ms": m.get("timings_ms") or {}, "replay": m.get("strategy"),
+                    "regenerated_bytes": m.get("regenerated_bytes")})
     return out
 
 
@@ -196,7 +198,8 @@ def event_record(ev: dict[str, Any]) -> dict[str, Any] | None:
                 "service": ev.get("service"), "from": d.get("from"), "to": ev.get("backend"),
                 "strategy": "replay" if "phase" in d else d.get("mode", "resume"),
                 "outcome": ev["kind"] if ev["kind"] != "migration" else d.get("outcome", ev.get("reason")),
-                "timings_ms": d.get("timings_ms") or d.get("timings") or {}}
+                "timings_ms": d.get("timings_ms") or d.get("timings") or {},
+                "replay": d.get("strategy"), "regenerated_bytes": d.get("regenerated_bytes")}
     return None
 
 

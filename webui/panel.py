@@ -170,9 +170,10 @@ def build(ctx: Context) -> APIRouter:
         svc = next((sv for sv in gw.services() if sv["name"] == c.get("service_name")), None)
         targets = [b["name"] for b in svc["backends"] if b["name"] != c["backend"]] if svc else []
         move = c.pop("move", None)
+        http = c.pop("http", None)
         from appliance.connlog import moves_of
 
-        return page(request, "connection.html", s, "connections", c=c, move=move, timeline=timeline,
+        return page(request, "connection.html", s, "connections", c=c, move=move, http=http, timeline=timeline,
                     targets=targets, moves=moves_of(c | {"move": move}, timeline))
 
     @r.get("/events", response_class=HTMLResponse)

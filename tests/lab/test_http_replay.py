@@ -265,3 +265,33 @@ def test_malformed_http_from_the_client_falls_back_to_stream_replay(fresh: dict,
     assert ev["details"]["side"] == "client" and "malformed" in ev["reason"], ev
     st = api("/api/v1/status")
     assert st["dataplane"]["http_fallbacks"] >= 1
+
+
+def test_the_panel_shows_requests_quiescent_point_and_the_moves_strategy(fresh: dict, browser, tmp_path: Path) -> None:
+    token = (lab.run_dir() / "token").read_text().strip()
+    panel = f"http://{lab.API_HOST}:{lab.API_PORT}"
+    names = ["1M.bin", "100M.bin"]
+    outs = [tmp_path / f"p{i}-{n}" for i, n in enumerate(names)]
+    proc = curl(*zip(names, outs), rate="20M")
+    wait_for(lambda: outs[1].exists() and outs[1].stat().st_size > 20 << 20, timeout=60, what="second response")
+    lab.cut_link("primary")
+    (mv,) = moves(1)
+    cid = mv["connection"]
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    try:
+        page.goto(f"{panel}/login")
+        page.fill("#token", token)
+        page.click("button[type=submit]")
+        page.wait_for_url(f"{panel}/")
+        page.goto(f"{panel}/connections/{cid}")
+        http = page.locator("table#http")
+        assert http.locator("td[data-k=requests]").inner_text() == "2"
+        point = http.locator("td[data-k=replay_point]").inner_text()
+        assert point.startswith("client ") and "server " in point and point != "client 0, server 0"
+        assert page.locator("table#moves td.replay").first.inner_text() == "range"
+        assert page.locator("table#moves td.regenerated").first.inner_text().strip()
+    finally:
+        page.close()
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert sha256_file(outs[1]) == expected_sha("100M.bin")

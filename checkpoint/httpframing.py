@@ -23,8 +23,11 @@ Each request ``_req`` parses is *sent* through ``_resp`` (h11's client must
 send a request before it can receive its response, and learns from it the
 method — a HEAD response has no body — and whether the client asked to
 close); each response event ``_resp`` parses is sent through ``_req`` (h11's
-server pauses after a request until its response is sent).  The bytes these
-``send`` calls produce are thrown away.  h11 writes HTTP/1.1 only, so an
+server pauses after a request until its response is sent).  Mirroring is the
+state machine's half of h11's ``send`` only (``Connection._process_event``, no
+serialising: the bytes would be thrown away), and a message's body is not
+mirrored at all — its end is (h11's state machine needs no body events, only
+its writer counts them): per body segment the cost is the parse alone.  h11 writes HTTP/1.1 only, so an
 HTTP/1.0 message is mirrored as HTTP/1.1 with ``Connection: close`` — which
 is what h11's keep-alive rules make of HTTP/1.0 anyway.  When both sides of
 an exchange are done, both connections ``start_next_cycle()``; a pipelined
@@ -140,6 +143,16 @@ class Exchange:
         )
 
 
+_END = h11.EndOfMessage()
+
+
+def _mirror(conn: h11.Connection, event: h11.Event) -> None:
+    """``conn.send(event)`` without serialising it: the state machine's half of h11's
+    ``send_with_data_passthrough`` (h11 0.14-0.16), whose bytes would be thrown away.  Events
+    are built with ``_parsed=True`` from headers h11 itself normalised."""
+    conn._process_event(conn.our_role, event)
+
+
 class _Failure(Exception):
     def __init__(self, side: Side, reason: str) -> None:
         super().__init__(reason)
@@ -173,6 +186,8 @@ class HttpFraming:
         self.cuts: list[int] = []  # server offsets where a final response ended (taken by the owner)
         self._side: Side = "client"  # whose event is being handled
         self._client_closed = False  # h11 reported the client's end of stream
+        self._dirty_c = False  # the side may have an event to give (see _pump)
+        self._dirty_s = False
 
     # ---- input -------------------------------------------------------------
 
@@ -186,6 +201,7 @@ class HttpFraming:
         if self.state is State.CLOSED:
             return  # a request the server will not answer (counted: never quiescent again)
         self._req.receive_data(data)
+        self._dirty_c = True
         self._pump()
 
     def server_data(self, data: bytes) -> None:
@@ -198,6 +214,7 @@ class HttpFraming:
         if self.state is State.CLOSED:
             return self._fail("server", "server data after the connection's last response")
         self._resp.receive_data(data)
+        self._dirty_s = True
         self._pump()
 
     def client_acked(self, offset: int) -> None:
@@ -216,6 +233,7 @@ class HttpFraming:
         self.client_eof = True
         if self.state is State.TRACKING:
             self._req.receive_data(b"")
+            self._dirty_c = True
             self._pump()
 
     def server_end_of_stream(self) -> None:
@@ -231,6 +249,7 @@ class HttpFraming:
             self.state = State.CLOSED
             return
         self._resp.receive_data(b"")
+        self._dirty_s = True
         self._pump()
 
     # ---- output ------------------------------------------------------------
@@ -276,11 +295,14 @@ class HttpFraming:
 
     def _pump(self) -> None:
         try:
-            while self.state is State.TRACKING:
-                moved = self._step_client()
-                moved = self._step_server() or moved
-                if not moved:
-                    break
+            # a side is stepped only when it may have an event: new bytes, or the other
+            # side's event let it on (a request sent: its response may be parsed; a cycle
+            # restarted: a pipelined request may be)
+            while self.state is State.TRACKING and (self._dirty_c or self._dirty_s):
+                if self._dirty_c and not self._step_client():
+                    self._dirty_c = False
+                if self._dirty_s and not self._step_server():
+                    self._dirty_s = False
             if (
                 self.state is State.TRACKING
                 and self._resp.our_state is h11.IDLE
@@ -340,13 +362,15 @@ class HttpFraming:
                 if not any(n == b"host" for n, _ in mirror):
                     mirror.append((b"host", b"-"))
                 mirror.append((b"connection", b"close"))
-            self._resp.send(h11.Request(method=ev.method, target=ev.target, headers=mirror))
+            _mirror(self._resp, h11.Request(method=ev.method, target=ev.target, headers=mirror,
+                                            http_version=b"1.1", _parsed=True))
+            self._dirty_s = True
         elif isinstance(ev, h11.Data):
-            self._resp.send(h11.Data(data=ev.data))
+            pass  # bodies are not mirrored (see the module)
         elif isinstance(ev, h11.EndOfMessage):
             ex = self._cur()
             ex.request_end = self._c_done = self._consumed(self._req, self.client_end)
-            self._resp.send(h11.EndOfMessage())
+            _mirror(self._resp, _END)
             self._maybe_complete()
         elif isinstance(ev, h11.ConnectionClosed):
             # a half-close: the response in progress, if any, still comes
@@ -382,19 +406,21 @@ class HttpFraming:
             if isinstance(ev, h11.InformationalResponse):
                 ex.interim.append(ev.status_code)
                 self._s_done = head_end
-                self._req.send(h11.InformationalResponse(status_code=ev.status_code, headers=mirror))
+                _mirror(self._req, h11.InformationalResponse(status_code=ev.status_code, headers=mirror,
+                                                             http_version=b"1.1", reason=ev.reason, _parsed=True))
                 return True
             ex.response_start = self._s_done
             ex.response_head_end = head_end
             self._describe(ex, ev, headers)
-            self._req.send(h11.Response(status_code=ev.status_code, headers=mirror, reason=ev.reason))
+            _mirror(self._req, h11.Response(status_code=ev.status_code, headers=mirror, reason=ev.reason,
+                                            http_version=b"1.1", _parsed=True))
         elif isinstance(ev, h11.Data):
-            self._req.send(h11.Data(data=ev.data))
+            pass  # bodies are not mirrored (see the module)
         elif isinstance(ev, h11.EndOfMessage):
             ex = self._cur()
             ex.response_end = self._s_done = self._consumed(self._resp, self.server_end)
             self.cuts.append(ex.response_end)
-            self._req.send(h11.EndOfMessage())
+            _mirror(self._req, _END)
             self._maybe_complete()
         elif isinstance(ev, h11.ConnectionClosed):
             self._close()
@@ -444,6 +470,7 @@ class HttpFraming:
         if all(s is h11.DONE for s in states):
             self._req.start_next_cycle()
             self._resp.start_next_cycle()
+            self._dirty_c = self._dirty_s = True
         else:
             self._close()
 

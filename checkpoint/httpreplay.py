@@ -108,9 +108,10 @@ _STRIP = re.compile(rb"^(range|if-range)\s*:", re.IGNORECASE)
 
 
 def range_request(head: bytes, first: int, etag: bytes) -> bytes:
-    """The request head ``head`` (ending in CRLF CRLF) asking for bytes from ``first`` if the
-    representation is still ``etag``; any Range or If-Range it had is replaced."""
-    lines = head[:-4].split(b"\r\n")
+    """The request head ``head`` (ending in an empty line) asking for bytes from ``first`` if the
+    representation is still ``etag``; any Range or If-Range it had is replaced.  Written with CRLF
+    line ends whatever the original used."""
+    lines = re.split(rb"\r?\n", head.rstrip(b"\r\n"))  # h11 accepts bare LF line ends too
     kept = [lines[0]] + [ln for ln in lines[1:] if not _STRIP.match(ln)]
     kept += [b"Range: bytes=%d-" % first, b"If-Range: " + etag]
     return b"\r\n".join(kept) + b"\r\n\r\n"

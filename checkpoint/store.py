@@ -290,10 +290,11 @@ class CommitPlanner:
             rec = e.rec
             if w.ici is not None:
                 e.ici_saved, e.ici_at, e.state = True, batch.planned, rec.state
-            e.log_saved = max(e.log_saved, w.log_end)
             if w.log_base is not None and w.log_base > e.log_base:
+                # the bytes counted as held below the trim (those written before this batch)
                 self.stats.held_total -= min(w.log_base, e.log_saved) - e.log_base
                 e.log_base = w.log_base
+            e.log_saved = max(e.log_saved, w.log_end)
             if w.digest_base is not None:
                 e.digest_base = max(e.digest_base, w.digest_base[0])
             e.fin_saved = e.fin_saved or w.fin

@@ -264,6 +264,7 @@ class StreamDigest:
         d = cls(volatile)
         d.base, d.dropped, d.cuts = base, dropped, [c for c in cuts if c >= base]
         d.grid = grid if grid is not None else (d.cuts[-1] if d.cuts else base)
+        d.grid = max(d.grid, base)  # a trim point is a chunk start: the lattice from it is the same
         if bounds is None:
             bounds = [base + (i + 1) * CHUNK for i in range(len(chunks))]
         if len(bounds) != len(chunks) or any(b > end for b in bounds):

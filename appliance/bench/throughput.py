@@ -172,14 +172,14 @@ def save(results: dict[str, Any], path: Path) -> None:
 
 # --- failover time ------------------------------------------------------------------
 
-def _first_backup_bytes(api: str, token: str, t0: float) -> dict[int, float]:
+def _first_backup_bytes(api: str, token: str, t0: float, service: str = "web") -> dict[int, float]:
     """Per moved connection: seconds from ``t0`` (the primary's death) to the
     gateway's first forwarding of a backup byte to the client (the failover
     event's time plus the move's ``first_forward_ms``; same clock, and the
     client is one veth away)."""
     from ..apiclient import api_get
 
-    events = api_get("/api/v1/events?service=web&limit=10000", api, token) or []
+    events = api_get(f"/api/v1/events?service={service}&limit=10000", api, token) or []
     starts = [e["time"] for e in events if e["kind"] == "failover"]
     if not starts:
         return {}

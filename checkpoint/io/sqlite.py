@@ -172,7 +172,7 @@ class SqliteBackend:
                 break  # a gap: the rest is blind
             chunks.append(None if h is None else bytes(h))
             bounds.append(bound if bound is not None else (idx + 1) * CHUNK)
-        end = max([m["end"], *bounds[-1:]])
+        end = max([m["end"], base, *bounds[-1:]])  # the trim may be newer than the metadata
         dg = StreamDigest.restored(chunks, end, volatile, base=base, bounds=bounds, grid=m.get("grid"),
                                    cuts=m.get("cuts", ()), dropped=dropped)
         dg.overflow = m.get("overflow")

@@ -1,0 +1,170 @@
+"""HTTP-aware replay against stream replay, side by side in one run (``appliance lab bench --http``).
+
+The lab serves the same files through two services that differ only in ``replay``: ``web``
+(port 80, ``stream``: a move replays from the connection's first byte) and ``web-http``
+(``HTTP_REPLAY_PORT``, ``http``: from the last finished exchange, the response in flight
+range-resumed).  Each case runs on both, alternately (stream, http, stream, http, ...), with a
+fresh appliance each time, and the primary's link cut mid-run (no FIN, no RST).
+
+* **long download**: one download paced by curl, cut once ``cut_after`` bytes have arrived;
+  the client's pause is the gateway's first forwarding of a backup byte (the failover event's
+  time plus the move's ``first_forward_ms``, one clock, the client one veth hop away) minus
+  the moment of the cut; the sha256 of what the client got is checked.
+* **keep-alive crowd**: wrk (``appliance.lab.httpload``), ``connections`` keep-alive
+  connections fetching a small object, ``--timeout 2s``, the link cut ``cut_at`` seconds in:
+  socket errors, timeouts, non-2xx, the slowest request across the failover and the time for
+  the request rate to come back to 90 % of its level before the cut.
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from ..lab import topology as lab
+from .throughput import _first_backup_bytes
+
+SERVICES = {"stream": ("web", lab.SERVICE_PORT), "http": ("web-http", lab.HTTP_REPLAY_PORT)}
+
+
+def _events(api: str, token: str, service: str, kind: str) -> list[dict[str, Any]]:
+    from ..apiclient import api_get
+
+    return list(api_get(f"/api/v1/events?service={service}&kind={kind}&limit=10000", api, token) or [])
+
+
+def _wait(pred: Any, timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > end:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def long_download_once(replay: str, name: str, cut_after: int, rate: str, out: Path) -> dict[str, Any]:
+    service, port = SERVICES[replay]
+    lab.down_appliance_state()
+    info = lab.up()
+    api, token = str(info["api"]), str(info["token"])
+    out.unlink(missing_ok=True)
+    proc = subprocess.Popen(["ip", "netns", "exec", "lab-client", "curl", "-sS", "--fail", "--max-time", "600",
+                             "--limit-rate", rate, "-o", str(out), f"http://{lab.VIP}:{port}/{name}"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _wait(lambda: out.exists() and out.stat().st_size >= cut_after, 300, f"{cut_after} bytes")
+        delivered = out.stat().st_size
+        t0 = time.time()
+        lab.cut_link("primary")
+        _, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    ok = proc.returncode == 0 and lab.sha256_file(out) == _expected(name)
+    first = _first_backup_bytes(api, token, t0, service)
+    moves = _events(api, token, service, "migration")
+    d = moves[0]["details"] if moves else {}
+    lab.restore_link("primary")
+    out.unlink(missing_ok=True)
+    return {"replay": replay, "ok": ok, "delivered_at_cut": delivered,
+            "pause_ms": round(min(first.values()) * 1000, 1) if first else None,
+            "strategy": d.get("strategy"), "regenerated_bytes": d.get("regenerated_bytes"),
+            "suppressed_bytes": d.get("suppressed_bytes")}
+
+
+def _expected(name: str) -> str:
+    for line in (lab.cache_dir() / "www" / "SHA256SUMS").read_text().splitlines():
+        digest, n = line.split()
+        if n == name:
+            return digest
+    raise KeyError(name)
+
+
+def long_download_bench(runs: int = 3, name: str = "1G.bin", cut_after: int = 500 << 20,
+                        rate: str = "40M") -> dict[str, Any]:
+    out = lab.run_dir() / "bench-http-download.bin"
+    per: dict[str, list[dict[str, Any]]] = {"stream": [], "http": []}
+    try:
+        for _ in range(runs):
+            for replay in ("stream", "http"):
+                per[replay].append(long_download_once(replay, name, cut_after, rate, out))
+    finally:
+        lab.restore_link("primary")
+        lab.down_appliance_state()
+        lab.up()
+    summary = {}
+    for replay, rs in per.items():
+        pauses = [r["pause_ms"] for r in rs if r["ok"] and r["pause_ms"] is not None]
+        summary[replay] = {"runs": rs, "complete": sum(r["ok"] for r in rs),
+                           "median_pause_ms": statistics.median(pauses) if pauses else None,
+                           "max_pause_ms": max(pauses) if pauses else None,
+                           "median_regenerated": statistics.median(
+                               [r["regenerated_bytes"] or 0 for r in rs]) if rs else None}
+    return {"case": f"{name}, cut after {cut_after >> 20} MiB, curl --limit-rate {rate}", "runs": runs,
+            "results": summary}
+
+
+def crowd_once(replay: str, connections: int, duration: int, cut_at: float, obj: str) -> dict[str, Any]:
+    from ..lab import httpload
+
+    service, port = SERVICES[replay]
+    lab.down_appliance_state()
+    lab.up()
+    run = httpload.start_crowd(f"http://{lab.VIP}:{port}/{obj}", connections=connections, duration=duration,
+                               ns="lab-client", timeout=2)
+    try:
+        time.sleep(cut_at)  # the load's own clock: the cut comes cut_at seconds into the run
+        cut = time.time()
+        lab.cut_link("primary")
+        res = run.wait(timeout=duration + 30)
+    finally:
+        run.close()
+        lab.restore_link("primary")
+    rec = res.recovery_at(cut)
+    return {"replay": replay, "requests": res.requests, "socket_errors": res.socket_errors,
+            "timeouts": res.errors.get("timeout", 0) + res.unanswered_over_timeout, "non_2xx": res.non_2xx,
+            "slowest_after_cut_ms": None if rec.slowest_after_cut_ms is None else round(rec.slowest_after_cut_ms, 1),
+            "rate_before": round(rec.rate_before, 1),
+            "rate_settled": None if rec.rate_end is None else round(rec.rate_end, 1),
+            "back_to_90pct_s": None if rec.recovery_s is None else round(rec.recovery_s, 2)}
+
+
+def crowd_bench(runs: int = 3, connections: int = 100, duration: int = 20, cut_at: float = 6.0,
+                obj: str = "4K.bin") -> dict[str, Any]:
+    per: dict[str, list[dict[str, Any]]] = {"stream": [], "http": []}
+    try:
+        for _ in range(runs):
+            for replay in ("stream", "http"):
+                per[replay].append(crowd_once(replay, connections, duration, cut_at, obj))
+    finally:
+        lab.restore_link("primary")
+        lab.down_appliance_state()
+        lab.up()
+    return {"case": f"wrk, {connections} keep-alive connections, {obj}, {duration} s, cut at {cut_at} s, "
+                    f"--timeout 2s", "runs": runs, "results": per}
+
+
+def markdown(dl: dict[str, Any] | None, crowd: dict[str, Any] | None) -> str:
+    lines = []
+    if dl is not None:
+        lines += [f"Long download ({dl['case']}, {dl['runs']} runs each):", "",
+                  "| replay | complete | pause, median (ms) | pause, worst (ms) | regenerated bytes, median |",
+                  "|---|---|---|---|---|"]
+        for replay, r in dl["results"].items():
+            lines.append(f"| {replay} | {r['complete']} of {len(r['runs'])} | {r['median_pause_ms']} | "
+                         f"{r['max_pause_ms']} | {r['median_regenerated']} |")
+        lines.append("")
+    if crowd is not None:
+        lines += [f"Keep-alive crowd ({crowd['case']}):", "",
+                  "| replay | requests | socket errors | timeouts | non-2xx | slowest after the cut (ms) | "
+                  "rate before (req/s) | rate settled after (req/s) | back to 90 % after (s) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for replay, rs in crowd["results"].items():
+            for r in rs:
+                lines.append(f"| {replay} | {r['requests']} | {r['socket_errors']} | {r['timeouts']} | "
+                             f"{r['non_2xx']} | {r['slowest_after_cut_ms']} | {r['rate_before']} | "
+                             f"{r['rate_settled']} | {r['back_to_90pct_s']} |")
+    return "\n".join(lines)

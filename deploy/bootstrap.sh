@@ -13,7 +13,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 packages=(iptables nftables iproute2 procps libnetfilter-queue-dev libnfnetlink-dev nginx-light curl
-          iperf3 tcpdump ethtool build-essential python3-dev python3-venv
+          iperf3 tcpdump ethtool wrk build-essential python3-dev python3-venv
           chromium fonts-liberation)  # chromium: the panel's browser tests (Playwright drives it headless)
 missing=()
 for p in "${packages[@]}"; do

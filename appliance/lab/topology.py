@@ -65,7 +65,8 @@ API_HOST = "127.0.0.1"
 API_PORT = 8080
 # name -> size; contents from random.Random(seed) so every run, primary and
 # backup alike, serve the same bytes
-TEST_FILES = {"1M.bin": 1 << 20, "10M.bin": 10 << 20, "100M.bin": 100 << 20, "1G.bin": 1 << 30}
+# (4K.bin: the small object of request-rate loads, appliance.lab.httpload's crowd)
+TEST_FILES = {"4K.bin": 4 << 10, "1M.bin": 1 << 20, "10M.bin": 10 << 20, "100M.bin": 100 << 20, "1G.bin": 1 << 30}
 
 
 def run_dir() -> Path:
@@ -212,15 +213,17 @@ def make_test_files(www: Path) -> dict[str, str]:
 
 NGINX_CONF = """\
 worker_processes 1;
+# room for 500+ simultaneous connections (the HTTP load tools, appliance.lab.httpload)
+worker_rlimit_nofile 16384;
 pid {run}/nginx-{name}.pid;
 error_log {run}/nginx-{name}.error.log warn;
-events {{ worker_connections 1024; }}
+events {{ worker_connections 4096; }}
 http {{
     access_log off;
     sendfile on;
     tcp_nopush on;
     keepalive_timeout 65;
-    keepalive_requests 10000;
+    keepalive_requests 1000000;  # a test sends 10,000 requests on one connection
     default_type application/octet-stream;
     client_body_temp_path {run}/nginx-{name}.tmp/body;
     proxy_temp_path {run}/nginx-{name}.tmp/proxy;
@@ -228,10 +231,13 @@ http {{
     uwsgi_temp_path {run}/nginx-{name}.tmp/uwsgi;
     scgi_temp_path {run}/nginx-{name}.tmp/scgi;
     server {{
-        listen {address}:{port};
-        listen {address}:{plain_port};
-        listen {address}:{sampled_port};
+        listen {address}:{port} backlog=4096;
+        listen {address}:{plain_port} backlog=4096;
+        listen {address}:{sampled_port} backlog=4096;
         root {www};
+        # echo the load tool's request id: it matches each response to its own
+        # request (added only when the request has one)
+        add_header X-Httpload-Id $http_x_httpload_id always;
         location / {{ }}
     }}
 }}

@@ -177,6 +177,7 @@ class Splice:
         self.opts = options
         self.phase = Phase.CONNECTING
         self.reason: str | None = None
+        self.reset_by: str | None = None  # who reset the moved connection (it ended CLOSED)
         self.c_isn, self.s_isn = c.isn, s.isn
         self.c_base = seq_add(c.isn, 1)
         self.s_base = seq_add(s.isn, 1)
@@ -386,6 +387,7 @@ class Splice:
         if flags & RST:
             if self.phase is Phase.SPLICED and self.verifier.done:
                 self.phase = Phase.CLOSED
+                self.reset_by = "backend"
                 return Decision(True, self._rewrite_to_client(seg))
             return Decision(False, inject=self.fail("the backup reset the connection during the move", now))
         if seg.tsval is not None:
@@ -667,6 +669,7 @@ class Splice:
             rw.tsecr = tsecr
         if flags & RST:
             self.phase = Phase.CLOSED
+            self.reset_by = "client"
         return Decision(True, rw, resend)
 
     @property

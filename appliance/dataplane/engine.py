@@ -452,6 +452,11 @@ class Dataplane:
         if sp.phase is Phase.FAILED:
             self._disown(rec)
             self._closed(rec, "reset")
+        elif sp.reset_by is not None:
+            # reset through the splice: its translation goes with it, so whatever the backend
+            # still had in flight (data, a FIN) must not reach the client untranslated: fenced
+            rec.backend = NO_BACKEND
+            self.table.reindex(rec)
 
     def move(self, rec: ConnectionRecord, target: BackendRuntime, now: float) -> Splice:
         """Start moving ``rec`` to ``target`` (replay).  Raises ValueError with the reason when it

@@ -51,6 +51,7 @@ SERVICE_PORT = 80
 # gateway's kernel (the benchmarks' baseline)
 PLAIN_HTTP_PORT = 8080
 SAMPLED_HTTP_PORT = 8081  # the "web-sampled" service: same files, verify = "sampled"
+HTTP_REPLAY_PORT = 8082   # the "web-http" service: same files, replay = "http"
 IPERF_PORT = 5201        # the "iperf" service (through the appliance, verify = "sampled")
 PLAIN_IPERF_PORT = 5202  # the same server, plainly forwarded
 UPLOAD_PORT = 8090       # the "upload" service: appliance.lab.apps upload-hash (sha256 of the body)
@@ -234,6 +235,7 @@ http {{
         listen {address}:{port} backlog=4096;
         listen {address}:{plain_port} backlog=4096;
         listen {address}:{sampled_port} backlog=4096;
+        listen {address}:{http_port} backlog=4096;
         root {www};
         # echo the load tool's request id: it matches each response to its own
         # request (added only when the request has one)
@@ -252,7 +254,8 @@ def start_nginx(h: Host, www: Path) -> None:
         return
     (rd / f"nginx-{name}.tmp").mkdir(parents=True, exist_ok=True)
     conf.write_text(NGINX_CONF.format(run=rd, name=name, address=h.address, port=SERVICE_PORT,
-                                      plain_port=PLAIN_HTTP_PORT, sampled_port=SAMPLED_HTTP_PORT, www=www))
+                                      plain_port=PLAIN_HTTP_PORT, sampled_port=SAMPLED_HTTP_PORT,
+                                      http_port=HTTP_REPLAY_PORT, www=www))
     nsexec(h.ns, "nginx", "-c", str(conf), "-p", str(rd))
 
 
@@ -395,6 +398,8 @@ def gateway_config(hosts: list[Host], token_file: Path, agent_key: Path | None =
         f'[api]\nlisten = "{API_HOST}:{API_PORT}"\ntoken_file = "{token_file}"\n\n'
         + (f'[checkpoint]\nkey_file = "{checkpoint_key}"\n\n' if checkpoint_key is not None else "")
         + f'[[service]]\nname = "web"\nvip = "{VIP}"\nport = {SERVICE_PORT}\n{backends(SERVICE_PORT)}\n'
+        f'[[service]]\nname = "web-http"\nvip = "{VIP}"\nport = {HTTP_REPLAY_PORT}\n'
+        f'[service.failover]\nreplay = "http"\n{backends(HTTP_REPLAY_PORT)}\n'
         f'[[service]]\nname = "web-sampled"\nvip = "{VIP}"\nport = {SAMPLED_HTTP_PORT}\n'
         f'[service.failover]\nverify = "sampled"\n{backends(SAMPLED_HTTP_PORT)}\n'
         f'[[service]]\nname = "iperf"\nvip = "{VIP}"\nport = {IPERF_PORT}\n'
@@ -540,8 +545,11 @@ def down_appliance_state() -> None:
     rd = run_dir()
     for conf in rd.glob("nginx-*.conf"):
         text = conf.read_text()
-        if "www-divergent" in text:
-            conf.write_text(text.replace(str(rd / "www-divergent"), str(cache_dir() / "www")))
+        healed = text.replace(str(rd / "www-divergent"), str(cache_dir() / "www"))
+        healed = healed.replace(str(rd / "www-changed"), str(cache_dir() / "www"))
+        healed = healed.replace("location / { max_ranges 0; add_header Accept-Ranges bytes; }", "location / { }")
+        if healed != text:
+            conf.write_text(healed)
             name = conf.stem[len("nginx-"):]
             if pid_alive(rd / f"nginx-{name}.pid"):
                 nsexec(PREFIX + name, "nginx", "-c", str(conf), "-p", str(rd), "-s", "reload")
@@ -639,20 +647,32 @@ def set_loss(host: str, probability: float) -> None:
 _last_loss: dict[str, float] = {}
 
 
-def serve_divergent(host: str) -> None:
+def serve_divergent(host: str, changed: bool = False) -> None:
     """Make ``host``'s nginx serve other bytes under the same names: same sizes
-    and times (so the HTTP headers match), the first bytes of each body changed."""
+    and times (so the HTTP headers match), the first bytes of each body changed.
+    ``changed``: the files look changed too (a later modification time: another
+    ``Last-Modified`` and ``ETag``), as a file replaced on the server would."""
     rd = run_dir()
-    www = rd / "www-divergent"
+    www = rd / ("www-changed" if changed else "www-divergent")
     www.mkdir(parents=True, exist_ok=True)
     for name, size in TEST_FILES.items():
         if size <= 100 << 20 and not (www / name).exists():
             data = bytearray((cache_dir() / "www" / name).read_bytes())
             data[:16] = b"DIVERGENT BYTES!"
             (www / name).write_bytes(bytes(data))
-            os.utime(www / name, (time.time(), (cache_dir() / "www" / name).stat().st_mtime))
+            mtime = (cache_dir() / "www" / name).stat().st_mtime + (86400 if changed else 0)
+            os.utime(www / name, (time.time(), mtime))
     conf = rd / f"nginx-{ns_of(host)[len(PREFIX):]}.conf"
     conf.write_text(conf.read_text().replace(f"root {cache_dir() / 'www'};", f"root {www};"))
+    nsexec(ns_of(host), "nginx", "-c", str(conf), "-p", str(rd), "-s", "reload")
+
+
+def serve_without_ranges(host: str) -> None:
+    """Make ``host``'s nginx ignore Range requests (a full ``200`` to every one) while it
+    still says ``Accept-Ranges: bytes``, as a server that advertises ranges it does not serve."""
+    rd = run_dir()
+    conf = rd / f"nginx-{ns_of(host)[len(PREFIX):]}.conf"
+    conf.write_text(conf.read_text().replace("location / { }", "location / { max_ranges 0; add_header Accept-Ranges bytes; }"))
     nsexec(ns_of(host), "nginx", "-c", str(conf), "-p", str(rd), "-s", "reload")
 
 

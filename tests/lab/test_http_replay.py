@@ -24,7 +24,7 @@ SERVICE = "web-http"
 
 
 def events(kind: str) -> list[dict]:
-    return api(f"/api/v1/events?kind={kind}&service={SERVICE}")
+    return api(f"/api/v1/events?kind={kind}&service={SERVICE}&limit=5000")
 
 
 def moves(n: int) -> list[dict]:
@@ -295,3 +295,61 @@ def test_the_panel_shows_requests_quiescent_point_and_the_moves_strategy(fresh: 
         _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert sha256_file(outs[1]) == expected_sha("100M.bin")
+
+
+def test_keepalive_crowd_through_the_primarys_death(fresh: dict, tmp_path: Path) -> None:
+    """wrk, 100 keep-alive connections of small objects, a 2 s request timeout: no request
+    fails, none times out, every connection moves (its slowest request and the rate's
+    recovery are benchmark figures: docs/BENCHMARKS.md)."""
+    from appliance.lab import httpload as hl
+
+    with Capture("lab-client", tmp_path / "crowd.pcap", bpf=f"tcp port {PORT}", snaplen=65535) as cap:
+        run = hl.start_crowd(f"http://{lab.VIP}:{PORT}/4K.bin", connections=100, duration=10, ns="lab-client",
+                             timeout=2)
+        try:
+            wait_for(lambda: sum(c["state"] == "ESTABLISHED" and (c["http"] or {}).get("requests", 0) > 10
+                                 for c in api(f"/api/v1/connections?service={SERVICE}&limit=1000")) >= 100,
+                     timeout=30, interval=0.2, what="100 keep-alive connections busy")
+            cut = time.time()
+            lab.cut_link("primary")
+            res = run.wait(timeout=60)
+        finally:
+            run.close()
+    assert res.wrk_exit == 0, res.wrk_stderr
+    assert res.errors == {"connect": 0, "read": 0, "write": 0, "timeout": 0}, res.errors
+    assert res.non_2xx == 0 and res.unanswered_over_timeout == 0
+    assert sum(1 for r in res.responses if r.t > cut + 1.0) > 100  # the crowd went on after the death
+    moved = moves(100)
+    assert len(moved) == 100
+    assert {m["details"]["strategy"] for m in moved} <= {"quiescent", "full", "range"}
+    assert sum(m["details"]["regenerated_bytes"] for m in moved) <= 100 * (4096 + 1024)  # one response at most each
+    reports = check(cap.path, "192.0.2.10", lab.VIP, PORT)
+    assert_clean(reports)
+    assert sum(r.server_bytes > 0 for r in reports.values()) == 100  # (wrk may open one more and send nothing)
+
+
+def test_paced_crowd_through_one_failover(fresh: dict, tmp_path: Path) -> None:
+    """200 paced downloads at once, the primary's link cut under them: all complete with the
+    right bytes (their pauses are benchmark figures)."""
+    import threading
+
+    from appliance.lab import httpload as hl
+
+    n = 200
+    result: list[hl.PacedResult] = []
+    t = threading.Thread(target=lambda: result.append(hl.paced(
+        f"http://{lab.VIP}:{PORT}/1M.bin", count=n, rate="48k", ns="lab-client", timeout=150, idle_timeout=40)))
+    t.start()
+    try:
+        wait_for(lambda: sum(c["state"] == "ESTABLISHED" and c["bytes_from_server"] > 200_000
+                             for c in api(f"/api/v1/connections?service={SERVICE}&limit=1000")) >= n,
+                 timeout=60, interval=0.5, what=f"{n} downloads 200 kB in")
+        lab.cut_link("primary")
+    finally:
+        t.join(timeout=200)
+    (res,) = result
+    assert res.ok == n and res.failed == 0, res.errors
+    want = expected_sha("1M.bin")
+    assert all((d.status, d.bytes, d.sha256) == (200, 1 << 20, want) for d in res.downloads)
+    moved = moves(n)
+    assert {m["details"]["strategy"] for m in moved} == {"range"}, {m["details"]["strategy"] for m in moved}

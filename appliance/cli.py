@@ -98,14 +98,15 @@ def cmd_lab(args: argparse.Namespace) -> None:
             from .bench import httpreplay as hb
 
             cases = set(args.http.split(","))
-            unknown = cases - {"download", "crowd"}
+            unknown = cases - {"download", "crowd", "paced"}
             if unknown:
-                _die(f"--http: unknown case(s) {', '.join(sorted(unknown))} (download, crowd)")
+                _die(f"--http: unknown case(s) {', '.join(sorted(unknown))} (download, crowd, paced)")
             dl = hb.long_download_bench(runs=args.rounds) if "download" in cases else None
             crowd = hb.crowd_bench(runs=args.rounds) if "crowd" in cases else None
+            paced = hb.paced_bench() if "paced" in cases else None
             if args.json:
-                bench.save({"download": dl, "crowd": crowd}, Path(args.json))
-            print(hb.markdown(dl, crowd))
+                bench.save({"download": dl, "crowd": crowd, "paced": paced}, Path(args.json))
+            print(hb.markdown(dl, crowd, paced))
             return
         if args.failover:
             conns = tuple(int(x) for x in args.connections.split(","))
@@ -322,8 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--failover", action="store_true",
                     help="measure failover time instead (primary death to first backup byte at the client)")
     bn.add_argument("--connections", default="1,100", help="with --failover: connection counts, comma-separated")
-    bn.add_argument("--http", metavar="CASES", nargs="?", const="download,crowd",
-                    help="HTTP-aware replay against stream replay, side by side: download, crowd (default both)")
+    bn.add_argument("--http", metavar="CASES", nargs="?", const="download,crowd,paced",
+                    help="HTTP-aware replay against stream replay, side by side: download, crowd, paced "
+                         "(comma-separated; default all)")
     bn.add_argument("--upload", action="store_true",
                     help="measure upload throughput instead, with the checkpoint store in memory and on disk")
     lab.set_defaults(func=cmd_lab)

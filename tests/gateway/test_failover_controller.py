@@ -127,3 +127,41 @@ def test_a_reset_move_leaves_the_kernels_moved_set_and_is_reported_once() -> Non
     gw.dataplane.expire(10_000.0)
     gw.flush()
     assert unmoved == [(B, 80, C, 40000)]  # once
+
+
+def test_backend_packets_after_a_reset_through_the_splice_never_reach_the_client_untranslated() -> None:
+    """A client that resets a moved connection ends its splice, and with it the translation:
+    whatever the backup still had in flight (data, a FIN) is fenced, not passed on in the
+    backup's own sequence space (found by a wrk crowd closing 100 moved connections)."""
+    from appliance.dataplane.engine import NO_BACKEND
+    from nfq.queue import Verdict
+
+    gw = Gateway(parse(config()), clock=lambda: 2.0)
+    connect(gw)
+    gw.failover("web")
+    h = gw.dataplane.handle
+    ts = [("NOP", None), ("NOP", None)]
+    # the backup answers the SYN, takes the replayed request, regenerates the 17 bytes
+    h(bytearray(bytes(IP(src=B, dst=C) / TCP(sport=80, dport=40000, flags="SA", seq=70000, ack=1001,
+                                             options=[("MSS", 1460), ("SAckOK", b""), ("Timestamp", (500, 102)),
+                                                      ("WScale", 7)]))), 2.0)
+    req = b"GET / HTTP/1.1\r\n\r\n"
+    h(bytearray(bytes(IP(src=B, dst=C) / TCP(sport=80, dport=40000, flags="A", seq=70001, ack=1001 + len(req),
+                                             options=ts + [("Timestamp", (501, 102))]))), 2.0)
+    regen = bytearray(bytes(IP(src=B, dst=C) / TCP(sport=80, dport=40000, flags="PA", seq=70001,
+                                                   ack=1001 + len(req), options=ts + [("Timestamp", (502, 102))])
+                            / Raw(b"HTTP/1.1 200 OK\r\n")))
+    h(regen, 2.0)
+    sp = gw.dataplane.splice_of(1)
+    assert sp is not None and sp.verifier.done
+    # the client resets: passed on (translated) to the backup, the splice is over
+    assert h(bytearray(bytes(IP(src=C, dst=VIP) / TCP(sport=40000, dport=80, flags="R", seq=1001 + len(req)))),
+             2.1) is Verdict.REWRITTEN
+    assert gw.dataplane.splice_of(1) is None
+    assert gw.dataplane.table.by_id(1).backend == NO_BACKEND
+    # the backup's data and FIN still in flight: dropped, never forwarded in its own sequence space
+    for flags, payload in (("PA", b"more bytes"), ("FA", b"")):
+        late = bytearray(bytes(IP(src=B, dst=C) / TCP(sport=80, dport=40000, flags=flags, seq=70018,
+                                                      ack=1001 + len(req), options=ts + [("Timestamp", (503, 102))])
+                               / Raw(payload)))
+        assert h(late, 2.2) is Verdict.DROP

@@ -63,7 +63,7 @@ def long_download_once(replay: str, name: str, cut_after: int, rate: str, out: P
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    ok = proc.returncode == 0 and lab.sha256_file(out) == _expected(name)
+    ok = proc.returncode == 0 and lab.sha256_file(out) == lab.expected_sha(name)
     first = _first_backup_bytes(api, token, t0, service)
     moves = _events(api, token, service, "migration")
     d = moves[0]["details"] if moves else {}
@@ -75,26 +75,24 @@ def long_download_once(replay: str, name: str, cut_after: int, rate: str, out: P
             "suppressed_bytes": d.get("suppressed_bytes")}
 
 
-def _expected(name: str) -> str:
-    for line in (lab.cache_dir() / "www" / "SHA256SUMS").read_text().splitlines():
-        digest, n = line.split()
-        if n == name:
-            return digest
-    raise KeyError(name)
+def _alternate(runs: int, once: Any) -> dict[str, list[dict[str, Any]]]:
+    """``once(replay)`` for stream and http alternately, ``runs`` times; the lab healed after."""
+    per: dict[str, list[dict[str, Any]]] = {"stream": [], "http": []}
+    try:
+        for _ in range(runs):
+            for replay in ("stream", "http"):
+                per[replay].append(once(replay))
+    finally:
+        lab.restore_link("primary")
+        lab.down_appliance_state()
+        lab.up()
+    return per
 
 
 def long_download_bench(runs: int = 3, name: str = "1G.bin", cut_after: int = 500 << 20,
                         rate: str = "40M") -> dict[str, Any]:
     out = lab.run_dir() / "bench-http-download.bin"
-    per: dict[str, list[dict[str, Any]]] = {"stream": [], "http": []}
-    try:
-        for _ in range(runs):
-            for replay in ("stream", "http"):
-                per[replay].append(long_download_once(replay, name, cut_after, rate, out))
-    finally:
-        lab.restore_link("primary")
-        lab.down_appliance_state()
-        lab.up()
+    per = _alternate(runs, lambda replay: long_download_once(replay, name, cut_after, rate, out))
     summary = {}
     for replay, rs in per.items():
         pauses = [r["pause_ms"] for r in rs if r["ok"] and r["pause_ms"] is not None]
@@ -134,15 +132,7 @@ def crowd_once(replay: str, connections: int, duration: int, cut_at: float, obj:
 
 def crowd_bench(runs: int = 3, connections: int = 100, duration: int = 20, cut_at: float = 6.0,
                 obj: str = "4K.bin") -> dict[str, Any]:
-    per: dict[str, list[dict[str, Any]]] = {"stream": [], "http": []}
-    try:
-        for _ in range(runs):
-            for replay in ("stream", "http"):
-                per[replay].append(crowd_once(replay, connections, duration, cut_at, obj))
-    finally:
-        lab.restore_link("primary")
-        lab.down_appliance_state()
-        lab.up()
+    per = _alternate(runs, lambda replay: crowd_once(replay, connections, duration, cut_at, obj))
     return {"case": f"wrk, {connections} keep-alive connections, {obj}, {duration} s, cut at {cut_at} s, "
                     f"--timeout 2s", "runs": runs, "results": per}
 
@@ -175,7 +165,7 @@ def paced_once(replay: str, count: int, rate: str, obj: str, cut_after: float) -
         cap.wait()
         lab.restore_link("primary")
     res = out[0] if out else None
-    want = _expected(obj)
+    want = lab.expected_sha(obj)
     pauses = [p.max_gap_s for p in httpload.pcap_pauses(pcap, server_port=port, server=lab.VIP, around=cut,
                                                         window_s=30)
               if p.data_packets > 10]
@@ -190,15 +180,7 @@ def paced_once(replay: str, count: int, rate: str, obj: str, cut_after: float) -
 
 def paced_bench(runs: int = 1, count: int = 500, rate: str = "32k", obj: str = "1M.bin",
                 cut_after: float = 12.0) -> dict[str, Any]:
-    per: dict[str, list[dict[str, Any]]] = {"stream": [], "http": []}
-    try:
-        for _ in range(runs):
-            for replay in ("stream", "http"):
-                per[replay].append(paced_once(replay, count, rate, obj, cut_after))
-    finally:
-        lab.restore_link("primary")
-        lab.down_appliance_state()
-        lab.up()
+    per = _alternate(runs, lambda replay: paced_once(replay, count, rate, obj, cut_after))
     return {"case": f"{count} paced downloads of {obj} at {rate}/s each, cut {cut_after} s in", "runs": runs,
             "results": per}
 

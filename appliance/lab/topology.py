@@ -183,6 +183,15 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def expected_sha(name: str) -> str:
+    """The sha256 of test file ``name`` (as ``make_test_files`` recorded it)."""
+    for line in (cache_dir() / "www" / "SHA256SUMS").read_text().splitlines():
+        digest, n = line.split()
+        if n == name:
+            return digest
+    raise KeyError(name)
+
+
 def make_test_files(www: Path) -> dict[str, str]:
     """Write the seeded test files (once) and return name -> sha256."""
     www.mkdir(parents=True, exist_ok=True)

@@ -30,12 +30,7 @@ def api(path: str, method: str = "GET", body: Any = None, token: str | None = No
 sha256_file = lab.sha256_file
 
 
-def expected_sha(name: str) -> str:
-    for line in (lab.cache_dir() / "www" / "SHA256SUMS").read_text().splitlines():
-        digest, n = line.split()
-        if n == name:
-            return digest
-    raise KeyError(name)
+expected_sha = lab.expected_sha
 
 
 @dataclass

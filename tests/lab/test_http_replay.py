@@ -60,15 +60,23 @@ def metric(name: str, **labels: str) -> float:
     return 0.0
 
 
-def test_long_download_is_range_resumed(fresh: dict, tmp_path: Path) -> None:
+def download_through_a_death(tmp_path: Path, cut_after: int) -> Capture:
+    """100M.bin at 20 MB/s, the primary's link cut once ``cut_after`` bytes arrived: the
+    download completes with the right bytes.  Returns the client capture."""
     out = tmp_path / "100M.bin"
     with capture(tmp_path) as cap:
         dl = curl(("100M.bin", out), rate="20M")
-        wait_for(lambda: out.exists() and out.stat().st_size > 40 << 20, timeout=60, what="40 MiB received")
+        wait_for(lambda: out.exists() and out.stat().st_size > cut_after, timeout=60,
+                 what=f"{cut_after >> 20} MiB received")
         lab.cut_link("primary")
         _, err = dl.communicate(timeout=120)
         assert dl.returncode == 0, err
     assert sha256_file(out) == expected_sha("100M.bin")
+    return cap
+
+
+def test_long_download_is_range_resumed(fresh: dict, tmp_path: Path) -> None:
+    cap = download_through_a_death(tmp_path, 40 << 20)
     (mv,) = moves(1)
     d = mv["details"]
     assert d["strategy"] == "range", d
@@ -176,14 +184,7 @@ def test_idle_keepalive_connection_moves_at_its_quiescent_point(fresh: dict, tmp
 
 def test_backup_that_ignores_range_regenerates_the_response_verified(fresh: dict, tmp_path: Path) -> None:
     lab.serve_without_ranges("backup")  # says Accept-Ranges, answers every Range with a full 200
-    out = tmp_path / "100M.bin"
-    with capture(tmp_path) as cap:
-        dl = curl(("100M.bin", out), rate="20M")
-        wait_for(lambda: out.exists() and out.stat().st_size > 10 << 20, timeout=60, what="10 MiB received")
-        lab.cut_link("primary")
-        _, err = dl.communicate(timeout=120)
-        assert dl.returncode == 0, err
-    assert sha256_file(out) == expected_sha("100M.bin")
+    cap = download_through_a_death(tmp_path, 10 << 20)
     (mv,) = moves(1)
     d = mv["details"]
     assert d["strategy"] == "full" and "200" in d["strategy_reason"], d

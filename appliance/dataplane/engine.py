@@ -275,16 +275,21 @@ class Dataplane:
     def _http_step(self, rec: ConnectionRecord, ht: HttpTrack) -> None:
         """After a client packet: the framing reads the new log bytes, and the log and digest are
         trimmed when the replay point moved (not while a move still replays from them)."""
-        ht.client_logged()
+        try:
+            ht.client_logged()
+            if ht.fallback is None:
+                mode = self.modes.get(rec.id)
+                if isinstance(mode, Spliced) and not (mode.splice.phase is Phase.SPLICED
+                                                      and mode.splice.verifier.done):
+                    return
+                if ht.advance():
+                    self.counters.http_trims += 1
+                    if self.store is not None:
+                        self.store.touch(rec)
+        except Exception as exc:  # noqa: BLE001 - a tracker bug must never cost the packet its verdict
+            ht.stop(f"tracker error: {type(exc).__name__}: {exc}")
         if ht.fallback is not None:
-            return self._http_fallback(rec, ht)
-        mode = self.modes.get(rec.id)
-        if isinstance(mode, Spliced) and not (mode.splice.phase is Phase.SPLICED and mode.splice.verifier.done):
-            return
-        if ht.advance():
-            self.counters.http_trims += 1
-            if self.store is not None:
-                self.store.touch(rec)
+            self._http_fallback(rec, ht)
 
     def _http_fallback(self, rec: ConnectionRecord, ht: HttpTrack) -> None:
         if ht.reported or ht.fallback is None:
@@ -492,7 +497,11 @@ class Dataplane:
         plan = None
         if ht is not None and isinstance(snap, DigestSnapshot):
             acked = seq_diff(rec.client.ack, seq_add(rec.server.isn, 1)) if rec.client.ack is not None else 0
-            plan = ht.plan(snap, max(0, acked))
+            try:
+                plan = ht.plan(snap, max(0, acked))
+            except Exception as exc:  # noqa: BLE001 - a planner bug: the stream replay from the point
+                ht.stop(f"planner error: {type(exc).__name__}: {exc}")
+                plan = ht.plan(snap, max(0, acked))
         sp = Splice(rec, rec.log, snap, vip=svc.vip, vport=svc.port, old=old.endpoint,
                     target=target.endpoint, now=now, ts_floor=floor, plan=plan,
                     options=SpliceOptions(syn_retries=svc.failover.syn_retries, move_timeout=svc.failover.move_timeout))

@@ -354,3 +354,51 @@ def test_paced_crowd_through_one_failover(fresh: dict, tmp_path: Path) -> None:
     assert all((d.status, d.bytes, d.sha256) == (200, 1 << 20, want) for d in res.downloads)
     moved = moves(n)
     assert {m["details"]["strategy"] for m in moved} == {"range"}, {m["details"]["strategy"] for m in moved}
+
+
+def test_ten_thousand_requests_leave_only_the_last_in_the_log(fresh: dict, tmp_path: Path) -> None:
+    """A keep-alive connection that served 10,000 requests holds only what follows its last
+    quiescent point; the store's trims say so, and it still moves with nothing regenerated."""
+    script = r"""
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+req = b"GET /4K.bin HTTP/1.1\r\nHost: lab\r\n\r\n"
+buf = b""
+for i in range(int(sys.argv[3])):
+    s.sendall(req)
+    while True:
+        head, sep, rest = buf.partition(b"\r\n\r\n")
+        if sep and len(rest) >= 4096:
+            assert head.startswith(b"HTTP/1.1 200"), head
+            buf = rest[4096:]
+            break
+        c = s.recv(65536)
+        if not c:
+            sys.exit("EOF")
+        buf += c
+print("done", flush=True)
+sys.stdin.readline()
+s.sendall(req)
+print("again" if s.recv(65536).startswith(b"HTTP/1.1 200") else "bad", flush=True)
+"""
+    proc = subprocess.Popen(["ip", "netns", "exec", "lab-client", "python3", "-c", script, lab.VIP, str(PORT), "10000"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout.readline().strip() == "done"
+        (conn,) = wait_for(lambda: [c for c in api(f"/api/v1/connections?service={SERVICE}")
+                                    if c["state"] == "ESTABLISHED" and c["log_held"] == 0] or None,
+                           what="the connection quiescent")
+        assert conn["http"]["requests"] == 10000 and conn["http"]["trims"] >= 9999
+        assert conn["log_bytes"] == 10000 * len(b"GET /4K.bin HTTP/1.1\r\nHost: lab\r\n\r\n")
+        api(f"/api/v1/connections/{conn['id']}/migrate", "POST", {"to": "backup", "mode": "replay"})
+        (mv,) = moves(1)
+        assert mv["details"]["strategy"] == "quiescent" and mv["details"]["regenerated_bytes"] == 0
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "again"
+    finally:
+        proc.kill()
+        proc.wait()
+    st = api("/api/v1/status")
+    assert st["dataplane"]["http_trims"] >= 9999

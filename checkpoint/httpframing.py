@@ -75,6 +75,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import h11
+from h11._readers import ContentLengthReader as _ContentLengthReader
 
 Side = Literal["client", "server"]
 Headers = tuple[tuple[bytes, bytes], ...]
@@ -146,6 +147,19 @@ class Exchange:
 _END = h11.EndOfMessage()
 
 
+def _inside_body(conn: h11.Connection, n: int) -> bool:
+    """``n`` bytes in the middle of a ``Content-Length`` body h11 is reading: counted off its
+    reader instead of being parsed (they would only make a Data event, and cost a copy and an
+    event per segment of a long body).  Only when h11 has nothing buffered and the body goes on
+    past them, so h11 still sees the bytes that end it.  (h11 0.14-0.16's ContentLengthReader.)"""
+    reader = conn._reader
+    if (type(reader) is not _ContentLengthReader or conn.their_state is not h11.SEND_BODY
+            or len(conn._receive_buffer) or reader._remaining <= n):
+        return False
+    reader._remaining -= n
+    return True
+
+
 def _mirror(conn: h11.Connection, event: h11.Event) -> None:
     """``conn.send(event)`` without serialising it: the state machine's half of h11's
     ``send_with_data_passthrough`` (h11 0.14-0.16), whose bytes would be thrown away.  Events
@@ -200,11 +214,13 @@ class HttpFraming:
             return self._fail("client", "client data after its end of stream")
         if self.state is State.CLOSED:
             return  # a request the server will not answer (counted: never quiescent again)
+        if _inside_body(self._req, len(data)):
+            return
         self._req.receive_data(data)
         self._dirty_c = True
         self._pump()
 
-    def server_data(self, data: bytes) -> None:
+    def server_data(self, data: bytes | memoryview) -> None:
         """The next ``data`` of the server's stream."""
         if not data or self.state is State.FAILED:
             return
@@ -213,7 +229,9 @@ class HttpFraming:
             return self._fail("server", "server data after its end of stream")
         if self.state is State.CLOSED:
             return self._fail("server", "server data after the connection's last response")
-        self._resp.receive_data(data)
+        if _inside_body(self._resp, len(data)):
+            return
+        self._resp.receive_data(bytes(data))
         self._dirty_s = True
         self._pump()
 

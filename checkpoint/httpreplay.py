@@ -59,6 +59,7 @@ from .streamlog import ByteLog, DigestSnapshot, StreamDigest
 RANGE_OVERLAP = 64 * 1024  # bytes the client already acknowledged that a range resume regenerates, at least
 RANGE_PRIME = 64           # bytes before the verified overlap that only prime the masker (>= its horizon)
 STRATEGIES = ("stream", "quiescent", "full", "range")
+_NO_CUTS: list[int] = []  # (never appended to: what the cutter returns for most segments)
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,8 +208,8 @@ class HttpTrack:
 
     def _server_bytes(self, mv: memoryview) -> list[int]:
         f = self.framing
-        f.server_data(bytes(mv))
-        cuts = f.take_cuts()
+        f.server_data(mv)
+        cuts = f.take_cuts() if f.cuts else _NO_CUTS
         self._check()
         return cuts
 

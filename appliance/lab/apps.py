@@ -7,6 +7,10 @@ no server name), so a backup that is replayed the same request gives the same
 bytes — what a replay failover needs — and a client that gets the right digest
 knows every byte it sent arrived exactly once, in order (invariant I5).
 
+A request with the header ``X-Lab-Malformed: 1`` is answered with malformed HTTP (a
+``Content-Length`` that is not a number): the lab's way to show what a gateway following HTTP
+does with a server that breaks it.
+
 Run: ``python -m appliance.lab.apps upload-hash --bind ADDRESS --port PORT [--port PORT2]``.
 """
 
@@ -35,6 +39,10 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
         lines = head.decode("latin-1").split("\r\n")
         headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
         length = int(headers.get("content-length", "0"))
+        if headers.get("x-lab-malformed") == "1":
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: not-a-number\r\n\r\nmalformed\n")
+            await writer.drain()
+            return
         if headers.get("expect", "").lower() == "100-continue":
             writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         h = hashlib.sha256()

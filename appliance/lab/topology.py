@@ -56,6 +56,7 @@ IPERF_PORT = 5201        # the "iperf" service (through the appliance, verify = 
 PLAIN_IPERF_PORT = 5202  # the same server, plainly forwarded
 UPLOAD_PORT = 8090       # the "upload" service: appliance.lab.apps upload-hash (sha256 of the body)
 PLAIN_UPLOAD_PORT = 8091  # the same app, plainly forwarded
+UPLOAD_HTTP_PORT = 8092   # the same app, the "upload-http" service: replay = "http"
 RESUME_PORT = 8000       # the "resumable" service: the example resumable file server, failover.mode = "resume"
 AGENT_PORT = 7070        # the endpoint agent on every server host (resume mode)
 UPLOAD_FILE = "upload-200M.bin"
@@ -285,6 +286,7 @@ def start_upload_app(h: Host) -> None:
     subprocess.Popen(
         ["ip", "netns", "exec", h.ns, sys.executable, "-m", "appliance.lab.apps", "upload-hash",
          "--bind", h.address, "--port", str(UPLOAD_PORT), "--port", str(PLAIN_UPLOAD_PORT),
+         "--port", str(UPLOAD_HTTP_PORT),
          "--pidfile", str(pidfile)],
         stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
         cwd=str(Path(__file__).resolve().parents[2]),
@@ -416,7 +418,10 @@ def gateway_config(hosts: list[Host], token_file: Path, agent_key: Path | None =
         f'[[service]]\nname = "upload"\nvip = "{VIP}"\nport = {UPLOAD_PORT}\n'
         # a whole 200 MiB body is kept for replay, and replaying it takes a while
         f'[service.failover]\nmax_log_bytes = {UPLOAD_SIZE + (16 << 20)}\nmove_timeout = 120.0\n'
-        f'{backends(UPLOAD_PORT)}'
+        f'{backends(UPLOAD_PORT)}\n'
+        f'[[service]]\nname = "upload-http"\nvip = "{VIP}"\nport = {UPLOAD_HTTP_PORT}\n'
+        f'[service.failover]\nreplay = "http"\nmax_log_bytes = {UPLOAD_SIZE + (16 << 20)}\nmove_timeout = 120.0\n'
+        f'{backends(UPLOAD_HTTP_PORT)}'
         f'{resumable}'
     )
 

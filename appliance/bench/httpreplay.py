@@ -7,9 +7,9 @@ range-resumed).  Each case runs on both, alternately (stream, http, stream, http
 fresh appliance each time, and the primary's link cut mid-run (no FIN, no RST).
 
 * **long download**: one download paced by curl, cut once ``cut_after`` bytes have arrived;
-  the client's pause is the gateway's first forwarding of a backup byte (the failover event's
-  time plus the move's ``first_forward_ms``, one clock, the client one veth hop away) minus
-  the moment of the cut; the sha256 of what the client got is checked.
+  the client's pause is the longest gap in new data in a capture at the client (headers
+  only) around the cut: from the death to the first new byte; the sha256 of what the client
+  got is checked.
 * **keep-alive crowd**: wrk (``appliance.lab.httpload``), ``connections`` keep-alive
   connections fetching a small object, ``--timeout 2s``, the link cut ``cut_at`` seconds in:
   socket errors, timeouts, non-2xx, the slowest request across the failover and the time for
@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 from ..lab import topology as lab
-from .throughput import _first_backup_bytes
 
 SERVICES = {"stream": ("web", lab.SERVICE_PORT), "http": ("web-http", lab.HTTP_REPLAY_PORT)}
 
@@ -50,27 +49,38 @@ def long_download_once(replay: str, name: str, cut_after: int, rate: str, out: P
     info = lab.up()
     api, token = str(info["api"]), str(info["token"])
     out.unlink(missing_ok=True)
+    pcap = lab.run_dir() / f"bench-download-{replay}.pcap"
+    cap = subprocess.Popen(["ip", "netns", "exec", "lab-client", "tcpdump", "-i", "eth0", "-s", "96", "-U", "-w",
+                            str(pcap), f"tcp and src port {port}"], stderr=subprocess.DEVNULL)
+    time.sleep(1.0)  # tcpdump up
     proc = subprocess.Popen(["ip", "netns", "exec", "lab-client", "curl", "-sS", "--fail", "--max-time", "600",
                              "--limit-rate", rate, "-o", str(out), f"http://{lab.VIP}:{port}/{name}"],
                             stderr=subprocess.PIPE, text=True)
     try:
         _wait(lambda: out.exists() and out.stat().st_size >= cut_after, 300, f"{cut_after} bytes")
         delivered = out.stat().st_size
-        t0 = time.time()
+        cut = time.time()
         lab.cut_link("primary")
-        _, err = proc.communicate(timeout=600)
+        proc.communicate(timeout=600)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        cap.terminate()
+        cap.wait()
+    from ..lab import httpload
+
     ok = proc.returncode == 0 and lab.sha256_file(out) == lab.expected_sha(name)
-    first = _first_backup_bytes(api, token, t0, service)
+    # the pause at the client: the longest gap in new data around the death, from the capture
+    gaps = [p.max_gap_s for p in httpload.pcap_pauses(pcap, server_port=port, server=lab.VIP, around=cut,
+                                                      window_s=60) if p.data_packets > 10]
     moves = _events(api, token, service, "migration")
     d = moves[0]["details"] if moves else {}
     lab.restore_link("primary")
     out.unlink(missing_ok=True)
+    pcap.unlink(missing_ok=True)
     return {"replay": replay, "ok": ok, "delivered_at_cut": delivered,
-            "pause_ms": round(min(first.values()) * 1000, 1) if first else None,
+            "pause_ms": round(max(gaps) * 1000, 1) if gaps else None,
             "strategy": d.get("strategy"), "regenerated_bytes": d.get("regenerated_bytes"),
             "suppressed_bytes": d.get("suppressed_bytes")}
 

@@ -251,6 +251,9 @@ http {{
         # request (added only when the request has one)
         add_header X-Httpload-Id $http_x_httpload_id always;
         location / {{ }}
+        # the same files gzip-compressed on the fly for clients that accept it: a chunked,
+        # content-coded response with a weak validator (not range-resumable)
+        location /gz/ {{ alias {www}/; gzip on; gzip_types *; gzip_min_length 0; }}
     }}
 }}
 """

@@ -472,6 +472,9 @@ class StreamVerifier:
         n = len(payload)
         if offset + n <= self.end or offset > self.end:
             return True
+        if self.end >= self.snap.end:  # past the snapshot: nothing to check, nothing to mask
+            self.end = offset + n
+            return True
         mv = memoryview(payload)[self.end - offset:]
         while len(mv):
             cut = self.cuts[0] if self.cuts else None

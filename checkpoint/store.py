@@ -243,7 +243,9 @@ class CommitPlanner:
                 w.log_off, w.log_data = start, bytes(log.data[start - log.base:end - log.base])
                 self.stats.held_total += new
             else:
-                end = e.log_saved
+                # nothing new to write; bytes trimmed before they were written count as
+                # committed (no replay starts before the trim, recorded in this batch)
+                end = start
             w.log_end = end
             w.fin = log.fin_offset is not None and log.fin_offset == end
         state_changed = rec.state != e.state

@@ -152,6 +152,9 @@ for line in sys.stdin:
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.proc.stdin.write(f"{method} {path}\n")
         self.proc.stdin.flush()
+        import select
+        ready, _, _ = select.select([self.proc.stdout], [], [], 60)
+        assert ready, f"no answer to {method} /{path} in 60 s"
         status, n, digest = self.proc.stdout.readline().split()
         return int(status), int(n), digest
 
@@ -480,3 +483,40 @@ def test_a_chunked_compressed_response_is_regenerated_and_never_corrupted(fresh:
     assert d["strategy_reason"] in ("weak validator", "chunked body", "content-coded body"), d
     reports = check(cap.path, "192.0.2.10", lab.VIP, PORT)
     assert not [v for r in reports.values() for v in r.violations if v.startswith(("I1", "I2", "I3"))]
+
+
+def test_keepalive_over_a_disk_store_trims_on_disk_and_moves(fresh: dict, tmp_path: Path) -> None:
+    """With store.mode = "disk" the trims are group commits: the connection's acknowledgments
+    flow (its commit point follows the trims), the rows before the last quiescent point leave
+    the store, and the connection moves from there."""
+    import sqlite3
+
+    cfg = lab.variant_config("disk-http", store={"mode": "disk"})
+    lab.stop_appliance()
+    lab.start_appliance(cfg)
+    with capture(tmp_path) as cap:
+        c = KeepAliveClient()
+        try:
+            for _ in range(50):
+                assert c.get("4K.bin") == (200, 4096, expected_sha("4K.bin"))
+            (conn,) = wait_for(lambda: [x for x in api(f"/api/v1/connections?service={SERVICE}")
+                                        if x["state"] == "ESTABLISHED" and x["log_held"] == 0
+                                        and x["commit_offset"] == x["log_bytes"]] or None,
+                               what="a quiescent connection, committed")
+            db = sqlite3.connect(str(lab.run_dir() / "checkpoints-disk-http.db"))
+            try:
+                def on_disk() -> tuple[int, int]:
+                    row = db.execute("SELECT log_base, (SELECT COALESCE(SUM(length(data)), 0) FROM logdata "
+                                     "WHERE conn = ?) FROM conn WHERE id = ?", (conn["id"], conn["id"])).fetchone()
+                    return (row[0], row[1]) if row else (-1, -1)
+                wait_for(lambda: on_disk()[0] == conn["log_bytes"], what="the trim on disk")
+                assert on_disk()[1] < 2 * 100  # at most the row the last trim cut into
+            finally:
+                db.close()
+            lab.cut_link("primary")
+            assert c.get("1M.bin") == (200, 1 << 20, expected_sha("1M.bin"))
+        finally:
+            c.close()
+    (mv,) = moves(1)
+    assert mv["details"]["strategy"] == "quiescent"
+    assert_clean(check(cap.path, "192.0.2.10", lab.VIP, PORT), expect_connections=1)

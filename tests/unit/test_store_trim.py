@@ -492,3 +492,29 @@ def test_a_chunk_longer_than_64k_is_refused():
     assert e.value.field == "digest.bounds"
     s["bounds"][0] = s["base"] + CHUNK  # exactly 64 KiB: fine
     assert isinstance(back := digest_from_state(s, "digest"), StreamDigest) and back.base == s["base"]
+
+
+def test_a_trim_of_every_byte_logged_before_it_was_written_moves_the_commit_point(tmp_path: Path):
+    """Request, response and acknowledgment inside one commit interval, nothing after them: the
+    log is trimmed to its end before its bytes were ever written.  Nothing is left to write,
+    and the commit point must still reach the trim (no replay starts before it) — else the
+    delayed-ACK gate holds the connection's acknowledgments for good (found in the lab: a
+    keep-alive client stalled after its first request with a disk store)."""
+    store = Store(tmp_path / "cp.db")
+    conn = Conn()
+    store.planner.track(conn.rec)
+    store.commit()
+    assert conn.rec.commit_offset == 0
+    exchange(conn, store, "a", 1000)
+    assert conn.ack() and conn.log.base == conn.log.end == len(get("a"))
+    store.planner.touch(conn.rec)
+    (w,) = store.commit()
+    assert w.log_data == b"" and w.log_base == len(get("a")) and w.log_end == len(get("a"))
+    assert conn.rec.commit_offset == len(get("a"))
+    # and the next request is written from there, its commit point moving on
+    conn.client(get("b"))
+    store.planner.touch(conn.rec)
+    (w,) = store.commit()
+    assert (w.log_off, w.log_data) == (len(get("a")), get("b"))
+    assert conn.rec.commit_offset == len(get("a")) + len(get("b"))
+    assert store.planner.stats.held_total == len(get("b"))

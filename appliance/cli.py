@@ -141,6 +141,11 @@ def demo(args: argparse.Namespace) -> None:
     mid-transfer, the connection moved to the backup, watched live."""
     from .lab import topology as lab
 
+    # a fresh appliance on a healed lab: after an earlier demo the backup is the active
+    # backend of every service, and there would be no failover to watch
+    if lab.GATEWAY in lab.namespaces():
+        lab.down_appliance_state()
+        lab.restore_link("primary")
     info = lab.up(clients=1, backups=1)
     _print_lab(info)
     # lab.up() describes the lab in a dict of mixed values: take each as what it is
@@ -150,7 +155,8 @@ def demo(args: argparse.Namespace) -> None:
     assert isinstance(files, dict)
     expected = files[name]
     out = Path(str(info["run_dir"])) / "demo-download.bin"
-    url = f"http://{lab.VIP}/{name}"
+    service, port = ("web-http", lab.HTTP_REPLAY_PORT) if args.replay == "http" else ("web", lab.SERVICE_PORT)
+    url = f"http://{lab.VIP}:{port}/{name}"
     print(f"\nclient: curl {url} at {args.rate} ...")
     proc = subprocess.Popen(
         ["ip", "netns", "exec", "lab-client", "curl", "-sS", "--fail", "--limit-rate", args.rate, "-o", str(out), url]
@@ -159,7 +165,7 @@ def demo(args: argparse.Namespace) -> None:
 
     def watch() -> None:
         while proc.poll() is None:
-            conns = api_get("/api/v1/connections", api, token) or []
+            conns = api_get(f"/api/v1/connections?service={service}", api, token) or []
             for c in conns:
                 if c["state"] != "CLOSED":
                     seen.update(c)
@@ -179,15 +185,17 @@ def demo(args: argparse.Namespace) -> None:
     rc = proc.wait()
     t.join(timeout=2)
     for e in api_get("/api/v1/events?limit=200", api, token) or []:
-        if e["kind"] in ("failover", "migration", "divergence", "reset") and e["service"] == "web":
-            extra = e["details"].get("timings_ms") or ""
-            print(f"  event {e['id']}: {e['kind']} {e['reason']} {extra}")
+        if e["kind"] in ("failover", "migration", "divergence", "reset") and e["service"] == service:
+            d = e["details"]
+            extra = d.get("timings_ms") or ""
+            how = f" replay {d['strategy']}, {d['regenerated_bytes']} bytes regenerated" if "strategy" in d else ""
+            print(f"  event {e['id']}: {e['kind']} {e['reason']}{how} {extra}")
     if args.fail_after > 0:
         lab.restore_link("primary")
     got = lab.sha256_file(out)
     out.unlink(missing_ok=True)
     print(f"\ncurl exit {rc}; sha256 {'matches' if got == expected else 'DIFFERS'} ({got[:16]}...)")
-    conns = api_get("/api/v1/connections", api, token) or []
+    conns = api_get(f"/api/v1/connections?service={service}", api, token) or []
     if conns:
         print("final record as the gateway tracked it:")
         print(json.dumps(conns[-1], indent=1))
@@ -313,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     dm = lsub.add_parser("demo", help="lab up, a download through the gateway, the record it tracked")
     dm.add_argument("--file", default="100M.bin", choices=sorted(lab_files()))
     dm.add_argument("--rate", default="20M", help="curl --limit-rate for the download")
+    dm.add_argument("--replay", choices=("stream", "http"), default="stream",
+                    help="the service to download from: web (stream replay) or web-http (HTTP-aware replay)")
     dm.add_argument("--fail-after", type=float, default=2.0,
                     help="cut the primary's link this many seconds into the download (0: never)")
     bn = lsub.add_parser("bench", help="throughput through the gateway against plain forwarding")

@@ -279,9 +279,8 @@ class Dataplane:
             ht.client_logged()
             if ht.fallback is None:
                 mode = self.modes.get(rec.id)
-                if isinstance(mode, Spliced) and not (mode.splice.phase is Phase.SPLICED
-                                                      and mode.splice.verifier.done):
-                    return
+                if isinstance(mode, Spliced) and not mode.verified:
+                    return  # the move still replays from the log
                 if ht.advance():
                     self.counters.http_trims += 1
                     if self.store is not None:

@@ -34,7 +34,7 @@ Example::
 
     [[service]]
     name = "web"
-    vip = "203.0.113.10"
+    vip = "203.0.113.10"         # IPv4 clients; vip6 = "2001:db8:113::10" for IPv6 ones (either or both)
     port = 80
 
     [service.health]             # optional; these are the defaults
@@ -59,7 +59,7 @@ Example::
 
     [[service.backend]]
     name = "primary"
-    address = "198.51.100.10"
+    address = "198.51.100.10"    # for the vip's clients; address6 = "2001:db8:100::10" for the vip6's
 
     [[service.backend]]
     name = "backup"
@@ -81,6 +81,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from checkpoint.addr import with_port
 from checkpoint.streamlog import VOLATILE
 
 from .health import HealthConfig
@@ -95,10 +96,20 @@ __all__ = ["ConfigError"]
 @dataclass(frozen=True, slots=True)
 class BackendConfig:
     name: str
-    address: str
+    address: str | None             # IPv4 (the service's IPv4 clients reach the backend here)
     port: int
     admin_state: str = "ready"      # "ready" | "drain" | "maint"
     agent: str | None = None        # "HOST:PORT" of the endpoint agent on this backend (resume mode)
+    address6: str | None = None     # IPv6 (the service's IPv6 clients reach the backend here)
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        return tuple(a for a in (self.address, self.address6) if a is not None)
+
+    @property
+    def probe_address(self) -> str:
+        """Where health probes go: the IPv4 address if it has one, else the IPv6 one."""
+        return self.address or self.address6 or ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,11 +128,17 @@ class FailoverConfig:
 @dataclass(frozen=True, slots=True)
 class ServiceConfig:
     name: str
-    vip: str
+    vip: str | None                 # the IPv4 service address, or None (IPv6 only)
     port: int
     backends: tuple[BackendConfig, ...]
     health: HealthConfig = field(default_factory=HealthConfig)
     failover: FailoverConfig = field(default_factory=FailoverConfig)
+    vip6: str | None = None         # the IPv6 service address, or None (IPv4 only)
+
+    @property
+    def vips(self) -> tuple[str, ...]:
+        """Every address the service answers on (IPv4 first)."""
+        return tuple(a for a in (self.vip, self.vip6) if a is not None)
 
     def backend(self, name: str) -> BackendConfig | None:
         return next((b for b in self.backends if b.name == name), None)
@@ -244,6 +261,19 @@ def _ipv4(data: dict[str, Any], key: str, where: str) -> str:
         return str(ipaddress.IPv4Address(v))
     except ValueError:
         raise ConfigError(f"{where}.{key}", f"{v!r} is not an IPv4 address") from None
+
+
+def _ipv6(data: dict[str, Any], key: str, where: str) -> str:
+    v = _str(data, key, where)
+    try:
+        a = ipaddress.IPv6Address(v)
+    except ValueError:
+        raise ConfigError(f"{where}.{key}", f"{v!r} is not an IPv6 address") from None
+    if a.ipv4_mapped is not None or a.is_multicast or a.is_unspecified or a.is_link_local:
+        raise ConfigError(f"{where}.{key}", f"{v!r}: a service or backend address must be a global or "
+                                            "unique-local unicast IPv6 address (not mapped, multicast, "
+                                            "unspecified or link-local)")
+    return str(a)
 
 
 def _choice(data: dict[str, Any], key: str, where: str, default: str, choices: tuple[str, ...]) -> str:
@@ -516,9 +546,12 @@ def _failover(data: dict[str, Any], where: str) -> FailoverConfig:
 def _service(data: Any, i: int) -> ServiceConfig:
     where = f"service[{i}]"
     data = _table(data, where)
-    _no_unknown(data, {"name", "vip", "port", "backend", "health", "failover"}, where)
+    _no_unknown(data, {"name", "vip", "vip6", "port", "backend", "health", "failover"}, where)
     name = _name(data, where)
-    vip = _ipv4(data, "vip", where)
+    if "vip" not in data and "vip6" not in data:
+        raise ConfigError(f"{where}.vip", "is required (an IPv4 vip, an IPv6 vip6, or both)")
+    vip = _ipv4(data, "vip", where) if "vip" in data else None
+    vip6 = _ipv6(data, "vip6", where) if "vip6" in data else None
     port = _int(data, "port", where, 80, 1, 65535)
     raw = data.get("backend")
     if not isinstance(raw, list) or not raw:
@@ -527,22 +560,42 @@ def _service(data: Any, i: int) -> ServiceConfig:
     for j, b in enumerate(raw):
         bw = f"{where}.backend[{j}]"
         b = _table(b, bw)
-        _no_unknown(b, {"name", "address", "port", "admin_state", "agent"}, bw)
+        _no_unknown(b, {"name", "address", "address6", "port", "admin_state", "agent"}, bw)
+        # one family end to end: an IPv6 client is never translated to an IPv4 backend (no NAT64),
+        # nor the reverse, so each family the service answers on needs its address on every backend
+        if vip is not None and "address" not in b:
+            raise ConfigError(f"{bw}.address", "is required: the service has an IPv4 vip, and IPv4 clients "
+                                               "are served over IPv4 only (no NAT46/64)")
+        if vip6 is not None and "address6" not in b:
+            raise ConfigError(f"{bw}.address6", "is required: the service has an IPv6 vip6, and IPv6 clients "
+                                                "are served over IPv6 only (an IPv6 client to an IPv4 backend "
+                                                "is out of scope)")
+        if vip is None and "address" in b:
+            raise ConfigError(f"{bw}.address", "the service has no IPv4 vip: give the backend's IPv6 address "
+                                               "as address6, or the service a vip")
+        if vip6 is None and "address6" in b:
+            raise ConfigError(f"{bw}.address6", "the service has no IPv6 vip6: nothing would reach this address")
         backends.append(BackendConfig(
-            name=_name(b, bw), address=_ipv4(b, "address", bw), port=_int(b, "port", bw, port, 1, 65535),
+            name=_name(b, bw), address=_ipv4(b, "address", bw) if vip is not None else None,
+            port=_int(b, "port", bw, port, 1, 65535),
             admin_state=_choice(b, "admin_state", bw, "ready", ("ready", "drain", "maint")),
             agent=_hostport(b, "agent", bw) if "agent" in b else None,
+            address6=_ipv6(b, "address6", bw) if vip6 is not None else None,
         ))
     names = [b.name for b in backends]
     for j, n in enumerate(names):
         if names.index(n) != j:
             raise ConfigError(f"{where}.backend[{j}].name", f"duplicate backend name {n!r}")
-    addrs = [(b.address, b.port) for b in backends]
-    for j, a in enumerate(addrs):
-        if addrs.index(a) != j:
-            raise ConfigError(f"{where}.backend[{j}].address", f"{a[0]}:{a[1]} is listed twice")
-        if a[0] == vip:
-            raise ConfigError(f"{where}.backend[{j}].address", "must differ from the service's vip")
+    for key, front in (("address", vip), ("address6", vip6)):
+        addrs = [(getattr(b, key), b.port) for b in backends]
+        for j, a in enumerate(addrs):
+            if a[0] is None:
+                continue
+            if addrs.index(a) != j:
+                raise ConfigError(f"{where}.backend[{j}].{key}", f"{a[0]}:{a[1]} is listed twice")
+            if a[0] == front:
+                raise ConfigError(f"{where}.backend[{j}].{key}", "must differ from the service's "
+                                                                 + ("vip" if key == "address" else "vip6"))
     health = _health(_table(data.get("health", {}), f"{where}.health"), f"{where}.health")
     failover = _failover(_table(data.get("failover", {}), f"{where}.failover"), f"{where}.failover")
     if failover.mode == "resume":
@@ -550,7 +603,8 @@ def _service(data: Any, i: int) -> ServiceConfig:
             if b.agent is None:
                 raise ConfigError(f"{where}.backend[{j}].agent",
                                   "is required when failover.mode = 'resume' (the agent's IPV4:PORT)")
-    return ServiceConfig(name=name, vip=vip, port=port, backends=tuple(backends), health=health, failover=failover)
+    return ServiceConfig(name=name, vip=vip, port=port, backends=tuple(backends), health=health, failover=failover,
+                         vip6=vip6)
 
 
 def parse(data: dict[str, Any], base: Path = Path(".")) -> Config:
@@ -569,13 +623,21 @@ def parse(data: dict[str, Any], base: Path = Path(".")) -> Config:
         if s.name in seen:
             raise ConfigError(f"service[{i}].name", f"duplicate service name {s.name!r}")
         seen[s.name] = i
-        if (s.vip, s.port) in fronts:
-            raise ConfigError(f"service[{i}].vip", f"{s.vip}:{s.port} is already service[{fronts[(s.vip, s.port)]}]")
-        fronts[(s.vip, s.port)] = i
+        for key, front in (("vip", s.vip), ("vip6", s.vip6)):
+            if front is None:
+                continue
+            if (front, s.port) in fronts:
+                raise ConfigError(f"service[{i}].{key}", f"{with_port(front, s.port)} is already "
+                                                         f"service[{fronts[(front, s.port)]}]")
+            fronts[(front, s.port)] = i
         for j, b in enumerate(s.backends):
-            if (b.address, b.port) in backs and backs[(b.address, b.port)] != i:
-                raise ConfigError(f"service[{i}].backend[{j}].address", "a backend address:port may serve one service only")
-            backs[(b.address, b.port)] = i
+            for key, a in (("address", b.address), ("address6", b.address6)):
+                if a is None:
+                    continue
+                if (a, b.port) in backs and backs[(a, b.port)] != i:
+                    raise ConfigError(f"service[{i}].backend[{j}].{key}",
+                                      "a backend address:port may serve one service only")
+                backs[(a, b.port)] = i
     store = dataclasses.replace(_store(_table(data.get("store", {}), "store"), base), **testing)
     checkpoint = _checkpoint(_table(data.get("checkpoint", {}), "checkpoint"), base)
     agents = _agents(_table(data.get("agent", {}), "agent"), base)

@@ -47,12 +47,19 @@ def document(gw: Any) -> dict[str, Any]:
         backends = []
         for b in s.backends:
             state = rt.backends[b.name].admin_state if rt is not None else b.admin_state
-            bd = {"name": b.name, "address": b.address, "port": b.port, "admin_state": state}
+            bd = {"name": b.name, "port": b.port, "admin_state": state}
+            for k in ("address", "address6"):
+                if getattr(b, k, None) is not None:
+                    bd[k] = getattr(b, k)
             if getattr(b, "agent", None) is not None:
                 bd["agent"] = b.agent
             backends.append(bd)
-        services.append({"name": s.name, "vip": s.vip, "port": s.port, "health": health, "failover": failover,
-                         "backend": backends})
+        sd: dict[str, Any] = {"name": s.name}
+        for k in ("vip", "vip6"):
+            if getattr(s, k, None) is not None:
+                sd[k] = getattr(s, k)
+        sd.update({"port": s.port, "health": health, "failover": failover, "backend": backends})
+        services.append(sd)
     return {"gateway": gateway, "service": services}
 
 

@@ -79,21 +79,24 @@ def flows_for(config: Config) -> list[rules.FlowMatch]:
     q = config.gateway.queue_num
     flows = []
     for svc in config.services:
-        flows.append(rules.FlowMatch(comment=f"{svc.name} client->vip", queue=q, dst=svc.vip, dport=svc.port))
         ret = q + 2 if svc.failover.verify == "sampled" and config.store.mode == "memory" else q + 1
+        for vip in svc.vips:  # each family's rules go to its own table (the address says which)
+            flows.append(rules.FlowMatch(comment=f"{svc.name} client->vip", queue=q, dst=vip, dport=svc.port))
         for b in svc.backends:
-            flows.append(rules.FlowMatch(comment=f"{svc.name} {b.name}->client", queue=ret,
-                                         src=b.address, sport=b.port, not_local=True))
+            for a in b.addresses:
+                flows.append(rules.FlowMatch(comment=f"{svc.name} {b.name}->client", queue=ret,
+                                             src=a, sport=b.port, not_local=True))
     return flows
 
 
 def nat_for(dp: Dataplane) -> list[kernelnat.ServiceNat]:
+    """One entry per service and family: a ServiceNat's addresses are all of one family."""
     return [
         kernelnat.ServiceNat(
-            vip=s.vip, port=s.port, active=(s.active_backend.address, s.active_backend.port),
-            backends=tuple((b.address, b.port) for b in s.backends.values()),
+            vip=vip, port=s.port, active=(s.active_backend.addr(v6), s.active_backend.port),
+            backends=tuple((b.addr(v6), b.port) for b in s.backends.values()),
         )
-        for s in dp.services.values()
+        for s in dp.services.values() for vip, v6 in ((s.vip, False), (s.vip6, True)) if vip is not None
     ]
 
 

@@ -49,6 +49,7 @@ import time
 from collections.abc import Awaitable, Callable, Generator
 from typing import Any, TypeVar, cast
 
+from checkpoint.addr import is_v6, with_port
 from checkpoint.document import CheckpointError, ImportLimits, export_document, import_document
 from checkpoint.ici import TcpState
 from checkpoint.resurrect import check_resumable
@@ -430,7 +431,8 @@ class Gateway:
         for rec in recs:
             if rec.server.isn is None:
                 # the old backend never answered the SYN: the client's retransmitted SYN goes to the new one
-                rec.backend, rec.backend_ip, rec.backend_port = target.name, target.address, target.port
+                rec.backend, rec.backend_ip, rec.backend_port = (target.name, target.addr(is_v6(rec.client_ip)),
+                                                                  target.port)
                 repinned.append(rec.id)
                 continue
             moving.append(rec)
@@ -517,7 +519,7 @@ class Gateway:
 
     # --- health -----------------------------------------------------------------------
     def health_targets(self) -> list[Target]:
-        return [Target(service=s.name, backend=b.name, address=b.address, port=b.port, config=sc.health)
+        return [Target(service=s.name, backend=b.name, address=b.addresses[0], port=b.port, config=sc.health)
                 for sc in self.config.services for s in [self.dataplane.services[sc.name]]
                 for b in s.backends.values()]
 
@@ -652,7 +654,7 @@ class Gateway:
             rec = item.rec
             svc = dp.services.get(rec.service)
             reason: str | None
-            if svc is None or rec.backend not in svc.backends or (svc.vip, svc.port) != (rec.vip, rec.vport):
+            if svc is None or rec.backend not in svc.backends or rec.vip not in svc.vips or svc.port != rec.vport:
                 reason = "its service or backend is no longer configured"
             elif rec.state in (TcpState.CLOSED, TcpState.TIME_WAIT):
                 if dp.store is not None:
@@ -733,6 +735,7 @@ class Gateway:
             out.append({
                 "name": s.name,
                 "vip": s.vip,
+                "vip6": s.vip6,
                 "port": s.port,
                 "active_backend": s.active,
                 "failover": {"auto": s.failover.auto, "mode": s.failover.mode, "verify": s.failover.verify},
@@ -740,6 +743,7 @@ class Gateway:
                     {
                         "name": b.name,
                         "address": b.address,
+                        "address6": b.address6,
                         "port": b.port,
                         "active": b.name == s.active,
                         "admin_state": b.admin_state,
@@ -762,9 +766,12 @@ class Gateway:
         planner = self.dataplane.store
         out: dict[str, dict[str, Any]] = {}
         for rec in self.dataplane.table:
-            g = out.setdefault(rec.service, {"by_state": {}, "protected": 0, "lag_max": 0.0, "age_max": 0.0})
+            g = out.setdefault(rec.service, {"by_state": {}, "by_family": {}, "protected": 0, "lag_max": 0.0,
+                                             "age_max": 0.0})
             st = rec.state.value
             g["by_state"][st] = g["by_state"].get(st, 0) + 1
+            fam = "ipv6" if ":" in rec.client_ip else "ipv4"
+            g["by_family"][fam] = g["by_family"].get(fam, 0) + 1
             g["protected"] += bool(rec.protected)
             if rec.log is not None:
                 g["lag_max"] = max(g["lag_max"], float(rec.log.end - rec.commit_offset))
@@ -850,7 +857,7 @@ class Gateway:
             raise CheckpointError("checkpoint_time", why)
         dp = self.dataplane
         if dp.table.get(rec.key) is not None:
-            raise Conflict(f"a connection from {rec.client_ip}:{rec.client_port} to {rec.vip}:{rec.vport} "
+            raise Conflict(f"a connection from {with_port(rec.client_ip, rec.client_port)} to {with_port(rec.vip, rec.vport)} "
                            "is already tracked")
         rec.id = dp.table.next_id()
         rec.log, rec.digest = imp.log, imp.digest

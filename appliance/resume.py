@@ -65,6 +65,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Protocol
 
+from checkpoint.addr import is_v6, with_port
 from checkpoint.ici import ConnectionRecord, TcpState
 
 from .agent import protocol as proto
@@ -86,7 +87,8 @@ class ResumeFailed(RuntimeError):
 
 
 def hostport(addr: str, port: int) -> str:
-    return f"{addr}:{port}"
+    """``ADDR:PORT`` as the agents' protocol writes it (``[ADDR]:PORT`` for IPv6)."""
+    return with_port(addr, port)
 
 
 class ResumeHost(Protocol):
@@ -155,7 +157,7 @@ class ResumeController:
         """The last report of ``rec``'s application on backend ``be``, if any."""
         agent = self._agent(rec.service, be)
         return self.reports.get(agent or "", {}).get(
-            (hostport(be.address, be.port), hostport(rec.client_ip, rec.client_port)))
+            (hostport(be.addr(is_v6(rec.client_ip)), be.port), hostport(rec.client_ip, rec.client_port)))
 
     def _agent(self, service: str, be: BackendRuntime) -> str | None:
         sc = self.gw.config.service(service)
@@ -172,7 +174,7 @@ class ResumeController:
         src_agent, dst_agent = self._agent(rec.service, origin), self._agent(rec.service, target)
         if not src_agent or not dst_agent:
             raise ResumeFailed("agent", f"backend {origin.name if not src_agent else target.name!r} has no agent")
-        local = hostport(origin.address, origin.port)
+        local = hostport(origin.addr(is_v6(rec.client_ip)), origin.port)
         remote = hostport(rec.client_ip, rec.client_port)
         self.moving.add(rec.id)
         timings: dict[str, float] = {}
@@ -181,7 +183,7 @@ class ResumeController:
         step, handle, switched = "export", None, False
         try:
             body: dict[str, Any] = {"local": local, "remote": remote, "to": dst_agent,
-                                    "to_local": hostport(target.address, target.port), "activate": False,
+                                    "to_local": hostport(target.addr(is_v6(rec.client_ip)), target.port), "activate": False,
                                     "port_choice": "same"}
             if rec.server.data_base is not None and rec.client.data_base is not None:
                 body["send_base"], body["recv_base"] = rec.server.data_base, rec.client.data_base
@@ -286,7 +288,7 @@ class ResumeController:
                 consumed, state, source = rep["in_offset"], str(rep.get("app_state", "")), "reported"
             client_bytes = logb.read(consumed, logb.end - consumed)
             ici = ici_from_record(rec, client_bytes=client_bytes, consumed=consumed,
-                                  local_addr=target.address, local_port=target.port)
+                                  local_addr=target.addr(is_v6(rec.client_ip)), local_port=target.port)
             check_ici(ici)   # the gateway's own sanity check before anything is sent
             reply = await self.call(dst_agent, "import", {"ici": ici.to_dict(), "activate": False,
                                                           "port_choice": "same", "app_state": state})

@@ -11,7 +11,8 @@ byte order), versioned, and signed::
 
     {
       "format": "tcp-failover-checkpoint",
-      "version": 1,
+      "version": 2,
+      "family": "ipv4" | "ipv6",            # of every address in "connection" (version 2)
       "exported_at": 1763700000.25,         # wall time of the export
       "checkpoint_time": 1763700000.2,      # wall time the ICI was last committed
       "connection": {...},                  # checkpoint.state.record_state(rec)
@@ -27,7 +28,11 @@ The signature is HMAC-SHA256, keyed from the configuration, over the
 as Python's shortest round-trip repr), so any reader that parses and
 re-serialises canonically can check it.  Only the contiguous prefix of the
 client log is exported: client segments held aside beyond a gap are not
-(the client retransmits them, it has no acknowledgment for them).  A stream
+(the client retransmits them, it has no acknowledgment for them).
+
+Versions: 2 added ``family``; the client, service and backend addresses of a
+document must all be of that family.  A version-1 document (written before
+IPv6) has no ``family`` and is read as IPv4: every address in it must be one.  A stream
 digest's running hash of its partial chunk cannot be exported either; the
 imported digest is *restored*, blind up to the next chunk boundary
 (``checkpoint.streamlog``).
@@ -60,6 +65,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, NoReturn, Protocol, Sequence
 
+from .addr import family
 from .ici import ConnectionRecord, HalfConnection, TcpState
 from .seqnum import seq_add, seq_diff
 from .state import StateError, digest_from_state, digest_state, log_from_state, log_state, record_from_state, record_state
@@ -72,7 +78,7 @@ class BackendShape(Protocol):
     @property
     def name(self) -> str: ...
     @property
-    def address(self) -> str: ...
+    def addresses(self) -> tuple[str, ...]: ...
     @property
     def port(self) -> int: ...
 
@@ -83,16 +89,20 @@ class ServiceShape(Protocol):
     @property
     def name(self) -> str: ...
     @property
-    def vip(self) -> str: ...
+    def vips(self) -> tuple[str, ...]: ...
     @property
     def port(self) -> int: ...
     @property
     def backends(self) -> Sequence[BackendShape]: ...
 
 FORMAT = "tcp-failover-checkpoint"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 SIG_PREFIX = "hmac-sha256:"
-TOP_KEYS = ("format", "version", "exported_at", "checkpoint_time", "connection", "log", "digest", "signature")
+TOP_KEYS = ("format", "version", "family", "exported_at", "checkpoint_time", "connection", "log", "digest",
+            "signature")
+TOP_KEYS_V1 = tuple(k for k in TOP_KEYS if k != "family")
+FAMILIES = ("ipv4", "ipv6")
 RESUMABLE = (TcpState.ESTABLISHED, TcpState.FIN_WAIT, TcpState.CLOSE_WAIT)
 MIN_MSS, MAX_MSS = 88, 65495   # Linux's TCP_MIN_MSS; the largest over IPv4 (64 KiB - 40)
 
@@ -151,6 +161,7 @@ def export_document(rec: ConnectionRecord, key: bytes, now_wall: float,
     doc: dict[str, Any] = {
         "format": FORMAT,
         "version": VERSION,
+        "family": family(rec.client_ip),
         "exported_at": now_wall,
         "checkpoint_time": now_wall if checkpoint_time is None else checkpoint_time,
         "connection": record_state(rec),
@@ -233,16 +244,21 @@ def import_document(raw: bytes | str | dict[str, Any], key: bytes, services: Seq
     if doc.get("format") != FORMAT:
         raise CheckpointError("format", f'expected "{FORMAT}"')
     version = doc.get("version")
-    if type(version) is not int or version != VERSION:
-        raise CheckpointError("version", f"version {version!r} is not supported (expected {VERSION})")
+    if type(version) is not int or version not in READABLE_VERSIONS:
+        raise CheckpointError("version", f"version {version!r} is not supported "
+                                         f"(expected one of {', '.join(map(str, READABLE_VERSIONS))})")
     _verify(doc, key)
     # authentic: now every other field may be read
+    keys = TOP_KEYS if version >= 2 else TOP_KEYS_V1
     for k in doc:
-        if k not in TOP_KEYS:
-            raise CheckpointError(k, "unknown key")
-    for k in TOP_KEYS:
+        if k not in keys:
+            raise CheckpointError(k, "unknown key" if k != "family" else f"not a version-{version} key")
+    for k in keys:
         if k not in doc:
             raise CheckpointError(k, "missing")
+    fam = doc.get("family", "ipv4")  # version 1: IPv4 only
+    if fam not in FAMILIES:
+        raise CheckpointError("family", f"{fam!r} is not one of {', '.join(FAMILIES)}")
     exported_at = _time(doc, "exported_at")
     checkpoint_time = _time(doc, "checkpoint_time")
     if checkpoint_time > exported_at:
@@ -254,6 +270,12 @@ def import_document(raw: bytes | str | dict[str, Any], key: bytes, services: Seq
     except StateError as e:
         raise CheckpointError(e.field, e.message) from None
     _sanity(rec, log, digest, services, limits)
+    for f, a in (("connection.client_ip", rec.client_ip), ("connection.vip", rec.vip),
+                 ("connection.backend_ip", rec.backend_ip)):
+        if family(a) != fam:
+            raise CheckpointError(f, f"{a} is not an {'IPv6' if fam == 'ipv6' else 'IPv4'} address (the document's "
+                                     f"family is {fam}" + (", as every version-1 document's" if version == 1 else "")
+                                  + ")")
     rec.log = log
     rec.digest = digest
     return Imported(rec, log, digest, checkpoint_time)
@@ -325,10 +347,12 @@ def _sanity(rec: ConnectionRecord, log: ByteLog, digest: StreamDigest | SampledD
         _fail("connection.rst_seen", "the connection was reset")
     # addresses: a configured service, and one of its backends
     try:
-        ipaddress.ip_address(rec.client_ip)
+        canon = str(ipaddress.ip_address(rec.client_ip))
     except ValueError:
         _fail("connection.client_ip", f"{rec.client_ip!r} is not an IP address")
-    svc = next((s for s in services if s.vip == rec.vip and s.port == rec.vport), None)
+    if canon != rec.client_ip:  # the table's keys are the canonical strings
+        _fail("connection.client_ip", f"{rec.client_ip!r} is not in canonical form ({canon!r})")
+    svc = next((s for s in services if rec.vip in s.vips and s.port == rec.vport), None)
     if svc is None:
         _fail("connection.vip", f"{rec.vip}:{rec.vport} is not a configured service")
     if rec.service != svc.name:
@@ -336,8 +360,10 @@ def _sanity(rec: ConnectionRecord, log: ByteLog, digest: StreamDigest | SampledD
     be = next((b for b in svc.backends if b.name == rec.backend), None)
     if be is None:
         _fail("connection.backend", f"{rec.backend!r} is not a backend of service {svc.name!r}")
-    if be.address != rec.backend_ip:
-        _fail("connection.backend_ip", f"backend {be.name!r} is {be.address}, not {rec.backend_ip}")
+    if rec.backend_ip not in be.addresses:
+        _fail("connection.backend_ip", f"backend {be.name!r} is {' and '.join(be.addresses)}, not {rec.backend_ip}")
+    if family(rec.backend_ip) != family(rec.client_ip) or family(rec.vip) != family(rec.client_ip):
+        _fail("connection.backend_ip", "the client, the vip and the backend must be of one family (no NAT46/64)")
     if be.port != rec.backend_port:
         _fail("connection.backend_port", f"backend {be.name!r} listens on {be.port}, not {rec.backend_port}")
     # each end on its own, then the two against each other and against the log

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from .addr import family, with_port
 from .seqnum import seq_diff
 from .streamlog import ByteLog, SampledDigest, StreamDigest
 
@@ -153,11 +154,12 @@ class ConnectionRecord:
         c, s = self.client, self.server
         return {
             "id": self.id,
-            "client": f"{self.client_ip}:{self.client_port}",
-            "service": f"{self.vip}:{self.vport}",
+            "client": with_port(self.client_ip, self.client_port),
+            "family": family(self.client_ip),
+            "service": with_port(self.vip, self.vport),
             "service_name": self.service,
             "backend": self.backend,
-            "backend_address": f"{self.backend_ip}:{self.backend_port}",
+            "backend_address": with_port(self.backend_ip, self.backend_port),
             "state": self.state.value,
             "mid_stream": self.mid_stream,
             "client_isn": c.isn,

@@ -105,11 +105,15 @@ class Metrics:
                  [({}, st["uptime_seconds"])])
         gauges = gw.connection_gauges()
         by_state = {(svc, st): n for svc, g in gauges.items() for st, n in g["by_state"].items()}
+        by_family = {(svc, f): n for svc, g in gauges.items() for f, n in g["by_family"].items()}
         prot = {svc: g["protected"] for svc, g in gauges.items()}
         lag_max = {svc: g["lag_max"] for svc, g in gauges.items()}
         age_max = {svc: g["age_max"] for svc, g in gauges.items()}
         w.family("gateway_tracked_connections", "gauge", "Connections in the table, by service and TCP state.",
                  [({"service": s, "state": t}, n) for (s, t), n in sorted(by_state.items())])
+        w.family("gateway_tracked_connections_by_family", "gauge",
+                 "Connections in the table, by service and address family (ipv4, ipv6).",
+                 [({"service": s, "family": f}, n) for (s, f), n in sorted(by_family.items())])
         w.family("gateway_protected_connections", "gauge", "Connections that can be failed over, by service.",
                  [({"service": s}, n) for s, n in sorted(prot.items())])
         w.family("gateway_checkpoint_lag_bytes", "gauge",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from checkpoint.addr import with_port
+
 
 def node(gw: Any, services: list[dict[str, Any]]) -> dict[str, Any]:
     """This node's role and health for the banner.
@@ -66,7 +68,7 @@ def backends(services: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for b in s["backends"]:
             h = b["health"]
             rows.append({
-                "service": s["name"], "name": b["name"], "address": f"{b['address']}:{b['port']}",
+                "service": s["name"], "name": b["name"], "address": " ".join(with_port(b[k], b["port"]) for k in ("address", "address6") if b.get(k)),
                 "active": b["active"], "admin_state": b["admin_state"], "state": h.get("state", "unknown"),
                 "last_result": h.get("last_result"), "last_detail": h.get("last_detail"),
                 "last_check": h.get("last_check"), "latency_ms": _ms(h.get("last_latency")),

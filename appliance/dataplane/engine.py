@@ -29,10 +29,10 @@ the gateway.
 
 from __future__ import annotations
 
-import socket
 from collections import deque
 from typing import Any
 
+from checkpoint.addr import is_v6, pack
 from checkpoint.httpreplay import HttpTrack
 from checkpoint.ici import ConnectionRecord, TcpState
 from checkpoint.resurrect import estimate_tsval
@@ -59,9 +59,9 @@ NO_BACKEND = "(reset)"    # the backend of a connection the gateway reset
 
 def apply_rewrite(pv: PacketView, rw: Rewrite) -> None:
     if rw.src is not None:
-        pv.set_src(socket.inet_aton(rw.src))
+        pv.set_src(pack(rw.src))
     if rw.dst is not None:
-        pv.set_dst(socket.inet_aton(rw.dst))
+        pv.set_dst(pack(rw.dst))
     if rw.sport is not None:
         pv.set_sport(rw.sport)
     if rw.dport is not None:
@@ -94,8 +94,10 @@ class Dataplane:
         self.counters = DataplaneCounters()
         self.malformed_verdict = Verdict.DROP if config.gateway.on_malformed == "drop" else Verdict.ACCEPT
         self.services: dict[str, ServiceRuntime] = {}
-        self._fronts: dict[tuple[bytes, int], ServiceRuntime] = {}
-        self._backs: dict[tuple[bytes, int], tuple[ServiceRuntime, BackendRuntime]] = {}
+        # (address bytes, port) -> the service and the VIP string of that family
+        self._fronts: dict[tuple[bytes, int], tuple[ServiceRuntime, str]] = {}
+        # (address bytes, port) -> the service, the backend and the VIP of the address's family
+        self._backs: dict[tuple[bytes, int], tuple[ServiceRuntime, BackendRuntime, str]] = {}
         self.modes: dict[int, Mode] = {}   # conn id -> its mode; absent: ordinary
         self.http: dict[int, HttpTrack] = {}  # conn id -> its HTTP framing (replay = "http" services)
         self.outbox: list[Out] = []
@@ -116,14 +118,17 @@ class Dataplane:
         for svc in config.services:
             backends = {b.name: BackendRuntime.from_config(svc, b) for b in svc.backends}
             rt = ServiceRuntime(
-                name=svc.name, vip=svc.vip, port=svc.port, vip_raw=socket.inet_aton(svc.vip),
+                name=svc.name, vip=svc.vip, vip6=getattr(svc, "vip6", None), port=svc.port,
                 backends=backends, active=svc.backends[0].name,
                 failover=getattr(svc, "failover", None) or FailoverConfig(),
             )
             self.services[svc.name] = rt
-            self._fronts[(rt.vip_raw, rt.port)] = rt
+            # keyed by the address bytes as they sit in the packet, either family (4 or 16 bytes)
+            for vip in rt.vips:
+                self._fronts[(pack(vip), rt.port)] = (rt, vip)
             for b in backends.values():
-                self._backs[(b.raw, b.port)] = (rt, b)
+                for a in b.addresses:
+                    self._backs[(pack(a), b.port)] = (rt, b, rt.front(is_v6(a)))
 
     # --- what the owner reads -----------------------------------------------------------
     def next_event(self) -> EngineEvent | None:
@@ -177,12 +182,12 @@ class Dataplane:
         except MalformedPacket as exc:
             return self.malformed(str(exc))
         sport, dport = pv.ports
-        svc = self._fronts.get((bytes(buf[16:20]), dport))
-        if svc is not None:
-            return self._from_client(pv, svc, sport, dport, now)
-        hit = self._backs.get((bytes(buf[12:16]), sport))
+        front = self._fronts.get((pv.dst_raw, dport))
+        if front is not None:
+            return self._from_client(pv, front[0], front[1], sport, dport, now)
+        hit = self._backs.get((pv.src_raw, sport))
         if hit is not None:
-            return self._from_server(pv, hit[0], hit[1], dport, now)
+            return self._from_server(pv, hit[0], hit[1], hit[2], dport, now)
         c = self.counters
         c.foreign += 1
         c.last_foreign = f"{pv.src}:{sport} > {pv.dst}:{dport} flags={pv.flags:#x} len={pv.payload_len}"
@@ -196,11 +201,12 @@ class Dataplane:
         return self.malformed_verdict
 
     # --- client -> service ----------------------------------------------------------------
-    def _from_client(self, pv: PacketView, svc: ServiceRuntime, sport: int, dport: int, now: float) -> Verdict:
+    def _from_client(self, pv: PacketView, svc: ServiceRuntime, vip: str, sport: int, dport: int,
+                     now: float) -> Verdict:
         self.counters.client_packets += 1
         if pv.truncated:  # larger than the queue copies: cannot be logged or rewritten
             return self.malformed("truncated client packet")
-        key = (pv.src, sport, svc.vip, dport)
+        key = (pv.src, sport, vip, dport)
         table = self.table
         rec = table.get(key)
         if rec is None or rec.state in (TcpState.TIME_WAIT, TcpState.CLOSED):
@@ -232,7 +238,7 @@ class Dataplane:
     def _admit(self, pv: PacketView, svc: ServiceRuntime, key: tuple[str, int, str, int],
                old: ConnectionRecord | None, now: float) -> ConnectionRecord | None:
         be = svc.active_backend
-        rec = self.table.admit(key, pv, service=svc.name, backend=be.name, backend_ip=be.address,
+        rec = self.table.admit(key, pv, service=svc.name, backend=be.name, backend_ip=be.addr(is_v6(key[0])),
                                backend_port=be.port, now=now)
         for gone in self.table.take_evicted():
             self._forget(gone, "evicted")
@@ -301,9 +307,10 @@ class Dataplane:
         self._events.append(HttpFallback(rec, ht.fallback_side, ht.fallback))
 
     # --- server -> client ------------------------------------------------------------------
-    def _from_server(self, pv: PacketView, svc: ServiceRuntime, be: BackendRuntime, dport: int, now: float) -> Verdict:
+    def _from_server(self, pv: PacketView, svc: ServiceRuntime, be: BackendRuntime, vip: str, dport: int,
+                     now: float) -> Verdict:
         self.counters.server_packets += 1
-        rec = self.table.get((pv.dst, dport, svc.vip, svc.port))
+        rec = self.table.get((pv.dst, dport, vip, svc.port))
         if rec is None:
             # Not tracked (table full, or expired): the kernel still translates it.
             self.counters.untracked += 1
@@ -314,7 +321,7 @@ class Dataplane:
     @staticmethod
     def to_backend(pv: PacketView, svc: ServiceRuntime, be: BackendRuntime) -> None:
         be.bytes_from_client += pv.payload_len
-        pv.set_dst(be.raw)
+        pv.set_dst(be.raw6 if pv.version == 6 else be.raw)
         if be.port != svc.port:
             pv.set_dport(be.port)
 
@@ -360,7 +367,7 @@ class Dataplane:
             kind = "RST" if pv.flags & RST else "FIN"
             rst = None
             if kind == "RST":
-                rst = Out(src=svc.vip, dst=rec.client_ip, sport=svc.port, dport=rec.client_port,
+                rst = Out(src=rec.vip, dst=rec.client_ip, sport=svc.port, dport=rec.client_port,
                           seq=pv.seq, ack=pv.ack, flags=pv.flags, to="client")
             self._events.append(CloseSuspected(Suspect(rec.id, svc.name, be.name, kind, rst)))
         return Verdict.DROP
@@ -383,8 +390,8 @@ class Dataplane:
         last = self._fence_sent.get(rec.id, 0.0)
         if not pv.flags & RST and now - last >= FENCE_RST_INTERVAL:
             self._fence_sent[rec.id] = now
-            self.outbox.append(Out(src=rec.client_ip, dst=be.address, sport=rec.client_port, dport=be.port,
-                                   seq=pv.ack, ack=0, flags=RST, to="old"))
+            self.outbox.append(Out(src=rec.client_ip, dst=be.addr(is_v6(rec.client_ip)), sport=rec.client_port,
+                                   dport=be.port, seq=pv.ack, ack=0, flags=RST, to="old"))
         return Verdict.DROP
 
     def after_reset(self, rec: ConnectionRecord, pv: PacketView, svc: ServiceRuntime, now: float) -> Verdict:
@@ -396,7 +403,7 @@ class Dataplane:
             last = self._fence_sent.get(rec.id, 0.0)
             if now - last >= FENCE_RST_INTERVAL / 10:
                 self._fence_sent[rec.id] = now
-                self.outbox.append(Out(src=svc.vip, dst=rec.client_ip, sport=svc.port, dport=rec.client_port,
+                self.outbox.append(Out(src=rec.vip, dst=rec.client_ip, sport=svc.port, dport=rec.client_port,
                                        seq=pv.ack, ack=0, flags=RST, to="client"))
         return Verdict.DROP
 
@@ -465,7 +472,11 @@ class Dataplane:
     def move(self, rec: ConnectionRecord, target: BackendRuntime, now: float) -> Splice:
         """Start moving ``rec`` to ``target`` (replay).  Raises ValueError with the reason when it
         cannot be moved (the caller resets it then), LookupError when it needed no replay (its
-        SYN was never answered: re-pinned to ``target``)."""
+        SYN was never answered: re-pinned to ``target``; or it is finished, TIME_WAIT or CLOSED:
+        nothing to move, left as it is, no SYN to the backup).  Every other state moves: see the
+        theory of operation of :mod:`checkpoint.splice` for SYN_RECV and the closing states."""
+        if rec.state in FINISHED:
+            raise LookupError(f"finished ({rec.state.value}): nothing to move")
         svc = self.services[rec.service]
         reason = rec.unprotected_reason
         if reason is None and rec.client.isn is not None and rec.server.ack is not None and rec.log is not None:
@@ -478,7 +489,7 @@ class Dataplane:
             raise ValueError(f"unprotected: {reason}")
         if rec.server.isn is None:
             # the old backend never answered the SYN: the client's retransmitted SYN goes to the new one
-            rec.backend, rec.backend_ip, rec.backend_port = target.name, target.address, target.port
+            rec.backend, rec.backend_ip, rec.backend_port = target.name, target.addr(is_v6(rec.client_ip)), target.port
             rec.moves += 1
             raise LookupError("not yet established: re-pinned without replay")
         if rec.log is None or rec.digest is None:
@@ -501,8 +512,9 @@ class Dataplane:
             except Exception as exc:  # noqa: BLE001 - a planner bug: the stream replay from the point
                 ht.stop(f"planner error: {type(exc).__name__}: {exc}")
                 plan = ht.plan(snap, max(0, acked))
-        sp = Splice(rec, rec.log, snap, vip=svc.vip, vport=svc.port, old=old.endpoint,
-                    target=target.endpoint, now=now, ts_floor=floor, plan=plan,
+        v6 = is_v6(rec.client_ip)
+        sp = Splice(rec, rec.log, snap, vip=rec.vip, vport=svc.port, old=old.endpoint(v6),
+                    target=target.endpoint(v6), now=now, ts_floor=floor, plan=plan,
                     options=SpliceOptions(syn_retries=svc.failover.syn_retries, move_timeout=svc.failover.move_timeout))
         # the splice owns the connection before anything points it at the target: from here on
         # every packet of it, either way, goes through the splice
@@ -510,7 +522,7 @@ class Dataplane:
         self._suspected.discard(rec.id)
         self._events.append(MoveStarted(sp))
         self.outbox.extend(sp.start(now))
-        rec.backend, rec.backend_ip, rec.backend_port = target.name, target.address, target.port
+        rec.backend, rec.backend_ip, rec.backend_port = target.name, target.addr(is_v6(rec.client_ip)), target.port
         rec.moves += 1
         rec.server_close_ok = False
         return sp
@@ -520,11 +532,11 @@ class Dataplane:
         svc = self.services[rec.service]
         be = svc.backends.get(rec.backend)
         for seq in reset_seqs(rec):  # (RFC 5961: see reset_seqs and after_reset)
-            self.outbox.append(Out(src=svc.vip, dst=rec.client_ip, sport=svc.port, dport=rec.client_port,
+            self.outbox.append(Out(src=rec.vip, dst=rec.client_ip, sport=svc.port, dport=rec.client_port,
                                    seq=seq, ack=rec.client.next_seq or 0, flags=RST | ACK, to="client"))
         if be is not None and rec.server.ack is not None:
-            self.outbox.append(Out(src=rec.client_ip, dst=be.address, sport=rec.client_port, dport=be.port,
-                                   seq=rec.server.ack, ack=0, flags=RST, to="old"))
+            self.outbox.append(Out(src=rec.client_ip, dst=be.addr(is_v6(rec.client_ip)), sport=rec.client_port,
+                                   dport=be.port, seq=rec.server.ack, ack=0, flags=RST, to="old"))
         mode = self.modes.pop(rec.id, None)
         if isinstance(mode, Spliced):
             self._end_splice(rec, mode)
@@ -622,7 +634,7 @@ class Dataplane:
         """Point ``rec``'s forwarding at ``target``: the address rewrite only, the sequence space
         stays the client's (the endpoint was re-created with the same numbers).  The kernel NAT
         gives the return path the VIP."""
-        rec.backend, rec.backend_ip, rec.backend_port = target.name, target.address, target.port
+        rec.backend, rec.backend_ip, rec.backend_port = target.name, target.addr(is_v6(rec.client_ip)), target.port
         rec.server_close_ok = False
         self._suspected.discard(rec.id)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from checkpoint.addr import pack
 from checkpoint.ici import ConnectionRecord
 from checkpoint.segment import ACK, FIN, RST, SYN
 from checkpoint.seqnum import seq_add, seq_diff
@@ -74,7 +75,7 @@ class AckGate:
             held = bytearray(pv.buf)
             if svc is not None:
                 hv = PacketView(held)
-                hv.set_src(svc.vip_raw)
+                hv.set_src(pack(rec.vip))
                 if hv.ports[0] != svc.port:
                     hv.set_sport(svc.port)
             self.held[rec.id] = held
@@ -85,7 +86,7 @@ class AckGate:
             return Verdict.DROP
         # the client is owed this acknowledgment: a pure ACK carrying it waits for the commit
         # (else a FIN acknowledged late is retransmitted to a peer that has closed: RST)
-        src, sport = (svc.vip, svc.port) if svc is not None else (pv.src, pv.ports[0])
+        src, sport = (rec.vip, svc.port) if svc is not None else (pv.src, pv.ports[0])
         owed = tcp_packet(src, pv.dst, sport, pv.ports[1], seq_add(pv.seq, pv.payload_len + (1 if flags & FIN else 0)),
                           ack, ACK, pv.window, tcp_options(tsval=pv.tsval, tsecr=pv.tsecr), b"")
         self.held[rec.id] = bytearray(owed)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass, field
 
+from checkpoint.addr import pack
 from checkpoint.splice import Endpoint
 
 from ..config import BackendConfig, FailoverConfig, ServiceConfig
@@ -12,12 +12,17 @@ from ..config import BackendConfig, FailoverConfig, ServiceConfig
 
 @dataclass
 class BackendRuntime:
+    """A backend as the data plane sees it: one address per family the service answers on (a
+    connection reaches it over its client's family: ``addr(v6)``)."""
+
     name: str
     service: str
-    address: str
+    address: str | None   # IPv4
     port: int
-    raw: bytes
+    address6: str | None = None  # IPv6
     admin_state: str = "ready"
+    raw: bytes = b""   # the addresses' bytes, as they are written into packets
+    raw6: bytes = b""
     # cumulative, as HAProxy's bytes in/out: payload bytes forwarded to and from this backend,
     # whatever became of the connections that carried them
     bytes_from_client: int = 0
@@ -25,23 +30,51 @@ class BackendRuntime:
 
     @classmethod
     def from_config(cls, svc: ServiceConfig, b: BackendConfig) -> "BackendRuntime":
-        return cls(name=b.name, service=svc.name, address=b.address, port=b.port,
-                   raw=socket.inet_aton(b.address), admin_state=getattr(b, "admin_state", "ready"))
+        return cls(name=b.name, service=svc.name, address=b.address, address6=b.address6, port=b.port,
+                   admin_state=getattr(b, "admin_state", "ready"))
+
+    def __post_init__(self) -> None:
+        self.raw = pack(self.address) if self.address else b""
+        self.raw6 = pack(self.address6) if self.address6 else b""
 
     @property
-    def endpoint(self) -> Endpoint:
-        return Endpoint(self.name, self.address, self.port)
+    def addresses(self) -> tuple[str, ...]:
+        return tuple(a for a in (self.address, self.address6) if a is not None)
+
+    def addr(self, v6: bool) -> str:
+        """The backend's address in the family of a connection (the config guarantees it has one)."""
+        a = self.address6 if v6 else self.address
+        if a is None:
+            raise LookupError(f"backend {self.name} has no IPv{6 if v6 else 4} address")
+        return a
+
+    def endpoint(self, v6: bool) -> Endpoint:
+        return Endpoint(self.name, self.addr(v6), self.port)
 
 
 @dataclass
 class ServiceRuntime:
     name: str
-    vip: str
+    vip: str | None    # IPv4 front
     port: int
-    vip_raw: bytes
     backends: dict[str, BackendRuntime]
     active: str
     failover: FailoverConfig
+    vip6: str | None = None  # IPv6 front
+
+    @property
+    def vips(self) -> tuple[str, ...]:
+        return tuple(a for a in (self.vip, self.vip6) if a is not None)
+
+    def front(self, v6: bool) -> str:
+        """The service address in the family of a connection."""
+        a = self.vip6 if v6 else self.vip
+        if a is None:
+            raise LookupError(f"service {self.name} has no IPv{6 if v6 else 4} vip")
+        return a
+
+    def front_raw(self, v6: bool) -> bytes:
+        return pack(self.front(v6))
 
     @property
     def active_backend(self) -> BackendRuntime:

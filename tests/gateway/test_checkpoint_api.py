@@ -53,7 +53,7 @@ def test_export_then_import_on_another_gateway() -> None:
     src = gateway_with_a_connection()
     a = TestClient(create_app(src))
     doc = a.get("/api/v1/connections/1/checkpoint", headers=AUTH).json()
-    assert doc["format"] and doc["version"] == 1 and doc["signature"].startswith("hmac-sha256:")
+    assert doc["format"] and doc["version"] == 2 and doc["signature"].startswith("hmac-sha256:")
     assert doc["connection"]["client"]["isn"] == 1000
 
     dst = Gateway(parse(cfg()))

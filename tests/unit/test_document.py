@@ -21,12 +21,14 @@ from checkpoint.state import digest_state, log_state, record_state
 from checkpoint.streamlog import ByteLog, SampledDigest, StreamDigest
 from checkpoint.tracker import observe
 
-from ._helpers import VIP, VPORT, cseg, handshake, make_record, sseg
+from ._helpers import CLIENT_IP, CLIENT_PORT, VIP, VPORT, cseg, handshake, make_record, sseg
 
 KEY = b"k" * 32
+CLIENT6, VIP6 = "2001:db8:2::10", "2001:db8:113::1"
 SERVICES = (
-    ServiceConfig(name="web", vip=VIP, port=VPORT,
-                  backends=(BackendConfig("b1", "10.0.0.2", 8080), BackendConfig("b2", "10.0.0.3", 8080))),
+    ServiceConfig(name="web", vip=VIP, vip6=VIP6, port=VPORT,
+                  backends=(BackendConfig("b1", "10.0.0.2", 8080, address6="2001:db8:100::2"),
+                            BackendConfig("b2", "10.0.0.3", 8080, address6="2001:db8:100::3"))),
     ServiceConfig(name="other", vip="198.51.100.2", port=443, backends=(BackendConfig("x", "10.0.0.9", 443),)),
 )
 CISN, SISN = 2**32 - 10, 2**32 - 3  # both streams wrap past 0 within the first bytes
@@ -34,10 +36,12 @@ REQUEST = b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n"
 RESPONSE = bytes(range(256)) * 300  # 76800 bytes: one full digest chunk and a partial one
 
 
-def connection(sampled: bool = False, fin: bool = False):
+def connection(sampled: bool = False, fin: bool = False, v6: bool = False):
     """A connection as the data plane keeps it: handshake, a request logged and committed,
     a response hashed, every segment observed by the tracker."""
-    rec = make_record(now=10.0)
+    rec = make_record(now=10.0, key=(CLIENT6, 40000, VIP6, VPORT) if v6 else (CLIENT_IP, CLIENT_PORT, VIP, VPORT))
+    if v6:
+        rec.backend_ip = "2001:db8:100::2"
     handshake(rec, CISN, SISN, now=10.0)
     rec.log = ByteLog(1 << 20)
     rec.digest = SampledDigest(("http-date",)) if sampled else StreamDigest(("http-date",))
@@ -103,7 +107,7 @@ def test_export_import_round_trip(sampled, fin, form):
     assert rec.protected and rec.state.value in ("ESTABLISHED", "FIN_WAIT", "CLOSE_WAIT")
     doc = export_document(rec, KEY, now_wall=1000.5, checkpoint_time=999.0)
     assert [k for k in doc] == list(TOP_KEYS)
-    assert doc["format"] == "tcp-failover-checkpoint" and doc["version"] == 1
+    assert doc["format"] == "tcp-failover-checkpoint" and doc["version"] == 2 and doc["family"] == "ipv4"
     assert doc["exported_at"] == 1000.5 and doc["checkpoint_time"] == 999.0
     assert base64.b64decode(doc["log"]["data_b64"]) == REQUEST
     raw = {"dict": doc, "str": json.dumps(doc), "bytes": json.dumps(doc, indent=2).encode()}[form]
@@ -201,7 +205,8 @@ def test_document_size_limit():
 @pytest.mark.parametrize("mutate, field", [
     (lambda d: d.__setitem__("format", "tcpcp"), "format"),
     (lambda d: d.__delitem__("format"), "format"),
-    (lambda d: d.__setitem__("version", 2), "version"),
+    (lambda d: d.__setitem__("version", 3), "version"),
+    (lambda d: d.__setitem__("version", 0), "version"),
     (lambda d: d.__setitem__("version", True), "version"),
     (lambda d: d.__setitem__("version", "1"), "version"),
 ])
@@ -209,6 +214,58 @@ def test_format_and_version(mutate, field):
     doc = document()
     mutate(doc)
     assert refused(resign(doc)).field == field
+
+
+# ----- families and versions -------------------------------------------------------------
+
+@pytest.mark.parametrize("fin", [False, True])
+def test_ipv6_round_trip(fin):
+    rec = connection(fin=fin, v6=True)
+    doc = export_document(rec, KEY, now_wall=1000.5, checkpoint_time=999.0)
+    assert doc["version"] == 2 and doc["family"] == "ipv6"
+    imp = import_document(json.dumps(doc), KEY, SERVICES, ImportLimits())
+    same_as_original(imp, rec)
+    assert (imp.rec.client_ip, imp.rec.vip, imp.rec.backend_ip) == (CLIENT6, VIP6, "2001:db8:100::2")
+
+
+def as_version_1(doc):
+    """The document as a version-1 appliance (before IPv6) wrote it: no family."""
+    doc = copy.deepcopy(doc)
+    doc["version"] = 1
+    del doc["family"]
+    return resign(doc)
+
+
+def test_version_1_document_still_imports_as_ipv4():
+    rec = connection()
+    doc = as_version_1(export_document(rec, KEY, now_wall=1000.5, checkpoint_time=999.0))
+    assert "family" not in doc
+    same_as_original(import_document(doc, KEY, SERVICES, ImportLimits()), rec)
+
+
+def test_version_1_document_is_ipv4_only():
+    doc = as_version_1(export_document(connection(v6=True), KEY, now_wall=1000.5, checkpoint_time=999.0))
+    e = refused(doc)
+    assert e.field == "connection.client_ip" and "version-1" in e.message
+
+
+@pytest.mark.parametrize("mutate, field", [
+    (lambda d: d.__setitem__("family", "ipv5"), "family"),
+    (lambda d: d.__delitem__("family"), "family"),
+    (lambda d: d.__setitem__("family", "ipv4"), "connection.client_ip"),   # says IPv4, holds IPv6
+    (lambda d: d["connection"].__setitem__("backend_ip", "10.0.0.2"), "connection.backend_ip"),  # mixed families
+    (lambda d: d["connection"].__setitem__("client_ip", "2001:DB8:2::10"), "connection.client_ip"),  # not canonical
+])
+def test_family_checked(mutate, field):
+    doc = export_document(connection(v6=True), KEY, now_wall=1000.5, checkpoint_time=999.0)
+    mutate(doc)
+    assert refused(resign(doc)).field == field
+
+
+def test_version_1_has_no_family_key():
+    doc = as_version_1(document())
+    doc["family"] = "ipv4"
+    assert refused(resign(doc)).field == "family"
 
 
 # ----- tcpcp section 7: sanity checks on authentic documents ------------------------------

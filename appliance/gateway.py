@@ -519,7 +519,8 @@ class Gateway:
 
     # --- health -----------------------------------------------------------------------
     def health_targets(self) -> list[Target]:
-        return [Target(service=s.name, backend=b.name, address=b.addresses[0], port=b.port, config=sc.health)
+        return [Target(service=s.name, backend=b.name, address=b.addresses[0], port=b.port, config=sc.health,
+                       also=b.addresses[1:])
                 for sc in self.config.services for s in [self.dataplane.services[sc.name]]
                 for b in s.backends.values()]
 

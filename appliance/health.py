@@ -199,8 +199,9 @@ async def probe_http(address: str, port: int, path: str, timeout: float,
     async def exchange() -> bytes:
         nonlocal writer
         reader, writer = await asyncio.open_connection(address, port)
+        host = f"[{address}]" if ":" in address else address  # RFC 7230: an IPv6 literal in brackets
         writer.write(
-            f"GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n"
+            f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n"
             f"User-Agent: appliance-health\r\n\r\n".encode("latin-1")
         )
         await writer.drain()
@@ -231,6 +232,9 @@ class Target:
     address: str
     port: int
     config: HealthConfig
+    # a dual-stack backend's other address: each probe checks both (concurrently), and the
+    # backend counts as up only when both answer (its IPv4 and IPv6 clients are both served)
+    also: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:
@@ -307,15 +311,24 @@ class HealthChecker:
                 next_start, delay = loop.time(), 0.0
             await asyncio.sleep(delay)
 
+    @staticmethod
+    async def _probe_one(address: str, port: int, cfg: HealthConfig) -> tuple[bool, float | None, str]:
+        if cfg.check == "http":
+            return await probe_http(address, port, cfg.path, cfg.probe_timeout, cfg.expect)
+        return await probe_tcp(address, port, cfg.probe_timeout)
+
     async def _probe(self, target: Target) -> bool:
         cfg = target.config
         started = time.time()
         try:
-            if cfg.check == "http":
-                ok, latency, detail = await probe_http(target.address, target.port, cfg.path,
-                                                       cfg.probe_timeout, cfg.expect)
-            else:
-                ok, latency, detail = await probe_tcp(target.address, target.port, cfg.probe_timeout)
+            addrs = (target.address, *target.also)
+            results = await asyncio.gather(*(self._probe_one(a, target.port, cfg) for a in addrs))
+            ok, latency, detail = results[0]
+            if target.also:
+                failed = [f"{a}: {r[2]}" for a, r in zip(addrs, results) if not r[0]]
+                ok = not failed
+                latency = max((r[1] for r in results if r[1] is not None), default=None) if ok else None
+                detail = "; ".join(failed) if failed else detail
         except Exception as exc:            # a probe bug must not stop the checks
             log.exception("health probe of %s failed", target.key)
             ok, latency, detail = False, None, f"probe error: {exc}"

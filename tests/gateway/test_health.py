@@ -301,3 +301,29 @@ def test_down_from_unknown_needs_fall_failures_too() -> None:
     h2 = BackendHealth(rise=2, fall=3)
     h2.record(False, None, 1.0, "timeout")
     assert h2.record(True, 0.001, 1.1, "connected") == ("unknown", "up")
+
+
+def test_a_dual_stack_backend_is_up_only_while_both_its_addresses_answer() -> None:
+    """Its IPv4 and IPv6 clients are both served by it: one family's listener gone is a backend down,
+    and the detail names the address that failed."""
+    v6 = socket.socket(socket.AF_INET6)
+    v6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    v6.bind(("::1", 0))
+    v6.listen(64)
+    port = v6.getsockname()[1]
+    v4 = socket.socket()
+    v4.bind(("127.0.0.1", port))
+    v4.listen(64)
+    cfg = HealthConfig(interval=0.05, rise=1, fall=1)
+    target = Target("web", "primary", "127.0.0.1", port, cfg, also=("::1",))
+    changes: list[tuple[str, str, str]] = []
+
+    async def main() -> None:
+        checker = HealthChecker([target], lambda t, old, new, detail: changes.append((old, new, detail)))
+        assert await checker.probe_now("web", "primary") is True
+        v6.close()
+        assert await checker.probe_now("web", "primary") is False
+        assert changes[-1] == ("up", "down", "::1: refused")
+        v4.close()
+
+    asyncio.run(main())

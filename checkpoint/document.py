@@ -65,7 +65,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, NoReturn, Protocol, Sequence
 
-from .addr import family
+from .addr import family, with_port
 from .ici import ConnectionRecord, HalfConnection, TcpState
 from .seqnum import seq_add, seq_diff
 from .state import StateError, digest_from_state, digest_state, log_from_state, log_state, record_from_state, record_state
@@ -354,9 +354,9 @@ def _sanity(rec: ConnectionRecord, log: ByteLog, digest: StreamDigest | SampledD
         _fail("connection.client_ip", f"{rec.client_ip!r} is not in canonical form ({canon!r})")
     svc = next((s for s in services if rec.vip in s.vips and s.port == rec.vport), None)
     if svc is None:
-        _fail("connection.vip", f"{rec.vip}:{rec.vport} is not a configured service")
+        _fail("connection.vip", f"{with_port(rec.vip, rec.vport)} is not a configured service")
     if rec.service != svc.name:
-        _fail("connection.service", f"{rec.vip}:{rec.vport} is service {svc.name!r}, not {rec.service!r}")
+        _fail("connection.service", f"{with_port(rec.vip, rec.vport)} is service {svc.name!r}, not {rec.service!r}")
     be = next((b for b in svc.backends if b.name == rec.backend), None)
     if be is None:
         _fail("connection.backend", f"{rec.backend!r} is not a backend of service {svc.name!r}")

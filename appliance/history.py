@@ -34,11 +34,12 @@ API shows every connection once: the history's entry once it is closed, else the
 from __future__ import annotations
 
 import json
-import socket
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
+
+from checkpoint.addr import pack, with_port
 
 from . import packetring
 from .events import FAILOVER_LISTS, names_connection
@@ -200,7 +201,7 @@ def backends_of(gw: Any, rec: Any, doc: dict[str, Any], events: list[dict[str, A
     svc = gw.dataplane.services.get(rec.service)
     if svc is not None and last not in svc.backends:
         last = next((b.name for b in svc.backends.values()
-                     if f"{b.address}:{b.port}" == doc.get("backend_address")), None)
+                     if doc.get("backend_address") in [with_port(a, b.port) for a in b.addresses]), None)
     add(last)
     return path
 
@@ -317,4 +318,5 @@ def connections_page(gw: Any, q: str | None = None, state: str | None = None, se
 
 
 def client_key(rec: Any) -> tuple[bytes, int]:
-    return socket.inet_aton(rec.client_ip), rec.client_port
+    """(client address as 4 or 16 bytes, client port): the packet ring's key."""
+    return pack(rec.client_ip), rec.client_port

@@ -10,17 +10,60 @@ serves the connection whichever backend it is on, before and after a move.
 
 The daemon calls :meth:`PacketRing.record` with each queued packet before the
 data plane handles (and rewrites) it; :meth:`pcap` writes a connection's
-packets as a pcap file (LINKTYPE_RAW: IPv4 packets without a link header).
+packets as a pcap file (LINKTYPE_RAW: IP packets without a link header, the
+family read from each packet's version nibble, so one file carries IPv4 and
+IPv6 packets and tcpdump, Wireshark and scapy decode both).  Keys hold the
+address's bytes: 4 for IPv4, 16 for IPv6.
 """
 
 from __future__ import annotations
 
-import socket
 import struct
 from collections import OrderedDict, deque
+from collections.abc import Iterator
 from typing import Any
 
-LINKTYPE_RAW = 101
+from checkpoint.addr import pack
+from nfq.packet import MalformedPacket, ipv6_tcp_offset
+
+from .pcap import LINKTYPE_RAW, tcp_fields
+
+
+def _addresses(obj: Any, *names: str) -> Iterator[bytes]:
+    """The bytes of each address attribute ``obj`` has and sets (``vip``, ``vip6``...)."""
+    for name in names:
+        a = getattr(obj, name, None)
+        if isinstance(a, str) and a:
+            yield pack(a)
+
+
+def addresses_ports(buf: bytes | bytearray) -> tuple[bytes, bytes, int, int] | None:
+    """(source, destination, source port, destination port) of an IPv4 or IPv6 TCP packet
+    (addresses as 4 or 16 bytes), or None: not TCP, or its ports not captured."""
+    n = len(buf)
+    if n < 40:
+        return None
+    version = buf[0] >> 4
+    if version == 4:
+        if buf[9] != 6:
+            return None
+        off = (buf[0] & 15) * 4
+        src, dst = bytes(buf[12:16]), bytes(buf[16:20])
+    elif version == 6:
+        if buf[6] == 6:
+            off = 40
+        else:
+            try:
+                off = ipv6_tcp_offset(buf, n, 40 + struct.unpack_from("!H", buf, 4)[0])
+            except MalformedPacket:
+                return None
+        src, dst = bytes(buf[8:24]), bytes(buf[24:40])
+    else:
+        return None
+    if n < off + 4:
+        return None
+    sport, dport = struct.unpack_from("!HH", buf, off)
+    return src, dst, sport, dport
 
 
 class PacketRing:
@@ -33,22 +76,22 @@ class PacketRing:
         self._fronts: set[tuple[bytes, int]] = set()
         self._backs: set[tuple[bytes, int]] = set()
         for s in gw.dataplane.services.values():
-            self._fronts.add((s.vip_raw, s.port))
+            for raw in _addresses(s, "vip", "vip6"):
+                self._fronts.add((raw, s.port))
             for b in s.backends.values():
-                self._backs.add((b.raw, b.port))
+                for raw in _addresses(b, "address", "address6"):
+                    self._backs.add((raw, b.port))
         self.recorded = 0
 
     def record(self, buf: bytes | bytearray, now: float) -> None:
-        if len(buf) < 40 or buf[9] != 6:
+        f = addresses_ports(buf)
+        if f is None:
             return
-        ihl = (buf[0] & 15) * 4
-        if len(buf) < ihl + 4:
-            return
-        sport, dport = struct.unpack_from("!HH", buf, ihl)
-        if (bytes(buf[16:20]), dport) in self._fronts:
-            key = (bytes(buf[12:16]), sport)
-        elif (bytes(buf[12:16]), sport) in self._backs:
-            key = (bytes(buf[16:20]), dport)
+        src, dst, sport, dport = f
+        if (dst, dport) in self._fronts:
+            key = (src, sport)
+        elif (src, sport) in self._backs:
+            key = (dst, dport)
         else:
             return
         ring = self._flows.get(key)
@@ -67,7 +110,7 @@ class PacketRing:
 
     def packets_of(self, rec: Any) -> list[tuple[float, int, bytes]]:
         """The record's packets (its flow's, from its creation on: not an earlier incarnation's)."""
-        ring = self._flows.get((socket.inet_aton(rec.client_ip), rec.client_port))
+        ring = self._flows.get((pack(rec.client_ip), rec.client_port))
         if not ring:
             return []
         since = rec.created
@@ -82,11 +125,11 @@ class PacketRing:
 
     def first_fin(self, rec: Any) -> str | None:
         """Who sent the first FIN among the record's packets here: "client", "server" or None."""
-        client = socket.inet_aton(rec.client_ip)
+        client = pack(rec.client_ip)
         for _, _, data in self.packets_of(rec):
-            ihl = (data[0] & 15) * 4
-            if len(data) > ihl + 13 and data[ihl + 13] & 0x01:
-                return "client" if data[12:16] == client else "server"
+            f = tcp_fields(data)
+            if f is not None and f[6] & 0x01:
+                return "client" if f[0] == client else "server"
         return None
 
     def _pcap(self, packets: list[tuple[float, int, bytes]]) -> bytes:

@@ -1,5 +1,8 @@
-"""Build IPv4/TCP packets for the gateway to send (SYNs, ACKs, replayed data,
-RSTs): ``struct`` for the headers, a vectorised Internet checksum.
+"""Build IPv4/TCP and IPv6/TCP packets for the gateway to send (SYNs, ACKs,
+replayed data, RSTs): ``struct`` for the headers, a vectorised Internet
+checksum.  The family is the addresses' (``":"`` in an IPv6 one); an IPv6
+packet has no extension header, flow label 0, traffic class 0, hop limit
+``ttl``, and its TCP checksum covers the IPv6 pseudo-header (RFC 8200 8.1).
 
 Options are laid out the way Linux lays them out, so the backends see
 ordinary segments: on a SYN ``MSS, SACK-permitted, TS, NOP, WScale`` (the
@@ -55,10 +58,23 @@ def tcp_options(*, mss: int | None = None, wscale: int | None = None, sack_permi
 
 def tcp_packet(src: str, dst: str, sport: int, dport: int, seq: int, ack: int, flags: int, window: int,
                options: bytes = b"", payload: bytes = b"", ttl: int = 64, ident: int = 0) -> bytes:
-    s, d = socket.inet_aton(src), socket.inet_aton(dst)
+    """One TCP segment with its IP header: IPv4 (DF set, id ``ident``) or, for IPv6 addresses,
+    IPv6 (hop limit ``ttl``; ``ident`` unused).  Both addresses must be of one family."""
+    v6 = ":" in src
+    if v6 != (":" in dst):
+        raise ValueError(f"addresses of two families: {src} and {dst}")
+    if v6:
+        s, d = socket.inet_pton(socket.AF_INET6, src), socket.inet_pton(socket.AF_INET6, dst)
+    else:
+        s, d = socket.inet_aton(src), socket.inet_aton(dst)
     thl = 20 + len(options)
     tcp = struct.pack("!HHIIBBHHH", sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, (thl // 4) << 4,
                       flags, min(window, 0xFFFF), 0, 0) + options + payload
+    if v6:
+        pseudo = s + d + struct.pack("!IBBBB", len(tcp), 0, 0, 0, 6)
+        csum = inet_checksum(pseudo + tcp)
+        tcp = tcp[:16] + struct.pack("!H", csum) + tcp[18:]
+        return struct.pack("!IHBB16s16s", 0x60000000, len(tcp), 6, ttl, s, d) + tcp
     pseudo = s + d + struct.pack("!BBH", 0, 6, len(tcp))
     csum = inet_checksum(pseudo + tcp)
     tcp = tcp[:16] + struct.pack("!H", csum) + tcp[18:]

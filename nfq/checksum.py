@@ -7,6 +7,10 @@ integer operations whatever the packet's size.
 
 from __future__ import annotations
 
+import struct
+
+_WORDS8 = struct.Struct("!8H")
+
 
 def _fold(s: int) -> int:
     while s >> 16:
@@ -32,6 +36,14 @@ def update32(csum: int, old: int, new: int) -> int:
     return ~_fold(s) & 0xFFFF
 
 
+def update_words(csum: int, old: bytes, new: bytes) -> int:
+    """Checksum after an even-length field (an IPv6 address: eight words) changed from ``old``
+    to ``new`` (same length): eqn. 3 with one ``~m + m'`` per word (``~m`` is ``0xFFFF - m``)."""
+    words = _WORDS8 if len(old) == 16 else struct.Struct(f"!{len(old) // 2}H")
+    s = (~csum & 0xFFFF) + 0xFFFF * (len(old) // 2) - sum(words.unpack(old)) + sum(words.unpack(new))
+    return ~_fold(s) & 0xFFFF
+
+
 def checksum(data: bytes | bytearray | memoryview) -> int:
     """Full Internet checksum of ``data`` (odd length padded with a zero byte)."""
     b = bytes(data)
@@ -42,6 +54,11 @@ def checksum(data: bytes | bytearray | memoryview) -> int:
 
 
 def tcp_checksum(src: bytes, dst: bytes, tcp: bytes | bytearray | memoryview) -> int:
-    """TCP checksum over the IPv4 pseudo-header and ``tcp`` (checksum field as found)."""
-    pseudo = src + dst + bytes((0, 6)) + len(tcp).to_bytes(2, "big")
+    """TCP checksum over the pseudo-header and ``tcp`` (checksum field as found): the IPv4 one
+    (RFC 793) for 4-byte addresses, the IPv6 one (RFC 8200 section 8.1: 32-bit length, three zero
+    bytes, next header) for 16-byte ones."""
+    if len(src) == 16:
+        pseudo = src + dst + len(tcp).to_bytes(4, "big") + bytes((0, 0, 0, 6))
+    else:
+        pseudo = src + dst + bytes((0, 6)) + len(tcp).to_bytes(2, "big")
     return checksum(pseudo + bytes(tcp))

@@ -1,29 +1,52 @@
-"""A view of one IPv4/TCP packet that parses and rewrites headers in place.
+"""A view of one IPv4/TCP or IPv6/TCP packet that parses and rewrites headers in place.
 
 ``PacketView(buf)`` checks the headers once (raising :class:`MalformedPacket`
-with the reason, which the data plane counts) and then reads fields straight
-out of the ``bytearray`` with ``struct``.  Setters change the bytes in place
-and fix the IPv4 and TCP checksums incrementally (RFC 1624), so a rewrite
-costs the same for a 40-byte ACK and a 1500-byte segment.
+with the reason, which the data plane counts; never another exception,
+whatever the bytes) and then reads fields straight out of the ``bytearray``
+with ``struct``.  Setters change the bytes in place and fix the IPv4 and TCP
+checksums incrementally (RFC 1624), so a rewrite costs the same for a 40-byte
+ACK and a 1500-byte segment.
+
+Both families, one view.  The version nibble picks the parser; an IPv6 packet
+gets an instance of the subclass :class:`PacketView6` (``version == 6``),
+which only differs in where the addresses are (16 bytes each at 8 and 24)
+and in having no header checksum (the TCP checksum covers the 16-byte
+addresses through its pseudo-header).  Everything after the network header
+is found through ``ihl``, the network header's length: the IPv4 header with
+its options, or the IPv6 header with its extension headers.  ``total_len``
+is the whole datagram (IPv6: 40 + payload length).  The IPv4 path is the
+hot one and costs nothing more for IPv6 existing.
+
+IPv6 extension headers, by rule (RFC 8200 section 4): hop-by-hop options
+(first only), destination options (at most twice) and a routing header (at
+most once, with no segments left: with segments left the IPv6 destination is
+a waypoint, not the connection's endpoint, and the TCP checksum covers the
+final one) are walked by their length field; a fragment header is refused as
+an IPv4 fragment is; ESP, AH, no-next-header, the other extension headers
+and any other upper layer are refused by name; a header running past the
+captured bytes or the payload length is refused, never guessed at.
+Jumbograms (payload length 0) are refused.
 
 The view satisfies ``checkpoint.segment.SegmentLike``: the tracker consumes
 it directly, without a copy.
 
-A header-only copy (the queue copied fewer bytes than the IPv4 total length,
+A header-only copy (the queue copied fewer bytes than the datagram's length,
 as for the observed return path) is accepted with ``allow_truncated=True``:
 every header field reads normally, ``payload_len`` comes from the IPv4 total
-length, and any rewrite raises, since setting a truncated payload would
-truncate the real packet.
+length (the IPv6 payload length), and any rewrite raises, since setting a
+truncated payload would truncate the real packet.  The network and TCP
+headers (options included) must be captured whole.
 """
 
 from __future__ import annotations
 
 import socket
 import struct
+from typing import ClassVar
 
 from checkpoint.segment import TcpOptions
 
-from .checksum import update16, update32
+from .checksum import update16, update32, update_words
 
 _H = struct.Struct("!H")
 _I = struct.Struct("!I")
@@ -32,21 +55,87 @@ _TS_FAST = b"\x01\x01\x08\x0a"  # NOP NOP TS(len 10): how Linux lays timestamps 
 
 IPPROTO_TCP = 6
 
+# IPv6 next-header values (IANA "IPv6 Extension Header Types", RFC 8200 section 4)
+_HOPOPTS, _ROUTING, _FRAGMENT, _ESP, _AH, _NONXT, _DSTOPTS = 0, 43, 44, 50, 51, 59, 60
+_V6_REFUSED = {
+    _FRAGMENT: "IPv6 fragment",
+    _ESP: "IPv6 ESP (encrypted payload)",
+    _AH: "IPv6 AH (authenticated payload, cannot be rewritten)",
+    _NONXT: "IPv6 no next header",
+}
+_V6_OTHER_EXT = frozenset((135, 139, 140, 253, 254))  # mobility, HIP, shim6, experimental
+
 
 class MalformedPacket(ValueError):
-    """The bytes are not a complete IPv4/TCP packet this view can handle."""
+    """The bytes are not a complete IPv4/TCP or IPv6/TCP packet this view can handle."""
+
+
+def _too_short(buf: bytearray | bytes, n: int) -> str:
+    fam = "IPv6" if n and buf[0] >> 4 == 6 else "IPv4"
+    return f"too short for {fam}+TCP ({n} bytes)"
+
+
+def ipv6_tcp_offset(buf: bytearray | bytes, n: int, total: int) -> int:
+    """Offset of the TCP header in an IPv6 packet: after the 40-byte header and the extension
+    headers walked by rule (module docstring).  ``n``: bytes captured, ``total``: 40 + payload
+    length.  Raises :class:`MalformedPacket` for anything else."""
+    nh = buf[6]
+    off = 40
+    dstopts = 0
+    routing = False
+    while nh != IPPROTO_TCP:
+        if nh == _HOPOPTS or nh == _DSTOPTS or nh == _ROUTING:
+            if nh == _HOPOPTS and off != 40:
+                raise MalformedPacket("IPv6 hop-by-hop options not first")
+            if nh == _DSTOPTS:
+                dstopts += 1
+                if dstopts > 2:
+                    raise MalformedPacket("IPv6 destination options repeated (more than twice)")
+            elif nh == _ROUTING:
+                if routing:
+                    raise MalformedPacket("IPv6 routing header repeated")
+                routing = True
+            if off + 8 > total:
+                raise MalformedPacket(f"IPv6 extension header past the payload length (next header {nh} "
+                                      f"at {off}, datagram ends at {total})")
+            if off + 8 > n:
+                raise MalformedPacket(f"truncated: IPv6 extension header not captured (next header {nh})")
+            hlen = (buf[off + 1] + 1) * 8
+            if off + hlen > total:
+                raise MalformedPacket(f"IPv6 extension header longer than the payload (next header {nh}, "
+                                      f"{hlen} bytes at {off}, datagram ends at {total})")
+            if off + hlen > n:
+                raise MalformedPacket(f"truncated: IPv6 extension header not captured (next header {nh})")
+            if nh == _ROUTING and buf[off + 3]:
+                raise MalformedPacket(f"IPv6 routing header with segments left ({buf[off + 3]}): "
+                                      "the destination is not the endpoint")
+            nh = buf[off]
+            off += hlen
+        elif nh in _V6_REFUSED:
+            raise MalformedPacket(_V6_REFUSED[nh])
+        elif nh in _V6_OTHER_EXT:
+            raise MalformedPacket(f"IPv6 extension header not supported (next header {nh})")
+        else:
+            raise MalformedPacket(f"not TCP (next header {nh})")
+    return off
 
 
 class PacketView:
+    """An IPv4/TCP packet's view; ``PacketView(buf)`` of an IPv6 packet is a :class:`PacketView6`."""
+
     __slots__ = ("buf", "ihl", "thl", "total_len", "truncated", "_opts")
+    version: ClassVar[int] = 4
 
     def __init__(self, buf: bytearray, allow_truncated: bool = False) -> None:
         n = len(buf)
         if n < 40:
-            raise MalformedPacket(f"too short for IPv4+TCP ({n} bytes)")
+            raise MalformedPacket(_too_short(buf, n))
         b0 = buf[0]
         if b0 >> 4 != 4:
-            raise MalformedPacket(f"not IPv4 (version {b0 >> 4})")
+            if b0 >> 4 == 6:
+                self._init6(buf, n, allow_truncated)
+                return
+            raise MalformedPacket(f"not IPv4 or IPv6 (version {b0 >> 4})")
         ihl = (b0 & 0x0F) * 4
         if ihl < 20:
             raise MalformedPacket(f"bad IPv4 header length {ihl}")
@@ -73,6 +162,35 @@ class PacketView:
         self.total_len = total
         self.truncated = truncated
         self._opts: TcpOptions | None = None
+
+    def _init6(self, buf: bytearray, n: int, allow_truncated: bool) -> None:
+        plen: int = _H.unpack_from(buf, 4)[0]
+        if plen == 0:
+            if buf[6] == _HOPOPTS:
+                raise MalformedPacket("IPv6 jumbogram (payload length 0)")
+            raise MalformedPacket("IPv6 payload length 0 too small")
+        total = 40 + plen
+        truncated = total > n
+        if truncated and not allow_truncated:
+            raise MalformedPacket(f"truncated: IPv6 datagram length {total} (40 + payload length {plen}) "
+                                  f"> {n} bytes captured")
+        ihl = ipv6_tcp_offset(buf, n, total)
+        if total < ihl + 20:
+            raise MalformedPacket(f"IPv6 payload length {plen} too small")
+        if ihl + 20 > n:
+            raise MalformedPacket("truncated: TCP header not captured")
+        thl = (buf[ihl + 12] >> 4) * 4
+        if thl < 20 or ihl + thl > total:
+            raise MalformedPacket(f"bad TCP data offset {thl}")
+        if ihl + thl > n:
+            raise MalformedPacket("truncated: TCP options not captured")
+        self.buf = buf
+        self.ihl = ihl
+        self.thl = thl
+        self.total_len = total
+        self.truncated = truncated
+        self._opts = None
+        self.__class__ = PacketView6
 
     # ----- IPv4 -------------------------------------------------------------
     @property
@@ -102,7 +220,10 @@ class PacketView:
             raise MalformedPacket("cannot rewrite a truncated copy")
         buf = self.buf
         old = _I.unpack_from(buf, off)[0]
-        new = _I.unpack(addr)[0]
+        try:
+            new = _I.unpack(addr)[0]
+        except struct.error:
+            raise ValueError(f"an IPv4 packet takes a 4-byte address, not {len(addr)} bytes") from None
         if old == new:
             return
         buf[off:off + 4] = addr
@@ -273,10 +394,55 @@ class PacketView:
         self._opts = None
 
     def __repr__(self) -> str:
+        src, dst = (self.src, self.dst) if self.version == 4 else (f"[{self.src}]", f"[{self.dst}]")
         return (
-            f"<PacketView {self.src}:{self.sport} > {self.dst}:{self.dport} "
+            f"<{type(self).__name__} {src}:{self.sport} > {dst}:{self.dport} "
             f"flags={self.flags:#04x} seq={self.seq} ack={self.ack} len={self.payload_len}>"
         )
+
+
+class PacketView6(PacketView):
+    """An IPv6/TCP packet's view (made by ``PacketView(buf)``): addresses of 16 bytes at 8 and
+    24, no header checksum; ``ihl`` covers the extension headers walked."""
+
+    __slots__ = ()
+    version: ClassVar[int] = 6
+
+    @property
+    def src(self) -> str:
+        return socket.inet_ntop(socket.AF_INET6, self.buf[8:24])
+
+    @property
+    def dst(self) -> str:
+        return socket.inet_ntop(socket.AF_INET6, self.buf[24:40])
+
+    @property
+    def src_raw(self) -> bytes:
+        return bytes(self.buf[8:24])
+
+    @property
+    def dst_raw(self) -> bytes:
+        return bytes(self.buf[24:40])
+
+    def set_src(self, addr: bytes) -> None:
+        self._set_addr(8, addr)
+
+    def set_dst(self, addr: bytes) -> None:
+        self._set_addr(24, addr)
+
+    def _set_addr(self, off: int, addr: bytes) -> None:
+        if self.truncated:
+            raise MalformedPacket("cannot rewrite a truncated copy")
+        if len(addr) != 16:
+            raise ValueError(f"an IPv6 packet takes a 16-byte address, not {len(addr)} bytes")
+        buf = self.buf
+        old = bytes(buf[off:off + 16])
+        if old == addr:
+            return
+        buf[off:off + 16] = addr
+        # no IPv6 header checksum; the TCP pseudo-header holds both addresses
+        coff = self.ihl + 16
+        _H.pack_into(buf, coff, update_words(_H.unpack_from(buf, coff)[0], old, addr))
 
 
 def find_option(buf: bytearray | bytes, start: int, end: int, kind: int, length: int | None) -> int:

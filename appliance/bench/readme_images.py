@@ -44,9 +44,9 @@ def _api(path: str, token: str) -> Any:
 def goodput(pcap: Path, vip: str, port: int) -> tuple[list[tuple[float, int]], list[float]]:
     """(time, new in-order bytes) of each server->client data segment the client
     received that carried new bytes; and the times of every data segment."""
-    import socket
+    from checkpoint.addr import pack
 
-    vip_raw = socket.inet_aton(vip)
+    vip_raw = pack(vip)
     top: int | None = None
     out = []
     every = []

@@ -97,6 +97,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from checkpoint.addr import pack, unpack, with_port
+
 from ..pcap import packets, tcp_fields
 
 BIN_S = 0.1
@@ -669,7 +671,7 @@ async def _paced_one(st: _Dl, addr: tuple[str, int], request: bytes, rate: int, 
     # there, reads as data arrives when it is not; never a catch-up burst after a pause
     tokens = float(chunk)
     refilled = time.monotonic()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_INET6 if ":" in addr[0] else socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
@@ -775,7 +777,7 @@ async def _paced_all(url: str, count: int, rate: int, rcvbuf: int, tick: float, 
     port = u.port or 80
     addr = (str(ipaddress.ip_address(host)) if _is_ip(host) else socket.gethostbyname(host), port)
     path = (u.path or "/") + (f"?{u.query}" if u.query else "")
-    hosthdr = host if port == 80 else f"{host}:{port}"
+    hosthdr = with_port(host, port) if port != 80 else (f"[{host}]" if ":" in host else host)
     request = (f"GET {path} HTTP/1.1\r\nHost: {hosthdr}\r\nUser-Agent: appliance-httpload\r\n"
                f"Accept: */*\r\nConnection: close\r\n\r\n").encode()
     started = time.time()
@@ -917,7 +919,7 @@ def pcap_pauses(pcap: Path | str, server_port: int | None = None, server: str | 
     SYN-ACK, or the first packet when the capture began mid-connection).
     With ``around`` (wall clock), only the gaps that overlap ``[around -
     window_s, around + window_s]`` count.  Sorted by client port."""
-    want = socket.inet_aton(server) if server else None
+    want = pack(server) if server else None
     flows: dict[tuple[bytes, int, bytes, int], _Flow] = {}
     finished: list[_Flow] = []
     for t, p in packets(pcap):
@@ -959,7 +961,7 @@ def pcap_pauses(pcap: Path | str, server_port: int | None = None, server: str | 
             if b - a > best:
                 best, gs, ge = b - a, a, b
         out.append(ConnPause(
-            client=socket.inet_ntoa(dst), client_port=dport, server=socket.inet_ntoa(src), server_port=sport,
+            client=unpack(dst), client_port=dport, server=unpack(src), server_port=sport,
             data_packets=fl.packets, new_bytes=fl.high, retransmitted=fl.retrans, first_data=fl.times[0],
             last_data=fl.times[-1], max_gap_s=best, gap_start=gs, gap_end=ge, fin=fl.fin, rst=fl.rst,
         ))

@@ -30,11 +30,19 @@ stream byte 0 in each direction (ISN + 1), when known; then
 *Sanity checks (tcpcp 7.1).*  :func:`check_ici` is a pure function of the
 document and the local limits (:class:`Limits`): it refuses, naming the
 field, anything the kernel must not be handed — a state other than
-ESTABLISHED, sequence numbers that disagree with the queue lengths, window
+ESTABLISHED or a closing state (FIN_WAIT1/2, CLOSE_WAIT, LAST_ACK, CLOSING,
+with the FINs that state implies), addresses not of the document's family
+(ipv4/ipv6), sequence numbers that disagree with the queue lengths, window
 scales above 14, an MSS outside what Linux accepts, windows that the
 peer's or our window scale cannot express or that exceed the local buffer
 limits, queues larger than the local buffers.  ``create()`` runs it before
 the first system call.
+
+*Versions.*  Version 2 adds IPv6 (``family``), the closing states
+(``fin``: ours none/unsent/sent/acked; ``peer_fin``) and
+:class:`SocketDoc` (listening and bound sockets).  A version-1 document
+reads as an IPv4 ESTABLISHED endpoint, and one that version 1 can
+express is still written as version 1.
 
 *From the wire.*  The gateway keeps the same information learnt from the
 wire (:class:`checkpoint.ici.ConnectionRecord`).  :func:`ici_from_record`
@@ -51,16 +59,30 @@ import base64
 import ipaddress
 import math
 import time
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from .seqnum import MASK, MAX_JUMP, seq_add, seq_diff
 
-ICI_VERSION = 1
+ICI_VERSION = 2          # 2: family ipv6, the closing states (fin, peer_fin); 1 still reads
+READABLE_VERSIONS = (1, 2)
 MAX_WSCALE = 14          # RFC 7323 section 2.3; the kernel answers EFBIG above
 MIN_MSS = 88             # TCP_MIN_MSS in include/net/tcp.h
 MAX_MSS = 65535 - 40     # an IPv4 datagram's payload minus the minimum TCP header
 PORT_CHOICES = ("same", "prebound", "any")   # tcpcp 2.1
+FAMILIES = ("ipv4", "ipv6")
+FIN_STATES = ("none", "unsent", "sent", "acked")
+# connected states create() can rebuild, and what each says about the two FINs:
+# state -> (our FIN values allowed, the peer's FIN received)
+CONNECTED_STATES: dict[str, tuple[tuple[str, ...], bool]] = {
+    "ESTABLISHED": (("none",), False),
+    "FIN_WAIT1": (("unsent", "sent"), False),     # we shut down, our FIN not acknowledged
+    "FIN_WAIT2": (("acked",), False),             # our FIN acknowledged, the peer still sends
+    "CLOSE_WAIT": (("none",), True),              # the peer shut down, we still send
+    "LAST_ACK": (("unsent", "sent"), True),       # both FINs, ours not acknowledged
+    "CLOSING": (("unsent", "sent"), True),        # simultaneous close, ours not acknowledged
+}
+SOCKET_KINDS = ("listen", "bound")
 
 
 class IciError(ValueError):
@@ -131,6 +153,10 @@ class Ici:
     state: str = "ESTABLISHED"
     family: str = "ipv4"
     version: int = ICI_VERSION
+    # version 2: the closing states (CRIU's sk-tcp/libsoccr approach).  The
+    # sequence numbers above count data only: a FIN is not in them.
+    fin: str = "none"               # our FIN: none, unsent (follows unsent_queue), sent, acked
+    peer_fin: bool = False          # the peer's FIN was received (it follows rcv_nxt)
 
     # --- derived ------------------------------------------------------------------
 
@@ -176,10 +202,16 @@ class Ici:
     # --- the document -------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
+        """The JSON document, in the lowest version that expresses it: an IPv4
+        ESTABLISHED endpoint is written as version 1 (no FIN fields), so an
+        agent with the version-1 library still imports it."""
         d: dict[str, Any] = {}
         for f in fields(self):
             v = getattr(self, f.name)
             d[f.name] = base64.b64encode(v).decode("ascii") if isinstance(v, bytes) else v
+        if self.family == "ipv4" and self.state == "ESTABLISHED" and self.fin == "none" and not self.peer_fin:
+            del d["fin"], d["peer_fin"]
+            d["version"] = 1
         return d
 
     @classmethod
@@ -188,9 +220,16 @@ class Ici:
         if not isinstance(d, dict):
             raise IciError("<document>", f"expected an object, got {type(d).__name__}")
         version = d.get("version", None)
-        if version != ICI_VERSION:
-            raise IciError("version", f"{version!r} is not supported (this library reads {ICI_VERSION})")
+        if version not in READABLE_VERSIONS or isinstance(version, bool):
+            raise IciError("version", f"{version!r} is not supported (this library reads "
+                                      f"{', '.join(map(str, READABLE_VERSIONS))})")
+        if "kind" in d:
+            raise IciError("kind", f"{d['kind']!r}: a socket document (listening/bound), not a connection: "
+                                   "read it with socket_doc_from_dict()")
         known = {f.name: f for f in fields(cls)}
+        if version == 1:
+            # version 1 knew IPv4 ESTABLISHED connections only and had no FIN fields
+            known = {k: v for k, v in known.items() if k not in ("fin", "peer_fin")}
         unknown = sorted(set(d) - set(known))
         if unknown:
             raise IciError(unknown[0], "unknown field")
@@ -224,12 +263,15 @@ class Ici:
                     raise IciError(name, f"expected a number, got {v!r}")
                 v = float(v)
             kwargs[name] = v
+        kwargs["version"] = ICI_VERSION     # read into the current model
+        if version == 1:
+            kwargs.setdefault("family", "ipv4")
         return cls(**kwargs)
 
 
 _BYTES_FIELDS = {"sent_queue", "unsent_queue", "recv_queue"}
-_BOOL_FIELDS = {"sack_permitted", "timestamps"}
-_STR_FIELDS = {"local_addr", "remote_addr", "state", "family"}
+_BOOL_FIELDS = {"sack_permitted", "timestamps", "peer_fin"}
+_STR_FIELDS = {"local_addr", "remote_addr", "state", "family", "fin"}
 _OPTIONAL_FIELDS = {"snd_wscale", "rcv_wscale", "ts_val", "snd_wl1", "send_base", "recv_base"}
 _INT_FIELDS = {"local_port", "remote_port", "snd_una", "snd_nxt", "rcv_nxt", "mss", "snd_wscale",
                "rcv_wscale", "ts_val", "ts_hz", "snd_wl1", "snd_wnd", "max_window", "rcv_wnd",
@@ -248,15 +290,22 @@ def _u32(ici: Ici, name: str, optional: bool = False) -> None:
         raise IciError(name, f"{v} is not a 32-bit unsigned value")
 
 
-def _ipv4(ici: Ici, name: str) -> None:
-    v = getattr(ici, name)
+def _address(obj: Any, name: str, family: str) -> None:
+    v = getattr(obj, name)
+    cls = ipaddress.IPv6Address if family == "ipv6" else ipaddress.IPv4Address
     try:
-        ipaddress.IPv4Address(v)
+        cls(v)
     except (ipaddress.AddressValueError, ValueError, TypeError):
-        raise IciError(name, f"{v!r} is not an IPv4 address") from None
+        raise IciError(name, f"{v!r} is not an {'IPv6' if family == 'ipv6' else 'IPv4'} address "
+                             f"(family {family})") from None
 
 
-def _port(ici: Ici, name: str, zero_ok: bool) -> None:
+def _family(obj: Any) -> None:
+    if obj.family not in FAMILIES:
+        raise IciError("family", f"{obj.family!r} is not one of {', '.join(FAMILIES)}")
+
+
+def _port(ici: Any, name: str, zero_ok: bool) -> None:
     v = getattr(ici, name)
     if isinstance(v, bool) or not isinstance(v, int) or not (0 if zero_ok else 1) <= v <= 65535:
         raise IciError(name, f"{v!r} is not a port number{'' if zero_ok else ' (1-65535)'}")
@@ -274,12 +323,21 @@ def check_ici(ici: Ici, limits: Limits | None = None, port_choice: str = "same",
         raise ValueError(f"port_choice: {port_choice!r} is not one of {', '.join(PORT_CHOICES)}")
     if ici.version != ICI_VERSION:
         raise IciError("version", f"{ici.version!r} is not supported (this library reads {ICI_VERSION})")
-    if ici.family != "ipv4":
-        raise IciError("family", f"{ici.family!r} is not supported (ipv4 only, like tcpcp)")
-    if ici.state != "ESTABLISHED":
-        raise IciError("state", f"{ici.state!r}: only ESTABLISHED connections can be created")
-    _ipv4(ici, "local_addr")
-    _ipv4(ici, "remote_addr")
+    _family(ici)
+    if ici.state not in CONNECTED_STATES:
+        raise IciError("state", f"{ici.state!r}: a connection is created in one of "
+                                f"{', '.join(CONNECTED_STATES)} (TIME_WAIT and the handshake states are not)")
+    fins, peer_fin = CONNECTED_STATES[ici.state]
+    if ici.fin not in fins:
+        raise IciError("fin", f"{ici.fin!r} does not go with state {ici.state} (expected {' or '.join(fins)})")
+    if ici.peer_fin is not peer_fin:
+        raise IciError("peer_fin", f"{ici.peer_fin!r} does not go with state {ici.state}")
+    if ici.fin in ("sent", "acked") and ici.unsent_queue:
+        raise IciError("unsent_queue", f"our FIN is {ici.fin} but bytes before it were never sent")
+    if ici.fin == "acked" and ici.sent_queue:
+        raise IciError("sent_queue", "our FIN is acknowledged but bytes before it are not")
+    _address(ici, "local_addr", ici.family)
+    _address(ici, "remote_addr", ici.family)
     _port(ici, "local_port", zero_ok=port_choice != "same")
     _port(ici, "remote_port", zero_ok=False)
     for name in ("snd_una", "snd_nxt", "rcv_nxt", "snd_wnd", "max_window", "rcv_wnd", "rcv_wup"):
@@ -361,6 +419,91 @@ def check_ici(ici: Ici, limits: Limits | None = None, port_choice: str = "same",
             raise IciError("snd_wl1", "is implausibly far below rcv_nxt")
 
 
+# --- listening and bound sockets (SockMi passes a socket in any state) ----------------
+
+# the options a listening or bound socket carries: name -> (level, optname); the
+# ones a listener's accepted connections inherit, and those that decide where
+# it may bind
+SOCKET_OPTIONS: dict[str, tuple[int, int]] = {
+    "SO_REUSEADDR": (1, 2), "SO_REUSEPORT": (1, 15), "SO_KEEPALIVE": (1, 9),
+    "TCP_NODELAY": (6, 1), "TCP_KEEPIDLE": (6, 4), "TCP_KEEPINTVL": (6, 5), "TCP_KEEPCNT": (6, 6),
+    "TCP_DEFER_ACCEPT": (6, 9), "TCP_USER_TIMEOUT": (6, 18), "TCP_FASTOPEN": (6, 23),
+    "IPV6_V6ONLY": (41, 26),
+}
+MAX_BACKLOG = 65535
+
+
+@dataclass(slots=True)
+class SocketDoc:
+    """A TCP socket that is not connected: ``kind`` ``listen`` (with its
+    backlog) or ``bound`` (bound, neither listening nor connected).
+
+    Nothing of a connection travels: the new host binds the same address
+    and port (``IP_FREEBIND``/``IPV6_FREEBIND``: the address may arrive
+    later) with the same options and, for a listener, listens with the same
+    backlog.  Connections the origin had completed but not accepted are not
+    in the document: :func:`checkpoint.io.tcp_repair.get_socket` hands them
+    to the caller as sockets (move each as a connection).
+    """
+
+    kind: str
+    local_addr: str
+    local_port: int
+    family: str = "ipv4"
+    backlog: int = 0
+    options: dict[str, int] = field(default_factory=dict)
+    taken_at: float = 0.0
+    version: int = ICI_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "local_addr": self.local_addr, "local_port": self.local_port,
+                "family": self.family, "backlog": self.backlog, "options": dict(self.options),
+                "taken_at": self.taken_at, "version": self.version}
+
+
+def socket_doc_from_dict(d: object) -> SocketDoc:
+    """A listening/bound socket's document back; checked by :func:`check_socket_doc`."""
+    if not isinstance(d, dict):
+        raise IciError("<document>", f"expected an object, got {type(d).__name__}")
+    if d.get("version") != ICI_VERSION:
+        raise IciError("version", f"{d.get('version')!r}: socket documents exist since version {ICI_VERSION}")
+    unknown = sorted(set(d) - {"kind", "local_addr", "local_port", "family", "backlog", "options",
+                               "taken_at", "version"})
+    if unknown:
+        raise IciError(unknown[0], "unknown field")
+    for name in ("kind", "local_addr", "local_port", "family"):
+        if name not in d:
+            raise IciError(name, "missing")
+    opts = d.get("options", {})
+    if not isinstance(opts, dict):
+        raise IciError("options", "expected an object")
+    taken = d.get("taken_at", 0.0)
+    if isinstance(taken, bool) or not isinstance(taken, (int, float)):
+        raise IciError("taken_at", f"expected a number, got {taken!r}")
+    doc = SocketDoc(kind=d["kind"], local_addr=d["local_addr"], local_port=d["local_port"], family=d["family"],
+                    backlog=d.get("backlog", 0), options=dict(opts), taken_at=float(taken))
+    check_socket_doc(doc)
+    return doc
+
+
+def check_socket_doc(doc: SocketDoc) -> None:
+    """Refuse a listening/bound socket document the kernel must not be handed."""
+    if doc.kind not in SOCKET_KINDS:
+        raise IciError("kind", f"{doc.kind!r} is not one of {', '.join(SOCKET_KINDS)}")
+    _family(doc)
+    _address(doc, "local_addr", doc.family)
+    _port(doc, "local_port", zero_ok=False)
+    if isinstance(doc.backlog, bool) or not isinstance(doc.backlog, int) or not 0 <= doc.backlog <= MAX_BACKLOG:
+        raise IciError("backlog", f"{doc.backlog!r} is outside 0..{MAX_BACKLOG}")
+    for name, v in doc.options.items():
+        if name not in SOCKET_OPTIONS:
+            raise IciError(f"options.{name}", "not an option this library carries")
+        if isinstance(v, bool) or not isinstance(v, int) or not -(1 << 31) <= v < 1 << 31:
+            raise IciError(f"options.{name}", f"{v!r} is not a C int")
+    if "IPV6_V6ONLY" in doc.options and doc.family != "ipv6":
+        raise IciError("options.IPV6_V6ONLY", "only for family ipv6")
+
+
 # --- the wire record ---------------------------------------------------------------
 
 def ici_from_record(rec: Any, *, client_bytes: bytes = b"", consumed: int = 0,
@@ -400,8 +543,10 @@ def ici_from_record(rec: Any, *, client_bytes: bytes = b"", consumed: int = 0,
     tick = s.tick_rate
     ts_hz = 1000 if tick is None else max(1, min(1_000_000, math.ceil(tick)))
     rcv_wnd = max(s.window, len(client_bytes))
+    local = local_addr or rec.vip
     return Ici(
-        local_addr=local_addr or rec.vip,
+        family="ipv6" if ":" in str(rec.client_ip) else "ipv4",
+        local_addr=local,
         local_port=rec.vport if local_port is None else local_port,
         remote_addr=rec.client_ip,
         remote_port=rec.client_port,
@@ -460,6 +605,11 @@ def record_fields_from_ici(ici: Ici) -> dict[str, dict[str, Any]]:
 
 
 __all__ = [
+    "CONNECTED_STATES",
+    "SOCKET_OPTIONS",
+    "SocketDoc",
+    "check_socket_doc",
+    "socket_doc_from_dict",
     "ICI_VERSION",
     "PORT_CHOICES",
     "Ici",

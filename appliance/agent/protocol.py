@@ -170,7 +170,26 @@ def recv_frame(sock: socket.socket, max_frame: int = MAX_FRAME,
 
 # --- a request over TCP ------------------------------------------------------------------
 
+def hostport(addr: str, port: int) -> str:
+    """``ADDR:PORT``, ``[ADDR]:PORT`` for IPv6 (RFC 3986): how the protocol writes an endpoint."""
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+
 def parse_hostport(text: str, field: str = "address", default_port: int | None = None) -> tuple[str, int]:
+    """``HOST:PORT``, ``[IPV6]:PORT`` (or ``IPV6:PORT`` with the port after the last colon)."""
+    if not isinstance(text, str):
+        raise ProtocolError(field, f"{text!r} is not HOST:PORT")
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ProtocolError(field, f"{text!r} is not [IPV6]:PORT")
+        if not rest:
+            if default_port is None:
+                raise ProtocolError(field, f"{text!r} has no port")
+            rest = f":{default_port}"
+        text = f"{host}:{rest[1:]}"
+        if not host:
+            raise ProtocolError(field, f"{text!r} is not HOST:PORT")
     host, sep, port = text.rpartition(":")
     if not sep:
         if default_port is None:

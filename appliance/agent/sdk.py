@@ -6,13 +6,17 @@ An application that wants its connections to survive a move links this
 module (stdlib only) and talks to the agent on its host over the agent's
 Unix socket (``/run/appliance-agent.sock`` by default):
 
-* :func:`export` hands the agent one of its sockets (``SCM_RIGHTS``)
+* :func:`export` hands the agent one of its sockets (``SCM_RIGHTS``): a
+  connection (ESTABLISHED or closing, IPv4 or IPv6), a listener or a bound socket,
   together with an opaque *application state* blob and where to send it.
   The agent isolates the endpoint, reads its ICI and has the destination's
   agent import it.  On success the application closes its socket (nothing
   is sent: it is in repair mode) and forgets the connection.
 
-* :func:`accept_resumed` waits for a connection imported on this host.  It
+* :func:`accept_resumed` waits for a connection imported on this host (or
+  a listening or bound socket: ``kind`` says which, ``state`` the TCP state
+  it was taken in; a connection may arrive in a closing state, e.g.
+  CLOSE_WAIT: reading gives the rest of the peer's bytes, then EOF).  It
   returns a :class:`Resumed`: the socket (already active, a normal TCP
   socket), the stream offsets — ``out_offset`` is the offset of the next
   byte the application writes, ``in_offset`` of the next byte it reads
@@ -70,6 +74,8 @@ class Resumed:
     local: str
     remote: str
     handle: str
+    kind: str = "connection"    # or "listen" (a listening socket, listening already), "bound"
+    state: str = "ESTABLISHED"  # the TCP state it was taken in (a closing state, LISTEN, BOUND)
 
 
 def _connect(path: str) -> socket.socket:
@@ -136,7 +142,8 @@ def accept_resumed(app: str = "default", *, agent: str = DEFAULT_SOCKET,
                            acked_offset=info.get("acked_offset"),
                            app_state=base64.b64decode(info.get("app_state", "")),
                            local=info.get("local", ""), remote=info.get("remote", ""),
-                           handle=info.get("handle", ""))
+                           handle=info.get("handle", ""), kind=info.get("kind", "connection"),
+                           state=info.get("state", "ESTABLISHED"))
         sock.close()                   # released: still silent, drop it and wait again
 
 
@@ -147,8 +154,8 @@ def report(sock: socket.socket, app_state: bytes = b"", *, in_offset: int | None
     state blob for the connection.  Call it whenever either changes in a way
     a resumed copy of the application must know; raises
     :class:`agent_proto.AgentError` if the agent refused."""
-    local = "%s:%d" % sock.getsockname()[:2]
-    remote = "%s:%d" % sock.getpeername()[:2]
+    local = proto.hostport(*_unmapped(sock.getsockname()))
+    remote = proto.hostport(*_unmapped(sock.getpeername()))
     body = {"local": local, "remote": remote, "in_offset": in_offset, "app": app,
             "app_state": base64.b64encode(app_state).decode()}
     with _connect(agent) as ch:
@@ -158,6 +165,15 @@ def report(sock: socket.socket, app_state: bytes = b"", *, in_offset: int | None
     reply = raw.get("body", {}) if isinstance(raw, dict) else {}
     if not reply.get("ok"):
         raise proto.AgentError(str(reply.get("error", "the agent refused the report")))
+
+
+def _unmapped(name: tuple) -> tuple[str, int]:
+    """(address, port) of a socket name; an IPv4 peer of a dual-stack socket as plain IPv4
+    (the form the agent and the gateway write)."""
+    addr = str(name[0])
+    if addr.lower().startswith("::ffff:") and "." in addr:
+        addr = addr[7:]
+    return addr, int(name[1])
 
 
 def _repair_state(sock: socket.socket) -> tuple[bool, int]:

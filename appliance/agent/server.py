@@ -82,7 +82,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from checkpoint.io import tcp_repair as repair
-from checkpoint.repair_ici import Ici, IciError
+from checkpoint.repair_ici import Ici, IciError, SocketDoc, socket_doc_from_dict
 
 from . import protocol as proto
 
@@ -110,30 +110,86 @@ def steal_fd(pid: int, fd: int) -> socket.socket:
     except OSError:
         os.close(got)
         raise
-    if s.family != socket.AF_INET or s.type != socket.SOCK_STREAM:
+    if s.family not in (socket.AF_INET, socket.AF_INET6) or s.type != socket.SOCK_STREAM:
         s.detach()
         os.close(got)
-        raise ValueError(f"pid {pid} fd {fd} is not a TCP/IPv4 socket")
+        raise ValueError(f"pid {pid} fd {fd} is not a TCP socket (IPv4 or IPv6)")
     return s
 
 
-def _hex_addr(addr: str, port: int) -> str:
-    return f"{socket.inet_aton(addr)[::-1].hex().upper()}:{port:04X}"
+# /proc/net/tcp states (include/net/tcp_states.h) the agent moves: the connected
+# ones get() takes, and listeners
+PROC_CONNECTED = {"01": "ESTABLISHED", "04": "FIN_WAIT1", "05": "FIN_WAIT2", "08": "CLOSE_WAIT",
+                  "09": "LAST_ACK", "0B": "CLOSING"}
+PROC_LISTEN = "0A"
 
 
-def find_socket(local: tuple[str, int], remote: tuple[str, int]) -> tuple[int, int]:
-    """(pid, fd) of a process holding the ESTABLISHED socket local ↔ remote (this netns)."""
-    want = (_hex_addr(*local), _hex_addr(*remote))
+def proc_addr(text: str) -> tuple[str, int]:
+    """An address of ``/proc/net/tcp`` or ``/proc/net/tcp6``: ``HEX:PORT``.
+
+    IPv4 is one 32-bit word printed in host byte order; IPv6 is four such
+    words (each word's bytes reversed on a little-endian host), so the
+    bytes are put back word by word.  An IPv4-mapped address of a
+    dual-stack socket (``::ffff:a.b.c.d``) comes back as plain IPv4."""
+    hexaddr, port = text.split(":")
+    raw = bytes.fromhex(hexaddr)
+    if len(raw) == 4:
+        words = [raw]
+    elif len(raw) == 16:
+        words = [raw[i:i + 4] for i in range(0, 16, 4)]
+    else:
+        raise ValueError(f"{text!r}: not an address of /proc/net/tcp or tcp6")
+    order = sys.byteorder
+    b = b"".join(int.from_bytes(w, "big").to_bytes(4, order) for w in words)
+    if len(b) == 4:
+        addr = socket.inet_ntop(socket.AF_INET, b)
+    elif b[:12] == b"\0" * 10 + b"\xff\xff":
+        addr = socket.inet_ntop(socket.AF_INET, b[12:])
+    else:
+        addr = socket.inet_ntop(socket.AF_INET6, b)
+    return addr, int(port, 16)
+
+
+def proc_sockets(paths: tuple[str, ...] = ("/proc/net/tcp", "/proc/net/tcp6")) -> list[tuple[tuple[str, int], tuple[str, int], str, str]]:
+    """(local, remote, state hex, inode) of every TCP socket of this netns, both families."""
+    out = []
+    for path in paths:
+        try:
+            f = open(path)
+        except FileNotFoundError:       # IPv6 disabled
+            continue
+        with f:
+            next(f)
+            for line in f:
+                parts = line.split()
+                out.append((proc_addr(parts[1]), proc_addr(parts[2]), parts[3].upper(), parts[9]))
+    return out
+
+
+def _same(a: tuple[str, int], b: tuple[str, int]) -> bool:
+    return a[1] == b[1] and socket.inet_pton(_af(a[0]), a[0]) == socket.inet_pton(_af(b[0]), b[0])
+
+
+def _af(addr: str) -> int:
+    return socket.AF_INET6 if ":" in addr else socket.AF_INET
+
+
+def find_socket(local: tuple[str, int], remote: tuple[str, int] | None) -> tuple[int, int]:
+    """(pid, fd) of a process holding the connected socket local ↔ remote
+    (ESTABLISHED or a closing state), or with ``remote`` None the listener
+    on ``local`` (this netns, IPv4 or IPv6)."""
     inode = None
-    with open("/proc/net/tcp") as f:
-        next(f)
-        for line in f:
-            parts = line.split()
-            if (parts[1], parts[2]) == want and parts[3] == "01":
-                inode = parts[9]
-                break
+    for loc, rem, state, ino in proc_sockets():
+        if not _same(loc, local):
+            continue
+        if remote is None and state == PROC_LISTEN or remote is not None and state in PROC_CONNECTED \
+                and _same(rem, remote):
+            inode = ino
+            break
     if inode is None:
-        raise LookupError(f"no ESTABLISHED socket {local[0]}:{local[1]} <-> {remote[0]}:{remote[1]} here")
+        what = f"listener on {proto.hostport(*local)}" if remote is None else \
+            f"connected socket {proto.hostport(*local)} <-> {proto.hostport(*remote)}"
+        raise LookupError(f"no {what} here")
     target = f"socket:[{inode}]"
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -165,20 +221,10 @@ def addr_key(local: str, remote: str) -> tuple[tuple[str, int], tuple[str, int]]
 
 
 def established_pairs() -> set[tuple[str, str]]:
-    """``("ip:port", "ip:port")`` (local, remote) of every ESTABLISHED IPv4 TCP socket here."""
-    out: set[tuple[str, str]] = set()
-    with open("/proc/net/tcp") as f:
-        next(f)
-        for line in f:
-            parts = line.split()
-            if parts[3] != "01":
-                continue
-            pair = []
-            for hexaddr in parts[1:3]:
-                a, p = hexaddr.split(":")
-                pair.append(f"{socket.inet_ntoa(bytes.fromhex(a)[::-1])}:{int(p, 16)}")
-            out.add((pair[0], pair[1]))
-    return out
+    """``("ip:port", "ip:port")`` (local, remote; ``[ip6]:port`` for IPv6) of every
+    connected TCP socket here (ESTABLISHED or closing: still movable), both families."""
+    return {(proto.hostport(*loc), proto.hostport(*rem)) for loc, rem, state, _ in proc_sockets()
+            if state in PROC_CONNECTED}
 
 
 # --- exporting ----------------------------------------------------------------------------
@@ -191,7 +237,15 @@ def export_socket(sock: socket.socket, *, key: bytes, to: tuple[str, int] | None
 
     Returns the destination's reply (``handle``, offsets), or ``{"ici": ...}``
     without ``to``.  On a failed import the socket is put back to work.
+
+    A listening or bound socket travels as its socket document (same
+    ``ici`` field, with a ``kind``); a listener's completed but unaccepted
+    connections are accepted here and each exported as a connection to the
+    same destination and application after it (``children`` in the reply).
     """
+    if repair.TCP_STATES.get(repair.tcp_info(sock)["state"]) in ("LISTEN", "CLOSE"):
+        return _export_unconnected(sock, key=key, to=to, activate=activate, app=app, app_state=app_state,
+                                   dest_local=dest_local)
     ici = repair.get(sock, send_base=send_base, recv_base=recv_base)
     doc = ici.to_dict()
     if to is None:
@@ -209,6 +263,31 @@ def export_socket(sock: socket.socket, *, key: bytes, to: tuple[str, int] | None
         except OSError as again:
             rolled = f"; rolling back failed too: {again}"
         raise proto.AgentError(f"import at {to[0]}:{to[1]} failed: {exc}{rolled}") from exc
+
+
+def _export_unconnected(sock: socket.socket, *, key: bytes, to: tuple[str, int] | None, activate: bool,
+                        app: str, app_state: bytes, dest_local: str | None) -> dict[str, Any]:
+    doc, children = repair.get_socket(sock, drain=False)
+    if to is None:
+        return {"ok": True, "ici": doc.to_dict()}
+    body: dict[str, Any] = {"ici": doc.to_dict(), "app": app, "activate": activate,
+                            "app_state": base64.b64encode(app_state).decode()}
+    if dest_local is not None:
+        body["local"] = dest_local
+    reply = proto.request(to, "import", body, key)   # nothing to roll back: the origin socket is unchanged
+    if doc.kind == "listen":
+        _, children = repair.get_socket(sock, drain=True)
+        moved = []
+        for child in children:
+            try:
+                moved.append(export_socket(child, key=key, to=to, activate=True, app=app))
+            except (proto.AgentError, OSError, ValueError) as exc:
+                # rolled back: the connection is ours (the agent's) now, and nobody serves it
+                moved.append({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+            finally:
+                child.close()   # moved: in repair mode, silent
+        reply = {**reply, "children": moved}
+    return reply
 
 
 # --- the agent ------------------------------------------------------------------------------
@@ -238,7 +317,7 @@ class _Waiter:
 
 @dataclass
 class _Pending:
-    sock: repair.RepairedSocket
+    sock: socket.socket               # a RepairedSocket, or a PassedSocket (listening/bound)
     app: _Waiter
 
 
@@ -270,8 +349,13 @@ class Agent:
                 agent._serve_unix(self.request)
 
         if self.cfg.listen is not None:
-            socketserver.ThreadingTCPServer.allow_reuse_address = True
-            tcp = socketserver.ThreadingTCPServer(self.cfg.listen, TcpHandler)
+            v6 = ":" in self.cfg.listen[0]
+
+            class Server(socketserver.ThreadingTCPServer):
+                allow_reuse_address = True
+                address_family = socket.AF_INET6 if v6 else socket.AF_INET
+
+            tcp = Server(self.cfg.listen, TcpHandler)
             tcp.daemon_threads = True
             self.servers.append(tcp)
         try:
@@ -350,7 +434,7 @@ class Agent:
                 return {"ok": True, "handle": handle, "active": True}
             self._notify(p.app, "released", {"handle": handle})
             try:
-                pair = ("%s:%d" % p.sock.getsockname()[:2], "%s:%d" % p.sock.getpeername()[:2])
+                pair = (proto.hostport(*p.sock.getsockname()[:2]), proto.hostport(*p.sock.getpeername()[:2]))
                 with self.lock:
                     self.reports.pop(pair, None)
             except OSError:
@@ -414,28 +498,27 @@ class Agent:
     # --- import ------------------------------------------------------------------------------
 
     def do_import(self, body: dict[str, Any]) -> dict[str, Any]:
-        ici = Ici.from_dict(body.get("ici"))
+        doc = body.get("ici")
+        if isinstance(doc, dict) and "kind" in doc:
+            return self._import_unconnected(body, socket_doc_from_dict(doc))
+        ici = Ici.from_dict(doc)
         if body.get("local") is not None:
             if not isinstance(body["local"], str):
                 raise proto.ProtocolError("local", "not \"ip:port\"")
             la, lp = proto.parse_hostport(body["local"], "local")
             ici = dataclasses.replace(ici, local_addr=la, local_port=lp)
-        app = body.get("app", "default")
-        if not isinstance(app, str):
-            raise proto.ProtocolError("app", "not a string")
-        try:
-            state = base64.b64decode(body.get("app_state", ""), validate=True)
-        except (ValueError, TypeError) as exc:
-            raise proto.ProtocolError("app_state", f"not base64: {exc}") from None
+        app, state = self._app_and_state(body)
         port_choice = body.get("port_choice", "same")
         sock = repair.create(ici, port_choice=port_choice if isinstance(port_choice, str) else "?")
         handle = secrets.token_hex(8)
+        local = proto.hostport(ici.local_addr, sock.getsockname()[1])
+        remote = proto.hostport(ici.remote_addr, ici.remote_port)
         try:
             offsets = {"in_offset": ici.in_offset, "out_offset": ici.out_offset,
                        "acked_offset": ici.acked_offset, "send_base": ici.send_base, "recv_base": ici.recv_base}
-            waiter = self._hand_over(app, sock, {"handle": handle, **offsets,
-                                               "local": f"{ici.local_addr}:{sock.getsockname()[1]}",
-                                               "remote": f"{ici.remote_addr}:{ici.remote_port}",
+            waiter = self._hand_over(app, sock, {"handle": handle, **offsets, "kind": "connection",
+                                               "state": ici.state, "family": ici.family,
+                                               "local": local, "remote": remote,
                                                "app_state": base64.b64encode(state).decode()})
         except BaseException:
             sock.close()      # still in repair mode: the peer sees nothing
@@ -443,16 +526,52 @@ class Agent:
         p = _Pending(sock, waiter)
         # what the application will report about it, known already: a move on before
         # the application's own report arrives still carries its state
-        pair = (f"{ici.local_addr}:{sock.getsockname()[1]}", f"{ici.remote_addr}:{ici.remote_port}")
+        pair = (local, remote)
         with self.lock:
             self.reports[pair] = {"local": pair[0], "remote": pair[1], "in_offset": ici.in_offset,
                                   "app_state": base64.b64encode(state).decode(), "app": app, "time": time.time()}
         if body.get("activate", True):
             self._activate(p)
-            return {"ok": True, "handle": handle, "active": True, **offsets}
+            return {"ok": True, "handle": handle, "active": True, "state": ici.state, **offsets}
         with self.lock:
             self.pending[handle] = p
-        return {"ok": True, "handle": handle, "active": False, **offsets}
+        return {"ok": True, "handle": handle, "active": False, "state": ici.state, **offsets}
+
+    @staticmethod
+    def _app_and_state(body: dict[str, Any]) -> tuple[str, bytes]:
+        app = body.get("app", "default")
+        if not isinstance(app, str):
+            raise proto.ProtocolError("app", "not a string")
+        try:
+            state = base64.b64decode(body.get("app_state", ""), validate=True)
+        except (ValueError, TypeError) as exc:
+            raise proto.ProtocolError("app_state", f"not base64: {exc}") from None
+        return app, state
+
+    def _import_unconnected(self, body: dict[str, Any], doc: SocketDoc) -> dict[str, Any]:
+        """A listening or bound socket: bound here (free-bind), handed to the
+        application; a listener listens on activation."""
+        if body.get("local") is not None:
+            la, lp = proto.parse_hostport(str(body["local"]), "local")
+            doc = dataclasses.replace(doc, local_addr=la, local_port=lp)
+        app, state = self._app_and_state(body)
+        sock = repair.create_socket(doc)
+        handle = secrets.token_hex(8)
+        try:
+            waiter = self._hand_over(app, sock, {"handle": handle, "kind": doc.kind, "state": doc.kind.upper(),
+                                               "family": doc.family, "backlog": doc.backlog,
+                                               "local": proto.hostport(doc.local_addr, doc.local_port),
+                                               "remote": "", "app_state": base64.b64encode(state).decode()})
+        except BaseException:
+            sock.close()
+            raise
+        p = _Pending(sock, waiter)
+        if body.get("activate", True):
+            self._activate(p)
+            return {"ok": True, "handle": handle, "active": True, "kind": doc.kind}
+        with self.lock:
+            self.pending[handle] = p
+        return {"ok": True, "handle": handle, "active": False, "kind": doc.kind}
 
     def _hand_over(self, app: str, sock: socket.socket, info: dict[str, Any]) -> _Waiter:
         """Give the endpoint to an application waiting in accept_resumed()."""
@@ -503,6 +622,8 @@ class Agent:
                 pid, fd = body["pid"], body["fd"]
                 if not isinstance(pid, int) or not isinstance(fd, int):
                     raise proto.ProtocolError("pid", "pid and fd must be integers")
+            elif "local" in body and body.get("remote") is None and body.get("kind") == "listen":
+                pid, fd = find_socket(proto.parse_hostport(body["local"], "local"), None)
             elif "local" in body and "remote" in body:
                 pid, fd = find_socket(proto.parse_hostport(body["local"], "local"),
                                       proto.parse_hostport(body["remote"], "remote"))

@@ -12,7 +12,13 @@ the lab's ``lab-*``)::
                                              b0 198.51.100.5 ── 198.51.100.6  rp-b
                                              d0 198.51.100.9 ── 198.51.100.10 rp-d
 
-The service address (``203.0.113.10/32``) sits on the loopback of the host
+Every link is dual-stack (documentation prefixes only, ``nodad``): the
+client ``2001:db8:2::10`` behind ``2001:db8:2::1``, server host ``x``'s
+link ``2001:db8:100:N::1`` (router) ↔ ``2001:db8:100:N::2`` (host) with N
+1, 5, 9 for a, b, d (the mirror of the /30s), and the IPv6 service
+address ``2001:db8:113::10/128``.
+
+The service address (``203.0.113.10/32`` and ``2001:db8:113::10/128``) sits on the loopback of the host
 that owns the connection; ``rp-g`` routes it there.  A move is:
 
 1. *hold*: ``rp-g`` blackholes the service address (the client's segments
@@ -39,6 +45,12 @@ from . import netns
 SERVICE_ADDR = "203.0.113.10"
 CLIENT_ADDR = "192.0.2.10"
 GATEWAY_CLIENT_ADDR = "192.0.2.1"
+SERVICE_ADDR6 = "2001:db8:113::10"
+CLIENT_ADDR6 = "2001:db8:2::10"
+GATEWAY_CLIENT_ADDR6 = "2001:db8:2::1"
+SERVER_LINKS6 = {"a": ("2001:db8:100:1::1", "2001:db8:100:1::2"),
+                 "b": ("2001:db8:100:5::1", "2001:db8:100:5::2"),
+                 "d": ("2001:db8:100:9::1", "2001:db8:100:9::2")}
 # server host name -> (gateway side, host side) of its /30
 SERVER_LINKS = {"a": ("198.51.100.1", "198.51.100.2"),
                 "b": ("198.51.100.5", "198.51.100.6"),
@@ -73,8 +85,10 @@ class Topology:
     def ns(self, host: str) -> str:
         return self.prefix + host
 
-    def addr(self, host: str) -> str:
+    def addr(self, host: str, v6: bool = False) -> str:
         """A host's own address (the agents' channel runs over these)."""
+        if v6:
+            return CLIENT_ADDR6 if host == "c" else SERVER_LINKS6[host][1]
         return CLIENT_ADDR if host == "c" else SERVER_LINKS[host][1]
 
     # --- building ------------------------------------------------------------------
@@ -93,6 +107,9 @@ class Topology:
             netns.ip("addr", "add", f"{CLIENT_ADDR}/24", "dev", "eth0", ns=c)
             netns.ip("link", "set", "eth0", "up", ns=c)
             netns.ip("route", "add", "default", "via", GATEWAY_CLIENT_ADDR, ns=c)
+            netns.ip("addr", "add", f"{GATEWAY_CLIENT_ADDR6}/64", "dev", "c0", "nodad", ns=g)
+            netns.ip("addr", "add", f"{CLIENT_ADDR6}/64", "dev", "eth0", "nodad", ns=c)
+            netns.ip("-6", "route", "add", "default", "via", GATEWAY_CLIENT_ADDR6, ns=c)
             for host in self.servers:
                 gw_side, host_side = SERVER_LINKS[host]
                 h = self.ns(host)
@@ -102,6 +119,10 @@ class Topology:
                 netns.ip("addr", "add", f"{host_side}/30", "dev", "eth0", ns=h)
                 netns.ip("link", "set", "eth0", "up", ns=h)
                 netns.ip("route", "add", "default", "via", gw_side, ns=h)
+                gw6, host6 = SERVER_LINKS6[host]
+                netns.ip("addr", "add", f"{gw6}/64", "dev", f"{host}0", "nodad", ns=g)
+                netns.ip("addr", "add", f"{host6}/64", "dev", "eth0", "nodad", ns=h)
+                netns.ip("-6", "route", "add", "default", "via", gw6, ns=h)
             netns.call_in(g, _enable_forwarding)
             self.place(owner)
             self.route_to(owner)
@@ -123,23 +144,29 @@ class Topology:
         for other in self.servers:
             if other != host:
                 netns.ip("addr", "del", f"{SERVICE_ADDR}/32", "dev", "lo", ns=self.ns(other), check=False)
+                netns.ip("addr", "del", f"{SERVICE_ADDR6}/128", "dev", "lo", ns=self.ns(other), check=False)
         netns.ip("addr", "replace", f"{SERVICE_ADDR}/32", "dev", "lo", ns=self.ns(host))
+        netns.ip("addr", "replace", f"{SERVICE_ADDR6}/128", "dev", "lo", "nodad", ns=self.ns(host))
         self.owner = host
 
     def hold(self) -> None:
         """Drop the client's segments for the service at the gateway (isolation)."""
         netns.ip("route", "replace", "blackhole", f"{SERVICE_ADDR}/32", ns=self.ns("g"))
+        netns.ip("-6", "route", "replace", "blackhole", f"{SERVICE_ADDR6}/128", ns=self.ns("g"))
 
     def route_to(self, host: str) -> None:
         """Forward the service address to ``host`` (release)."""
         netns.ip("route", "replace", f"{SERVICE_ADDR}/32", "via", SERVER_LINKS[host][1], ns=self.ns("g"))
+        netns.ip("-6", "route", "replace", f"{SERVICE_ADDR6}/128", "via", SERVER_LINKS6[host][1], ns=self.ns("g"))
 
-    def socket(self, host: str) -> socket.socket:
-        return netns.socket_in(self.ns(host))
+    def socket(self, host: str, v6: bool = False) -> socket.socket:
+        return netns.socket_in(self.ns(host), socket.AF_INET6 if v6 else socket.AF_INET)
 
 
 def _enable_forwarding() -> None:
     with open("/proc/sys/net/ipv4/ip_forward", "w") as f:
+        f.write("1\n")
+    with open("/proc/sys/net/ipv6/conf/all/forwarding", "w") as f:
         f.write("1\n")
 
 

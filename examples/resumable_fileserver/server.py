@@ -52,6 +52,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout
 
 from appliance.agent import sdk as agent_sdk
+from appliance.agent.protocol import parse_hostport
 
 CHUNK = 65536
 move_now = threading.Event()
@@ -209,19 +210,22 @@ def resumer(root: Path, args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--listen", default="0.0.0.0:8000", help="ADDR:PORT for new downloads")
+    p.add_argument("--listen", default="0.0.0.0:8000",
+                   help="ADDR:PORT for new downloads ([IPV6]:PORT for IPv6; [::]:8000 takes both families)")
     p.add_argument("--root", required=True, help="directory of the files served")
     p.add_argument("--agent", default=agent_sdk.DEFAULT_SOCKET, help="the local agent's Unix socket")
     p.add_argument("--export-to", help="HOST:PORT of the agent that takes the downloads on SIGUSR1")
     p.add_argument("--report", type=int, default=1 << 20, help="report offsets every this many bytes")
     args = p.parse_args()
-    host, _, port = args.listen.rpartition(":")
+    host, port = parse_hostport(args.listen, "--listen")
     root = Path(args.root)
     signal.signal(signal.SIGUSR1, lambda *_: move_now.set())
     signal.signal(signal.SIGUSR2, lambda *_: move_now.clear())
     threading.Thread(target=resumer, args=(root, args), daemon=True).start()
-    lst = socket.socket()
+    lst = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if ":" in host:
+        lst.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)   # dual-stack on [::]
     lst.bind((host, int(port)))
     lst.listen()
     emit(event="listening", address=args.listen, pid=os.getpid())

@@ -79,11 +79,18 @@ class Capture:
 
 
 def _tcp(p: bytes) -> tuple[str, int, str, int, int, int, int, int, int | None] | None:
-    """(src, sport, dst, dport, seq, ack, flags, payload length, TSval) of an IPv4/TCP packet."""
-    if len(p) < 40 or p[9] != 6:
+    """(src, sport, dst, dport, seq, ack, flags, payload length, TSval) of an IPv4 or IPv6 TCP packet
+    (IPv6: TCP right after the fixed header; the tests' packets carry no extension headers)."""
+    if len(p) >= 60 and p[0] >> 4 == 6:
+        if p[6] != 6:
+            return None
+        ihl = 40
+        total = 40 + struct.unpack_from("!H", p, 4)[0]
+    elif len(p) >= 40 and p[0] >> 4 == 4 and p[9] == 6:
+        ihl = (p[0] & 15) * 4
+        total = struct.unpack_from("!H", p, 2)[0]
+    else:
         return None
-    ihl = (p[0] & 15) * 4
-    total = struct.unpack_from("!H", p, 2)[0]
     sport, dport, seq, ack, off_flags = struct.unpack_from("!HHIIH", p, ihl)
     thl = (off_flags >> 12) * 4
     flags = off_flags & 0x3F
@@ -103,8 +110,10 @@ def _tcp(p: bytes) -> tuple[str, int, str, int, int, int, int, int, int | None] 
         if kind == 8 and ln == 10 and i + 10 <= len(opts):
             tsval = struct.unpack_from("!I", opts, i + 2)[0]
         i += max(ln, 2)
-    src = socket.inet_ntoa(p[12:16])
-    dst = socket.inet_ntoa(p[16:20])
+    if ihl == 40 and p[0] >> 4 == 6:
+        src, dst = socket.inet_ntop(socket.AF_INET6, p[8:24]), socket.inet_ntop(socket.AF_INET6, p[24:40])
+    else:
+        src, dst = socket.inet_ntoa(p[12:16]), socket.inet_ntoa(p[16:20])
     return src, sport, dst, dport, seq, ack, flags, total - ihl - thl, tsval
 
 

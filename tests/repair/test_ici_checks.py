@@ -54,9 +54,14 @@ def test_a_good_ici_passes_and_round_trips_through_json() -> None:
 
 # (field, bad value, field named in the error)
 BAD = [
-    ("state", "CLOSE_WAIT", "state"),
-    ("version", 2, "version"),
-    ("family", "ipv6", "family"),
+    ("state", "TIME_WAIT", "state"),
+    ("state", "CLOSE_WAIT", "peer_fin"),          # the peer's FIN must be recorded
+    ("state", "FIN_WAIT1", "fin"),                # ours too
+    ("fin", "sent", "fin"),                       # not in ESTABLISHED
+    ("peer_fin", True, "peer_fin"),
+    ("version", 3, "version"),
+    ("family", "ipv5", "family"),
+    ("family", "ipv6", "local_addr"),             # IPv4 addresses in an IPv6 document
     ("local_addr", "203.0.113.300", "local_addr"),
     ("remote_port", 0, "remote_port"),
     ("snd_nxt", 5, "snd_nxt"),                    # disagrees with len(sent_queue)
@@ -289,16 +294,18 @@ def topo_create(topo: Topology, host: str, ici: Ici) -> repair.RepairedSocket:
 
 
 def test_kernel_refusal_names_the_call(topo: Topology) -> None:
-    """An ICI that passes the checks but that this host cannot take (its local
-    address lives elsewhere): the error says which call the kernel refused,
+    """An ICI that passes the checks but that this host cannot take (no route to
+    the peer here; the local address need not be local: create() binds with
+    IP_FREEBIND/IP_TRANSPARENT): the error says which call the kernel refused,
     and nothing is left behind."""
-    ici = good(taken_at=time.time())          # 203.0.113.10 is on rp-a, not on rp-b
+    ici = good(taken_at=time.time())
     from appliance.lab import netns
 
+    netns.ip("route", "del", "default", ns=topo.ns("b"))
     fds = len(os.listdir("/proc/self/fd"))
     with pytest.raises(repair.RepairError) as exc:
         netns.call_in(topo.ns("b"), lambda: repair.create(ici))
-    assert str(exc.value).startswith("[Errno 99] bind(203.0.113.10:7000) refused by the kernel")
+    assert str(exc.value).startswith("[Errno 101] connect(192.0.2.10:40000) in repair mode refused by the kernel")
     assert len(os.listdir("/proc/self/fd")) == fds
 
 

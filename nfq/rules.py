@@ -1,4 +1,5 @@
-"""The appliance's iptables rules, through python-iptables (iptables-legacy).
+"""The appliance's iptables rules, through python-iptables (iptables-legacy and
+ip6tables-legacy).
 
 Everything lives in one chain of our own in the ``raw`` table, ``APPLIANCE``,
 jumped to from ``PREROUTING`` (packets arriving from clients and servers)
@@ -20,12 +21,28 @@ The whole table is written in one commit (python-iptables with
 ``autocommit = False``: one ``iptc_commit``, which replaces the table
 atomically), so a reader never sees a half-built chain.  ``remove`` takes the
 jumps and the chain away again; both are idempotent.
+
+Both families, the same layout: IPv4 in the ``raw`` table of iptables
+(``iptc.Table``), IPv6 in the ``raw`` table of ip6tables (``iptc.Table6``,
+same priority, also before conntrack).  A :class:`FlowMatch` goes to the
+family of its address (``":"`` in it: IPv6).  The inject-mark and moved-mark
+rules are in both chains, which are always installed together (an IPv4-only
+configuration gets an IPv6 chain with only those).  Each family's table is
+one commit; ``install`` writes IPv4 then IPv6 and, if the second commit
+fails, removes both again before raising, so the appliance never runs with one
+family queued and the other not.  (``addrtype`` exists for ip6tables too:
+``! --dst-type LOCAL`` excludes the gateway's own IPv6 addresses the same way.)
+NFQUEUE delivers both families on one queue number (since Linux 3.8 the
+queue is not bound per protocol family), so the queue layout does not change.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 CHAIN = "APPLIANCE"
 HOOKS = ("PREROUTING", "OUTPUT")
@@ -44,6 +61,11 @@ class FlowMatch:
     sport: int | None = None
     not_local: bool = False  # only packets not addressed to this host
 
+    @property
+    def v6(self) -> bool:
+        """An IPv6 flow: its address (``dst`` or ``src``) has a colon."""
+        return ":" in (self.dst or self.src or "")
+
 
 # python-iptables has no type information: the module and its rules are Any here
 def _iptc() -> Any:  # imported lazily: loading libiptc needs the shared library, not root
@@ -52,13 +74,22 @@ def _iptc() -> Any:  # imported lazily: loading libiptc needs the shared library
     return iptc
 
 
+def _table(iptc: Any, v6: bool) -> Any:
+    return iptc.Table6(iptc.Table6.RAW) if v6 else iptc.Table(iptc.Table.RAW)
+
+
+def _new_rule(iptc: Any, v6: bool) -> Any:
+    return iptc.Rule6() if v6 else iptc.Rule()
+
+
 def _rule(iptc: Any, flow: FlowMatch, target: str, **target_args: str) -> Any:
-    r = iptc.Rule()
+    r = _new_rule(iptc, flow.v6)
+    host = "/128" if flow.v6 else "/32"
     r.protocol = "tcp"
     if flow.dst:
-        r.dst = f"{flow.dst}/32"
+        r.dst = f"{flow.dst}{host}"
     if flow.src:
-        r.src = f"{flow.src}/32"
+        r.src = f"{flow.src}{host}"
     m = r.create_match("tcp")
     if flow.dport is not None:
         m.dport = str(flow.dport)
@@ -70,8 +101,8 @@ def _rule(iptc: Any, flow: FlowMatch, target: str, **target_args: str) -> Any:
     return _finish(r, flow.comment, target, target_args)
 
 
-def _mark_rule(iptc: Any, mark: int, comment: str, target: str, **target_args: str) -> Any:
-    r = iptc.Rule()
+def _mark_rule(iptc: Any, v6: bool, mark: int, comment: str, target: str, **target_args: str) -> Any:
+    r = _new_rule(iptc, v6)
     m = r.create_match("mark")
     m.mark = hex(mark)
     return _finish(r, comment, target, target_args)
@@ -87,12 +118,10 @@ def _finish(r: Any, comment: str, target: str, target_args: dict[str, str]) -> A
     return r
 
 
-def install(flows: list[FlowMatch], inject_mark: int | None = None, bypass: bool = True,
-            moved: tuple[int, int] | None = None) -> None:
-    """(Re)write the ``APPLIANCE`` chain for ``flows`` and hook it, atomically.
-    ``moved``: (mark, queue): packets with that mark go to that queue first."""
-    iptc = _iptc()
-    table = iptc.Table(iptc.Table.RAW)
+def _install_family(iptc: Any, v6: bool, flows: list[FlowMatch], inject_mark: int | None, bypass: bool,
+                    moved: tuple[int, int] | None) -> None:
+    """One family's chain and jumps, in one commit."""
+    table = _table(iptc, v6)
     table.autocommit = False
     try:
         table.refresh()
@@ -102,13 +131,14 @@ def install(flows: list[FlowMatch], inject_mark: int | None = None, bypass: bool
         else:
             chain = table.create_chain(CHAIN)
         if inject_mark is not None:
-            chain.append_rule(_mark_rule(iptc, inject_mark, "injected by the appliance", "CT", notrack=""))
-            chain.append_rule(_mark_rule(iptc, inject_mark, "injected by the appliance", "RETURN"))
+            chain.append_rule(_mark_rule(iptc, v6, inject_mark, "injected by the appliance", "CT", notrack=""))
+            chain.append_rule(_mark_rule(iptc, v6, inject_mark, "injected by the appliance", "RETURN"))
         if moved is not None:
             mark, queue = moved
             q = {"queue_num": str(queue), **({"queue_bypass": ""} if bypass else {})}
             for target, args in (("CT", {"notrack": ""}), ("NFQUEUE", q)):
-                chain.append_rule(_mark_rule(iptc, mark, "moved connections, from their new backend", target, **args))
+                chain.append_rule(_mark_rule(iptc, v6, mark, "moved connections, from their new backend",
+                                             target, **args))
         for flow in flows:
             chain.append_rule(_rule(iptc, flow, "CT", notrack=""))
             q = {"queue_num": str(flow.queue)}
@@ -118,7 +148,7 @@ def install(flows: list[FlowMatch], inject_mark: int | None = None, bypass: bool
         for hook in HOOKS:
             builtin = iptc.Chain(table, hook)
             if not any(r.target.name == CHAIN for r in builtin.rules):
-                jump = iptc.Rule()
+                jump = _new_rule(iptc, v6)
                 jump.create_target(CHAIN)
                 builtin.insert_rule(jump)
         table.commit()
@@ -127,10 +157,28 @@ def install(flows: list[FlowMatch], inject_mark: int | None = None, bypass: bool
         table.refresh()
 
 
-def remove() -> bool:
-    """Remove the jumps and the chain.  True when there was something to remove."""
+def install(flows: list[FlowMatch], inject_mark: int | None = None, bypass: bool = True,
+            moved: tuple[int, int] | None = None) -> None:
+    """(Re)write the ``APPLIANCE`` chains (IPv4 and IPv6) for ``flows`` and hook
+    them, each family atomically; if the second family fails, neither stays.
+    ``moved``: (mark, queue): packets with that mark go to that queue first."""
     iptc = _iptc()
-    table = iptc.Table(iptc.Table.RAW)
+    for flow in flows:
+        if flow.dst and flow.src and (":" in flow.dst) != (":" in flow.src):
+            raise ValueError(f"{flow.comment}: addresses of two families ({flow.dst}, {flow.src})")
+    try:
+        for v6 in (False, True):
+            _install_family(iptc, v6, [f for f in flows if f.v6 == v6], inject_mark, bypass, moved)
+    except BaseException:
+        try:
+            remove()
+        except Exception:  # the install's error is the one to report
+            log.exception("removing the rules after a failed install")
+        raise
+
+
+def _remove_family(iptc: Any, v6: bool) -> bool:
+    table = _table(iptc, v6)
     table.autocommit = False
     found = False
     try:
@@ -151,3 +199,11 @@ def remove() -> bool:
         table.autocommit = True
         table.refresh()
     return found
+
+
+def remove() -> bool:
+    """Remove the jumps and the chains of both families.  True when there was something to remove."""
+    iptc = _iptc()
+    found4 = _remove_family(iptc, False)
+    found6 = _remove_family(iptc, True)
+    return found4 or found6

@@ -55,20 +55,20 @@ def _elements(fs: list[Flow]) -> str:
 def old_del_moved(fs: list[Flow]) -> None:
     """The former ``kernelnat.del_moved``: one ``nft`` process per flow."""
     for f in fs:  # one at a time: deleting an absent element fails the whole batch
-        subprocess.run(["nft", "delete", "element", "ip", kernelnat.TABLE, "moved", f"{{ {_elements([f])} }}"],
+        subprocess.run(["nft", "delete", "element", kernelnat.FAMILY, kernelnat.TABLE, "moved", f"{{ {_elements([f])} }}"],
                        check=False, capture_output=True, text=True)
 
 
 def old_add_moved(fs: list[Flow]) -> None:
     """The former ``kernelnat.add_moved``: one ``nft -f`` process."""
-    res = subprocess.run(["nft", "-f", "-"], input=f"add element ip {kernelnat.TABLE} moved {{ {_elements(fs)} }}\n",
+    res = subprocess.run(["nft", "-f", "-"], input=f"add element {kernelnat.FAMILY} {kernelnat.TABLE} moved {{ {_elements(fs)} }}\n",
                          check=False, capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(res.stderr)
 
 
 def _in_set() -> int:
-    out = subprocess.run(["nft", "list", "set", "ip", kernelnat.TABLE, "moved"],
+    out = subprocess.run(["nft", "list", "set", kernelnat.FAMILY, kernelnat.TABLE, "moved"],
                          check=True, capture_output=True, text=True).stdout
     return len(kernelnat.parse_elements(out))
 

@@ -11,7 +11,8 @@ A request with the header ``X-Lab-Malformed: 1`` is answered with malformed HTTP
 ``Content-Length`` that is not a number): the lab's way to show what a gateway following HTTP
 does with a server that breaks it.
 
-Run: ``python -m appliance.lab.apps upload-hash --bind ADDRESS --port PORT [--port PORT2]``.
+Run: ``python -m appliance.lab.apps upload-hash --bind ADDRESS [--bind ADDRESS6] --port PORT [--port PORT2]``:
+it listens on every address (IPv4 or IPv6, one socket each) and port given.
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
         writer.close()
 
 
-async def serve(bind: str, ports: list[int]) -> None:
+async def serve(bind: list[str], ports: list[int]) -> None:
+    # a list of hosts: one listening socket per address (an IPv6 one is IPV6_V6ONLY)
     servers = [await asyncio.start_server(handle, bind, port, limit=MAX_HEADER * 2, reuse_address=True)
                for port in ports]
     await asyncio.gather(*(s.serve_forever() for s in servers))
@@ -70,7 +72,7 @@ async def serve(bind: str, ports: list[int]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(prog="appliance.lab.apps")
     ap.add_argument("app", choices=["upload-hash"])
-    ap.add_argument("--bind", required=True)
+    ap.add_argument("--bind", action="append", required=True, help="an address; may be given more than once")
     ap.add_argument("--port", type=int, action="append", required=True, help="may be given more than once")
     ap.add_argument("--pidfile")
     a = ap.parse_args()

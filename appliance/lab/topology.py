@@ -2,13 +2,26 @@
 
 ::
 
-    lab-client  192.0.2.10 ─┐                         ┌─ 198.51.100.10  lab-primary (nginx)
-    lab-client2 192.0.2.11 ─┤ br-client   br-server ├─ 198.51.100.20  lab-backup  (nginx)
-                 ...        └── 192.0.2.1 ─ lab-gateway ─ 198.51.100.1 ──┘  ...
-                                 service VIP 203.0.113.10:80
+    lab-client  192.0.2.10     ─┐                            ┌─ 198.51.100.10     lab-primary (nginx)
+                2001:db8:2::10  │                            │  2001:db8:100::10
+    lab-client2 192.0.2.11     ─┤ br-client       br-server ├─ 198.51.100.20     lab-backup  (nginx)
+                2001:db8:2::11  │                            │  2001:db8:100::20
+                 ...            └─ 192.0.2.1    lab-gateway    198.51.100.1    ─┘  ...
+                                   2001:db8:2::1             2001:db8:100::1
+                         service VIPs 203.0.113.10:80 and [2001:db8:113::10]:80
 
-Every address is from the documentation ranges (RFC 5737) and lives only in
-namespaces the lab creates.  Each host is joined to a bridge in
+Every address is from the documentation ranges (RFC 5737, RFC 3849) and lives only in
+namespaces the lab creates.  The lab is dual-stack: each host's IPv6 address
+mirrors its IPv4 one (:func:`mirror6`: ``192.0.2.10`` -> ``2001:db8:2::10``,
+``198.51.100.20`` -> ``2001:db8:100::20``, ``203.0.113.10`` -> ``2001:db8:113::10``;
+the last octet becomes the last hextet, written with the same digits), added
+with ``nodad`` so it is usable at once; every host has a default route of
+each family via the gateway, and the gateway forwards both (the VIPs, owned
+by no one, are reached by that default route, as the IPv4 one is).  Every
+service listens on both families (nginx, iperf3 and the upload app on both
+addresses), except the resumable file server (IPv4 only: the example server
+binds one address), and the gateway's config gives each service a ``vip6``
+and each backend an ``address6`` next to its IPv4 ones.  Each host is joined to a bridge in
 ``lab-gateway`` by a veth pair (MTU 1500): the host side is ``eth0``, the
 gateway side ``v-<host>`` (so cutting a host's link is
 ``ip -n lab-gateway link set v-primary down``).  Clients and servers route
@@ -46,6 +59,13 @@ from pathlib import Path
 PREFIX = "lab-"
 GATEWAY = "lab-gateway"
 VIP = "203.0.113.10"
+VIP6 = "2001:db8:113::10"
+CLIENT = "192.0.2.10"
+CLIENT6 = "2001:db8:2::10"
+PRIMARY = "198.51.100.10"
+PRIMARY6 = "2001:db8:100::10"
+BACKUP = "198.51.100.20"
+BACKUP6 = "2001:db8:100::20"
 SERVICE_PORT = 80
 # ports that are not a service: traffic to them is plainly routed by the
 # gateway's kernel (the benchmarks' baseline)
@@ -63,6 +83,10 @@ UPLOAD_FILE = "upload-200M.bin"
 UPLOAD_SIZE = 200 << 20
 CLIENT_NET = "192.0.2"
 SERVER_NET = "198.51.100"
+VIP_NET = "203.0.113"
+# each IPv4 /24 of the lab and the IPv6 /64 that mirrors it (RFC 3849's 2001:db8::/32)
+NET6 = {CLIENT_NET: "2001:db8:2", SERVER_NET: "2001:db8:100", VIP_NET: "2001:db8:113"}
+CLIENT_NET6, SERVER_NET6, VIP_NET6 = NET6[CLIENT_NET], NET6[SERVER_NET], NET6[VIP_NET]
 API_HOST = "127.0.0.1"
 API_PORT = 8080
 # name -> size; contents from random.Random(seed) so every run, primary and
@@ -81,11 +105,34 @@ def cache_dir() -> Path:
     return Path(os.environ.get("APPLIANCE_LAB_CACHE", "/var/cache/appliance-lab"))
 
 
+def mirror6(address: str) -> str:
+    """The lab's IPv6 mirror of one of its IPv4 addresses: ``192.0.2.10`` ->
+    ``2001:db8:2::10`` (the /24's /64, the last octet's digits as the last hextet).
+    An IPv6 address is returned as it is; an address outside the lab's ranges raises."""
+    if ":" in address:
+        return address
+    net, _, last = address.rpartition(".")
+    if net not in NET6 or not last.isdigit() or not 0 <= int(last) <= 255:
+        raise ValueError(f"{address} is not one of the lab's IPv4 addresses")
+    return f"{NET6[net]}::{int(last)}"
+
+
+def url(address: str, port: int, path: str = "/") -> str:
+    """``http://address:port/path``, the address in brackets when it is IPv6
+    (curl wants ``-g`` then, or it reads the brackets as a glob)."""
+    host = f"[{address}]" if ":" in address else address
+    return f"http://{host}:{port}{path}"
+
+
 @dataclass(frozen=True)
 class Host:
     ns: str
     address: str
     role: str  # client | primary | backup
+    address6: str = ""  # its IPv6 mirror (set by topology())
+
+    def addresses(self) -> tuple[str, str]:
+        return self.address, self.address6
 
     @property
     def short(self) -> str:
@@ -97,9 +144,12 @@ class Host:
 
 
 def topology(clients: int = 1, backups: int = 1) -> list[Host]:
-    hosts = [Host(f"{PREFIX}client{'' if i == 0 else i + 1}", f"{CLIENT_NET}.{10 + i}", "client") for i in range(clients)]
-    hosts.append(Host(f"{PREFIX}primary", f"{SERVER_NET}.10", "primary"))
-    hosts += [Host(f"{PREFIX}backup{'' if i == 0 else i + 1}", f"{SERVER_NET}.{20 + i}", "backup") for i in range(backups)]
+    def host(ns: str, address: str, role: str) -> Host:
+        return Host(ns, address, role, mirror6(address))
+
+    hosts = [host(f"{PREFIX}client{'' if i == 0 else i + 1}", f"{CLIENT_NET}.{10 + i}", "client") for i in range(clients)]
+    hosts.append(host(f"{PREFIX}primary", f"{SERVER_NET}.10", "primary"))
+    hosts += [host(f"{PREFIX}backup{'' if i == 0 else i + 1}", f"{SERVER_NET}.{20 + i}", "backup") for i in range(backups)]
     return hosts
 
 
@@ -154,10 +204,11 @@ def _ensure_ns(ns: str) -> None:
     sh("ip", "-n", ns, "link", "set", "lo", "up")
 
 
-def _ensure_bridge(name: str, cidr: str) -> None:
+def _ensure_bridge(name: str, cidr: str, cidr6: str) -> None:
     if not link_exists(GATEWAY, name):
         sh("ip", "-n", GATEWAY, "link", "add", name, "type", "bridge")
     sh("ip", "-n", GATEWAY, "addr", "replace", cidr, "dev", name)
+    sh("ip", "-n", GATEWAY, "addr", "replace", cidr6, "dev", name, "nodad")
     sh("ip", "-n", GATEWAY, "link", "set", name, "up")
 
 
@@ -172,8 +223,10 @@ def _ensure_host(h: Host) -> None:
     gw = f"{CLIENT_NET}.1" if h.role == "client" else f"{SERVER_NET}.1"
     sh("ip", "-n", GATEWAY, "link", "set", h.gw_if, "master", bridge, "up")
     sh("ip", "-n", h.ns, "addr", "replace", f"{h.address}/24", "dev", "eth0")
+    sh("ip", "-n", h.ns, "addr", "replace", f"{h.address6}/64", "dev", "eth0", "nodad")
     sh("ip", "-n", h.ns, "link", "set", "eth0", "up")
     sh("ip", "-n", h.ns, "route", "replace", "default", "via", gw)
+    sh("ip", "-n", h.ns, "-6", "route", "replace", "default", "via", mirror6(gw), "dev", "eth0")
 
 
 def sha256_file(path: Path) -> str:
@@ -246,6 +299,10 @@ http {{
         listen {address}:{plain_port} backlog=4096;
         listen {address}:{sampled_port} backlog=4096;
         listen {address}:{http_port} backlog=4096;
+        listen [{address6}]:{port} backlog=4096;
+        listen [{address6}]:{plain_port} backlog=4096;
+        listen [{address6}]:{sampled_port} backlog=4096;
+        listen [{address6}]:{http_port} backlog=4096;
         root {www};
         # echo the load tool's request id: it matches each response to its own
         # request (added only when the request has one)
@@ -266,18 +323,20 @@ def start_nginx(h: Host, www: Path) -> None:
     if pid_alive(rd / f"nginx-{name}.pid"):
         return
     (rd / f"nginx-{name}.tmp").mkdir(parents=True, exist_ok=True)
-    conf.write_text(NGINX_CONF.format(run=rd, name=name, address=h.address, port=SERVICE_PORT,
+    conf.write_text(NGINX_CONF.format(run=rd, name=name, address=h.address, address6=h.address6, port=SERVICE_PORT,
                                       plain_port=PLAIN_HTTP_PORT, sampled_port=SAMPLED_HTTP_PORT,
                                       http_port=HTTP_REPLAY_PORT, www=www))
     nsexec(h.ns, "nginx", "-c", str(conf), "-p", str(rd))
 
 
 def start_iperf(h: Host) -> None:
+    """One iperf3 server per port and family (``-B`` binds one address)."""
     rd = run_dir()
     for port in (IPERF_PORT, PLAIN_IPERF_PORT):
-        pidfile = rd / f"iperf3-{h.short}-{port}.pid"
-        if not pid_alive(pidfile):
-            nsexec(h.ns, "iperf3", "-s", "-D", "-B", h.address, "-p", str(port), "-I", str(pidfile))
+        for address, tag in ((h.address, ""), (h.address6, "-6")):
+            pidfile = rd / f"iperf3-{h.short}-{port}{tag}.pid"
+            if not pid_alive(pidfile):
+                nsexec(h.ns, "iperf3", "-s", "-D", "-B", address, "-p", str(port), "-I", str(pidfile))
 
 
 def start_upload_app(h: Host) -> None:
@@ -288,7 +347,7 @@ def start_upload_app(h: Host) -> None:
     log = open(rd / f"upload-{h.short}.log", "ab")
     subprocess.Popen(
         ["ip", "netns", "exec", h.ns, sys.executable, "-m", "appliance.lab.apps", "upload-hash",
-         "--bind", h.address, "--port", str(UPLOAD_PORT), "--port", str(PLAIN_UPLOAD_PORT),
+         "--bind", h.address, "--bind", h.address6, "--port", str(UPLOAD_PORT), "--port", str(PLAIN_UPLOAD_PORT),
          "--port", str(UPLOAD_HTTP_PORT),
          "--pidfile", str(pidfile)],
         stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
@@ -391,19 +450,25 @@ def make_upload_file() -> tuple[Path, str]:
 
 def gateway_config(hosts: list[Host], token_file: Path, agent_key: Path | None = None,
                    checkpoint_key: Path | None = None) -> str:
-    def backends(port: int, agent: bool = False) -> str:
+    def backends(port: int, agent: bool = False, v6: bool = True) -> str:
+        """The backends of a service; ``v6``: with their ``address6`` (the service has a ``vip6``)."""
         return "".join(
-            f'\n[[service.backend]]\nname = "{h.short}"\naddress = "{h.address}"\nport = {port}\n'
+            f'\n[[service.backend]]\nname = "{h.short}"\naddress = "{h.address}"\n'
+            + (f'address6 = "{h.address6}"\n' if v6 else "")
+            + f'port = {port}\n'
             + (f'agent = "{h.address}:{AGENT_PORT}"\n' if agent else "")
             for h in hosts if h.role in ("primary", "backup")
         )
+
+    def vips() -> str:
+        return f'vip = "{VIP}"\nvip6 = "{VIP6}"\n'
 
     resumable = "" if agent_key is None else (
         f'\n[agent]\nkey_file = "{agent_key}"\n\n'
         f'[[service]]\nname = "resumable"\nvip = "{VIP}"\nport = {RESUME_PORT}\n'
         '[service.health]\ncheck = "tcp"\n'
         '[service.failover]\nmode = "resume"\n'
-        f'{backends(RESUME_PORT, agent=True)}'
+        f'{backends(RESUME_PORT, agent=True, v6=False)}'  # the example file server binds one IPv4 address
     )
 
     return (
@@ -411,18 +476,18 @@ def gateway_config(hosts: list[Host], token_file: Path, agent_key: Path | None =
         "[gateway]\nqueue_num = 0\n\n"
         f'[api]\nlisten = "{API_HOST}:{API_PORT}"\ntoken_file = "{token_file}"\n\n'
         + (f'[checkpoint]\nkey_file = "{checkpoint_key}"\n\n' if checkpoint_key is not None else "")
-        + f'[[service]]\nname = "web"\nvip = "{VIP}"\nport = {SERVICE_PORT}\n{backends(SERVICE_PORT)}\n'
-        f'[[service]]\nname = "web-http"\nvip = "{VIP}"\nport = {HTTP_REPLAY_PORT}\n'
+        + f'[[service]]\nname = "web"\n{vips()}port = {SERVICE_PORT}\n{backends(SERVICE_PORT)}\n'
+        f'[[service]]\nname = "web-http"\n{vips()}port = {HTTP_REPLAY_PORT}\n'
         f'[service.failover]\nreplay = "http"\n{backends(HTTP_REPLAY_PORT)}\n'
-        f'[[service]]\nname = "web-sampled"\nvip = "{VIP}"\nport = {SAMPLED_HTTP_PORT}\n'
+        f'[[service]]\nname = "web-sampled"\n{vips()}port = {SAMPLED_HTTP_PORT}\n'
         f'[service.failover]\nverify = "sampled"\n{backends(SAMPLED_HTTP_PORT)}\n'
-        f'[[service]]\nname = "iperf"\nvip = "{VIP}"\nport = {IPERF_PORT}\n'
+        f'[[service]]\nname = "iperf"\n{vips()}port = {IPERF_PORT}\n'
         f'[service.failover]\nverify = "sampled"\n{backends(IPERF_PORT)}\n'
-        f'[[service]]\nname = "upload"\nvip = "{VIP}"\nport = {UPLOAD_PORT}\n'
+        f'[[service]]\nname = "upload"\n{vips()}port = {UPLOAD_PORT}\n'
         # a whole 200 MiB body is kept for replay, and replaying it takes a while
         f'[service.failover]\nmax_log_bytes = {UPLOAD_SIZE + (16 << 20)}\nmove_timeout = 120.0\n'
         f'{backends(UPLOAD_PORT)}\n'
-        f'[[service]]\nname = "upload-http"\nvip = "{VIP}"\nport = {UPLOAD_HTTP_PORT}\n'
+        f'[[service]]\nname = "upload-http"\n{vips()}port = {UPLOAD_HTTP_PORT}\n'
         f'[service.failover]\nreplay = "http"\nmax_log_bytes = {UPLOAD_SIZE + (16 << 20)}\nmove_timeout = 120.0\n'
         f'{backends(UPLOAD_HTTP_PORT)}'
         f'{resumable}'
@@ -516,16 +581,18 @@ def _wait_backends_reachable(timeout: float = 5.0) -> None:
         return
     probe = ("import socket,sys,time\n"
              "end=time.time()+float(sys.argv[1])\n"
-             "for a in sys.argv[2:]:\n"
-             "  for port in (80, %d, %d, %d):\n"
+             "for t in sys.argv[2:]:\n"
+             "    a,_,port=t.rpartition(',')\n"
              "    while True:\n"
              "        try:\n"
-             "            socket.create_connection((a,port),timeout=0.2).close(); break\n"
+             "            socket.create_connection((a,int(port)),timeout=0.2).close(); break\n"
              "        except OSError:\n"
              "            if time.time()>end: break\n"
              "            time.sleep(0.05)\n")
-    nsexec(GATEWAY, sys.executable, "-c", probe % (UPLOAD_PORT, RESUME_PORT, AGENT_PORT), str(timeout),
-           *[h["address"] for h in hosts], check=False)
+    # IPv4: nginx, the upload app, the resumable file server and the agent; IPv6: nginx and the upload app
+    targets = [f"{h['address']},{port}" for h in hosts for port in (SERVICE_PORT, UPLOAD_PORT, RESUME_PORT, AGENT_PORT)]
+    targets += [f"{h['address6']},{port}" for h in hosts if h.get("address6") for port in (SERVICE_PORT, UPLOAD_PORT)]
+    nsexec(GATEWAY, sys.executable, "-c", probe, str(timeout), *targets, check=False)
 
 
 def wait_api(proc: subprocess.Popen | None = None, timeout: float = 20.0) -> None:
@@ -580,15 +647,15 @@ def up(clients: int = 1, backups: int = 1, appliance: bool = True) -> dict[str, 
     hosts = topology(clients, backups)
     _ensure_ns(GATEWAY)
     for k, v in (("net.ipv4.ip_forward", "1"), ("net.ipv4.conf.all.rp_filter", "0"),
-                 ("net.ipv4.conf.default.rp_filter", "0")):
+                 ("net.ipv4.conf.default.rp_filter", "0"), ("net.ipv6.conf.all.forwarding", "1")):
         nsexec(GATEWAY, "sysctl", "-qw", f"{k}={v}")
     # frames the gateway's bridges forward are not routed traffic: keep them out of
     # iptables (br_netfilter would show each routed packet a second time)
     for k in ("net.bridge.bridge-nf-call-iptables", "net.bridge.bridge-nf-call-ip6tables",
               "net.bridge.bridge-nf-call-arptables"):
         nsexec(GATEWAY, "sysctl", "-qw", f"{k}=0", check=False)
-    _ensure_bridge("br-client", f"{CLIENT_NET}.1/24")
-    _ensure_bridge("br-server", f"{SERVER_NET}.1/24")
+    _ensure_bridge("br-client", f"{CLIENT_NET}.1/24", f"{mirror6(CLIENT_NET + '.1')}/64")
+    _ensure_bridge("br-server", f"{SERVER_NET}.1/24", f"{mirror6(SERVER_NET + '.1')}/64")
     for h in hosts:
         _ensure_host(h)
     www = cache_dir() / "www"
@@ -612,6 +679,7 @@ def up(clients: int = 1, backups: int = 1, appliance: bool = True) -> dict[str, 
         "run_dir": str(rd),
         "hosts": [h.__dict__ for h in hosts],
         "vip": f"{VIP}:{SERVICE_PORT}",
+        "vip6": f"[{VIP6}]:{SERVICE_PORT}",
         "api": f"http://{API_HOST}:{API_PORT}",
         "token_file": str(token_file),
         "token": token_file.read_text().strip(),

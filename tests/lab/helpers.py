@@ -47,22 +47,36 @@ class Download:
         return self.proc.returncode, port
 
 
-def start_download(name: str, out: Path, rate: str | None = None, client: str = "lab-client") -> Download:
-    cmd = ["ip", "netns", "exec", client, "curl", "-sS", "--fail", "-o", str(out), "-w", "%{local_port}",
-           "--max-time", "280"]
+def vip(v6: bool = False) -> str:
+    """The lab's service VIP of one family."""
+    return lab.VIP6 if v6 else lab.VIP
+
+
+def curl(client: str, address: str, port: int, path: str = "/", *args: str) -> list[str]:
+    """The command running curl in ``client`` for ``http://address:port/path`` (an IPv6
+    address bracketed, with ``-g`` so curl does not read the brackets as a glob)."""
+    return ["ip", "netns", "exec", client, "curl", "-g", *args, lab.url(address, port, path)]
+
+
+def start_download(name: str, out: Path, rate: str | None = None, client: str = "lab-client",
+                   v6: bool = False) -> Download:
+    """curl downloads ``name`` from the lab's web service (``v6``: through the IPv6 VIP)."""
+    args = ["-sS", "--fail", "-o", str(out), "-w", "%{local_port}", "--max-time", "280"]
     if rate:
-        cmd += ["--limit-rate", rate]
-    cmd.append(f"http://{lab.VIP}:{lab.SERVICE_PORT}/{name}")
+        args += ["--limit-rate", rate]
+    cmd = curl(client, vip(v6), lab.SERVICE_PORT, f"/{name}", *args)
     return Download(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), out)
 
 
-def start_upload(body: Path, out: Path, rate: str | None = None, client: str = "lab-client") -> Download:
-    """curl POSTs ``body`` to the lab's upload service, which answers with its sha256."""
-    cmd = ["ip", "netns", "exec", client, "curl", "-sS", "--fail", "-H", "Expect:", "--data-binary", f"@{body}",
-           "-o", str(out), "-w", "%{local_port}", "--max-time", "280"]
+def start_upload(body: Path, out: Path, rate: str | None = None, client: str = "lab-client",
+                 v6: bool = False) -> Download:
+    """curl POSTs ``body`` to the lab's upload service, which answers with its sha256
+    (``v6``: through the IPv6 VIP)."""
+    args = ["-sS", "--fail", "-H", "Expect:", "--data-binary", f"@{body}",
+            "-o", str(out), "-w", "%{local_port}", "--max-time", "280"]
     if rate:
-        cmd += ["--limit-rate", rate]
-    cmd.append(f"http://{lab.VIP}:{lab.UPLOAD_PORT}/")
+        args += ["--limit-rate", rate]
+    cmd = curl(client, vip(v6), lab.UPLOAD_PORT, "/", *args)
     return Download(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), out)
 
 

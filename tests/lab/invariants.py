@@ -25,6 +25,14 @@ capture, every violation it finds:
 
 All sequence and TSval arithmetic is modulo 2**32.
 
+Both families: ``client_ip`` and ``vip`` are address strings of one family
+(IPv4 or IPv6, as ``ipaddress`` or any other writer prints them); the
+packets of that family between them are read (IPv6 extension headers walked
+by the data plane's own rules, :func:`nfq.packet.ipv6_tcp_offset`), the rest
+of the capture ignored.  Connections are keyed by the client's port: with
+the client address, the VIP and its port fixed, the port names a connection
+in either family.
+
 A small pcap reader (struct) keeps it fast enough for 100 MiB captures.
 """
 
@@ -38,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.pcap import packets
+from nfq.packet import MalformedPacket, ipv6_tcp_offset
 
 DATE = b"\r\nDate: "
 DATE_LEN = 29
@@ -80,7 +89,11 @@ def _commit_limits(commits: list[dict]) -> tuple[list[float], list[int]]:
 
 def check(pcap: Path, client_ip: str, vip: str, vport: int,
           commits: dict[int, list[dict]] | None = None) -> dict[int, ConnReport]:
-    cip, sip = socket.inet_aton(client_ip), socket.inet_aton(vip)
+    v6 = ":" in client_ip
+    if (":" in vip) != v6:
+        raise ValueError(f"client {client_ip} and VIP {vip} are not of one family")
+    family = socket.AF_INET6 if v6 else socket.AF_INET
+    cip, sip = socket.inet_pton(family, client_ip), socket.inet_pton(family, vip)
     limits = {port: _commit_limits(log) for port, log in (commits or {}).items()}
     client_isn: dict[int, int] = {}
     reports: dict[int, ConnReport] = {}
@@ -93,10 +106,23 @@ def check(pcap: Path, client_ip: str, vip: str, vport: int,
     fins: dict[int, int] = {}
     opened: set[int] = set()
     for t, p in packets(pcap):
-        if len(p) < 40 or p[9] != 6:
+        if v6:
+            if len(p) < 60 or p[0] >> 4 != 6:
+                continue
+            total = 40 + struct.unpack_from("!H", p, 4)[0]
+            try:
+                ihl = ipv6_tcp_offset(p, len(p), total)  # the TCP header's offset, past extension headers
+            except MalformedPacket:
+                continue  # not TCP, or not readable: not a packet of the checked connections
+            src, dst = p[8:24], p[24:40]
+        else:
+            if len(p) < 40 or p[0] >> 4 != 4 or p[9] != 6:
+                continue
+            ihl = (p[0] & 15) * 4
+            total = struct.unpack_from("!H", p, 2)[0]
+            src, dst = p[12:16], p[16:20]
+        if len(p) < ihl + 20:
             continue
-        ihl = (p[0] & 15) * 4
-        total = struct.unpack_from("!H", p, 2)[0]
         sport, dport, seq, ack = struct.unpack_from("!HHII", p, ihl)
         thl = (p[ihl + 12] >> 4) * 4
         flags = p[ihl + 13]
@@ -120,7 +146,7 @@ def check(pcap: Path, client_ip: str, vip: str, vport: int,
                 for e in range(o + 6, min(o + opts[o + 1], len(opts)) - 3, 8):
                     sack_right.append(struct.unpack_from("!I", opts, e)[0])
             o += opts[o + 1]
-        if p[12:16] == cip and p[16:20] == sip and dport == vport:
+        if src == cip and dst == sip and dport == vport:
             port = sport
             if flags & 0x02 and not flags & 0x10:
                 opened.add(port)
@@ -133,7 +159,7 @@ def check(pcap: Path, client_ip: str, vip: str, vport: int,
             if flags & 0x10 and (port not in last_ack_sent
                                  or ((ack - last_ack_sent[port]) & 0xFFFFFFFF) < (1 << 31)):
                 last_ack_sent[port] = ack
-        elif p[12:16] == sip and p[16:20] == cip and sport == vport:
+        elif src == sip and dst == cip and sport == vport:
             port = dport
             r = reports.setdefault(port, ConnReport(port))
             r.segments += 1

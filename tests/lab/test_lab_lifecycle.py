@@ -1,5 +1,6 @@
 """`appliance lab up` is idempotent and `appliance lab down` leaves nothing behind,
-even after a crash."""
+even after a crash; the lab is dual-stack (every host reaches its peers over
+IPv6 through the gateway, the appliance's IPv6 rules come and go with it)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,24 @@ import os
 import signal
 import subprocess
 import sys
+import tomllib
+from pathlib import Path
 
 import pytest
 
 from appliance.lab import topology as lab
 
 from .conftest import require_root
+from .helpers import (
+    Capture,
+    api,
+    curl,
+    expected_sha,
+    sha256_file,
+    start_download,
+    wait_for,
+)
+from .invariants import assert_clean, check
 
 pytestmark = pytest.mark.lab
 
@@ -24,9 +37,10 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 def leftovers() -> list[str]:
     found = [ns for ns in lab.namespaces() if ns.startswith("lab-")]
-    raw = subprocess.run(["iptables-legacy", "-t", "raw", "-S"], capture_output=True, text=True).stdout
-    if "APPLIANCE" in raw:
-        found.append("host iptables chain APPLIANCE")
+    for tool in ("iptables-legacy", "ip6tables-legacy"):
+        raw = subprocess.run([tool, "-t", "raw", "-S"], check=False, capture_output=True, text=True).stdout
+        if "APPLIANCE" in raw:
+            found.append(f"host {tool} chain APPLIANCE")
     nft = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
     if "appliance_nat" in nft:
         found.append("host nft table appliance_nat")
@@ -80,3 +94,105 @@ def test_down_after_crash(clean: None) -> None:
     finally:
         if stray.poll() is None:
             stray.kill()
+
+
+def gateway(*args: str) -> str:
+    return subprocess.run(["ip", "netns", "exec", lab.GATEWAY, *args], check=False, capture_output=True, text=True).stdout
+
+
+def test_mirror6() -> None:
+    assert lab.mirror6("192.0.2.10") == lab.CLIENT6 == "2001:db8:2::10"
+    assert lab.mirror6("198.51.100.20") == lab.BACKUP6 == "2001:db8:100::20"
+    assert lab.mirror6(lab.PRIMARY) == lab.PRIMARY6 and lab.mirror6(lab.VIP) == lab.VIP6
+    assert lab.mirror6(lab.VIP6) == lab.VIP6
+    with pytest.raises(ValueError):
+        lab.mirror6("10.0.0.1")
+    assert lab.url(lab.VIP6, 80, "/1M.bin") == "http://[2001:db8:113::10]:80/1M.bin"
+
+
+def test_dual_stack_lab_and_the_appliances_ipv6_rules(clean: None) -> None:
+    lab.up(clients=2, backups=2)
+    hosts = lab.topology(clients=2, backups=2)
+    assert [h.address6 for h in hosts] == ["2001:db8:2::10", "2001:db8:2::11", "2001:db8:100::10",
+                                           "2001:db8:100::20", "2001:db8:100::21"]
+    for h in hosts:
+        addrs = subprocess.run(["ip", "-n", h.ns, "-6", "addr", "show", "dev", "eth0"],
+                               check=False, capture_output=True, text=True).stdout
+        assert f"inet6 {h.address6}/64" in addrs, addrs
+    # every client reaches every server over IPv6, routed by the gateway (a plainly forwarded port)
+    for c in (h for h in hosts if h.role == "client"):
+        for srv in (h for h in hosts if h.role != "client"):
+            r = subprocess.run(curl(c.ns, srv.address6, lab.PLAIN_HTTP_PORT, "/1M.bin", "-sS", "--fail",
+                                    "-o", "/dev/null", "-w", "%{size_download} %{remote_ip}"),
+                               check=False, capture_output=True, text=True, timeout=30)
+            assert r.returncode == 0 and r.stdout == f"{1 << 20} {srv.address6}", (c.ns, srv.ns, r.stderr)
+    # the upload app listens on both families
+    r = subprocess.run(curl("lab-client", lab.PRIMARY6, lab.PLAIN_UPLOAD_PORT, "/", "-sS", "--fail",
+                            "-H", "Expect:", "--data-binary", "abc"), check=False, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stdout.startswith(
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad  3"), r.stdout + r.stderr
+    # the gateway's config: a vip6 next to every service's vip but the resumable one's, an address6 per backend
+    cfg = tomllib.loads((lab.run_dir() / "gateway.toml").read_text())
+    for svc in cfg["service"]:
+        if svc["name"] == "resumable":
+            assert "vip6" not in svc
+            continue
+        assert svc["vip6"] == lab.VIP6, svc["name"]
+        assert [b["address6"] for b in svc["backend"]] == [lab.mirror6(b["address"]) for b in svc["backend"]]
+    # the appliance's IPv6 rules: the VIP6 queued, each backend's return path queued and NATed
+    rules6 = gateway("ip6tables-legacy", "-t", "raw", "-S", "APPLIANCE")
+    assert (f"-A APPLIANCE -d {lab.VIP6}/128 -p tcp -m tcp --dport 80 -m comment --comment "
+            '"appliance: web client->vip" -j NFQUEUE --queue-num 0 --queue-bypass') in rules6, rules6
+    assert (f"-A APPLIANCE -s {lab.BACKUP6}/128 -p tcp -m tcp --sport 80 -m addrtype ! --dst-type LOCAL") in rules6
+    assert "-A PREROUTING -j APPLIANCE" in gateway("ip6tables-legacy", "-t", "raw", "-S", "PREROUTING")
+    nat = gateway("nft", "list", "table", "inet", "appliance_nat")
+    assert (f'ip6 saddr {lab.PRIMARY6} tcp sport 80 fib daddr type != local ip6 saddr set {lab.VIP6} '
+            'comment "return path"') in nat, nat
+    assert f'ip6 daddr {lab.VIP6} tcp dport 80 ip6 daddr set {lab.PRIMARY6} comment "fail-open fallback"' in nat
+    # ... and they go away with the appliance
+    lab.stop_appliance()
+    assert "APPLIANCE" not in gateway("ip6tables-legacy", "-t", "raw", "-S")
+    assert "APPLIANCE" not in gateway("iptables-legacy", "-t", "raw", "-S")
+    assert "appliance_nat" not in gateway("nft", "list", "tables")
+    assert cli("lab", "down").returncode == 0
+    assert leftovers() == []
+
+
+def test_download_through_the_ipv6_vip(clean: None, tmp_path: Path) -> None:
+    """A download through [VIP6]:80: the right bytes, a clean client capture (I1-I6),
+    and the appliance tracked it as an IPv6 connection to the primary."""
+    lab.up()
+    out = tmp_path / "10M.bin"
+    with Capture("lab-client", tmp_path / "client.pcap", snaplen=65535) as cap:
+        rc, port = start_download("10M.bin", out, v6=True).wait(timeout=120)
+    assert rc == 0 and sha256_file(out) == expected_sha("10M.bin")
+    reports = check(cap.path, lab.CLIENT6, lab.VIP6, lab.SERVICE_PORT)
+    assert_clean(reports, expect_connections=1)
+    assert reports[port].server_bytes > 10 << 20
+    conn = wait_for(lambda: next((c for c in api("/api/v1/connections")
+                                  if c["client"] == f"[{lab.CLIENT6}]:{port}"), None),
+                    what="the connection in the API")
+    assert conn["backend_address"] == f"[{lab.PRIMARY6}]:80" and conn["service"] == f"[{lab.VIP6}]:80"
+
+
+def test_ipv6_connection_moved_by_a_silent_death_is_in_the_kernels_moved6_set(clean: None, tmp_path: Path) -> None:
+    """The primary dies mid-download over IPv6: the connection moves to the backup, the kernel
+    marks its packets from the backup through the IPv6 set (``moved6``), the client gets every
+    byte right and its capture is clean."""
+    lab.up()
+    out = tmp_path / "100M.bin"
+    with Capture("lab-client", tmp_path / "client.pcap", snaplen=65535) as cap:
+        dl = start_download("100M.bin", out, rate="20M", v6=True)
+        wait_for(lambda: out.exists() and out.stat().st_size > 20 << 20, timeout=30, what="20 MiB received")
+        lab.cut_link("primary")
+
+        def in_moved6() -> str | None:
+            listing = gateway("nft", "list", "set", "inet", "appliance_nat", "moved6")
+            return listing if f"{lab.BACKUP6} . 80 . {lab.CLIENT6} . " in listing else None
+
+        listing = wait_for(in_moved6, timeout=30, what="the moved connection in the moved6 set")
+        rc, port = dl.wait(timeout=120)
+    assert rc == 0 and sha256_file(out) == expected_sha("100M.bin")
+    assert f"{lab.BACKUP6} . 80 . {lab.CLIENT6} . {port}" in listing, listing  # that very connection
+    assert_clean(check(cap.path, lab.CLIENT6, lab.VIP6, lab.SERVICE_PORT), expect_connections=1)
+    assert "elements" not in gateway("nft", "list", "set", "inet", "appliance_nat", "moved")  # none over IPv4

@@ -1,7 +1,8 @@
 """The checker checked: tests/lab/invariants.py against small crafted client
 captures, one per violation of the transparency contract (DESIGN.md I1-I6),
 and clean captures (also with sequence numbers and TSvals wrapping past 2**32)
-that must pass.  No root, no lab: scapy writes the pcap files."""
+that must pass; the same over IPv6 (and a capture holding both families).
+No root, no lab: scapy writes the pcap files."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from scapy.all import IP, TCP, Raw, wrpcap
+from scapy.all import IP, TCP, IPv6, IPv6ExtHdrDestOpt, Raw, wrpcap
 
 from tests.lab.invariants import ConnReport, assert_clean, check
 
 CLIENT, VIP, VPORT, CPORT = "192.0.2.10", "203.0.113.10", 80, 40000
+CLIENT6, VIP6 = "2001:db8:2::10", "2001:db8:113::10"
 M = 1 << 32
 REQUEST = b"GET /f HTTP/1.1\r\n\r\n"  # 19 bytes
 BODY = [b"A" * 100, b"B" * 100, b"C" * 50]  # the server's stream: 250 bytes
@@ -30,7 +32,19 @@ class Flow:
     cts: int = 500
     sts: int = 90_000
     t: float = 1_700_000_000.0
+    v6: bool = False
+    ext: bool = False  # IPv6: a destination options header before TCP in every packet
     pkts: list = field(default_factory=list)
+
+    @property
+    def addrs(self) -> tuple[str, str]:
+        """(client, VIP) of this flow's family."""
+        return (CLIENT6, VIP6) if self.v6 else (CLIENT, VIP)
+
+    def _ip(self, src: str, dst: str):
+        if not self.v6:
+            return IP(src=src, dst=dst)
+        return IPv6(src=src, dst=dst) / IPv6ExtHdrDestOpt() if self.ext else IPv6(src=src, dst=dst)
 
     def _seg(self, client: bool, off: int, ack: int | None, flags: str, data: bytes,
              tsval: int | None = None, extra_opts: list | None = None) -> float:
@@ -38,12 +52,12 @@ class Flow:
         if client:
             self.cts += 1
             ts = (self.cts if tsval is None else tsval, self.sts)
-            ip, tcp = IP(src=CLIENT, dst=VIP), TCP(sport=CPORT, dport=VPORT)
+            ip, tcp = self._ip(*self.addrs), TCP(sport=CPORT, dport=VPORT)
             seq, peer = self.cisn, self.sisn
         else:
             self.sts += 1
             ts = (self.sts if tsval is None else tsval, self.cts)
-            ip, tcp = IP(src=VIP, dst=CLIENT), TCP(sport=VPORT, dport=CPORT)
+            ip, tcp = self._ip(*reversed(self.addrs)), TCP(sport=VPORT, dport=CPORT)
             seq, peer = self.sisn, self.cisn
         tcp.seq = (seq + 1 + off) % M
         tcp.ack = 0 if ack is None else (peer + 1 + ack) % M
@@ -68,7 +82,7 @@ class Flow:
     def check(self, tmp_path: Path, **kw) -> dict[int, ConnReport]:
         pcap = tmp_path / "client.pcap"
         wrpcap(str(pcap), self.pkts)
-        return check(pcap, CLIENT, VIP, VPORT, **kw)
+        return check(pcap, *self.addrs, VPORT, **kw)
 
 
 def request_and_first_two(f: Flow) -> None:
@@ -285,3 +299,80 @@ def test_fin_ack_before_the_fin_is_committed_is_caught(tmp_path: Path) -> None:
     commits.append({"t": f.t + 0.0001, "commit_offset": 19, "commit_fin": False})  # the FIN not yet
     f.server(0, ack=20, flags="A")
     assert_caught(f.check(tmp_path, commits={CPORT: commits}), "I1", "20 client bytes", "committed then: 19")
+
+
+# IPv6 ------------------------------------------------------------------------
+
+V6 = [Flow(v6=True), Flow(v6=True, ext=True), Flow(v6=True, cisn=M - 10, sisn=M - 120, cts=M - 4, sts=M - 3)]
+V6_IDS = ["plain", "extension-header", "wrapping"]
+
+
+@pytest.mark.parametrize("flow", V6, ids=V6_IDS)
+def test_clean_ipv6_capture_passes(tmp_path: Path, flow: Flow) -> None:
+    reports = clean(flow).check(tmp_path)
+    assert_clean(reports, expect_connections=1)
+    r = reports[CPORT]
+    assert r.server_bytes == 250 and r.rsts == 0 and r.tsval_checks > 0
+
+
+def _v6(**kw: int | bool) -> Flow:
+    return Flow(v6=True, **kw)  # type: ignore[arg-type]
+
+
+def test_ipv6_rst_is_caught(tmp_path: Path) -> None:
+    f = _v6(ext=True)
+    request_and_first_two(f)
+    f.server(200, ack=19, flags="R")
+    assert_caught(f.check(tmp_path), "I4", "RST")
+
+
+def test_ipv6_changed_byte_is_caught(tmp_path: Path) -> None:
+    f = _v6()
+    request_and_first_two(f)
+    f.server(100, b"B" * 50 + b"X" + b"B" * 49, ack=19)
+    assert_caught(f.check(tmp_path), "I2", "offset 150")
+
+
+def test_ipv6_ack_of_bytes_never_sent_is_caught(tmp_path: Path) -> None:
+    f = _v6()
+    request_and_first_two(f)
+    f.server(200, BODY[2], ack=19 + 1000)
+    assert_caught(f.check(tmp_path), "I1", "above what the client sent")
+
+
+def test_ipv6_tsval_going_backwards_is_caught(tmp_path: Path) -> None:
+    f = _v6()
+    request_and_first_two(f)
+    recent = f.sts
+    f.server(200, BODY[2], ack=19, tsval=recent - 1)
+    assert_caught(f.check(tmp_path), "I3", f"TS.Recent {recent}")
+
+
+def test_ipv6_ack_above_the_commit_point_is_caught(tmp_path: Path) -> None:
+    f = _v6()
+    f.client(-1, flags="S")
+    commits = [{"t": f.t + 0.0001, "commit_offset": 0, "commit_fin": False}]
+    f.server(-1, ack=0, flags="SA")
+    f.client(0, ack=0, flags="A")
+    f.client(0, REQUEST, ack=0)
+    commits.append({"t": f.t + 0.0001, "commit_offset": 10, "commit_fin": False})
+    f.server(0, BODY[0], ack=19)
+    assert_caught(f.check(tmp_path, commits={CPORT: commits}), "I1", "19 client bytes", "committed then: 10")
+
+
+def test_a_capture_of_both_families_is_checked_per_family(tmp_path: Path) -> None:
+    """The same ports over IPv4 (clean) and IPv6 (a RST): each check reads only its family."""
+    f4, f6 = clean(Flow()), _v6()
+    request_and_first_two(f6)
+    f6.server(200, ack=19, flags="R")
+    pcap = tmp_path / "both.pcap"
+    wrpcap(str(pcap), sorted(f4.pkts + f6.pkts, key=lambda p: float(p.time)))
+    assert_clean(check(pcap, CLIENT, VIP, VPORT), expect_connections=1)
+    assert_caught(check(pcap, CLIENT6, VIP6, VPORT), "I4", "RST")
+
+
+def test_addresses_of_two_families_are_refused(tmp_path: Path) -> None:
+    pcap = tmp_path / "empty.pcap"
+    wrpcap(str(pcap), clean(Flow()).pkts)
+    with pytest.raises(ValueError, match="one family"):
+        check(pcap, CLIENT6, VIP, VPORT)

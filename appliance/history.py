@@ -301,7 +301,7 @@ def connections_page(gw: Any, q: str | None = None, state: str | None = None, se
         if protected is not None and bool(d.get("protected")) != protected:
             continue
         if ql and not any(ql in str(d.get(k, "")).lower() for k in (
-                "id", "client", "service", "service_name", "backend", "backend_address", "state", "why")):
+                "id", "client", "service", "service_name", "backend", "backend_address", "state", "why", "family")):
             continue
         found.append((e.id, e))
     found.sort(key=lambda x: x[0])

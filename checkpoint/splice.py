@@ -27,6 +27,35 @@ the client* and then stands in the middle of it for the rest of its life:
     ACK that tells the backup nothing new is dropped, so the backup never
     sees a flood of duplicate ACKs while it regenerates.
 
+The connection may be caught in any state the tracker knows but the finished ones
+(TIME_WAIT, CLOSED: the data plane refuses to move those, there is nothing left to move).
+What each state needs, so that it completes on the backup as it would have on the primary:
+
+``SYN_RECV`` (the client's SYN and the primary's SYN-ACK seen, the client's ACK not yet)
+    Nothing logged, nothing to verify: the move is spliced as soon as the backup's SYN-ACK
+    is absorbed.  The client's handshake ACK (with data or not) then goes the usual way
+    (logged and replayed while replaying, translated once spliced).  A client SYN (the
+    primary's SYN-ACK was lost: it retransmits its SYN) is never passed to the backup (whose
+    connection exists already: it would draw a challenge ACK the client cannot use); the
+    gateway answers it with the primary's SYN-ACK as the client must see it (the primary's
+    ISN and options, a TSval not below one already shown), in every phase of the move.
+The client's FIN (``FIN_WAIT``/``CLOSE_WAIT`` of the client's direction, ``LAST_ACK``)
+    It is in the log.  It goes to the backup only once the backup has caught up (a server may
+    abort the response it is regenerating on a half-close) and once the backup has every
+    client byte before it: then the *gateway* sends it, and any logged bytes the backup
+    still lacks before it, whatever the phase — the client may never send it again (the
+    primary acknowledged it) — resent on a timer until the backup acknowledges it.  The
+    backup's acknowledgment of it reaches the client (a no-op when the primary had
+    acknowledged it already, the one it waits for in ``LAST_ACK``).  Until the backup has
+    the FIN, client segments whose sequence number lies past it (the ACKs of a client in
+    FIN_WAIT_2) are given the FIN's sequence number: the backup never sees a hole.
+The server's FIN (``FIN_WAIT``/``CLOSE_WAIT`` of the server's direction, ``LAST_ACK``)
+    The backup regenerates it with the response; it is a stream position like any byte:
+    suppressed and acknowledged by the gateway when the client acknowledged it, else
+    delivered once (translated) after the bytes before it verify; a FIN before what the
+    client has seen is a divergence.  The client's later bytes and its own FIN follow the
+    rules above, so the backup's side closes too.
+
 Backup data is handled the same way in every phase after the handshake, by
 its stream offset:
 
@@ -211,6 +240,7 @@ class Splice:
         self.replay_next = plan.client_start      # next client stream offset to send
         self.replay_acked = plan.client_start     # client stream offset the backup acknowledged
         self.fin_sent = False
+        self.fin_tx: float | None = None  # when the gateway last sent the client's FIN once spliced
         self.pending: dict[int, tuple[bytes, int]] = {}   # backup segments awaiting verification
         self.retained: dict[int, tuple[bytes, int]] = {}  # sent to the client by us, not yet acked
         self.retained_tx = now
@@ -239,9 +269,13 @@ class Splice:
         self.timings.setdefault(name, round((now - self.t_start) * 1000, 3))
 
     def _to_backend(self, seq: int, ack: int, flags: int, payload: bytes = b"") -> Out:
+        c = self.rec.client
+        window = c.window_raw or 65535
+        if not self.rec.established:  # caught in SYN_RECV: the last window seen is its SYN's, unscaled
+            window = min(c.window >> (c.wscale if self.rec.wscale_ok and c.wscale else 0), 0xFFFF) or 1
         return Out(
             src=self.rec.client_ip, dst=self.target.ip, sport=self.rec.client_port, dport=self.target.port,
-            seq=seq, ack=ack, flags=flags, window=self.rec.client.window_raw or 65535,
+            seq=seq, ack=ack, flags=flags, window=window,
             tsval=self._client_tsval(), tsecr=self.b_tsval if self.ts else None, payload=payload,
         )
 
@@ -310,6 +344,8 @@ class Splice:
             times.append(self.last_tx + self.rto)
         if self.retained:
             times.append(self.retained_tx + max(self.rto, INITIAL_RTO))
+        if self.phase is Phase.SPLICED and self._fin_due():
+            times.append(self.fin_tx + self.rto if self.fin_tx is not None else self.t_start)
         return min(times) if times else None
 
     def poll(self, now: float) -> list[Out]:
@@ -326,7 +362,9 @@ class Splice:
                 return [self._syn()]
             return []
         if self.retained and now - self.retained_tx >= max(self.rto, INITIAL_RTO):
-            return self._resend_retained(now)
+            return self._resend_retained(now) + self._client_fin(now)
+        if self.phase is Phase.SPLICED:
+            return self._client_fin(now)
         if self.phase is Phase.REPLAYING:
             out = []
             self._maybe_spliced(now)
@@ -343,6 +381,57 @@ class Splice:
         """The client's FIN goes to the backup only once it has caught up: a
         server may abort the response it is regenerating on a half-close."""
         return self.log.fin_offset is not None and self.verifier.done
+
+    def _fin_due(self) -> bool:
+        """Spliced, the client's FIN is for the backup now and it has not acknowledged it."""
+        log = self.log
+        return (self._fin_to_replay() and log.fin_offset == log.end
+                and self.replay_acked <= log.end and self.b_isn is not None)
+
+    def _client_fin(self, now: float) -> list[Out]:
+        """Spliced: the client's FIN, sent by the gateway (see the theory of operation), with the
+        logged bytes before it that the backup has not acknowledged; resent after an RTO."""
+        if self.phase is not Phase.SPLICED or not self._fin_due():
+            return []
+        if self.fin_tx is not None:
+            if now - self.fin_tx < self.rto:
+                return []
+            self.rto = min(self.rto * 2, MAX_RTO)
+            self.stats["fin_retransmits"] = self.stats.get("fin_retransmits", 0) + 1
+        self.fin_tx = now
+        out = []
+        off, end = self.replay_acked, self.log.end
+        limit = self.replay_acked + max(self.b_window, self.b_mss)
+        while off < end and off < limit:
+            data = self._read(off, min(self.b_mss, end - off, limit - off))
+            if not data:
+                break
+            out.append(self._to_backend(seq_add(self.c_base, off), self._ack_value_for_backend(), ACK | PSH, data))
+            off += len(data)
+        if off == end:
+            out.append(self._to_backend(seq_add(self.c_base, end), self._ack_value_for_backend(), ACK | FIN))
+            self.stats["fins_sent"] = self.stats.get("fins_sent", 0) + 1
+        return out
+
+    def _synack_to_client(self, syn: SegmentLike) -> Out:
+        """The primary's SYN-ACK as the client must see it, for a client that retransmits its SYN
+        (it never got the primary's): the primary's ISN and options, the window in bytes (a SYN's
+        is never scaled), a TSval not below one the client may have seen."""
+        rec = self.rec
+        s = rec.server
+        tsval = tsecr = None
+        if self.ts:
+            if self.tr is not None and self.b_tsval is not None:
+                tsval = self._ts_to_client(self.b_tsval)
+            else:
+                tsval = self.ts_high if self.ts_high is not None else (s.tsval or 0)
+            tsecr = syn.tsval if syn.tsval is not None else (rec.client.tsval or 0)
+        self.stats["synacks_resent"] = self.stats.get("synacks_resent", 0) + 1
+        return Out(src=self.vip, dst=rec.client_ip, sport=self.vport, dport=rec.client_port,
+                   seq=self.s_isn, ack=seq_add(self.c_isn, 1), flags=SYN | ACK,
+                   window=min(s.max_window or s.window or 65535, 0xFFFF), tsval=tsval, tsecr=tsecr,
+                   mss=s.mss, wscale=s.wscale if rec.client.wscale is not None else None,
+                   sack_permitted=s.sack_permitted and rec.client.sack_permitted, to="client")
 
     def _replay_outstanding(self) -> bool:
         fin = 1 if self._fin_to_replay() else 0
@@ -377,6 +466,12 @@ class Splice:
 
     # --- segments from the backup ---------------------------------------------------------
     def on_backend(self, seg: SegmentLike, payload: bytes, now: float) -> Decision:
+        d = self._on_backend(seg, payload, now)
+        if self.active:
+            d.inject += self._client_fin(now)  # the backup caught up, or has the bytes before the FIN
+        return d
+
+    def _on_backend(self, seg: SegmentLike, payload: bytes, now: float) -> Decision:
         if not self.active:
             return Decision(False)
         flags = seg.flags
@@ -611,9 +706,13 @@ class Splice:
     def _rewrite_to_client(self, seg: SegmentLike) -> Rewrite:
         tr = self.tr
         assert tr is not None
+        shown = self.rec.server.ack
         return Rewrite(
             src=self.vip, sport=self.vport,
             seq=tr.seq_to_client(seg.seq),
+            # never below an acknowledgment the client was shown (the primary's of the client's
+            # FIN, before the backup has it): the client's own bytes, already logged
+            ack=shown if seg.flags & ACK and shown is not None and seq_diff(seg.ack, shown) < 0 else None,
             window=tr.window_to_client(seg.window),
             tsval=self._ts_to_client(seg.tsval) if seg.tsval is not None else None,
             tsecr=seg.tsecr if seg.tsval is not None else None,
@@ -625,6 +724,11 @@ class Splice:
         if not self.active:
             return Decision(False)
         flags = seg.flags
+        if flags & SYN:
+            if flags & (ACK | RST) or seg.seq != self.c_isn:
+                return Decision(False)  # not this connection's SYN
+            # the client never got the primary's SYN-ACK: give it again, never the SYN to the backup
+            return Decision(False, inject=[self._synack_to_client(seg)])
         resend: list[Out] = []
         if flags & ACK:
             resend = self._client_acked_to(seq_diff(seg.ack, self.s_base), now)
@@ -640,6 +744,12 @@ class Splice:
         tr = self.tr
         assert tr is not None
         rw = Rewrite(dst=self.target.ip, dport=self.target.port)
+        fin_at = self.log.fin_offset
+        if (fin_at is not None and not flags & FIN and self.replay_acked <= fin_at and self.fin_tx is None
+                and not self.fin_sent and seq_diff(seg.seq, self.c_base) > fin_at):
+            # past a FIN the backup does not have yet (a client in FIN_WAIT_2 acknowledging data):
+            # at the FIN's place, the backup's rcv_nxt, until the gateway has delivered it
+            rw.seq = seq_add(self.c_base, fin_at)
         if flags & ACK:
             top = seq_add(self.b_base, self.b_high)
             absorbed = absorb_ack(tr.ack_to_backend(seg.ack), top)

@@ -198,3 +198,15 @@ def test_ipv6_only_service() -> None:
     connect(gw, C6, VIP6, P6)
     (s,) = gw.services()
     assert (s["vip"], s["vip6"], s["backends"][0]["address6"]) == (None, VIP6, P6)
+
+
+def test_a_closed_ipv6_connection_is_found_by_family_in_the_history() -> None:
+    from appliance import history
+
+    gw = Gateway(parse(config()), clock=lambda: 2.0)
+    connect(gw, C4, VIP4, P4, 40000)
+    connect(gw, C6, VIP6, P6, 40001)
+    gw.reset_connection(2)
+    gw.dataplane.expire(1000.0)  # both leave the table; the reset one is in the history
+    total, page = history.connections_page(gw, q="ipv6", closed=True)
+    assert total == 1 and page[0]["client"] == f"[{C6}]:40001" and page[0]["closed"] is True

@@ -210,3 +210,31 @@ def test_a_closed_ipv6_connection_is_found_by_family_in_the_history() -> None:
     gw.dataplane.expire(1000.0)  # both leave the table; the reset one is in the history
     total, page = history.connections_page(gw, q="ipv6", closed=True)
     assert total == 1 and page[0]["client"] == f"[{C6}]:40001" and page[0]["closed"] is True
+
+
+def test_the_panel_and_the_api_show_and_filter_ipv6_connections() -> None:
+    from fastapi.testclient import TestClient
+
+    from webui.auth import hash_password
+    from webui.app import create_app
+
+    cfg = config()
+    cfg["api"]["user"] = [{"name": "vera", "role": "viewer", "password_hash": hash_password("pw-long-enough", n=1024)}]
+    gw = Gateway(parse(cfg), clock=lambda: 2.0)
+    connect(gw, C4, VIP4, P4, 40000)
+    connect(gw, C6, VIP6, P6, 40001)
+    c = TestClient(create_app(gw))
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    r = c.get("/api/v1/connections?q=ipv6", headers=auth)
+    assert r.headers["x-total-count"] == "1" and r.json()[0]["client"] == f"[{C6}]:40001"
+    assert [x["client"] for x in c.get(f"/api/v1/connections?service=[{VIP6}]:80", headers=auth).json()] == [
+        f"[{C6}]:40001"]
+    (svc,) = c.get("/api/v1/services", headers=auth).json()
+    assert svc["vip6"] == VIP6 and svc["backends"][0]["address6"] == P6
+    assert c.post("/login", data={"username": "vera", "password": "pw-long-enough"},
+                  follow_redirects=False).status_code == 303
+    page = c.get("/connections?q=2001:db8").text
+    assert f"[{C6}]:40001" in page and f"{C4}:40000" not in page
+    assert f"{C4}:40000" in c.get("/connections").text
+    backends = c.get("/services").text
+    assert f"[{P6}]:80" in backends and f"{P4}:80" in backends

@@ -129,8 +129,8 @@ def cmd_lab(args: argparse.Namespace) -> None:
 def _print_lab(info: dict) -> None:
     print(f"lab up in {info['run_dir']}")
     for h in info["hosts"]:
-        print(f"  {h['ns']:<14} {h['address']:<15} {h['role']}")
-    print(f"  service VIP     {info['vip']}")
+        print(f"  {h['ns']:<14} {h['address']:<15} {h.get('address6', ''):<18} {h['role']}")
+    print(f"  service VIP     {info['vip']}  {info.get('vip6', '')}")
     if info.get("appliance_pid"):
         print(f"panel and API:  {info['api']}  (token in {info['token_file']})")
         print(f"token:          {info['token']}")
@@ -156,16 +156,18 @@ def demo(args: argparse.Namespace) -> None:
     expected = files[name]
     out = Path(str(info["run_dir"])) / "demo-download.bin"
     service, port = ("web-http", lab.HTTP_REPLAY_PORT) if args.replay == "http" else ("web", lab.SERVICE_PORT)
-    url = f"http://{lab.VIP}:{port}/{name}"
+    family = "ipv6" if args.ipv6 else "ipv4"
+    url = lab.url(lab.VIP6 if args.ipv6 else lab.VIP, port, f"/{name}")
     print(f"\nclient: curl {url} at {args.rate} ...")
-    proc = subprocess.Popen(
-        ["ip", "netns", "exec", "lab-client", "curl", "-sS", "--fail", "--limit-rate", args.rate, "-o", str(out), url]
+    proc = subprocess.Popen(  # -g: an IPv6 URL's brackets are not a curl glob
+        ["ip", "netns", "exec", "lab-client", "curl", "-g", "-sS", "--fail", "--limit-rate", args.rate, "-o", str(out),
+         url]
     )
     seen: dict = {}
 
     def watch() -> None:
         while proc.poll() is None:
-            conns = api_get(f"/api/v1/connections?service={service}", api, token) or []
+            conns = api_get(f"/api/v1/connections?service={service}&q={family}", api, token) or []
             for c in conns:
                 if c["state"] != "CLOSED":
                     seen.update(c)
@@ -195,7 +197,7 @@ def demo(args: argparse.Namespace) -> None:
     got = lab.sha256_file(out)
     out.unlink(missing_ok=True)
     print(f"\ncurl exit {rc}; sha256 {'matches' if got == expected else 'DIFFERS'} ({got[:16]}...)")
-    conns = api_get(f"/api/v1/connections?service={service}", api, token) or []
+    conns = api_get(f"/api/v1/connections?service={service}&q={family}", api, token) or []
     if conns:
         print("final record as the gateway tracked it:")
         print(json.dumps(conns[-1], indent=1))
@@ -323,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--rate", default="20M", help="curl --limit-rate for the download")
     dm.add_argument("--replay", choices=("stream", "http"), default="stream",
                     help="the service to download from: web (stream replay) or web-http (HTTP-aware replay)")
+    dm.add_argument("--ipv6", action="store_true",
+                    help="the client connects to the service's IPv6 address (the lab is dual-stack)")
     dm.add_argument("--fail-after", type=float, default=2.0,
                     help="cut the primary's link this many seconds into the download (0: never)")
     bn = lsub.add_parser("bench", help="throughput through the gateway against plain forwarding")

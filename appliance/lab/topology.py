@@ -19,8 +19,8 @@ with ``nodad`` so it is usable at once; every host has a default route of
 each family via the gateway, and the gateway forwards both (the VIPs, owned
 by no one, are reached by that default route, as the IPv4 one is).  Every
 service listens on both families (nginx, iperf3 and the upload app on both
-addresses), except the resumable file server (IPv4 only: the example server
-binds one address), and the gateway's config gives each service a ``vip6``
+addresses, the resumable file server on ``[::]``, dual-stack), and the
+gateway's config gives each service a ``vip6``
 and each backend an ``address6`` next to its IPv4 ones.  Each host is joined to a bridge in
 ``lab-gateway`` by a veth pair (MTU 1500): the host side is ``eth0``, the
 gateway side ``v-<host>`` (so cutting a host's link is
@@ -420,7 +420,7 @@ def start_fileserver(h: Host) -> None:
     log = open(fileserver_log(h.short), "ab")
     proc = subprocess.Popen(
         ["ip", "netns", "exec", h.ns, sys.executable, str(root / "examples" / "resumable_fileserver" / "server.py"),
-         "--listen", f"{h.address}:{RESUME_PORT}", "--root", str(cache_dir() / "www"),
+         "--listen", f"[::]:{RESUME_PORT}", "--root", str(cache_dir() / "www"),  # both families
          "--agent", str(agent_socket(h))],
         stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, cwd=str(root),
     )
@@ -465,10 +465,10 @@ def gateway_config(hosts: list[Host], token_file: Path, agent_key: Path | None =
 
     resumable = "" if agent_key is None else (
         f'\n[agent]\nkey_file = "{agent_key}"\n\n'
-        f'[[service]]\nname = "resumable"\nvip = "{VIP}"\nport = {RESUME_PORT}\n'
+        f'[[service]]\nname = "resumable"\n{vips()}port = {RESUME_PORT}\n'
         '[service.health]\ncheck = "tcp"\n'
         '[service.failover]\nmode = "resume"\n'
-        f'{backends(RESUME_PORT, agent=True, v6=False)}'  # the example file server binds one IPv4 address
+        f'{backends(RESUME_PORT, agent=True)}'
     )
 
     return (
@@ -589,9 +589,10 @@ def _wait_backends_reachable(timeout: float = 5.0) -> None:
              "        except OSError:\n"
              "            if time.time()>end: break\n"
              "            time.sleep(0.05)\n")
-    # IPv4: nginx, the upload app, the resumable file server and the agent; IPv6: nginx and the upload app
+    # IPv4: nginx, the upload app, the resumable file server and the agent; IPv6: the same but the agent
     targets = [f"{h['address']},{port}" for h in hosts for port in (SERVICE_PORT, UPLOAD_PORT, RESUME_PORT, AGENT_PORT)]
-    targets += [f"{h['address6']},{port}" for h in hosts if h.get("address6") for port in (SERVICE_PORT, UPLOAD_PORT)]
+    targets += [f"{h['address6']},{port}" for h in hosts if h.get("address6")
+                for port in (SERVICE_PORT, UPLOAD_PORT, RESUME_PORT)]
     nsexec(GATEWAY, sys.executable, "-c", probe, str(timeout), *targets, check=False)
 
 

@@ -21,13 +21,13 @@ import time
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("server", help="HOST:PORT")
+    p.add_argument("server", help="HOST:PORT ([IPV6]:PORT for an IPv6 address)")
     p.add_argument("file")
     p.add_argument("--rate", type=float, default=0, help="bytes per second (0: as fast as possible)")
     p.add_argument("--timeout", type=float, default=30)
     args = p.parse_args()
     host, _, port = args.server.rpartition(":")
-    s = socket.create_connection((host, int(port)), timeout=args.timeout)
+    s = socket.create_connection((host.strip("[]"), int(port)), timeout=args.timeout)
     s.sendall(f"GET {args.file}\n".encode())
     f = s.makefile("rb")
     head = f.readline().decode(errors="replace").split()

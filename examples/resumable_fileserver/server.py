@@ -147,8 +147,8 @@ def handle_new(sock: socket.socket, root: Path, args: argparse.Namespace) -> Non
         return
     header = f"OK {path.stat().st_size}\n".encode()
     report(sock, name, len(header), len(line), args)
-    host, port = sock.getpeername()
-    emit(event="started", file=name, peer=f"{host}:{port}")
+    host, port = sock.getpeername()[:2]  # (an AF_INET6 name has four fields)
+    emit(event="started", file=name, peer=f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
     serve(sock, root, name, len(header), 0, args, header_left=header)
 
 

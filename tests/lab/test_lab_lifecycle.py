@@ -131,12 +131,9 @@ def test_dual_stack_lab_and_the_appliances_ipv6_rules(clean: None) -> None:
                             "-H", "Expect:", "--data-binary", "abc"), check=False, capture_output=True, text=True, timeout=30)
     assert r.returncode == 0 and r.stdout.startswith(
         "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad  3"), r.stdout + r.stderr
-    # the gateway's config: a vip6 next to every service's vip but the resumable one's, an address6 per backend
+    # the gateway's config: a vip6 next to every service's vip, an address6 per backend
     cfg = tomllib.loads((lab.run_dir() / "gateway.toml").read_text())
     for svc in cfg["service"]:
-        if svc["name"] == "resumable":
-            assert "vip6" not in svc
-            continue
         assert svc["vip6"] == lab.VIP6, svc["name"]
         assert [b["address6"] for b in svc["backend"]] == [lab.mirror6(b["address"]) for b in svc["backend"]]
     # the appliance's IPv6 rules: the VIP6 queued, each backend's return path queued and NATed

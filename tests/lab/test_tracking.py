@@ -116,15 +116,18 @@ def test_api_requires_token(appliance_running: dict) -> None:
     assert svc[0]["active_backend"] == "primary"
 
 
-def test_demo_runs_end_to_end(appliance_running: dict) -> None:
+@pytest.mark.parametrize("family", [[], ["--ipv6"]], ids=["ipv4", "ipv6"])
+def test_demo_runs_end_to_end(appliance_running: dict, family: list[str]) -> None:
     import subprocess
     import sys
 
     res = subprocess.run([sys.executable, "-m", "appliance", "lab", "demo", "--file", "10M.bin", "--rate", "2M",
-                          "--fail-after", "2"], capture_output=True, text=True, timeout=120)
+                          "--fail-after", "2", *family], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "cutting the primary's link" in res.stdout
     assert "failover" in res.stdout and "migration moved" in res.stdout
     assert "sha256 matches" in res.stdout
     assert '"client_isn"' in res.stdout  # it printed the tracked record
+    if family:
+        assert f"http://[{lab.VIP6}]:80/10M.bin" in res.stdout and f'"client": "[{lab.CLIENT6}]:' in res.stdout
     lab.down_appliance_state()  # the demo left the backup active: later tests want a fresh appliance

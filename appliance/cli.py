@@ -88,6 +88,12 @@ def cmd_lab(args: argparse.Namespace) -> None:
     elif args.lab_cmd == "bench":
         from .bench import throughput as bench
 
+        if args.family:
+            results = bench.family_bench(rounds=args.rounds)
+            if args.json:
+                bench.save(results, Path(args.json))
+            print(bench.family_markdown(results))
+            return
         if args.upload:
             results = bench.upload_bench(rounds=args.rounds)
             if args.json:
@@ -340,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--http", metavar="CASES", nargs="?", const="download,crowd,paced",
                     help="HTTP-aware replay against stream replay, side by side: download, crowd, paced "
                          "(comma-separated; default all)")
+    bn.add_argument("--family", action="store_true",
+                    help="the same downloads over IPv4 and IPv6, plain and through the gateway, side by side")
     bn.add_argument("--upload", action="store_true",
                     help="measure upload throughput instead, with the checkpoint store in memory and on disk")
     lab.set_defaults(func=cmd_lab)

@@ -289,3 +289,44 @@ def upload_markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {name} | {r['plain_median_gbps']} | {r['gateway_median_gbps']} | {r['ratio']:.1%} | "
                      f"{r['batches'] or '-'} ({r['max_batch_ms'] or '-'}) | {r['acks_held']} / {r['acks_clamped']} |")
     return "\n".join(lines)
+
+
+# --- IPv4 against IPv6 ------------------------------------------------------------------------
+
+def family_bench(rounds: int = 3) -> dict[str, Any]:
+    """The same downloads over IPv4 and over IPv6, plain and through the gateway, alternating
+    in one run (medians): what the second family costs the data path, if anything."""
+    lab.up()
+    cases = {
+        "curl 100 MiB download, verify=full": (lab.PLAIN_HTTP_PORT, lab.SERVICE_PORT, "100M.bin"),
+        "curl 1 GiB download, verify=sampled": (lab.PLAIN_HTTP_PORT, lab.SAMPLED_HTTP_PORT, "1G.bin"),
+    }
+    results: dict[str, Any] = {"rounds": rounds, "cases": {}}
+    for name, (plain_port, port, file) in cases.items():
+        runs: dict[str, list[float]] = {k: [] for k in ("plain4", "gateway4", "plain6", "gateway6")}
+        for _ in range(rounds):
+            runs["plain4"].append(_curl(lab.url(lab.PRIMARY, plain_port, f"/{file}")))
+            runs["gateway4"].append(_curl(lab.url(lab.VIP, port, f"/{file}")))
+            runs["plain6"].append(_curl(lab.url(lab.PRIMARY6, plain_port, f"/{file}")))
+            runs["gateway6"].append(_curl(lab.url(lab.VIP6, port, f"/{file}")))
+        med = {k: statistics.median(v) for k, v in runs.items()}
+        results["cases"][name] = {
+            "runs_gbps": {k: [round(x, 3) for x in v] for k, v in runs.items()},
+            "median_gbps": {k: round(v, 3) for k, v in med.items()},
+            "ratio4": round(med["gateway4"] / med["plain4"], 3),
+            "ratio6": round(med["gateway6"] / med["plain6"], 3),
+            "v6_over_v4": round(med["gateway6"] / med["gateway4"], 3),
+        }
+    return results
+
+
+def family_markdown(results: dict[str, Any]) -> str:
+    lines = ["| case | plain IPv4 | gateway IPv4 | ratio | plain IPv6 | gateway IPv6 | ratio | gateway IPv6 / IPv4 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, r in results["cases"].items():
+        m = r["median_gbps"]
+        lines.append(f"| {name} | {m['plain4']} | {m['gateway4']} | {r['ratio4']:.1%} | {m['plain6']} | "
+                     f"{m['gateway6']} | {r['ratio6']:.1%} | {r['v6_over_v4']:.2f} |")
+    lines.append("")
+    lines.append(f"Gbit/s, medians of {results['rounds']} runs alternating the four paths.")
+    return "\n".join(lines)

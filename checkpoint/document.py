@@ -16,7 +16,7 @@ byte order), versioned, and signed::
       "exported_at": 1763700000.25,         # wall time of the export
       "checkpoint_time": 1763700000.2,      # wall time the ICI was last committed
       "connection": {...},                  # checkpoint.state.record_state(rec)
-      "log": {"limit": .., "end": .., "fin_offset": .., "overflow": ..,
+      "log": {"limit": .., "end": .., "fin_offset": .., "overflow": .., "fin_server_offset": ..,
               "data_b64": "<base64 of the client bytes [0, end)>"},
       "digest": {...} | null,               # checkpoint.state.digest_state(rec.digest)
       "signature": "hmac-sha256:<64 hex digits>"

@@ -20,9 +20,9 @@ the client* and then stands in the middle of it for the rest of its life:
     all of them.  Client packets meanwhile are only logged (by the data
     plane) and dropped: the replay delivers their bytes.
 ``SPLICED``
-    Client packets are translated and forwarded (a FIN only once the backup has
-    caught up: a server may abort a response it is regenerating when the
-    client half-closes); the acknowledgment is
+    Client packets are translated and forwarded (a FIN only at its place in the
+    server's stream, see below: a server may abort a response it is regenerating
+    when the client half-closes); the acknowledgment is
     clamped to what the backup has sent (tcpcp 6.1, invariant I6) and a pure
     ACK that tells the backup nothing new is dropped, so the backup never
     sees a flood of duplicate ACKs while it regenerates.
@@ -40,9 +40,12 @@ What each state needs, so that it completes on the backup as it would have on th
     gateway answers it with the primary's SYN-ACK as the client must see it (the primary's
     ISN and options, a TSval not below one already shown), in every phase of the move.
 The client's FIN (``FIN_WAIT``/``CLOSE_WAIT`` of the client's direction, ``LAST_ACK``)
-    It is in the log.  It goes to the backup only once the backup has caught up (a server may
-    abort the response it is regenerating on a half-close) and once the backup has every
-    client byte before it: then the *gateway* sends it, and any logged bytes the backup
+    It is in the log, with what the primary had sent when it was logged
+    (``ByteLog.fin_server_offset``).  It goes to the backup once the backup has regenerated
+    that much (where the primary got it: a server that reads to EOF before it answers gets it
+    before its answer, one that was answering after the same bytes; unknown, in a log of an
+    older gateway: once the backup has caught up with all the client has) and once the backup
+    has every client byte before it: then the *gateway* sends it, and any logged bytes the backup
     still lacks before it, whatever the phase — the client may never send it again (the
     primary acknowledged it) — resent on a timer until the backup acknowledges it.  The
     backup's acknowledgment of it reaches the client (a no-op when the primary had
@@ -55,6 +58,15 @@ The server's FIN (``FIN_WAIT``/``CLOSE_WAIT`` of the server's direction, ``LAST_
     delivered once (translated) after the bytes before it verify; a FIN before what the
     client has seen is a divergence.  The client's later bytes and its own FIN follow the
     rules above, so the backup's side closes too.
+The close (both FINs)
+    The backup's RTT estimate is the gateway's prompt answers: its tail loss probe sends its
+    FIN again a few ms later, before the client's acknowledgment could come back through the
+    gateway.  A copy within :data:`INITIAL_RTO` of the FIN passed on to the client is dropped
+    (a FIN really lost comes again after the backup's RTO): given to the client in TIME_WAIT,
+    its duplicate ACK would reach the backup after the first had closed it, and draw a RST.
+    Once both FINs are acknowledged, client ACKs that tell the backup nothing new are dropped,
+    and a RST from the backup (its closed socket's answer to something stale) never reaches
+    the client.
 
 Backup data is handled the same way in every phase after the handshake, by
 its stream offset:
@@ -241,6 +253,8 @@ class Splice:
         self.replay_acked = plan.client_start     # client stream offset the backup acknowledged
         self.fin_sent = False
         self.fin_tx: float | None = None  # when the gateway last sent the client's FIN once spliced
+        self.b_fin_end: int | None = None  # the backup's stream offset after its FIN, once it sent it
+        self.b_fin_out: float | None = None  # when its FIN last went to the client (forwarded or sent)
         self.pending: dict[int, tuple[bytes, int]] = {}   # backup segments awaiting verification
         self.retained: dict[int, tuple[bytes, int]] = {}  # sent to the client by us, not yet acked
         self.retained_tx = now
@@ -377,10 +391,30 @@ class Splice:
             return out
         return []
 
+    def _fin_may_go(self) -> bool:
+        """The client's FIN may go to the backup once the backup has regenerated what the primary
+        had sent when the FIN was logged (``ByteLog.fin_server_offset``): the backup then gets it
+        where the primary did — a server that reads to EOF before it answers gets it before its
+        answer, a server that was answering gets it after the same bytes.  Unknown (a log of an
+        older gateway): once the backup has caught up with everything the client has (a server
+        may abort the response it is regenerating on a half-close)."""
+        v = self.verifier
+        if v.done:
+            return True
+        at = self.log.fin_server_offset
+        return at is not None and v.mismatch_at is None and v.end >= min(at, self.snap.end)
+
     def _fin_to_replay(self) -> bool:
-        """The client's FIN goes to the backup only once it has caught up: a
-        server may abort the response it is regenerating on a half-close."""
-        return self.log.fin_offset is not None and self.verifier.done
+        """The client's FIN is logged and may go to the backup (:meth:`_fin_may_go`)."""
+        return self.log.fin_offset is not None and self._fin_may_go()
+
+    def _closed_both_ways(self) -> bool:
+        """Both FINs sent and acknowledged, as far as the gateway knows: the backup's by the
+        client (and that acknowledgment passed on to the backup), the client's by the backup.
+        The backup's socket is closed (or in TIME_WAIT): anything more for it only draws a RST."""
+        fin, b_fin = self.log.fin_offset, self.b_fin_end
+        return (b_fin is not None and fin is not None and self.client_acked >= b_fin
+                and self.acked_to_b >= b_fin and self.replay_acked > fin)
 
     def _fin_due(self) -> bool:
         """Spliced, the client's FIN is for the backup now and it has not acknowledged it."""
@@ -480,6 +514,12 @@ class Splice:
         if self.b_isn is None:
             return Decision(False)  # nothing but a SYN-ACK makes sense before the handshake
         if flags & RST:
+            if self.phase is Phase.SPLICED and self._closed_both_ways():
+                # the answer of the backup's closed socket to a stale segment (a duplicate ACK
+                # that crossed the last one): the connection is over on both sides, the client
+                # (in TIME_WAIT) must not be reset
+                self.stats["late_rsts_dropped"] = self.stats.get("late_rsts_dropped", 0) + 1
+                return Decision(False)
             if self.phase is Phase.SPLICED and self.verifier.done:
                 self.phase = Phase.CLOSED
                 self.reset_by = "backend"
@@ -612,6 +652,18 @@ class Splice:
         if seg.flags & FIN and off + n < self.snap.end:
             return Decision(False, inject=out + self.fail(
                 f"divergence: backup stream ended at {off + n}, the client has seen {self.snap.end} bytes", now))
+        if seg.flags & FIN:
+            if self.b_fin_out is not None and now - self.b_fin_out < INITIAL_RTO:
+                # the backup sends its FIN again before the client's acknowledgment of it could
+                # come back: its RTT estimate is the gateway's prompt answers, its tail loss probe
+                # fires after a few ms, while its FIN still travels to the client and the ACK
+                # back through the gateway.  Passed on, the client (in TIME_WAIT) would answer
+                # the copy with a duplicate ACK that the backup, closed by the first, answers with
+                # a RST.  Dropped, not acknowledged: a FIN that is really lost is sent again
+                # after the backup's RTO (at least 200 ms), and that copy goes the usual way
+                self.stats["fin_copies_dropped"] = self.stats.get("fin_copies_dropped", 0) + 1
+                return Decision(False, inject=out)
+            self.b_fin_end = off + n + 1
         if end <= self.client_acked:
             # the client has all of it: suppress, and acknowledge it ourselves
             self.stats["suppressed"] += 1
@@ -631,6 +683,8 @@ class Splice:
             assert not isinstance(seg, _Collected)
             out += self._flush_pending(good, now)
             self.stats["forwarded"] += 1
+            if seg.flags & FIN:
+                self.b_fin_out = now
             if "first_forward_ms" not in self.timings:
                 self._mark("first_forward_ms", now)
             return Decision(True, self._rewrite_to_client(seg), out)
@@ -655,14 +709,14 @@ class Splice:
             del self.pending[off]
             if off + len(data) > self.client_acked:
                 self.retained[off] = (data, flags)
-            out.append(self._client_out(off, data, flags))
+            out.append(self._client_out(off, data, flags, now))
         return out
 
     def _resend_retained(self, now: float) -> list[Out]:
         self.retained_tx = now
         self.client_dupacks = 0
         self.stats["retained_resent"] = self.stats.get("retained_resent", 0) + len(self.retained)
-        return [self._client_out(off, data, flags) for off, (data, flags) in sorted(self.retained.items())]
+        return [self._client_out(off, data, flags, now) for off, (data, flags) in sorted(self.retained.items())]
 
     def _client_acked_to(self, acked: int, now: float) -> list[Out]:
         """Bookkeeping for the segments the gateway delivers itself."""
@@ -690,10 +744,12 @@ class Splice:
         self.ts_high = t
         return t
 
-    def _client_out(self, off: int, data: bytes, flags: int) -> Out:
+    def _client_out(self, off: int, data: bytes, flags: int, now: float) -> Out:
         tr = self.tr
         assert tr is not None
         rec = self.rec
+        if flags & FIN:
+            self.b_fin_out = now
         return Out(
             src=self.vip, dst=rec.client_ip, sport=self.vport, dport=rec.client_port,
             seq=tr.seq_to_client(seq_add(self.b_base, off)), ack=rec.client.next_seq or 0,
@@ -736,9 +792,9 @@ class Splice:
             if flags & RST:
                 return Decision(False, inject=self.fail("the client reset the connection during the move", now))
             return Decision(False)
-        if flags & FIN and not self.verifier.done:
+        if flags & FIN and not self._fin_may_go():
             # a FIN now would make the backup abort what it is regenerating (nginx does):
-            # hold it, the client sends it again once the backup has caught up
+            # hold it, the gateway sends it once the backup has caught up
             self.stats["fins_held"] = self.stats.get("fins_held", 0) + 1
             return Decision(False, inject=resend)
         tr = self.tr
@@ -758,9 +814,11 @@ class Splice:
                 self.stats["acks_clamped"] += 1
             off = seq_diff(ack_b, self.b_base)
             if (seg.payload_len == 0 and not flags & (FIN | RST | SYN) and off <= self.acked_to_b
-                    and (self.verifier.done is False or self.retained)):
+                    and (self.verifier.done is False or self.retained or self._closed_both_ways())):
                 self.stats["acks_dropped"] += 1
-                # nothing new for the backup: no duplicate ACKs while it catches up
+                # nothing new for the backup: no duplicate ACKs while it catches up, and none
+                # once both sides closed (the client in TIME_WAIT answering a FIN sent again:
+                # the backup's closed socket would answer it with a RST)
                 return Decision(False, inject=resend)
             if off > self.acked_to_b:
                 self.acked_to_b = off

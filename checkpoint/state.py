@@ -209,7 +209,9 @@ def record_from_state(d: Any, path: str = "") -> ConnectionRecord:
 # ----- the client byte log ---------------------------------------------------------------
 
 LOG_KEYS = ["limit", "end", "fin_offset", "overflow"]
-LOG_OPTIONAL = ["base"]  # a log trimmed at an HTTP exchange boundary (absent: 0, as older states)
+# base: a log trimmed at an HTTP exchange boundary (absent: 0, as older states); fin_server_offset:
+# what the server had sent when the client's FIN was logged (absent: unknown, as older states)
+LOG_OPTIONAL = ["base", "fin_server_offset"]
 
 
 def log_state(log: ByteLog) -> Json:
@@ -217,6 +219,8 @@ def log_state(log: ByteLog) -> Json:
     d: Json = {"limit": log.limit, "end": log.end, "fin_offset": log.fin_offset, "overflow": log.overflow}
     if log.base:
         d["base"] = log.base
+    if log.fin_server_offset is not None:
+        d["fin_server_offset"] = log.fin_server_offset
     return d
 
 
@@ -229,6 +233,9 @@ def log_from_state(d: Any, data: bytes, path: str = "") -> ByteLog:
     base = _int(f"{p}base", d.get("base", 0), "base")
     fin = _opt_int(f"{p}fin_offset", d["fin_offset"], "fin_offset")
     overflow = _opt_str(f"{p}overflow", d["overflow"], "overflow")
+    fin_server = _opt_int(f"{p}fin_server_offset", d.get("fin_server_offset"), "fin_server_offset")
+    if fin_server is not None and (fin is None or fin_server < 0):
+        raise StateError(f"{p}fin_server_offset", f"{fin_server}, with the client's FIN at {fin}")
     if end - base > limit:
         raise StateError(f"{p}end", f"{end - base} bytes logged, over the log's limit of {limit}")
     if base > end:
@@ -240,6 +247,7 @@ def log_from_state(d: Any, data: bytes, path: str = "") -> ByteLog:
     log = ByteLog(limit, base=base)
     log.data = bytearray(data)
     log.fin_offset = fin
+    log.fin_server_offset = fin_server
     log.overflow = overflow
     return log
 

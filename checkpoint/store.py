@@ -84,6 +84,7 @@ class Write:
     bounds: list[int] = field(default_factory=list)  # end offsets of ``chunks``
     log_end: int = 0                    # durable log length once written
     fin: bool = False                   # the client's FIN is logged
+    fin_server: int | None = None       # with it: what the server had sent then (None: unknown)
     digest_meta: str | None = None      # kind, end, volatile, overflow (JSON)
     chunks_from: int = 0                # index of chunks[0]
     chunks: list[bytes | None] = field(default_factory=list)
@@ -248,6 +249,7 @@ class CommitPlanner:
                 end = start
             w.log_end = end
             w.fin = log.fin_offset is not None and log.fin_offset == end
+            w.fin_server = log.fin_server_offset if w.fin else None
         state_changed = rec.state != e.state
         if not e.ici_saved or state_changed or now - e.ici_at >= self.ici_interval:
             w.ici = json.dumps(record_state(rec), separators=(",", ":"))

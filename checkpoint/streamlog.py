@@ -123,7 +123,7 @@ class Masker:
 
 
 class ByteLog:
-    __slots__ = ("limit", "data", "ooo", "overflow", "fin_offset", "base")
+    __slots__ = ("limit", "data", "ooo", "overflow", "fin_offset", "fin_server_offset", "base")
 
     def __init__(self, limit: int, base: int = 0) -> None:
         self.limit = limit      # bytes held at most (what follows ``base``)
@@ -132,6 +132,9 @@ class ByteLog:
         self.ooo: dict[int, bytes] = {}
         self.overflow: str | None = None  # why the log stopped (None: complete)
         self.fin_offset: int | None = None
+        # the server stream offset the primary had sent up to when the client's FIN was logged
+        # (None: not known, a log from an older gateway): where a replay gives the backup the FIN
+        self.fin_server_offset: int | None = None
 
     @property
     def end(self) -> int:

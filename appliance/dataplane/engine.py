@@ -277,6 +277,10 @@ class Dataplane:
             log.add(off, pv.payload)
         if flags & FIN and log.fin_offset is None and off >= 0:
             log.fin_offset = off + n
+            s = rec.server
+            if s.isn is not None:  # the data bytes the primary had sent by then (its FIN not counted)
+                sent = 0 if s.data_high is None else seq_diff(s.data_high, seq_add(s.isn, 1))
+                log.fin_server_offset = max(0, sent)
 
     def _http_step(self, rec: ConnectionRecord, ht: HttpTrack) -> None:
         """After a client packet: the framing reads the new log bytes, and the log and digest are

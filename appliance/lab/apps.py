@@ -7,6 +7,10 @@ no server name), so a backup that is replayed the same request gives the same
 bytes — what a replay failover needs — and a client that gets the right digest
 knows every byte it sent arrived exactly once, in order (invariant I5).
 
+A request with the header ``X-Lab-Read-To-EOF: 1`` is answered as a server that reads to EOF
+does: the response head at once, then the body is read until the client half-closes (whatever
+its ``Content-Length`` says), then the digest and the close.
+
 A request with the header ``X-Lab-Malformed: 1`` is answered with malformed HTTP (a
 ``Content-Length`` that is not a number): the lab's way to show what a gateway following HTTP
 does with a server that breaks it.
@@ -42,6 +46,16 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
         length = int(headers.get("content-length", "0"))
         if headers.get("x-lab-malformed") == "1":
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: not-a-number\r\n\r\nmalformed\n")
+            await writer.drain()
+            return
+        if headers.get("x-lab-read-to-eof") == "1":
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n")
+            await writer.drain()
+            h, n = hashlib.sha256(), 0
+            while chunk := await reader.read(READ):
+                h.update(chunk)
+                n += len(chunk)
+            writer.write(f"{h.hexdigest()}  {n}\n".encode())
             await writer.drain()
             return
         if headers.get("expect", "").lower() == "100-continue":

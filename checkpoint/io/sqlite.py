@@ -27,7 +27,8 @@ CREATE TABLE IF NOT EXISTS conn (
     digest TEXT,
     log_base INTEGER NOT NULL DEFAULT 0,
     digest_base INTEGER NOT NULL DEFAULT 0,
-    digest_dropped INTEGER NOT NULL DEFAULT 0
+    digest_dropped INTEGER NOT NULL DEFAULT 0,
+    fin_server INTEGER
 );
 CREATE TABLE IF NOT EXISTS logdata (conn INTEGER NOT NULL, off INTEGER NOT NULL, data BLOB NOT NULL,
                                     PRIMARY KEY (conn, off)) WITHOUT ROWID;
@@ -45,6 +46,9 @@ MIGRATE_1 = [
     "ALTER TABLE conn ADD COLUMN digest_dropped INTEGER NOT NULL DEFAULT 0",
     "ALTER TABLE chunk ADD COLUMN bound INTEGER",
 ]
+# within format 2, a column added: what the server had sent when the client's FIN was logged
+# (NULL: unknown, as in rows an older appliance wrote; older appliances ignore the column)
+ADD_FIN_SERVER = "ALTER TABLE conn ADD COLUMN fin_server INTEGER"
 
 
 class SqliteBackend:
@@ -73,6 +77,8 @@ class SqliteBackend:
                 db.execute("INSERT OR REPLACE INTO meta VALUES ('format', ?)", (FORMAT,))
             elif row[0] != FORMAT:
                 raise RuntimeError(f"{self.path}: checkpoint store format {row[0]}, this appliance reads {FORMAT}")
+            if "fin_server" not in {r[1] for r in db.execute("PRAGMA table_info(conn)")}:
+                db.execute(ADD_FIN_SERVER)
             self._db = db
         return self._db
 
@@ -101,8 +107,9 @@ class SqliteBackend:
                     db.execute("UPDATE conn SET digest_base = ?, digest_dropped = ? WHERE id = ?",
                                (w.digest_base[0], w.digest_base[1], w.cid))
                     db.execute("DELETE FROM chunk WHERE conn = ? AND idx < ?", (w.cid, w.digest_base[1]))
-                db.execute("UPDATE conn SET log_end = MAX(log_end, ?), fin = MAX(fin, ?) WHERE id = ?",
-                           (w.log_end, int(w.fin), w.cid))
+                db.execute("UPDATE conn SET log_end = MAX(log_end, ?), fin = MAX(fin, ?), "
+                           "fin_server = COALESCE(fin_server, ?) WHERE id = ?",
+                           (w.log_end, int(w.fin), w.fin_server if w.fin else None, w.cid))
                 if w.chunks:
                     bounds: list[int | None] = list(w.bounds) if w.bounds else [None] * len(w.chunks)
                     db.executemany("INSERT OR REPLACE INTO chunk VALUES (?, ?, ?, ?)",
@@ -125,8 +132,8 @@ class SqliteBackend:
         db = self._conn()
         out: list[Loaded] = []
         self.load_errors: list[str] = []
-        for cid, ici, saved, log_end, fin, digest, log_base, digest_base, dropped in db.execute(
-                "SELECT id, ici, saved, log_end, fin, digest, log_base, digest_base, digest_dropped "
+        for cid, ici, saved, log_end, fin, digest, log_base, digest_base, dropped, fin_server in db.execute(
+                "SELECT id, ici, saved, log_end, fin, digest, log_base, digest_base, digest_dropped, fin_server "
                 "FROM conn ORDER BY id").fetchall():
             try:
                 rec = record_from_state(json.loads(ici))
@@ -145,6 +152,7 @@ class SqliteBackend:
             log.data = data
             if fin:
                 log.fin_offset = log.end
+                log.fin_server_offset = fin_server
             rec.log = log
             rec.digest = self._digest(db, cid, digest, digest_base, dropped)
             out.append(Loaded(rec, saved))

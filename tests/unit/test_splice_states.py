@@ -508,3 +508,201 @@ def test_engine_finished_connection_is_not_moved(final: str) -> None:
     with pytest.raises(LookupError, match="nothing to move"):
         dp.move(rec, dp.services["web"].backends["backup"], 2.0)
     assert dp.outbox == [] and dp.splice_of(rec.id) is None and rec.backend == "primary" and rec.moves == 0
+
+
+# ----- the backup's FIN and the close: no RST after it (the lab's client_fin, planned move) ----------
+
+def closing_move() -> World:
+    """The client uploaded its request and closed (acknowledged by the primary), nothing answered
+    yet; moved: the backup gets the request and the FIN, answers and closes."""
+    w = World()
+    w.handshake()
+    w.client_says(w.c(0, 0, AP, REQ))
+    w.client_says(w.c(R, 0, AF))
+    w.primary_says(w.s(0, R + 1, A))
+    assert w.rec.state is TcpState.CLOSE_WAIT
+    moved(w)
+    w.backup_synack()
+    assert w.backup_got() == [(0, 0, A, b""), (0, 0, AP, REQ), (R, 0, AF, b"")]
+    w.from_backup(w.b(0, R + 1, A))
+    assert w.sp.phase is Phase.SPLICED
+    w.from_backup(w.b(0, R + 1, AP, RESP[:158]))
+    w.from_backup(w.b(158, R + 1, AF))
+    assert w.client_got() == [(0, R + 1, A, b""), (0, R + 1, AP, RESP[:158]), (158, R + 1, AF, b"")]
+    return w
+
+
+def test_backup_fin_sent_again_before_the_client_acknowledged_it() -> None:
+    """The lab's failure: the backup's RTT estimate is the gateway's prompt answers, so its tail
+    loss probe sends its FIN again 4 ms later, while the client's ACK is still on its way.  That
+    copy must not reach the client (in TIME_WAIT it answers it with a duplicate ACK, which the
+    backup, closed by the first, answers with a RST), and a duplicate ACK must not reach the
+    closed backup; a RST that still comes from it never reaches the client."""
+    w = closing_move()
+    w.now += 0.004
+    d = w.from_backup(w.b(158, R + 1, AF))  # the tail loss probe
+    assert not d.forward and w.client_got() == [] and w.backup_got() == []  # dropped, not acknowledged
+    w.from_client(w.c(R + 1, 158, A))
+    w.from_client(w.c(R + 1, 159, A))
+    assert w.backup_got() == [(R + 1, 158, A, b""), (R + 1, 159, A, b"")]
+    assert w.rec.state is TcpState.TIME_WAIT
+    # the client acknowledges again (had the copy reached it): the backup is closed, it is not told
+    d = w.from_client(w.c(R + 1, 159, A))
+    assert not d.forward and w.backup_got() == []
+    # a RST from the closed backup (the answer to anything stale): not for the client
+    d = w.from_backup(w.b(159, 0, RST))
+    assert not d.forward and w.client_got() == [] and w.sp.stats["late_rsts_dropped"] == 1
+    assert w.sp.phase is Phase.SPLICED  # the splice keeps the connection's later segments
+    no_resets(w)
+
+
+def test_backup_fin_copy_after_the_acknowledgment_is_not_answered_at_once() -> None:
+    """The copy crossed the client's ACK: the gateway has seen the ACK (and passed it on) when the
+    copy comes.  Acknowledging it would draw a RST from the then closed backup: dropped."""
+    w = closing_move()
+    w.from_client(w.c(R + 1, 159, A))
+    assert w.backup_got() == [(R + 1, 159, A, b"")]
+    w.now += 0.004
+    d = w.from_backup(w.b(158, R + 1, AF))
+    assert not d.forward and w.client_got() == [] and w.backup_got() == []
+    no_resets(w)
+
+
+def test_backup_fin_lost_to_the_client_is_delivered_by_the_backups_retransmission() -> None:
+    """Only copies within the backup's minimum RTO of the FIN passed on are dropped: a FIN the
+    client never got is resent by the backup after its RTO, and that copy reaches the client."""
+    w = closing_move()
+    w.now += 0.004
+    w.from_backup(w.b(158, R + 1, AF))  # its tail loss probe: dropped
+    assert w.client_got() == []
+    w.from_client(w.c(R + 1, 158, A))  # the client got the data, not the FIN
+    assert w.backup_got() == [(R + 1, 158, A, b"")]
+    w.now += 0.25
+    d = w.from_backup(w.b(158, R + 1, AF))  # its RTO
+    assert d.forward and w.client_got() == [(158, R + 1, AF, b"")]
+    w.from_client(w.c(R + 1, 159, A))
+    assert w.backup_got() == [(R + 1, 159, A, b"")]
+    no_resets(w)
+
+
+def test_backup_rst_before_the_close_still_reaches_the_client() -> None:
+    """A RST from the backup while the connection is open (its FIN not acknowledged by the client)
+    is the backup's word: it goes to the client, translated."""
+    w = closing_move()
+    d = w.from_backup(w.b(159, 0, RST))
+    assert d.forward and w.sp.phase is Phase.CLOSED and w.sp.reset_by == "backend"
+    (rst,) = w.client_got()
+    assert rst[0] == 159 and rst[2] & RST
+
+
+# ----- where the client's FIN goes in the backup's stream (ByteLog.fin_server_offset) ------------
+
+HEAD = RESP[:100]
+
+
+@pytest.mark.parametrize("known", [True, False], ids=["fin_server_offset", "older_log"])
+def test_client_fin_reaches_a_server_that_reads_to_eof(known: bool) -> None:
+    """A server that sends a head, reads the body to EOF, then answers (the answer after the
+    client's FIN, seen by the gateway, not by the client).  The backup must get the FIN once it
+    has regenerated the head (what the primary had sent when the FIN was logged), before its
+    answer: waiting for everything the client has would wait forever.  A log from an older
+    gateway (the offset unknown) keeps the old rule: the FIN waits until the backup caught up."""
+    w = World()
+    w.handshake()
+    w.client_says(w.c(0, 0, AP, REQ))
+    w.primary_says(w.s(0, R, AP, HEAD))
+    w.client_says(w.c(R, 100, AF))
+    assert w.rec.log.fin_offset == R
+    w.rec.log.fin_server_offset = 100 if known else None  # what the engine records (below)
+    w.primary_says(w.s(100, R + 1, AP, RESP[100:1000]))  # the answer after EOF, lost to the client
+    moved(w)
+    w.backup_synack()
+    assert w.backup_got() == [(0, 0, A, b""), (0, 0, AP, REQ)]  # not the FIN: no head yet
+    w.from_backup(w.b(0, R, A))
+    assert w.sp.phase is Phase.SPLICED
+    w.from_backup(w.b(0, R, AP, HEAD))  # the client has it: suppressed, acknowledged by the gateway
+    assert w.client_got() == []
+    if not known:
+        assert w.backup_got() == [(R, 100, A, b"")]
+        assert w.sp.next_timer() is None  # nothing will send it: this server would wait forever
+        return
+    assert w.backup_got() == [(R, 100, A, b""), (R, 100, AF, b"")]
+    # EOF: the backup answers, the answer verifies against the primary's and reaches the client
+    w.from_backup(w.b(100, R + 1, AP | FIN, RESP[100:1000]))
+    assert w.client_got() == [(100, R + 1, AP | FIN, RESP[100:1000])]
+    w.from_client(w.c(R + 1, 1001, A))
+    assert w.backup_got() == [(R + 1, 1001, A, b"")]
+    assert w.rec.state is TcpState.TIME_WAIT and w.sp.stats["fins_sent"] == 1
+    no_resets(w)
+
+
+def test_client_fin_after_what_the_primary_had_sent_then() -> None:
+    """The existing case with the offset known: the primary was answering (1000 bytes sent) when
+    the FIN came, then sent 1000 more.  The FIN goes to the backup after it regenerated the
+    first 1000 bytes, not before (a server may abort a response it regenerates on a
+    half-close), and not only after all 2000."""
+    w = World()
+    w.handshake()
+    w.client_says(w.c(0, 0, AP, REQ))
+    w.primary_says(w.s(0, R, AP, RESP[:1000]))
+    w.client_says(w.c(R, 1000, AF))
+    w.rec.log.fin_server_offset = 1000
+    w.primary_says(w.s(1000, R + 1, AP, RESP[1000:2000]))
+    moved(w)
+    w.backup_synack()
+    w.from_backup(w.b(0, R, A))
+    assert w.backup_got() == [(0, 0, A, b""), (0, 0, AP, REQ)]
+    w.from_backup(w.b(0, R, AP, RESP[:500]))
+    assert w.backup_got() == [(R, 500, A, b"")]  # not yet
+    w.from_backup(w.b(500, R, AP, RESP[500:1000]))
+    assert w.backup_got() == [(R, 1000, A, b""), (R, 1000, AF, b"")]
+    w.from_backup(w.b(1000, R + 1, AP | FIN, RESP[1000:]))
+    assert w.client_got() == [(1000, R + 1, AP | FIN, RESP[1000:])]
+    no_resets(w)
+
+
+def test_engine_logs_what_the_server_had_sent_with_the_clients_fin() -> None:
+    dp = _engine()
+    dp.handle(_pkt(CL, VIP4, 40000, 80, 1000, 0, SYN, mss=1460), 1.0)
+    dp.handle(_pkt(P4, CL, 80, 40000, 5000, 1001, SYN | ACK, mss=1460), 1.0)
+    dp.handle(_pkt(CL, VIP4, 40000, 80, 1001, 5001, ACK | PSH, REQ), 1.0)
+    dp.handle(_pkt(P4, CL, 80, 40000, 5001, 1001 + R, ACK | PSH, HEAD), 1.1)
+    dp.handle(_pkt(CL, VIP4, 40000, 80, 1001 + R, 5101, ACK | FIN), 1.2)
+    dp.handle(_pkt(P4, CL, 80, 40000, 5101, 1002 + R, ACK | PSH, RESP[100:300]), 1.3)
+    (rec,) = dp.connections()
+    assert (rec.log.fin_offset, rec.log.fin_server_offset) == (R, 100)
+
+
+def test_fin_server_offset_persists_and_reads_as_unknown_when_absent(tmp_path) -> None:
+    import sqlite3
+
+    from checkpoint.io.sqlite import SqliteBackend
+    from checkpoint.state import log_from_state, log_state
+    from checkpoint.store import CommitPlanner
+
+    log = ByteLog(1 << 20)
+    log.add(0, REQ)
+    log.fin_offset, log.fin_server_offset = R, 100
+    d = log_state(log)
+    assert d["fin_server_offset"] == 100 and log_from_state(d, REQ).fin_server_offset == 100
+    del d["fin_server_offset"]  # a document of an older gateway
+    assert log_from_state(d, REQ).fin_server_offset is None
+    # the disk store: written with the FIN, read back; a row of an older appliance reads as unknown
+    rec = make_record(3)
+    rec.log = log
+    planner, backend = CommitPlanner(ici_interval=0.0), SqliteBackend(tmp_path / "cp.db")
+    planner.track(rec)
+    batch = planner.plan(1.0)
+    backend.write(batch)
+    planner.done(batch)
+    (loaded,) = backend.load()
+    assert (loaded.rec.log.fin_offset, loaded.rec.log.fin_server_offset) == (R, 100)
+    backend.close()
+    db = sqlite3.connect(tmp_path / "cp.db")
+    db.execute("UPDATE conn SET fin_server = NULL")
+    db.commit()
+    db.close()
+    again = SqliteBackend(tmp_path / "cp.db")
+    (loaded,) = again.load()
+    assert (loaded.rec.log.fin_offset, loaded.rec.log.fin_server_offset) == (R, None)
+    again.close()

@@ -44,6 +44,7 @@ Time comes from ``clock`` (``time.time`` by default); nothing here blocks.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Generator
@@ -54,6 +55,7 @@ from checkpoint.document import CheckpointError, ImportLimits, export_document, 
 from checkpoint.ici import TcpState
 from checkpoint.resurrect import check_resumable
 from checkpoint.splice import Out, Phase, Splice
+from checkpoint.state import MoveState, move_from_state
 from checkpoint.store import Loaded
 from nfq.build import tcp_options, tcp_packet
 from nfq.queue import PacketQueue
@@ -647,38 +649,69 @@ class Gateway:
     def restore(self, loaded: list[Loaded]) -> dict[str, int]:
         """Connections read back from the checkpoint store after a restart:
         re-attached, or — when tcpcp 6.1's rules refuse the checkpoint, or
-        the configuration no longer has their service — reset cleanly."""
+        the configuration no longer has their service — reset cleanly.
+
+        A connection moved by replay whose move had completed is restored spliced to its
+        backup (its translation is in the checkpoint); one caught mid-move is reset on both
+        sides, with an event saying so (``checkpoint.splice``: a restart of the gateway)."""
         dp = self.dataplane
         now = self.clock()
-        kept = reset = 0
+        kept = reset = moved = 0
         for item in loaded:
             rec = item.rec
             svc = dp.services.get(rec.service)
-            reason: str | None
+            reason: str | None = None
+            move: MoveState | None = None
+            if item.move is not None:
+                try:
+                    move = move_from_state(json.loads(item.move))
+                except ValueError as exc:  # a StateError, or not JSON
+                    reason = f"its move state cannot be read back ({exc})"
             if svc is None or rec.backend not in svc.backends or rec.vip not in svc.vips or svc.port != rec.vport:
                 reason = "its service or backend is no longer configured"
             elif rec.state in (TcpState.CLOSED, TcpState.TIME_WAIT):
                 if dp.store is not None:
-                    dp.store.forget(rec.id)
+                    dp.store.drop_loaded(rec.id)
                 continue
+            elif reason is not None:
+                pass
+            elif move is not None and move.phase != "spliced":
+                reason = (f"the restart caught it mid-move to {move.target[0]}: the backup holds a half-replayed "
+                          f"connection with the client's address, port and ISN, which a new SYN would land on, "
+                          f"so the move is not restarted")
+            elif move is not None:
+                be = svc.backends[rec.backend]
+                if (rec.backend, rec.backend_ip, rec.backend_port) != move.target or \
+                        (be.addr(is_v6(rec.client_ip)), be.port) != move.target[1:]:
+                    reason = "its service or backend is no longer configured"
+                else:
+                    reason = check_resumable(rec, item.saved_at, now, self.config.checkpoint.msl)
             elif rec.moves:
                 reason = "it had been moved: the translation to its new backend is not in the checkpoint"
             else:
                 reason = check_resumable(rec, item.saved_at, now, self.config.checkpoint.msl)
-            if reason is None and dp.reattach(rec, now):
-                kept += 1
-                continue
+            if reason is None:
+                try:
+                    attached = dp.reattach(rec, now, move)
+                except ValueError as exc:
+                    reason = str(exc)
+                else:
+                    if attached:
+                        kept += 1
+                        moved += move is not None
+                        continue
             reason = reason or "its client address and port are taken"
             reset += 1
             if svc is not None:
                 dp.reset(rec, now)
             if dp.store is not None:
-                dp.store.forget(rec.id)
+                dp.store.drop_loaded(rec.id)
             self.events.add("reset", f"not resumed after the restart: {reason}", service=rec.service,
                             backend=rec.backend, connection=rec.id, now=now)
         if loaded:
-            self.events.add("restart", f"{kept} connection(s) re-attached from the checkpoint store, {reset} reset",
-                            now=now, reattached=kept, reset=reset)
+            self.events.add("restart", f"{kept} connection(s) re-attached from the checkpoint store "
+                                       f"({moved} of them moved, spliced to their backup again), {reset} reset",
+                            now=now, reattached=kept, reset=reset, moved=moved)
         return {"reattached": kept, "reset": reset}
 
     # --- what the API shows ---------------------------------------------------------------

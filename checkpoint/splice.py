@@ -85,6 +85,51 @@ its stream offset:
   again on duplicate ACKs or a timeout.  Out-of-order backup segments in that
   region are dropped unacknowledged: the backup resends them.
 
+A restart of the gateway (``store.mode = "disk"``)
+    The checkpoint keeps a move's state (:class:`~checkpoint.state.MoveState`, written with the
+    record in the store's next group commit when it changes: :meth:`Splice.persisted`).
+
+    *A move that completed* — phase ``SPLICED``, everything the client may have had verified,
+    nothing held or retained by the gateway (:attr:`Splice.steady`) — is restored as spliced
+    (:meth:`Splice.restore`): same backup, same translation.  Persisted, because the wire
+    cannot give them back and they never change for the life of the connection: the sequence
+    delta (fixed by the backup's ISN when its SYN-ACK was absorbed, or by a range answer's head,
+    both before the steady state), the timestamp delta (chosen once from the backup's first
+    TSval), both window scales (negotiated in the SYNs), the backup's ISN, MSS and first TSval,
+    where its streams start, how much of the server stream was verified, the backends' names
+    and addresses, and the offset after the backup's FIN once it sent one.  Re-learned, as an
+    ordinary connection re-learns its numbers after a restart (``Resyncing``), starting from the
+    restored record (the ICI, at most ``ici_interval`` old) and corrected by the first segments:
+
+    * the client's acknowledged point, the backup's acknowledgment of the client stream, the
+      windows and TSvals: from every segment, as in any phase;
+    * the backup's highest sequence sent (the I6 clamp of client ACKs): from the backup's next
+      segment, and until one comes, from the client's ACKs.  That is exact in the steady state:
+      every server byte the client holds past what was verified came from the backup through
+      the gateway (what the backup sent while the gateway was down reached the client
+      untranslated, far outside its window, and was dropped), so a client never acknowledges a
+      byte the backup has not sent and the clamp binds nothing;
+    * where the backup's contiguous stream is: its first data segment after the restart is
+      taken where it lies (a retransmission from its oldest unacknowledged byte, or new data),
+      as a restored digest jumps a gap (everything before it was verified before the restart),
+      unless it lies 2**30 or more from the checkpoint's (then it cannot be told apart modulo
+      2**32: the move fails, reset on both sides);
+    * the highest TSval shown to the client: the record's; the backup's clock only goes forward
+      and the delta is constant, so its next translated TSval is at least any the client saw.
+
+    The old primary stays fenced: the restored record names the backup as its backend, so
+    whatever the old primary still sends for the connection is dropped and answered with a RST.
+
+    *A move caught under way* (``CONNECTING``, ``REPLAYING``, or ``SPLICED`` before its catch-up
+    verified or while the gateway still holds or delivers backup bytes) is reset on both sides,
+    with an event saying why; it is not restarted.  The backup already has a socket with the
+    client's address, port and ISN, in a state the checkpoint does not know (half-open, or
+    established with part of the replay): a second SYN with the same ISN lands on it (a
+    challenge ACK, not a new connection), and what the gateway delivered or acknowledged on the
+    backup's behalf since the last commit is not in the checkpoint.  Restarting would first
+    need that socket reset exactly (its rcv_nxt is unknown) and a window of what was delivered;
+    a clean reset is what the gateway can promise.
+
 Each method returns a :class:`Decision` (forward with a :class:`Rewrite`, or
 drop) and segments to inject (:class:`Out`); ``poll(now)`` drives the timers.
 No sockets, no clock: ``now`` comes from the caller.
@@ -102,10 +147,12 @@ from .ici import ConnectionRecord
 from .resurrect import absorb_ack
 from .segment import ACK, FIN, PSH, RST, SYN, SegmentLike
 from .seqnum import MASK, seq_add, seq_diff
+from .state import MoveState
 from .streamlog import ByteLog, DigestSnapshot, SampledSnapshot, SampledVerifier, StreamVerifier
 from .translate import Translation, choose_ts_delta
 
 DEFAULT_MSS = 536
+MAX_RELEARN_JUMP = 1 << 30  # the farthest the backup's first segment after a restart may lie from the checkpoint
 TS_OPTION_LEN = 12  # NOP, NOP, timestamps: on every segment the gateway sends when timestamps are on
 INITIAL_RTO = 0.2
 MAX_RTO = 3.0
@@ -267,6 +314,7 @@ class Splice:
         self.rto = INITIAL_RTO
         self.last_tx = now
         self.t_start = now
+        self.relearn = False  # restored after a restart: no backup segment seen yet (see restore)
         self.timings: dict[str, float] = {}
         self.stats = {"suppressed": 0, "suppressed_bytes": 0, "buffered": 0, "forwarded": 0,
                       "replayed_bytes": 0, "replay_retransmits": 0, "acks_clamped": 0, "acks_dropped": 0}
@@ -295,6 +343,82 @@ class Splice:
 
     def _ack_value_for_backend(self) -> int:
         return seq_add(self.b_base, self.acked_to_b)
+
+    # --- a restart of the gateway (see the theory of operation) ---------------------------
+    @property
+    def steady(self) -> bool:
+        """The move completed: spliced, everything to verify verified, nothing held or retained
+        by the gateway, the translation fixed.  Only such a splice is restored after a restart."""
+        return (self.phase is Phase.SPLICED and self.verifier.done and not self.pending and not self.retained
+                and self.tr is not None and self.b_isn is not None and self.s_start is not None
+                and not self.range_buf)
+
+    def persisted(self) -> MoveState:
+        """What the checkpoint keeps of this move now: its constants once :attr:`steady`, else
+        only that a move to ``target`` is under way."""
+        old = (self.old.name, self.old.ip, self.old.port)
+        target = (self.target.name, self.target.ip, self.target.port)
+        tr = self.tr
+        if not self.steady or tr is None or self.b_isn is None or self.s_start is None:
+            return MoveState("moving", old, target)
+        return MoveState("spliced", old, target, seq_delta=tr.seq_delta, ts_delta=tr.ts_delta,
+                         backend_wscale=tr.backend_wscale, client_view_wscale=tr.client_view_wscale,
+                         backend_isn=self.b_isn, backend_mss=self.b_mss, backend_ts_first=self.b_ts_first,
+                         backend_fin_end=self.b_fin_end, client_start=self.c_start, server_start=self.s_start,
+                         verified_to=self.snap.end, strategy=self.strategy)
+
+    @classmethod
+    def restore(cls, rec: ConnectionRecord, log: ByteLog, st: MoveState, *, vip: str, vport: int, now: float,
+                options: SpliceOptions = SpliceOptions()) -> "Splice":
+        """The splice of a completed move, from the checkpoint (``st``, phase "spliced") and the
+        restored record and client log: spliced, its catch-up verified.  Its live numbers start
+        from the record and are re-learned from the next segments (the theory of operation).
+        Raises ValueError for a move that had not completed."""
+        if st.phase != "spliced":
+            raise ValueError(f"the move was under way ({st.phase}): only a completed move is restored")
+        snap = DigestSnapshot((), None, st.verified_to)  # verified before the restart: nothing left to check
+        plan = ReplayPlan(st.strategy, st.client_start, st.server_start, 0)
+        sp = cls(rec, log, snap, vip=vip, vport=vport, old=Endpoint(*st.old), target=Endpoint(*st.target),
+                 now=now, options=options, plan=plan)
+        sp.phase = Phase.SPLICED
+        sp.tr = Translation(st.seq_delta, st.ts_delta, st.backend_wscale, st.client_view_wscale)
+        sp.b_isn = st.backend_isn
+        sp.b_base = seq_add(st.backend_isn, 1 - st.server_start)
+        sp.b_mss, sp.b_wscale, sp.b_ts_first = st.backend_mss, st.backend_wscale, st.backend_ts_first
+        sp.b_fin_end = st.backend_fin_end
+        s = rec.server
+        sp.b_tsval = sp.tr.tsval_to_backend(s.tsval) if sp.ts and s.tsval is not None else st.backend_ts_first
+        sp.b_window = s.window or 65535
+        # the backup had sent at least what was verified and what the client acknowledged
+        top = max(st.verified_to, sp.client_acked)
+        sp.verifier.end = top
+        sp.b_high = max(top, sp.b_fin_end or 0)
+        sp.acked_to_b = max(st.server_start, min(sp.client_acked, sp.b_high))
+        if s.ack is not None:  # the backup's acknowledgment of the client stream (in the record)
+            fin = 1 if log.fin_offset is not None else 0
+            sp.replay_acked = min(max(st.client_start, seq_diff(s.ack, sp.c_base)), log.end + fin)
+        sp.replay_next = sp.replay_acked
+        sp.fin_sent = log.fin_offset is not None and sp.replay_acked > log.fin_offset
+        sp.relearn = True
+        sp.stats["restored"] = 1
+        return sp
+
+    def _relearn_backend(self, seg: SegmentLike, n: int, now: float) -> list[Out] | None:
+        """The first backup segments after a restore: where the backup is (see the theory of
+        operation).  A list of segments: the move failed (the backup is implausibly far)."""
+        off = seq_diff(seg.seq, self.b_base)
+        v = self.verifier
+        if abs(off - v.end) >= MAX_RELEARN_JUMP:
+            return self.fail(f"after the restart the backup is at stream offset {off}, 2**30 or more from the "
+                             f"checkpoint's {v.end}", now)
+        top = off + n + (1 if seg.flags & FIN else 0)
+        if top > self.b_high:
+            self.b_high = top
+        if n or seg.flags & FIN:
+            if off > v.end:
+                v.end = off
+            self.relearn = False
+        return None
 
     # --- start ---------------------------------------------------------------------------
     def start(self, now: float) -> list[Out]:
@@ -513,6 +637,10 @@ class Splice:
             return self._on_synack(seg, now)
         if self.b_isn is None:
             return Decision(False)  # nothing but a SYN-ACK makes sense before the handshake
+        if self.relearn and not flags & RST:
+            failed = self._relearn_backend(seg, len(payload), now)
+            if failed is not None:
+                return Decision(False, inject=failed)
         if flags & RST:
             if self.phase is Phase.SPLICED and self._closed_both_ways():
                 # the answer of the backup's closed socket to a stale segment (a duplicate ACK
@@ -807,6 +935,10 @@ class Splice:
             # at the FIN's place, the backup's rcv_nxt, until the gateway has delivered it
             rw.seq = seq_add(self.c_base, fin_at)
         if flags & ACK:
+            if self.relearn:  # restored, the backup not heard yet: it sent what the client acknowledges
+                acked = seq_diff(tr.ack_to_backend(seg.ack), self.b_base)
+                if 0 < acked - self.b_high < MAX_RELEARN_JUMP:
+                    self.b_high = acked
             top = seq_add(self.b_base, self.b_high)
             absorbed = absorb_ack(tr.ack_to_backend(seg.ack), top)
             ack_b = absorbed.ack  # never acknowledge what the backup has not sent (I6)

@@ -22,6 +22,9 @@ resumed — see ``checkpoint.document`` for that).
   (full-chunk hashes; the partial chunk's running hash cannot be saved, so a
   restored digest is blind up to the next chunk boundary, see
   ``checkpoint.streamlog``) or a :class:`SampledDigest` (its samples).
+* :func:`move_state` / :func:`move_from_state` — a :class:`MoveState`: the move of a connection
+  moved by replay (under way, or completed: the splice's constants, ``checkpoint.splice``),
+  versioned (``"version": 1``); optional where it is kept: absent means never moved by replay.
 
 Reading is strict: a missing key, an unknown key, a value of the wrong type or
 out of range raises :class:`StateError` whose ``field`` is the dotted path of
@@ -92,7 +95,8 @@ def _opt_int(path: str, v: Any, name: str) -> int | None:
 
 
 def _float(path: str, v: Any, name: str = "") -> float:
-    if type(v) not in (int, float) or not math.isfinite(v):
+    # an integer a float cannot hold exactly (past 2**53) would not be read back as written
+    if type(v) not in (int, float) or not math.isfinite(v) or (type(v) is int and float(v) != v):
         raise StateError(path, "expected a finite number")
     return float(v)
 
@@ -100,7 +104,7 @@ def _float(path: str, v: Any, name: str = "") -> float:
 def _opt_float(path: str, v: Any, name: str) -> float | None:
     if v is None:
         return None
-    if type(v) not in (int, float) or not math.isfinite(v):
+    if type(v) not in (int, float) or not math.isfinite(v) or (type(v) is int and float(v) != v):
         raise StateError(path, "expected a finite number or null")
     return float(v)
 
@@ -383,3 +387,85 @@ def digest_from_state(d: Any, path: str = "") -> StreamDigest | SampledDigest:
         sd.overflow = _opt_str(f"{p}overflow", d["overflow"], "overflow")
         return sd
     raise StateError(f"{p}kind", 'expected "stream" or "sampled"')
+
+
+# ----- the move of a connection moved by replay ----------------------------------------------
+
+MOVE_VERSION = 1
+MOVE_PHASES = ("moving", "spliced")
+ENDPOINT_KEYS = ["name", "ip", "port"]
+MOVE_KEYS = ["version", "phase", "from", "to"]
+# phase "spliced" only: what a splice in its steady state cannot re-learn from the wire
+SPLICED_KEYS = ["seq_delta", "ts_delta", "backend_wscale", "client_view_wscale", "backend_isn", "backend_mss",
+                "backend_ts_first", "backend_fin_end", "client_start", "server_start", "verified_to", "strategy"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MoveState:
+    """The move of a connection moved by replay, as the checkpoint keeps it (absent: never moved
+    by replay).  ``phase`` "moving": a move was under way (caught by a restart it cannot be
+    carried on, see ``checkpoint.splice``); "spliced": the move completed and the splice is in
+    its steady state, and these are its constants — the translation (``checkpoint.translate``),
+    the backup's ISN, MSS and first TSval (and where its FIN was, once it sent one), where the backup's streams start and how much of the
+    server stream was verified.  ``old``/``target``: (name, address, port) of the backends."""
+
+    phase: str
+    old: tuple[str, str, int]
+    target: tuple[str, str, int]
+    seq_delta: int = 0
+    ts_delta: int = 0
+    backend_wscale: int = 0
+    client_view_wscale: int = 0
+    backend_isn: int = 0
+    backend_mss: int = 0
+    backend_ts_first: int | None = None
+    backend_fin_end: int | None = None   # the server stream offset after the backup's FIN, once it sent it
+    client_start: int = 0
+    server_start: int = 0
+    verified_to: int = 0
+    strategy: str = "stream"
+
+
+def move_state(m: MoveState) -> Json:
+    """A :class:`MoveState` as plain JSON data (version :data:`MOVE_VERSION`)."""
+    d: Json = {"version": MOVE_VERSION, "phase": m.phase,
+               "from": dict(zip(ENDPOINT_KEYS, m.old)), "to": dict(zip(ENDPOINT_KEYS, m.target))}
+    if m.phase == "spliced":
+        d.update({k: getattr(m, k) for k in SPLICED_KEYS})
+    return d
+
+
+def _endpoint(path: str, v: Any) -> tuple[str, str, int]:
+    _check_keys(path, v, ENDPOINT_KEYS)
+    return (_str(f"{path}.name", v["name"], "name"), _str(f"{path}.ip", v["ip"], "ip"),
+            _int(f"{path}.port", v["port"], "backend_port"))
+
+
+def move_from_state(d: Any, path: str = "move") -> MoveState:
+    """The :class:`MoveState` :func:`move_state` wrote (strict, as the rest of this module)."""
+    p = f"{path}." if path else ""
+    if type(d) is not dict:
+        raise StateError(path or "move", "expected an object")
+    if d.get("version") != MOVE_VERSION:
+        raise StateError(f"{p}version", f"expected {MOVE_VERSION} (this appliance reads move states of version "
+                                         f"{MOVE_VERSION})")
+    phase = d.get("phase")
+    if phase not in MOVE_PHASES:
+        raise StateError(f"{p}phase", f"expected one of {', '.join(MOVE_PHASES)}")
+    _check_keys(path, d, MOVE_KEYS + (SPLICED_KEYS if phase == "spliced" else []))
+    old, target = _endpoint(f"{p}from", d["from"]), _endpoint(f"{p}to", d["to"])
+    if phase == "moving":
+        return MoveState("moving", old, target)
+    u32 = {k: _int(f"{p}{k}", d[k], "isn") for k in ("seq_delta", "ts_delta", "backend_isn")}
+    wscales = {k: _int(f"{p}{k}", d[k], "wscale") for k in ("backend_wscale", "client_view_wscale")}
+    mss = _int(f"{p}backend_mss", d["backend_mss"], "mss")
+    if mss < 1:
+        raise StateError(f"{p}backend_mss", "expected an integer 1..65535")
+    offsets = {k: _int(f"{p}{k}", d[k], k) for k in ("client_start", "server_start", "verified_to")}
+    if offsets["verified_to"] < offsets["server_start"]:
+        raise StateError(f"{p}verified_to", f"{offsets['verified_to']}, before the backup's stream starts "
+                                            f"({offsets['server_start']})")
+    return MoveState("spliced", old, target, **u32, **wscales, backend_mss=mss,
+                     backend_ts_first=_opt_int(f"{p}backend_ts_first", d["backend_ts_first"], "tsval"),
+                     backend_fin_end=_opt_int(f"{p}backend_fin_end", d["backend_fin_end"], "backend_fin_end"),
+                     **offsets, strategy=_str(f"{p}strategy", d["strategy"], "strategy"))

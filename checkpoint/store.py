@@ -29,6 +29,12 @@ A record's commit point is ``-1`` until its ICI is durable: without it a
 restart could not even name the connection, so not even the SYN is
 acknowledged (the SYN-ACK is held).
 
+A connection moved by replay also has its *move state* (``checkpoint.state.MoveState``, set
+with :meth:`CommitPlanner.set_move`): written when it changes — a move starts, a move completes,
+the backup sends its FIN — together with the record's ICI in the same batch, so that a restart
+reads the translation with the backend it belongs to (``checkpoint.splice``, "A restart of the
+gateway").
+
 The ICI's sequence numbers and windows are saved at most every
 ``ici_interval`` (they change with every packet, and after a restart the
 tracker's highest-plausible-value rule re-learns them from the wire within a
@@ -89,6 +95,8 @@ class Write:
     chunks_from: int = 0                # index of chunks[0]
     chunks: list[bytes | None] = field(default_factory=list)
     samples: list[tuple[int, int, bytes]] | None = None  # a sampled digest's list, whole (rewritten)
+    move_set: bool = False              # the move state changed: write ``move`` (with the ICI)
+    move: str | None = None             # with move_set: checkpoint.state.move_state JSON, None: not moved
 
 
 @dataclass(slots=True)
@@ -117,6 +125,8 @@ class _Entry:
     digest_base: int = 0
     samples_saved: int = 0
     stride: int = 1
+    move: str | None = None             # the move state to keep (MoveState JSON), None: not moved by replay
+    move_saved: str | None = None       # the move state durable
 
 
 @dataclass(slots=True)
@@ -125,6 +135,7 @@ class Loaded:
 
     rec: ConnectionRecord
     saved_at: float                     # wall time its ICI was committed
+    move: str | None = None             # its move state (checkpoint.state.move_state JSON), None: not moved
 
 
 @dataclass
@@ -181,10 +192,10 @@ class CommitPlanner:
         self.entries[rec.id] = _Entry(rec)
         self.dirty.add(rec.id)
 
-    def adopt(self, rec: ConnectionRecord, now: float) -> None:
-        """A connection loaded from the store: durable as it stands."""
+    def adopt(self, rec: ConnectionRecord, now: float, move: str | None = None) -> None:
+        """A connection loaded from the store: durable as it stands (``move``: its move state)."""
         e = _Entry(rec, log_saved=rec.log.end if rec.log is not None else 0, ici_saved=True, ici_at=now,
-                   state=rec.state, log_base=rec.log.base if rec.log is not None else 0)
+                   state=rec.state, log_base=rec.log.base if rec.log is not None else 0, move=move, move_saved=move)
         e.fin_saved = rec.log is not None and rec.log.fin_offset is not None
         dg = rec.digest
         if isinstance(dg, StreamDigest):
@@ -195,6 +206,20 @@ class CommitPlanner:
         rec.commit_offset, rec.commit_fin = e.log_saved, e.fin_saved
         self.entries[rec.id] = e
         self.stats.held_total += e.log_saved - e.log_base
+
+    def set_move(self, cid: int, move: str | None) -> None:
+        """The connection's move state (``checkpoint.state.move_state`` JSON; None: not moved by
+        replay) is now ``move``: written, with the record, in the next batch if it changed."""
+        e = self.entries.get(cid)
+        if e is not None and e.move != move:
+            e.move = move
+            self.dirty.add(cid)
+
+    def drop_loaded(self, cid: int) -> None:
+        """A connection read back from the store and not re-attached (reset, or over): its rows
+        go in the next batch (it was never adopted, so :meth:`forget` does not know it)."""
+        if cid not in self.entries and cid not in self.forgotten:
+            self.forgotten.append(cid)
 
     def touch(self, rec: ConnectionRecord) -> None:
         if rec.id in self.entries:
@@ -251,7 +276,10 @@ class CommitPlanner:
             w.fin = log.fin_offset is not None and log.fin_offset == end
             w.fin_server = log.fin_server_offset if w.fin else None
         state_changed = rec.state != e.state
-        if not e.ici_saved or state_changed or now - e.ici_at >= self.ici_interval:
+        if e.move != e.move_saved:
+            # the move state goes with the record as it is then (its backend, its move count)
+            w.move_set, w.move = True, e.move
+        if not e.ici_saved or state_changed or w.move_set or now - e.ici_at >= self.ici_interval:
             w.ici = json.dumps(record_state(rec), separators=(",", ":"))
             dg = rec.digest
             if isinstance(dg, StreamDigest):
@@ -270,7 +298,7 @@ class CommitPlanner:
             w.bounds = list(dg.bounds[first - dg.dropped:])
         elif isinstance(dg, SampledDigest) and (dg.stride != e.stride or len(dg.samples) != e.samples_saved):
             w.samples = list(dg.samples)
-        if (not w.log_data and w.ici is None and not w.chunks and w.samples is None and w.fin == e.fin_saved
+        if (not w.log_data and w.ici is None and not w.move_set and not w.chunks and w.samples is None and w.fin == e.fin_saved
                 and w.log_base is None and w.digest_base is None):
             return None
         return w
@@ -304,6 +332,8 @@ class CommitPlanner:
             e.fin_saved = e.fin_saved or w.fin
             if w.chunks:
                 e.chunks_saved = w.chunks_from + len(w.chunks)
+            if w.move_set:
+                e.move_saved = w.move
             if w.samples is not None:
                 e.samples_saved = len(w.samples)
                 dg = rec.digest

@@ -13,8 +13,9 @@ Every packet of a service reaches :meth:`Dataplane.handle` as the bytes of an IP
 * anything else passes untouched (``foreign``).
 
 Then the connection's *mode* (:mod:`.modes`: ordinary, resyncing after a restart, spliced after
-a replay move, held while the agents move its endpoint, resumed from the wire) returns the
-verdict: one path per packet.  Packets to the client pass the delayed-ACK gate
+a replay move — and after a restart when that move had completed (``checkpoint.splice``) —, held
+while the agents move its endpoint, resumed from the wire) returns the verdict: one path per
+packet.  Packets to the client pass the delayed-ACK gate
 (:mod:`.gate`) when a disk store is configured.  Packets that cannot be parsed are counted by
 reason and accepted or dropped per ``gateway.on_malformed``.
 
@@ -29,6 +30,7 @@ the gateway.
 
 from __future__ import annotations
 
+import json
 from collections import deque
 from typing import Any
 
@@ -39,6 +41,7 @@ from checkpoint.resurrect import estimate_tsval
 from checkpoint.segment import ACK, FIN, RST, SYN
 from checkpoint.seqnum import seq_add, seq_diff
 from checkpoint.splice import Decision, Out, Phase, Rewrite, Splice, SpliceOptions, reset_seqs
+from checkpoint.state import MoveState, move_state
 from checkpoint.store import CommitPlanner
 from checkpoint.streamlog import ByteLog, DigestSnapshot, SampledDigest, StreamDigest
 from checkpoint.table import FINISHED, ConnectionTable, Timeouts
@@ -113,6 +116,11 @@ class Dataplane:
         self._suspected: set[int] = set()  # connections whose backend close waits for a probe
         self._ended: set[int] = set()      # connections whose ConnectionClosed was given
         self._fence_sent: dict[int, float] = {}
+        # conn id -> the move state given to the store for its current splice (disk store)
+        self._move_saved: dict[int, MoveState] = {}
+        # conn id -> the client's segment count when its moved connection was restored, while its
+        # restored digest may jump gaps (as Resyncing's for an ordinary one)
+        self._restored_digest: dict[int, int] = {}
         self._evictions_reported = 0
         self._eviction_event_at = float("-inf")
         for svc in config.services:
@@ -444,6 +452,8 @@ class Dataplane:
                 dg.add(off, pv.payload, pv.payload_len)
             else:
                 dg.add(off, pv.payload)
+        if self._restored_digest:
+            self._settle_restored_digest(observe_rec)
         self._http_server(observe_rec, pv)
         return self.gate_server(observe_rec, pv, None, Verdict.REWRITTEN)
 
@@ -454,6 +464,34 @@ class Dataplane:
         elif not mode.verified and sp.phase is Phase.SPLICED and sp.verifier.done:
             mode.verified = True
             self._events.append(MoveVerified(sp))
+        if self.store is not None and sp.active:
+            saved = self._move_saved.get(sp.rec.id)
+            if (saved is None or saved.phase != "spliced" or saved.backend_fin_end != sp.b_fin_end) and sp.steady:
+                self._persist_move(sp)  # the move completed (or the backup sent its FIN): into the checkpoint
+
+    def _persist_move(self, sp: Splice) -> None:
+        """Give the store the move state of ``sp`` (``checkpoint.splice``: a restart of the gateway)."""
+        if self.store is None:
+            return
+        st = sp.persisted()
+        self._move_saved[sp.rec.id] = st
+        self.store.set_move(sp.rec.id, move_json(st))
+
+    def _settle_restored_digest(self, rec: ConnectionRecord) -> None:
+        """A restored moved connection's digest jumps gaps until it has passed what the client
+        acknowledged after the restart (as ``Resyncing`` ends it for an ordinary one)."""
+        seen = self._restored_digest.get(rec.id)
+        if seen is None:
+            return
+        dg = rec.digest
+        if not isinstance(dg, StreamDigest) or not dg.resync:
+            del self._restored_digest[rec.id]
+            return
+        if rec.client.segments <= seen or rec.client.ack is None or rec.server.isn is None:
+            return  # nothing heard from the client since the restart
+        if dg.end >= seq_diff(rec.client.ack, seq_add(rec.server.isn, 1)):
+            dg.resync = False
+            del self._restored_digest[rec.id]
 
     def _end_splice(self, rec: ConnectionRecord, mode: Spliced) -> None:
         """The one way a splice ends: out of the modes, an event, and a failed one's connection
@@ -524,6 +562,8 @@ class Dataplane:
         # every packet of it, either way, goes through the splice
         self.modes[rec.id] = Spliced(sp)
         self._suspected.discard(rec.id)
+        self._restored_digest.pop(rec.id, None)
+        self._persist_move(sp)  # under way: a restart before it completes resets it (checkpoint.splice)
         self._events.append(MoveStarted(sp))
         self.outbox.extend(sp.start(now))
         rec.backend, rec.backend_ip, rec.backend_port = target.name, target.addr(is_v6(rec.client_ip)), target.port
@@ -589,6 +629,8 @@ class Dataplane:
             self.gate.forget(rec.id)
         self._suspected.discard(rec.id)
         self._fence_sent.pop(rec.id, None)
+        self._move_saved.pop(rec.id, None)
+        self._restored_digest.pop(rec.id, None)
         self.http.pop(rec.id, None)
         if self.store is not None:
             self.store.forget(rec.id)
@@ -604,20 +646,39 @@ class Dataplane:
         if self.gate is not None:
             self.gate.clamp_outbox(self.outbox)
 
-    def reattach(self, rec: ConnectionRecord, now: float) -> bool:
-        """A connection read back from the checkpoint store (a restart) or imported."""
+    def reattach(self, rec: ConnectionRecord, now: float, move: MoveState | None = None) -> bool:
+        """A connection read back from the checkpoint store (a restart) or imported.  ``move``:
+        the completed move of a connection moved by replay (phase "spliced"): it is restored
+        spliced to its backup (``checkpoint.splice``, a restart of the gateway), and a
+        MoveStarted tells the controller of its flow (the kernel's moved set).  Raises ValueError
+        (nothing attached) for a move that cannot be restored."""
+        svc = self.services[rec.service]
+        if move is not None and (move.phase != "spliced" or rec.log is None or rec.client.isn is None
+                                 or rec.server.isn is None):
+            why = (f"the move was under way ({move.phase})" if move.phase != "spliced"
+                   else "no client log" if rec.log is None else "its handshake is unknown")
+            raise ValueError(f"its move cannot be restored: {why}")
         if not self.table.restore(rec):
             return False
         if rec.log is not None:
-            rec.log.limit = self.services[rec.service].failover.max_log_bytes
+            rec.log.limit = svc.failover.max_log_bytes
         if self.store is not None:
-            self.store.adopt(rec, now)
-        svc = self.services[rec.service]
+            self.store.adopt(rec, now, move_json(move) if move is not None else None)
         if svc.failover.replay == "http" and isinstance(rec.digest, StreamDigest) and rec.log is not None:
             ht = HttpTrack(rec.log, rec.digest)  # its framing is not in the checkpoint: stream replay from the point
             self.http[rec.id] = ht
             ht.reported = True
         resync = isinstance(rec.digest, StreamDigest) and rec.digest.resync
+        if move is not None and rec.log is not None:
+            sp = Splice.restore(rec, rec.log, move, vip=rec.vip, vport=svc.port, now=now,
+                                options=SpliceOptions(syn_retries=svc.failover.syn_retries,
+                                                      move_timeout=svc.failover.move_timeout))
+            self.modes[rec.id] = Spliced(sp, verified=True)
+            self._move_saved[rec.id] = move
+            if resync:
+                self._restored_digest[rec.id] = rec.client.segments
+            self._events.append(MoveStarted(sp))
+            return True
         self.modes[rec.id] = Resyncing(first_packet=rec.log is not None,
                                        client_segments=rec.client.segments if resync else None)
         return True
@@ -685,4 +746,9 @@ class Dataplane:
             self.set_mode(rec, None)
 
 
-__all__ = ["Dataplane", "apply_rewrite", "NO_BACKEND", "FENCE_RST_INTERVAL", "Ordinary"]
+def move_json(st: MoveState) -> str:
+    """A move state as the store keeps it."""
+    return json.dumps(move_state(st), separators=(",", ":"))
+
+
+__all__ = ["Dataplane", "apply_rewrite", "move_json", "NO_BACKEND", "FENCE_RST_INTERVAL", "Ordinary"]

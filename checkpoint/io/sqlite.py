@@ -28,7 +28,8 @@ CREATE TABLE IF NOT EXISTS conn (
     log_base INTEGER NOT NULL DEFAULT 0,
     digest_base INTEGER NOT NULL DEFAULT 0,
     digest_dropped INTEGER NOT NULL DEFAULT 0,
-    fin_server INTEGER
+    fin_server INTEGER,
+    move TEXT
 );
 CREATE TABLE IF NOT EXISTS logdata (conn INTEGER NOT NULL, off INTEGER NOT NULL, data BLOB NOT NULL,
                                     PRIMARY KEY (conn, off)) WITHOUT ROWID;
@@ -49,6 +50,9 @@ MIGRATE_1 = [
 # within format 2, a column added: what the server had sent when the client's FIN was logged
 # (NULL: unknown, as in rows an older appliance wrote; older appliances ignore the column)
 ADD_FIN_SERVER = "ALTER TABLE conn ADD COLUMN fin_server INTEGER"
+# within format 2, a column added: the move state of a connection moved by replay
+# (checkpoint.state.move_state JSON; NULL: not moved by replay, as in rows an older appliance wrote)
+ADD_MOVE = "ALTER TABLE conn ADD COLUMN move TEXT"
 
 
 class SqliteBackend:
@@ -77,8 +81,11 @@ class SqliteBackend:
                 db.execute("INSERT OR REPLACE INTO meta VALUES ('format', ?)", (FORMAT,))
             elif row[0] != FORMAT:
                 raise RuntimeError(f"{self.path}: checkpoint store format {row[0]}, this appliance reads {FORMAT}")
-            if "fin_server" not in {r[1] for r in db.execute("PRAGMA table_info(conn)")}:
+            columns = {r[1] for r in db.execute("PRAGMA table_info(conn)")}
+            if "fin_server" not in columns:
                 db.execute(ADD_FIN_SERVER)
+            if "move" not in columns:
+                db.execute(ADD_MOVE)
             self._db = db
         return self._db
 
@@ -98,6 +105,8 @@ class SqliteBackend:
                         "ON CONFLICT(id) DO UPDATE SET ici = excluded.ici, saved = excluded.saved, "
                         "digest = COALESCE(excluded.digest, conn.digest)",
                         (w.cid, w.ici, batch.planned, 0, 0, w.digest_meta))
+                if w.move_set:
+                    db.execute("UPDATE conn SET move = ? WHERE id = ?", (w.move, w.cid))
                 if w.log_data:
                     db.execute("INSERT OR REPLACE INTO logdata VALUES (?, ?, ?)", (w.cid, w.log_off, w.log_data))
                 if w.log_base is not None:
@@ -132,8 +141,8 @@ class SqliteBackend:
         db = self._conn()
         out: list[Loaded] = []
         self.load_errors: list[str] = []
-        for cid, ici, saved, log_end, fin, digest, log_base, digest_base, dropped, fin_server in db.execute(
-                "SELECT id, ici, saved, log_end, fin, digest, log_base, digest_base, digest_dropped, fin_server "
+        for cid, ici, saved, log_end, fin, digest, log_base, digest_base, dropped, fin_server, move in db.execute(
+                "SELECT id, ici, saved, log_end, fin, digest, log_base, digest_base, digest_dropped, fin_server, move "
                 "FROM conn ORDER BY id").fetchall():
             try:
                 rec = record_from_state(json.loads(ici))
@@ -155,7 +164,7 @@ class SqliteBackend:
                 log.fin_server_offset = fin_server
             rec.log = log
             rec.digest = self._digest(db, cid, digest, digest_base, dropped)
-            out.append(Loaded(rec, saved))
+            out.append(Loaded(rec, saved, move))
         return out
 
     @staticmethod

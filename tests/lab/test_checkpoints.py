@@ -102,3 +102,46 @@ def test_sigkill_and_restart_keep_protecting_a_download(fresh: dict, tmp_path: P
     assert_clean(check(cap.path, "192.0.2.10", lab.VIP, lab.SERVICE_PORT), expect_connections=1)
     moved = wait_for(lambda: api("/api/v1/events?kind=migration&service=web"), timeout=30, what="the move")
     assert moved[0]["connection"] == conn["id"]
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
+def test_a_moved_download_survives_sigkill_and_restart(fresh: dict, tmp_path: Path, v6: bool) -> None:
+    """Issue 13 item 8: a connection moved to the backup by replay keeps going after the
+    appliance is SIGKILLed and started again (its translation is in the checkpoint)."""
+    import sqlite3
+
+    cfg = disk_config(on_failure="closed")
+    restart_with(cfg)
+    client, vip = (lab.CLIENT6, lab.VIP6) if v6 else ("192.0.2.10", lab.VIP)
+    db = lab.run_dir() / "checkpoints-disk.db"
+    out = tmp_path / "100M.bin"
+    with Capture("lab-client", tmp_path / "client.pcap", snaplen=65535) as cap:
+        dl = start_download("100M.bin", out, rate="10M", v6=v6)
+        wait_for(lambda: out.exists() and out.stat().st_size > 10 << 20, timeout=60, what="10 MiB received")
+        (conn,) = [c for c in service_conns("web") if c["state"] == "ESTABLISHED"]
+        api("/api/v1/services/web/failover", "POST", {"to": "backup"})  # a planned move, by replay
+
+        def spliced_and_durable() -> bool:
+            move = (api(f"/api/v1/connections/{conn['id']}").get("move") or {})
+            with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as ro:
+                row = ro.execute("SELECT move FROM conn WHERE id = ?", (conn["id"],)).fetchone()
+            return move.get("phase") == "SPLICED" and row is not None and '"phase":"spliced"' in (row[0] or "")
+
+        wait_for(spliced_and_durable, timeout=30, what="the move completed and in the checkpoint")
+        size = out.stat().st_size
+        wait_for(lambda: out.stat().st_size > size + (2 << 20), timeout=30, what="the download going on, moved")
+        pid = int((lab.run_dir() / "appliance.pid").read_text())
+        os.kill(pid, signal.SIGKILL)  # no clean-up: rules and the kernel's moved set stay, traffic waits
+        wait_for(lambda: not lab.pid_alive(lab.run_dir() / "appliance.pid"), timeout=10, what="the appliance gone")
+        lab.start_appliance(cfg)
+        restart = wait_for(lambda: api("/api/v1/events?kind=restart"), timeout=10, what="the restart event")
+        assert restart[0]["details"]["reattached"] == 1 and restart[0]["details"]["moved"] == 1, restart
+        after = api(f"/api/v1/connections/{conn['id']}")
+        assert (after["backend"], after["moves"], after["move"]["phase"]) == ("backup", 1, "SPLICED"), after
+        size = out.stat().st_size
+        wait_for(lambda: out.stat().st_size > size + (5 << 20), timeout=30, what="the download going on after")
+        rc, port = dl.wait(timeout=200)
+    assert rc == 0, [(e["kind"], e["reason"], e["details"].get("failure")) for e in api("/api/v1/events?limit=50")]
+    assert sha256_file(out) == expected_sha("100M.bin")
+    assert_clean(check(cap.path, client, vip, lab.SERVICE_PORT), expect_connections=1)
+    assert not api("/api/v1/events?kind=reset"), "nothing was reset"

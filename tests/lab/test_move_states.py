@@ -48,8 +48,9 @@ from .invariants import assert_clean, check
 
 pytestmark = pytest.mark.lab
 
-FAMILIES = ["ipv4", "ipv6"]
-HOWS = ["failover", "move"]
+# every state through a silent failover over both families, and through a planned move over IPv4
+# (the move's path through the splice is the same for both families; the suite's time is bounded)
+CASES = [("ipv4", "failover"), ("ipv6", "failover"), ("ipv4", "move")]
 TCP_ESTABLISHED, TCP_TIME_WAIT, TCP_CLOSE = 1, 6, 7
 
 CLIENT_SCRIPT = r'''
@@ -288,8 +289,7 @@ def backup_sockets(client_ip: str, port: int) -> list[str]:
             and not ln.startswith("TIME-WAIT")]
 
 
-@pytest.mark.parametrize("how", HOWS)
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family, how", CASES)
 @pytest.mark.parametrize("scenario", ["syn_recv", "syn_recv_lost", "client_fin", "client_fin_unacked",
                                       "eof_reader", "server_fin", "last_ack"])
 def test_move_in_state(scenario: str, family: str, how: str, fresh: dict, tmp_path: Path) -> None:

@@ -14,7 +14,9 @@ fi
 
 packages=(iptables nftables iproute2 procps libnetfilter-queue-dev libnfnetlink-dev nginx-light curl
           iperf3 tcpdump ethtool wrk build-essential python3-dev python3-venv
-          chromium fonts-liberation)  # chromium: the panel's browser tests (Playwright drives it headless)
+          chromium fonts-liberation  # chromium: the panel's browser tests (Playwright drives it headless)
+          keepalived  # VRRP for the two-gateway lab (`appliance lab up --gateways 2`)
+          redis-server)  # the gateway pair's replication transport (and its tests)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

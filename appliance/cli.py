@@ -70,7 +70,8 @@ def cmd_lab(args: argparse.Namespace) -> None:
 
     _need_root("the lab")
     if args.lab_cmd == "up":
-        info = lab.up(clients=args.clients, backups=args.backups, appliance=not args.no_appliance)
+        info = lab.up(clients=args.clients, backups=args.backups, appliance=not args.no_appliance,
+                      gateways=args.gateways)
         _print_lab(info)
     elif args.lab_cmd == "down":
         for item in lab.down(purge=args.purge):
@@ -137,6 +138,10 @@ def _print_lab(info: dict) -> None:
     for h in info["hosts"]:
         print(f"  {h['ns']:<14} {h['address']:<15} {h.get('address6', ''):<18} {h['role']}")
     print(f"  service VIP     {info['vip']}  {info.get('vip6', '')}")
+    for g in info.get("gateways") or []:
+        role = "VRRP master" if g["ns"] == info.get("vrrp_master") else "standby"
+        print(f"  {g['ns']:<14} {g['client'][0]:<15} {g['server'][0]:<15} sync {g['sync'][0]:<13} "
+              f"panel {g['api']}  {role}")
     if info.get("appliance_pid"):
         print(f"panel and API:  {info['api']}  (token in {info['token_file']})")
         print(f"token:          {info['token']}")
@@ -320,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--clients", type=int, default=1)
     up.add_argument("--backups", type=int, default=1)
     up.add_argument("--no-appliance", action="store_true", help="topology and servers only")
+    up.add_argument("--gateways", type=int, choices=(1, 2), default=1,
+                    help="2: an active-standby pair (lab-gateway, lab-gateway2; keepalived moves the next hops)")
     dn = lsub.add_parser("down", help="remove everything the lab made")
     dn.add_argument("--purge", action="store_true", help="also remove the cached test files")
     lsub.add_parser("status", help="what is up")

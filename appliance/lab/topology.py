@@ -36,6 +36,11 @@ and the checkpoints' keys, nginx configs, pid files and logs.  ``down`` removes 
 directory, whatever state a crash left them in.  The seeded test files are
 made once and kept in a cache directory (``$APPLIANCE_LAB_CACHE``, default
 ``/var/cache/appliance-lab``) that only ``down --purge`` removes.
+
+``up(gateways=2)`` (``appliance lab up --gateways 2``) builds the two-gateway lab
+instead: the bridges in ``lab-switch``, ``lab-gateway`` and ``lab-gateway2`` each
+with its own legs, keepalived moving the next-hop addresses (:mod:`appliance.lab.pair`).
+The same hosts, addresses and servers; ``down`` removes either layout.
 """
 
 from __future__ import annotations
@@ -212,16 +217,18 @@ def _ensure_bridge(name: str, cidr: str, cidr6: str) -> None:
     sh("ip", "-n", GATEWAY, "link", "set", name, "up")
 
 
-def _ensure_host(h: Host) -> None:
+def _ensure_host(h: Host, switch: str = GATEWAY) -> None:
+    """``h``'s namespace and its veth to the bridges in ``switch`` (the gateway; in the
+    two-gateway lab, ``lab-switch``)."""
     _ensure_ns(h.ns)
     if not link_exists(h.ns, "eth0"):
-        if link_exists(GATEWAY, h.gw_if):
-            sh("ip", "-n", GATEWAY, "link", "del", h.gw_if)
-        sh("ip", "link", "add", h.gw_if, "netns", GATEWAY, "mtu", "1500", "type", "veth",
+        if link_exists(switch, h.gw_if):
+            sh("ip", "-n", switch, "link", "del", h.gw_if)
+        sh("ip", "link", "add", h.gw_if, "netns", switch, "mtu", "1500", "type", "veth",
            "peer", "name", "eth0", "netns", h.ns, "mtu", "1500")
     bridge = "br-client" if h.role == "client" else "br-server"
     gw = f"{CLIENT_NET}.1" if h.role == "client" else f"{SERVER_NET}.1"
-    sh("ip", "-n", GATEWAY, "link", "set", h.gw_if, "master", bridge, "up")
+    sh("ip", "-n", switch, "link", "set", h.gw_if, "master", bridge, "up")
     sh("ip", "-n", h.ns, "addr", "replace", f"{h.address}/24", "dev", "eth0")
     sh("ip", "-n", h.ns, "addr", "replace", f"{h.address6}/64", "dev", "eth0", "nodad")
     sh("ip", "-n", h.ns, "link", "set", "eth0", "up")
@@ -543,24 +550,26 @@ def appliance_env(config: Path) -> dict[str, str]:
     return env
 
 
-def start_appliance(config: Path, extra_args: list[str] | None = None) -> int:
-    """Start ``appliance run`` inside lab-gateway, serving the API on a socket
+def start_appliance(config: Path, extra_args: list[str] | None = None, *, ns: str = GATEWAY,
+                    api_port: int = API_PORT, name: str = "appliance") -> int:
+    """Start ``appliance run`` inside ``ns`` (lab-gateway), serving the API on a socket
     opened here, in the host namespace (a socket keeps the namespace it was
-    made in), handed down as an inherited descriptor."""
+    made in), handed down as an inherited descriptor; ``name``: its pid and log
+    files in the run dir (the two-gateway lab's second appliance is another)."""
     rd = run_dir()
-    pidfile = rd / "appliance.pid"
+    pidfile = rd / f"{name}.pid"
     pid = pid_alive(pidfile)
     if pid:
         return pid
-    _wait_backends_reachable()
+    _wait_backends_reachable(ns=ns)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((API_HOST, API_PORT))
+    sock.bind((API_HOST, api_port))
     sock.listen(128)
     fd = sock.fileno()
-    log = open(rd / "appliance.log", "ab")
+    log = open(rd / f"{name}.log", "ab")
     proc = subprocess.Popen(
-        ["ip", "netns", "exec", GATEWAY, sys.executable, "-m", "appliance", "run",
+        ["ip", "netns", "exec", ns, sys.executable, "-m", "appliance", "run",
          "--config", str(config), "--listen-fd", str(fd), *(extra_args or [])],
         pass_fds=(fd,), stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
         cwd=str(Path(__file__).resolve().parents[2]), env=appliance_env(config),
@@ -568,11 +577,11 @@ def start_appliance(config: Path, extra_args: list[str] | None = None) -> int:
     sock.close()
     log.close()
     pidfile.write_text(f"{proc.pid}\n")
-    wait_api(proc)
+    wait_api(proc, port=api_port, log=rd / f"{name}.log")
     return proc.pid
 
 
-def _wait_backends_reachable(timeout: float = 5.0) -> None:
+def _wait_backends_reachable(timeout: float = 5.0, ns: str = GATEWAY) -> None:
     """Links just brought up take a moment: let the gateway reach every
     server's nginx before the appliance starts judging their health."""
     try:
@@ -593,25 +602,27 @@ def _wait_backends_reachable(timeout: float = 5.0) -> None:
     targets = [f"{h['address']},{port}" for h in hosts for port in (SERVICE_PORT, UPLOAD_PORT, RESUME_PORT, AGENT_PORT)]
     targets += [f"{h['address6']},{port}" for h in hosts if h.get("address6")
                 for port in (SERVICE_PORT, UPLOAD_PORT, RESUME_PORT)]
-    nsexec(GATEWAY, sys.executable, "-c", probe, str(timeout), *targets, check=False)
+    nsexec(ns, sys.executable, "-c", probe, str(timeout), *targets, check=False)
 
 
-def wait_api(proc: subprocess.Popen | None = None, timeout: float = 20.0) -> None:
+def wait_api(proc: subprocess.Popen | None = None, timeout: float = 20.0, port: int = API_PORT,
+             log: Path | None = None) -> None:
+    log = log or run_dir() / "appliance.log"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"appliance exited with {proc.returncode}; see {run_dir() / 'appliance.log'}")
+            raise RuntimeError(f"appliance exited with {proc.returncode}; see {log}")
         try:
-            with urllib.request.urlopen(f"http://{API_HOST}:{API_PORT}/healthz", timeout=1) as r:
+            with urllib.request.urlopen(f"http://{API_HOST}:{port}/healthz", timeout=1) as r:
                 if r.status == 200:
                     return
         except OSError:
             time.sleep(0.1)
-    raise RuntimeError(f"appliance API did not come up; see {run_dir() / 'appliance.log'}")
+    raise RuntimeError(f"appliance API did not come up; see {log}")
 
 
-def stop_appliance(timeout: float = 10.0) -> None:
-    pidfile = run_dir() / "appliance.pid"
+def stop_appliance(timeout: float = 10.0, name: str = "appliance") -> None:
+    pidfile = run_dir() / f"{name}.pid"
     pid = pid_alive(pidfile)
     if pid:
         os.kill(pid, signal.SIGTERM)
@@ -640,9 +651,19 @@ def down_appliance_state() -> None:
                 nsexec(PREFIX + name, "nginx", "-c", str(conf), "-p", str(rd), "-s", "reload")
 
 
-def up(clients: int = 1, backups: int = 1, appliance: bool = True) -> dict[str, object]:
+def up(clients: int = 1, backups: int = 1, appliance: bool = True, gateways: int = 1) -> dict[str, object]:
+    """The lab (see the module's docstring); ``gateways=2``: the two-gateway lab of
+    :mod:`appliance.lab.pair` instead.  A lab of the other layout is taken down first."""
     if clients < 1 or backups < 1:
         raise ValueError("--clients and --backups must be at least 1")
+    from . import pair
+
+    if gateways == 2:
+        return pair.up(clients=clients, backups=backups, appliance=appliance)
+    if gateways != 1:
+        raise ValueError("--gateways must be 1 or 2")
+    if pair.SWITCH in namespaces():
+        down()  # the two-gateway layout: bridges elsewhere, another gateway
     rd = run_dir()
     rd.mkdir(parents=True, exist_ok=True)
     hosts = topology(clients, backups)
@@ -695,13 +716,20 @@ def ns_of(host: str) -> str:
     return host if host.startswith(PREFIX) else PREFIX + host
 
 
+def switch_ns() -> str:
+    """Where the bridges are: the gateway, or ``lab-switch`` in the two-gateway lab."""
+    from .pair import SWITCH
+
+    return SWITCH if SWITCH in namespaces() else GATEWAY
+
+
 def cut_link(host: str) -> None:
     """Silent death: the host's link to the gateway goes down, nothing more leaves it."""
-    sh("ip", "-n", GATEWAY, "link", "set", f"v-{ns_of(host)[len(PREFIX):]}"[:15], "down")
+    sh("ip", "-n", switch_ns(), "link", "set", f"v-{ns_of(host)[len(PREFIX):]}"[:15], "down")
 
 
 def restore_link(host: str) -> None:
-    sh("ip", "-n", GATEWAY, "link", "set", f"v-{ns_of(host)[len(PREFIX):]}"[:15], "up")
+    sh("ip", "-n", switch_ns(), "link", "set", f"v-{ns_of(host)[len(PREFIX):]}"[:15], "up")
 
 
 def kill_server(host: str) -> None:
@@ -767,10 +795,13 @@ def serve_without_ranges(host: str) -> None:
 def down(purge: bool = False) -> list[str]:
     """Remove everything the lab made, whatever state it is in (and with
     ``purge`` the cached test files too)."""
+    from . import pair
+
     removed = []
     if run_dir().exists():
         try:
             stop_appliance(timeout=5.0)
+            pair.stop_processes()  # the second gateway's appliance, both keepalived
         except OSError:
             pass
     for ns in lab_namespaces():
@@ -803,7 +834,11 @@ def status() -> dict[str, object]:
     for ns in nss:
         procs[ns] = sh("ip", "netns", "pids", ns, check=False).stdout.split()
     token_file = rd / "token"
+    from . import pair
+
+    extra = pair.status() if pair.SWITCH in nss else {"gateways": 1}
     return {
+        **extra,
         "up": GATEWAY in nss,
         "namespaces": nss,
         "processes": procs,

@@ -104,7 +104,9 @@ def test_sigkill_and_restart_keep_protecting_a_download(fresh: dict, tmp_path: P
     assert moved[0]["connection"] == conn["id"]
 
 
-@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
+# over IPv6 in the lab (the suite's time is bounded); both families at gateway level
+# (tests/gateway/test_restart_moved.py), and the IPv4 restart of an unmoved download above
+@pytest.mark.parametrize("v6", [True], ids=["ipv6"])
 def test_a_moved_download_survives_sigkill_and_restart(fresh: dict, tmp_path: Path, v6: bool) -> None:
     """Issue 13 item 8: a connection moved to the backup by replay keeps going after the
     appliance is SIGKILLed and started again (its translation is in the checkpoint)."""

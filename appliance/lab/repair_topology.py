@@ -99,6 +99,7 @@ class Topology:
             for host in ("g", "c", *self.servers):
                 netns.add(self.ns(host))
                 self.made.append(self.ns(host))
+                netns.call_in(self.ns(host), _no_dad)
             g = self.ns("g")
             netns.ip("link", "add", "c0", "type", "veth", "peer", "name", "eth0", "netns", self.ns("c"), ns=g)
             netns.ip("addr", "add", f"{GATEWAY_CLIENT_ADDR}/24", "dev", "c0", ns=g)
@@ -161,6 +162,27 @@ class Topology:
 
     def socket(self, host: str, v6: bool = False) -> socket.socket:
         return netns.socket_in(self.ns(host), socket.AF_INET6 if v6 else socket.AF_INET)
+
+
+def _no_dad() -> None:
+    """No duplicate address detection on the links made after this (call it
+    inside the namespace, before its veths exist: they take ``default``).
+
+    ``nodad`` covers the addresses we add, but not the link-local address
+    the kernel gives each veth when it comes up.  That one stays tentative
+    for 1-2 s (a random delay up to 1 s, then one probe and 1 s of waiting),
+    and until it is valid the namespace sends no neighbour solicitation for
+    a packet whose source is not on that link: the gateway forwarding the
+    client's segments, or a server answering from the service address on
+    its loopback.  Such packets wait in an INCOMPLETE neighbour entry (and
+    are dropped after three tries), so a connection moved to a host right
+    after :meth:`Topology.up` could be cut off for seconds while TCP's
+    retransmission timers backed off: the IPv6 test's 10 s silence.  The
+    links are point-to-point veths we number ourselves: nothing to detect.
+    """
+    for conf in ("all", "default"):
+        with open(f"/proc/sys/net/ipv6/conf/{conf}/accept_dad", "w") as f:
+            f.write("0\n")
 
 
 def _enable_forwarding() -> None:

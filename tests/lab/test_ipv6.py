@@ -40,9 +40,22 @@ def test_download_through_the_primarys_silent_death(fresh: dict, tmp_path: Path)
         assert c["family"] == "ipv6" and c["client"].startswith(f"[{lab.CLIENT6}]:")
         assert c["service"] == f"[{lab.VIP6}]:80" and c["backend_address"] == f"[{lab.PRIMARY6}]:80"
         lab.cut_link("primary")  # no FIN, no RST: the primary is simply gone
+
+        def moved_set(name: str) -> str:
+            return subprocess.run(["ip", "netns", "exec", lab.GATEWAY, "nft", "list", "set", "inet", "appliance_nat",
+                                   name], capture_output=True, text=True, check=True).stdout
+
+        # the kernel marks the moved connection's packets from the backup through the IPv6 set
+        def in_moved6() -> str | None:
+            ls = moved_set("moved6")
+            return ls if f"{lab.BACKUP6} . 80 . {lab.CLIENT6} . " in ls else None
+
+        listing = wait_for(in_moved6, timeout=30, what="the moved connection in the moved6 set")
         rc, port = dl.wait(timeout=120)
     assert rc == 0
     assert sha256_file(out) == expected_sha("100M.bin")
+    assert f"{lab.BACKUP6} . 80 . {lab.CLIENT6} . {port}" in listing, listing  # that very connection
+    assert "elements" not in moved_set("moved")  # none over IPv4
     reports = check(cap.path, lab.CLIENT6, lab.VIP6, lab.SERVICE_PORT)
     assert_clean(reports, expect_connections=1)
     assert reports[port].server_bytes > 100 << 20

@@ -170,26 +170,3 @@ def test_download_through_the_ipv6_vip(clean: None, tmp_path: Path) -> None:
                                   if c["client"] == f"[{lab.CLIENT6}]:{port}"), None),
                     what="the connection in the API")
     assert conn["backend_address"] == f"[{lab.PRIMARY6}]:80" and conn["service"] == f"[{lab.VIP6}]:80"
-
-
-def test_ipv6_connection_moved_by_a_silent_death_is_in_the_kernels_moved6_set(clean: None, tmp_path: Path) -> None:
-    """The primary dies mid-download over IPv6: the connection moves to the backup, the kernel
-    marks its packets from the backup through the IPv6 set (``moved6``), the client gets every
-    byte right and its capture is clean."""
-    lab.up()
-    out = tmp_path / "100M.bin"
-    with Capture("lab-client", tmp_path / "client.pcap", snaplen=65535) as cap:
-        dl = start_download("100M.bin", out, rate="20M", v6=True)
-        wait_for(lambda: out.exists() and out.stat().st_size > 20 << 20, timeout=30, what="20 MiB received")
-        lab.cut_link("primary")
-
-        def in_moved6() -> str | None:
-            listing = gateway("nft", "list", "set", "inet", "appliance_nat", "moved6")
-            return listing if f"{lab.BACKUP6} . 80 . {lab.CLIENT6} . " in listing else None
-
-        listing = wait_for(in_moved6, timeout=30, what="the moved connection in the moved6 set")
-        rc, port = dl.wait(timeout=120)
-    assert rc == 0 and sha256_file(out) == expected_sha("100M.bin")
-    assert f"{lab.BACKUP6} . 80 . {lab.CLIENT6} . {port}" in listing, listing  # that very connection
-    assert_clean(check(cap.path, lab.CLIENT6, lab.VIP6, lab.SERVICE_PORT), expect_connections=1)
-    assert "elements" not in gateway("nft", "list", "set", "inet", "appliance_nat", "moved")  # none over IPv4

@@ -70,14 +70,23 @@ def cmd_lab(args: argparse.Namespace) -> None:
 
     _need_root("the lab")
     if args.lab_cmd == "up":
-        info = lab.up(clients=args.clients, backups=args.backups, appliance=not args.no_appliance,
-                      gateways=args.gateways)
+        if args.gateways == 2:
+            from .lab import pair
+
+            info = pair.up(clients=args.clients, backups=args.backups, appliance=not args.no_appliance)
+        else:
+            info = lab.up(clients=args.clients, backups=args.backups, appliance=not args.no_appliance)
         _print_lab(info)
     elif args.lab_cmd == "down":
         for item in lab.down(purge=args.purge):
             print(f"removed {item}")
     elif args.lab_cmd == "status":
-        print(json.dumps(lab.status(), indent=2))
+        st = lab.status()
+        if st["gateways"] == 2:
+            from .lab import pair
+
+            st.update(pair.status())
+        print(json.dumps(st, indent=2))
     elif args.lab_cmd == "exec":
         cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
         if not cmd:

@@ -86,7 +86,7 @@ from pathlib import Path
 
 from . import topology as lab
 
-SWITCH = "lab-switch"
+SWITCH = lab.SWITCH
 GATEWAY2 = "lab-gateway2"
 CLIENT_IF, SERVER_IF, SYNC_IF = "eth-client", "eth-server", "sync0"
 SYNC_NET6 = "2001:db8:ff"
@@ -157,7 +157,7 @@ class Node:
     @property
     def appliance_name(self) -> str:
         """Its appliance's pid and log files in the run dir: ``<name>.pid``, ``<name>.log``."""
-        return "appliance" if self.index == 1 else f"appliance-{self.short}"
+        return "appliance" if self.index == 1 else lab.APPLIANCE2
 
     # keepalived's files, in the run dir
     def file(self, suffix: str) -> Path:
@@ -504,22 +504,6 @@ def gateway_info(n: Node, appliance_pid: int | None = None) -> dict[str, object]
             "sync": [n.sync_ip, n.sync_ip6], "appliance_pid": appliance_pid, "keepalived_pid": keepalived_pid(n),
             "vrrp_state": vrrp_state(n), "config": str(config_path(n)), "notify_fifo": str(n.fifo),
             "ineligible_file": str(n.ineligible_file)}
-
-
-def stop_processes() -> None:
-    """For ``down``: stop the second gateway's appliance (the first is the single lab's)
-    and both keepalived (SIGKILL; ``down`` removes the namespaces anyway)."""
-    if not lab.run_dir().exists():
-        return
-    stop_appliance(GATEWAY2)
-    for n in NODES:
-        for pidfile in _pidfiles(n):
-            pid = lab.pid_alive(pidfile)
-            if pid:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
 
 
 def status() -> dict[str, object]:

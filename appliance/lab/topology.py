@@ -37,7 +37,7 @@ directory, whatever state a crash left them in.  The seeded test files are
 made once and kept in a cache directory (``$APPLIANCE_LAB_CACHE``, default
 ``/var/cache/appliance-lab``) that only ``down --purge`` removes.
 
-``up(gateways=2)`` (``appliance lab up --gateways 2``) builds the two-gateway lab
+``appliance.lab.pair.up()`` (``appliance lab up --gateways 2``) builds the two-gateway lab
 instead: the bridges in ``lab-switch``, ``lab-gateway`` and ``lab-gateway2`` each
 with its own legs, keepalived moving the next-hop addresses (:mod:`appliance.lab.pair`).
 The same hosts, addresses and servers; ``down`` removes either layout.
@@ -63,6 +63,10 @@ from pathlib import Path
 
 PREFIX = "lab-"
 GATEWAY = "lab-gateway"
+# the two-gateway lab's (appliance.lab.pair, which builds on this module): where its bridges
+# are, and its second appliance's pid and log files (``<name>.pid``)
+SWITCH = "lab-switch"
+APPLIANCE2 = "appliance-gateway2"
 VIP = "203.0.113.10"
 VIP6 = "2001:db8:113::10"
 CLIENT = "192.0.2.10"
@@ -651,18 +655,12 @@ def down_appliance_state() -> None:
                 nsexec(PREFIX + name, "nginx", "-c", str(conf), "-p", str(rd), "-s", "reload")
 
 
-def up(clients: int = 1, backups: int = 1, appliance: bool = True, gateways: int = 1) -> dict[str, object]:
-    """The lab (see the module's docstring); ``gateways=2``: the two-gateway lab of
-    :mod:`appliance.lab.pair` instead.  A lab of the other layout is taken down first."""
+def up(clients: int = 1, backups: int = 1, appliance: bool = True) -> dict[str, object]:
+    """The lab (see the module's docstring).  A two-gateway lab (:mod:`appliance.lab.pair`,
+    which builds on this module) is taken down first."""
     if clients < 1 or backups < 1:
         raise ValueError("--clients and --backups must be at least 1")
-    from . import pair
-
-    if gateways == 2:
-        return pair.up(clients=clients, backups=backups, appliance=appliance)
-    if gateways != 1:
-        raise ValueError("--gateways must be 1 or 2")
-    if pair.SWITCH in namespaces():
+    if SWITCH in namespaces():
         down()  # the two-gateway layout: bridges elsewhere, another gateway
     rd = run_dir()
     rd.mkdir(parents=True, exist_ok=True)
@@ -718,8 +716,6 @@ def ns_of(host: str) -> str:
 
 def switch_ns() -> str:
     """Where the bridges are: the gateway, or ``lab-switch`` in the two-gateway lab."""
-    from .pair import SWITCH
-
     return SWITCH if SWITCH in namespaces() else GATEWAY
 
 
@@ -795,13 +791,11 @@ def serve_without_ranges(host: str) -> None:
 def down(purge: bool = False) -> list[str]:
     """Remove everything the lab made, whatever state it is in (and with
     ``purge`` the cached test files too)."""
-    from . import pair
-
     removed = []
     if run_dir().exists():
         try:
             stop_appliance(timeout=5.0)
-            pair.stop_processes()  # the second gateway's appliance, both keepalived
+            stop_appliance(timeout=5.0, name=APPLIANCE2)  # the two-gateway lab's second one
         except OSError:
             pass
     for ns in lab_namespaces():
@@ -834,11 +828,8 @@ def status() -> dict[str, object]:
     for ns in nss:
         procs[ns] = sh("ip", "netns", "pids", ns, check=False).stdout.split()
     token_file = rd / "token"
-    from . import pair
-
-    extra = pair.status() if pair.SWITCH in nss else {"gateways": 1}
     return {
-        **extra,
+        "gateways": 2 if SWITCH in nss else 1,  # (appliance.lab.pair.status(): the pair's own)
         "up": GATEWAY in nss,
         "namespaces": nss,
         "processes": procs,

@@ -14,10 +14,21 @@ Example::
     on_failure = "open"          # appliance down: "open" bypasses it, "closed" holds traffic
 
     [store]                      # the checkpoint store (tcpcp 6): where commit points come from
-    mode = "memory"              # or "disk": SQLite WAL, group commit + fsync, survives restarts
+    mode = "memory"              # or "disk": SQLite WAL, group commit + fsync, survives restarts;
+                                 # or "peer": replicated to the standby gateway of a pair ([pair])
     path = "/var/lib/appliance/checkpoints.db"
     commit_interval = 0.005      # seconds between group commits (disk)
     max_total_bytes = 1073741824 # client bytes held for all connections together
+
+    # [pair]                     # the gateway pair (store.mode = "peer"; docs/GATEWAY_PAIR.md)
+    # node = 1                   # this gateway: 1 or 2 (its epochs are odd or even)
+    # redis = "192.0.2.253:6390" # this gateway's redis-server, on the sync link
+    # peer_redis = "192.0.2.254:6390"  # the peer gateway's
+    # vrrp_fifo = "/run/appliance/vrrp.fifo"           # keepalived's vrrp_notify_fifo
+    # eligibility_file = "/run/appliance/ineligible"   # keepalived's track_file (0: eligible)
+    # epoch_file = "/var/lib/appliance/epoch"          # the highest epoch this node has known
+    # lease = 1.0                # seconds a proof of the role (or of being in sync) holds
+    # wait_ms = 200              # a commit waits this long for the standby, then goes on alone
 
     [checkpoint]                 # portable checkpoints and resurrection (tcpcp 6.1, 7)
     # key_file = "/etc/appliance/checkpoint.key"  # HMAC key signing checkpoints (or key = "...")
@@ -168,19 +179,40 @@ class GatewayConfig:
 
 
 STORE_MODES = ("memory", "disk", "peer")
+GATED_MODES = ("disk", "peer")  # a commit point below the log's end: the delayed-ACK gate
 FAILOVER_MODES = ("replay", "resume")
 REPLAY_KINDS = ("stream", "http")
 
 
 @dataclass(frozen=True, slots=True)
 class StoreConfig:
-    mode: str = "memory"            # "memory" | "disk" ("peer": a later issue)
+    mode: str = "memory"            # "memory" | "disk" | "peer" (replicated to the pair's standby)
     path: str = "/var/lib/appliance/checkpoints.db"
     commit_interval: float = 0.005  # seconds between group commits
     max_total_bytes: int = 1 << 30  # client log bytes held over all connections
     # test only, from [testing] store_commit_delay (refused without APPLIANCE_TESTING=1):
     # every commit takes at least this long (to watch delayed ACKs at work)
     test_commit_delay: float = 0.0
+
+    @property
+    def gated(self) -> bool:
+        """Is a byte committed later than it is logged (the delayed-ACK gate holds ACKs)?"""
+        return self.mode in GATED_MODES
+
+
+@dataclass(frozen=True, slots=True)
+class PairConfig:
+    """The gateway pair (``store.mode = "peer"``): this node, its Redis and the peer's, and the
+    files keepalived shares with the appliance."""
+
+    node: int                       # 1 or 2: this node's epochs are odd (1) or even (2)
+    redis: str                      # "IP:PORT" of this node's redis-server (the sync link)
+    peer_redis: str                 # "IP:PORT" of the peer's
+    vrrp_fifo: str                  # keepalived's vrrp_notify_fifo
+    eligibility_file: str           # keepalived's track_file: "0" eligible, "1" not (FAULT)
+    epoch_file: str                 # the highest epoch this node has known (survives restarts)
+    lease: float = 1.0              # seconds a proof of the role, or of being in sync, holds
+    wait_ms: int = 200              # how long a commit waits for the standby before going on alone
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,6 +280,7 @@ class Config:
     history: HistoryConfig = field(default_factory=HistoryConfig)  # appliance.history
     log: LogConfig = field(default_factory=LogConfig)              # appliance.connlog
     notify: tuple[Any, ...] = ()        # appliance.notify.NotifyConfig: [[notify]] entries
+    pair: PairConfig | None = None      # the gateway pair (store.mode = "peer")
 
     def service(self, name: str) -> ServiceConfig | None:
         return next((s for s in self.services if s.name == name), None)
@@ -411,9 +444,6 @@ def _store(data: dict[str, Any], base: Path) -> StoreConfig:
                                                         "which needs APPLIANCE_TESTING=1 in the environment")
     _no_unknown(data, {"mode", "path", "commit_interval", "max_total_bytes"}, where)
     mode = _choice(data, "mode", where, d.mode, STORE_MODES)
-    if mode == "peer":
-        raise ConfigError(f"{where}.mode", "'peer' replication to a standby gateway is not available yet; "
-                                           "use 'memory' or 'disk'")
     commit_interval = _float(data, "commit_interval", where, d.commit_interval, 0.0005)
     if commit_interval > 1.0:
         raise ConfigError(f"{where}.commit_interval", f"must be at most 1 second, got {commit_interval}")
@@ -442,6 +472,51 @@ def _testing(data: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(where, f"test-only settings need {TESTING_ENV}=1 in the environment")
     _no_unknown(data, {"store_commit_delay"}, where)
     return {"test_commit_delay": _float(data, "store_commit_delay", where, 0.0, 0.0)}
+
+
+def _addrport(data: dict[str, Any], key: str, where: str) -> str:
+    """An ``"IPv4:PORT"`` or ``"[IPv6]:PORT"`` string, returned in its canonical spelling."""
+    v = _str(data, key, where)
+    host, sep, port = v.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    if bracketed:
+        host = host[1:-1]
+    elif ":" in host:
+        raise ConfigError(f"{where}.{key}", f"{v!r}: write an IPv6 address in brackets, [ADDRESS]:PORT")
+    try:
+        addr = ipaddress.ip_address(host)
+        ok = (bool(sep) and port.isascii() and port.isdigit() and 0 < int(port) < 65536
+              and bracketed == (addr.version == 6))
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ConfigError(f"{where}.{key}", f"{v!r} is not ADDRESS:PORT (an IPv6 address in brackets)")
+    return with_port(str(addr), int(port))
+
+
+def _pair(data: dict[str, Any], base: Path) -> PairConfig:
+    where = "pair"
+    _no_unknown(data, {"node", "redis", "peer_redis", "vrrp_fifo", "eligibility_file", "epoch_file", "lease",
+                       "wait_ms"}, where)
+    d = PairConfig(1, "", "", "", "", "")
+    for key in ("node", "redis", "peer_redis", "vrrp_fifo", "eligibility_file", "epoch_file"):
+        if key not in data:
+            raise ConfigError(f"{where}.{key}", "is required with store.mode = 'peer'")
+    redis, peer = _addrport(data, "redis", where), _addrport(data, "peer_redis", where)
+    if redis == peer:
+        raise ConfigError(f"{where}.peer_redis", "is this node's own redis: the peer must be another gateway")
+    lease = _float(data, "lease", where, d.lease, 0.2)
+    if lease > 30:
+        raise ConfigError(f"{where}.lease", f"must be at most 30 seconds, got {lease}")
+    wait_ms = _int(data, "wait_ms", where, d.wait_ms, 1, 10_000)
+    if wait_ms >= lease * 1000:
+        raise ConfigError(f"{where}.wait_ms", f"must be below the lease ({lease:g} s): a commit that waits longer "
+                                              "than a lease could be released after the standby took over")
+    return PairConfig(
+        node=_int(data, "node", where, 1, 1, 2), redis=redis, peer_redis=peer,
+        vrrp_fifo=str(base / _str(data, "vrrp_fifo", where)),
+        eligibility_file=str(base / _str(data, "eligibility_file", where)),
+        epoch_file=str(base / _str(data, "epoch_file", where)), lease=lease, wait_ms=wait_ms)
 
 
 def _checkpoint(data: dict[str, Any], base: Path) -> CheckpointConfig:
@@ -608,7 +683,8 @@ def _service(data: Any, i: int) -> ServiceConfig:
 
 
 def parse(data: dict[str, Any], base: Path = Path(".")) -> Config:
-    _no_unknown(data, {"gateway", "api", "service", "store", "checkpoint", "agent", "testing", "history", "log", "notify"}, "")
+    _no_unknown(data, {"gateway", "api", "service", "store", "checkpoint", "agent", "testing", "history", "log", "notify",
+                       "pair"}, "")
     testing = _testing(_table(data.get("testing", {}), "testing"))
     gateway = _gateway(_table(data.get("gateway", {}), "gateway"))
     api = _api(_table(data.get("api", {}), "api"), base)
@@ -639,6 +715,11 @@ def parse(data: dict[str, Any], base: Path = Path(".")) -> Config:
                                       "a backend address:port may serve one service only")
                 backs[(a, b.port)] = i
     store = dataclasses.replace(_store(_table(data.get("store", {}), "store"), base), **testing)
+    pair = None
+    if store.mode == "peer":
+        pair = _pair(_table(data.get("pair", {}), "pair"), base)
+    elif "pair" in data:
+        raise ConfigError("pair", "is for a gateway pair: set store.mode = 'peer' (or remove [pair])")
     checkpoint = _checkpoint(_table(data.get("checkpoint", {}), "checkpoint"), base)
     agents = _agents(_table(data.get("agent", {}), "agent"), base)
     if not agents.key:
@@ -651,7 +732,7 @@ def parse(data: dict[str, Any], base: Path = Path(".")) -> Config:
     return Config(gateway=gateway, api=api, services=services, store=store, checkpoint=checkpoint, agent=agents,
                   notify=parse_notify(data.get("notify")),
                   history=_history(_table(data.get("history", {}), "history")),
-                  log=_log(_table(data.get("log", {}), "log"), base))
+                  log=_log(_table(data.get("log", {}), "log"), base), pair=pair)
 
 
 def load(path: str | Path) -> Config:

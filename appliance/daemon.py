@@ -26,6 +26,10 @@ translated (``nfq.kernelnat``).  With ``store.mode = "disk"`` every return
 packet is held (``queue_num + 1``): its acknowledgment may have to wait for a
 commit (delayed ACKs, ``appliance.dataplane``).
 
+With ``store.mode = "peer"`` the appliance is one node of a gateway pair
+(``appliance.pairctl``): it starts as the standby, its queues bound but not read, and the group
+commit goes to its Redis and waits for the standby's (docs/GATEWAY_PAIR.md).
+
 With ``store.mode = "disk"`` a second task runs the group commit: every
 ``store.commit_interval`` it cuts a batch (``checkpoint.store``), writes it on
 a thread of its own (one transaction, one fsync), then advances the commit
@@ -107,6 +111,7 @@ class Kernel:
         self.gw = gw
         self.loop = loop
         self.injector: Injector | None = None
+        self.reading = False    # the queues' sockets are readers on the loop
 
     def start(self) -> None:
         gw, g = self.gw, self.gw.config.gateway
@@ -116,7 +121,14 @@ class Kernel:
 
         record = packetring.attach(gw).record  # recent packets per connection, for the panel's pcap
 
+        pair = gw.pair
+
         def handle(buf: bytearray) -> Verdict:
+            if pair is not None and not pair.forwarding():
+                # checked per packet: a node stopped in the middle of a batch (SIGSTOP, a VM
+                # paused) and thawed after a takeover must not pass the rest of that batch
+                pair.counters["dropped_not_forwarding"] += 1
+                return Verdict.DROP
             now = clock()
             record(buf, now)
             verdict = dp.handle(buf, now)
@@ -127,15 +139,25 @@ class Kernel:
             return verdict
 
         accept = g.queue_full == "accept"
+        gate = pair.forwarding if pair is not None else None
         gw.queues = [
-            PacketQueue(g.queue_num, handle, fail_open=accept),
-            PacketQueue(g.queue_num + 1, handle, fail_open=accept, clear_mark=kernelnat.MOVED_MARK),
-            PacketQueue(g.queue_num + 2, handle, fail_open=accept, gso=True),
+            PacketQueue(g.queue_num, handle, fail_open=accept, gate=gate),
+            PacketQueue(g.queue_num + 1, handle, fail_open=accept, clear_mark=kernelnat.MOVED_MARK, gate=gate),
+            PacketQueue(g.queue_num + 2, handle, fail_open=accept, gso=True, gate=gate),
         ]
-        for q in gw.queues:
-            self.loop.add_reader(q.fileno(), self._drain, q)
+        self.set_reading(gw.pair is None or gw.pair.forwarding())
         self.injector = Injector()
-        gw.send = self.injector.send
+        inject = self.injector.send
+        if pair is None:
+            gw.send = inject
+        else:
+            def send(pkt: bytes) -> None:  # as above: checked per packet, not per flush
+                if pair.forwarding():
+                    inject(pkt)
+                else:
+                    pair.counters["unsent_not_forwarding"] += 1
+
+            gw.send = send
         gw.on_active_change = self.repoint
         gw.on_moved = kernelnat.add_moved
         gw.on_unmoved = kernelnat.del_moved
@@ -143,7 +165,23 @@ class Kernel:
                       moved=(kernelnat.MOVED_MARK, g.queue_num + 1))
         log.info("data plane up: queues %d-%d, %d services", g.queue_num, g.queue_num + 1, len(gw.config.services))
 
+    def set_reading(self, on: bool) -> None:
+        """Read the queues, or leave their packets waiting in the kernel (a node of a pair that
+        does not forward now: a standby, a takeover under way, a master whose role is not proved)."""
+        if on == self.reading:
+            return
+        self.reading = on
+        for q in self.gw.queues:
+            if on:
+                self.loop.add_reader(q.fileno(), self._drain, q)
+            else:
+                self.loop.remove_reader(q.fileno())
+
     def _drain(self, q: PacketQueue) -> None:
+        pair = self.gw.pair
+        if pair is not None and not pair.forwarding():
+            self.set_reading(False)   # a thawed node: nothing is read until the role is proved again
+            return
         q.process_pending()
         self.gw.flush()
 
@@ -154,8 +192,8 @@ class Kernel:
     def stop(self) -> None:
         gw = self.gw
         rules.remove()
+        self.set_reading(False)
         for q in gw.queues:
-            self.loop.remove_reader(q.fileno())
             q.close()
         gw.queues = []
         if self.injector is not None:
@@ -241,14 +279,24 @@ async def serve(config: Config, listen_fd: int | None = None) -> None:
             log.error("checkpoint store: %s", err)
         gw.restore(loaded)
         log.info("checkpoint store %s: %d connection(s) read back", config.store.path, len(loaded))
+    pair = None
+    if config.pair is not None:  # store.mode = "peer": a node of the gateway pair, a standby until it takes over
+        from .pairctl import PairController
+
+        pair = gw.pair = PairController(gw, config.pair)
     kernel = Kernel(gw, loop)
     kernel.start()
     gw.flush()  # resets of connections that could not be resumed
     gw.health = HealthChecker(gw.health_targets(), gw.on_health)
+    if pair is not None:
+        pair.on_forwarding = kernel.set_reading
+        await pair.start()
     tasks = [asyncio.create_task(gw.run_timers()), asyncio.create_task(server.serve(sockets=[sock])),
              asyncio.create_task(gw.health.run())]
     if backend is not None:
         tasks.append(asyncio.create_task(committer(gw, backend, config.store.commit_interval)))
+    if pair is not None:
+        tasks.append(asyncio.create_task(pair.run_commits(config.store.commit_interval)))
     if gw.resume is not None:  # resume mode: the applications' reported offsets, from every agent
         tasks.append(asyncio.create_task(gw.resume.heartbeat(config.agent.heartbeat)))
     notifier = Notifier.start(config.notify, gw.events, app.state.ctx.audit)  # [[notify]]: commands, webhooks
@@ -269,6 +317,8 @@ async def serve(config: Config, listen_fd: int | None = None) -> None:
             gw.resume.close()
         if backend is not None:
             backend.close()
+        if pair is not None:
+            await pair.stop()
 
 
 def run(config: Config, listen_fd: int | None = None, profile: str | None = None) -> None:

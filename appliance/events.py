@@ -31,7 +31,7 @@ from typing import Any
 
 KINDS: tuple[str, ...] = (
     "failover", "migration", "health", "divergence", "refusal", "fence", "reset", "admin", "restart",
-    "checkpoint", "overload", "http-fallback",
+    "checkpoint", "overload", "http-fallback", "pair",
 )
 
 # bound of each subscriber's queue

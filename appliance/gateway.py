@@ -58,7 +58,7 @@ from checkpoint.splice import Out, Phase, Splice
 from checkpoint.state import MoveState, move_from_state
 from checkpoint.store import Loaded
 from nfq.build import tcp_options, tcp_packet
-from nfq.queue import PacketQueue
+from nfq.queue import PacketQueue, Verdict
 
 from . import __version__, history
 from .config import Config
@@ -128,6 +128,7 @@ class Gateway:
         self._tasks: set[asyncio.Future] = set()
         # how long failovers take: decision, first byte and catch-up histograms (GET /metrics)
         self.failover_stats = FailoverStats((s.name, s.failover.mode) for s in config.services)
+        self.pair: Any = None  # appliance.pairctl.PairController: the gateway pair (store.mode = "peer")
 
     # --- the one owner ------------------------------------------------------------------
     async def call(self, fn: Callable[[], T | Awaitable[T]]) -> T:
@@ -156,8 +157,11 @@ class Gateway:
     # --- output and engine events -------------------------------------------------------
     def flush(self) -> None:
         """Take the engine's events, then send what it asked to send: the kernel learns of a
-        moved flow before that flow's SYN leaves."""
+        moved flow before that flow's SYN leaves.  A node of a pair that does not forward now
+        (a standby, a master without a fresh proof of its role) keeps it until it does."""
         self.pump_events()
+        if self.pair is not None and not self.pair.forwarding():
+            return
         dp = self.dataplane
         if dp.raw_out:
             raw = dp.raw_out[:]
@@ -177,6 +181,29 @@ class Gateway:
             return
         for o in out:
             self.send(build_packet(o))
+
+    def flush_discard(self) -> int:
+        """Throw away what the data plane asked to send (a fenced node: a newer epoch owns its
+        connections); how many packets."""
+        self.pump_events()
+        dp = self.dataplane
+        n = len(dp.raw_out) + len(dp.outbox)
+        dp.raw_out.clear()
+        dp.outbox.clear()
+        return n
+
+    def drop_queued(self) -> int:
+        """Drop every packet waiting in the queues, unseen (a fenced node); how many."""
+        n = 0
+        for q in self.queues:
+            handler, before = q.handler, q.stats.dropped
+            q.handler = lambda buf: Verdict.DROP
+            try:
+                q.process_pending(budget=1 << 20)
+            finally:
+                q.handler = handler
+            n += q.stats.dropped - before
+        return n
 
     def pump_events(self) -> None:
         """Act on every event the data plane has queued, in order."""
@@ -753,6 +780,7 @@ class Gateway:
             "queues": per_queue,
             "last_failover": lf,
             "events": len(self.events),
+            "pair": self.pair.status() if self.pair is not None else None,  # the gateway pair (issue 13)
         }
 
     def services(self) -> list[dict[str, Any]]:

@@ -708,20 +708,26 @@ class RedisPrimary:
     async def close(self) -> None:
         await self.client.aclose()
 
-    async def commit(self, seq: int, ops: Sequence[Op], epoch: int | None = None) -> bool:
+    async def commit(self, seq: int, ops: Sequence[Op], epoch: int | None = None, wait_ms: int | None = None,
+                     check_peer: bool = True) -> bool:
         """Write one batch and wait for the replica; True when the replica holds it.  False: not
         acknowledged within ``wait_ms`` (or this Redis unreachable): the caller degrades.
         Raises :class:`Fenced` when a newer epoch owns the data (here or at the peer), and
-        :class:`RedisError` for a batch the stored state refuses (a hole: resync)."""
+        :class:`RedisError` for a batch the stored state refuses (a hole: resync).  ``wait_ms``:
+        this commit's wait instead of the default (a node committing alone only probes);
+        ``check_peer``: ask the peer's epoch when the replica did not answer (a node that already
+        commits alone has its heartbeat do that, off the commit path)."""
         epoch = self.epoch if epoch is None else epoch
+        wait = self.wait_ms if wait_ms is None else max(1, wait_ms)
         frame, ops_args = batch_frame(epoch, seq, ops)
         args: list[Arg] = [epoch, seq, frame, self.max_entries, *ops_args]
         try:
-            replies = await _evalsha(self.client, COMMIT_SCRIPT, args, extra=[["WAIT", 1, self.wait_ms]])
+            replies = await _evalsha(self.client, COMMIT_SCRIPT, args, extra=[["WAIT", 1, wait]])
         except RedisConnectionError as exc:
             self.last_error = str(exc)
             self.unacked += 1
-            await self._check_peer()
+            if check_peer:
+                await self._check_peer()
             return False
         _script_error(replies[0], "commit")
         self.last_id = _str(replies[0])
@@ -730,8 +736,9 @@ class RedisPrimary:
             raise n
         if not isinstance(n, int) or n < 1:
             self.unacked += 1
-            self.last_error = f"WAIT: no replica acknowledged {self.last_id} within {self.wait_ms} ms"
-            await self._check_peer()
+            self.last_error = f"WAIT: no replica acknowledged {self.last_id} within {wait} ms"
+            if check_peer:
+                await self._check_peer()
             return False
         self.acked += 1
         return True
@@ -967,7 +974,7 @@ class RedisStandby:
         return StandbyStatus(self.applied, in_sync, link_up, local_last, master_last, lag_bytes,
                              0.0 if in_sync else (now - self._caught_up_at) * 1000, self.rebuilds, now)
 
-    async def promote(self, new_epoch: int, *, fence_timeout: float = 0.2) -> tuple[Table, str]:
+    async def promote(self, new_epoch: int, *, fence_timeout: float = 0.2, fence: bool = True) -> tuple[Table, str]:
         """Take over: stop following, make the local Redis the master of ``new_epoch``, bring the
         table up to everything the replica holds, fence the former master (best effort).  Returns
         the table and the id it reflects; the caller then commits through a
@@ -987,7 +994,7 @@ class RedisStandby:
             self.applied = self._apply_entries(self.table, self.applied, entries)
         except _Gap:
             await self.rebuild()
-        if old is not None:
+        if old is not None and fence:
             await fence_peer(*old, new_epoch, timeout=fence_timeout)
         for c in (self.reader, self.master):
             if c is not None:

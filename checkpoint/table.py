@@ -248,6 +248,10 @@ class ConnectionTable:
         out, self._evicted_out = self._evicted_out, []
         return out
 
+    def drop(self, rec: ConnectionRecord) -> None:
+        """Take ``rec`` out of the table (its owner forgets the rest)."""
+        self._remove(rec)
+
     def _remove(self, rec: ConnectionRecord) -> None:
         self._by_key.pop(rec.key, None)
         self._by_id.pop(rec.id, None)

@@ -65,6 +65,7 @@ class QueueStats:
     rewritten: int = 0
     dropped: int = 0
     handler_errors: int = 0
+    gated: int = 0              # dropped at the last moment by the queue's gate
     busy_seconds: float = 0.0
     last_error: str | None = None
 
@@ -75,6 +76,7 @@ class QueueStats:
             "rewritten": self.rewritten,
             "dropped": self.dropped,
             "handler_errors": self.handler_errors,
+            "gated": self.gated,
             "busy_seconds": round(self.busy_seconds, 6),
             "last_error": self.last_error,
         }
@@ -93,6 +95,7 @@ class PacketQueue:
         fail_open: bool = False,
         gso: bool = False,
         clear_mark: int | None = None,
+        gate: Callable[[], bool] | None = None,
     ) -> None:
         from netfilterqueue import NetfilterQueue
 
@@ -101,6 +104,9 @@ class PacketQueue:
         self.queue_num = queue_num
         self.clear_mark = clear_mark  # a mark that only routed the packet here: removed on the way out
         self.handler = handler
+        # asked right before a packet is let through: False drops it (a node of a gateway pair
+        # that lost its role while this packet was being handled, e.g. stopped and thawed)
+        self.gate = gate
         self.on_error = on_error
         self.stats = QueueStats()
         self._nfq = NetfilterQueue()
@@ -126,6 +132,9 @@ class PacketQueue:
             log.exception("handler failed; verdict %s", self.on_error.name)
             verdict = self.on_error
             buf = None
+        if self.gate is not None and verdict is not Verdict.DROP and not self.gate():
+            verdict = Verdict.DROP
+            st.gated += 1
         if self.clear_mark is not None and pkt.get_mark() == self.clear_mark:
             pkt.set_mark(0)  # no second trip through a queue rule (bridged copies, a later hook)
         if verdict is Verdict.REWRITTEN and buf is not None:

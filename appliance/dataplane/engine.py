@@ -105,10 +105,11 @@ class Dataplane:
         self.http: dict[int, HttpTrack] = {}  # conn id -> its HTTP framing (replay = "http" services)
         self.outbox: list[Out] = []
         self.raw_out: list[bytearray] = []  # whole packets to send (held ACKs, re-injected segments)
-        # the checkpoint store's commit planner and the delayed-ACK gate (store.mode = "disk"); None: memory
+        # the checkpoint store's commit planner and the delayed-ACK gate (store.mode = "disk" or "peer");
+        # None: memory
         self.store: CommitPlanner | None = None
         self.gate: AckGate | None = None
-        if config.store.mode == "disk":
+        if config.store.gated:
             self.store = CommitPlanner(max_total_bytes=config.store.max_total_bytes)
             self.gate = AckGate(self.table, self.counters, self.raw_out.append,
                                 lambda cid: isinstance(self.modes.get(cid), Spliced))
@@ -634,6 +635,21 @@ class Dataplane:
         self.http.pop(rec.id, None)
         if self.store is not None:
             self.store.forget(rec.id)
+
+    def drop_all(self, why: str) -> int:
+        """Forget every connection without sending anything for it (a fenced node of a pair: a
+        newer epoch owns them); how many."""
+        recs = list(self.table)
+        for rec in recs:
+            self.table.drop(rec)
+            self._forget(rec, why)
+        self.outbox.clear()
+        self.raw_out.clear()
+        if self.store is not None:   # nothing of them is written here any more
+            self.store.dirty.clear()
+            self.store.forgotten.clear()
+            self.store.in_flight = None
+        return len(recs)
 
     # --- the checkpoint store ------------------------------------------------------------------
     def committed(self, recs: list[ConnectionRecord]) -> None:

@@ -59,7 +59,7 @@ def test_good_config_loads_with_defaults() -> None:
         (["service"], [], "service"),
         (["gateway"], {"on_failure": "maybe"}, "gateway.on_failure"),
         (["gateway"], {"on_failure": "open", "fail_open": True}, "gateway.fail_open"),
-        (["store"], {"mode": "peer"}, "store.mode"),
+        (["store"], {"mode": "peer"}, "pair.node"),  # a pair node needs its [pair] section
         (["store"], {"mode": "tape"}, "store.mode"),
         (["store"], {"commit_interval": 5}, "store.commit_interval"),
         (["store"], {"max_total_bytes": 10}, "store.max_total_bytes"),
@@ -203,6 +203,141 @@ def test_store_and_checkpoint_settings(tmp_path) -> None:
     old = parse({"gateway": {"fail_open": False}, "api": {"token": "a-long-token"},
                  "service": [{"name": "w", "vip": "203.0.113.1", "backend": [{"name": "p", "address": "198.51.100.1"}]}]})
     assert old.gateway.on_failure == "closed" and old.store.mode == "memory" and old.checkpoint.key == b""
+
+
+# --- the gateway pair (issue 13): store.mode = "peer" and [pair] -----------------------------
+
+PAIR: dict[str, object] = {"node": 2, "redis": "192.0.2.254:6390", "peer_redis": "192.0.2.253:6390",
+                           "vrrp_fifo": "vrrp.fifo", "eligibility_file": "run/ineligible",
+                           "epoch_file": "/var/lib/appliance/epoch"}
+
+
+def pair_variant(**pair: object) -> dict:
+    import copy
+
+    d: dict = copy.deepcopy(GOOD)
+    d["store"] = {"mode": "peer"}
+    d["pair"] = {**PAIR, **pair}
+    return d
+
+
+def test_pair_section_loads_with_paths_relative_to_the_config_file(tmp_path) -> None:
+    cfg = tmp_path / "etc" / "gw.toml"
+    cfg.parent.mkdir()
+    cfg.write_text('[api]\ntoken = "a-long-token"\n[store]\nmode = "peer"\n'
+                   '[pair]\nnode = 2\nredis = "[2001:db8::2]:6390"\npeer_redis = "[2001:db8::1]:6390"\n'
+                   'vrrp_fifo = "vrrp.fifo"\neligibility_file = "run/ineligible"\n'
+                   'epoch_file = "/var/lib/appliance/epoch"\nlease = 2.5\nwait_ms = 300\n'
+                   '[[service]]\nname = "w"\nvip = "203.0.113.1"\n'
+                   '[[service.backend]]\nname = "p"\naddress = "198.51.100.1"\n')
+    c = load(cfg)
+    p = c.pair
+    assert p is not None and c.store.mode == "peer" and c.store.gated
+    assert p.node == 2 and p.redis == "[2001:db8::2]:6390" and p.peer_redis == "[2001:db8::1]:6390"
+    assert p.vrrp_fifo == str(tmp_path / "etc" / "vrrp.fifo")
+    assert p.eligibility_file == str(tmp_path / "etc" / "run" / "ineligible")
+    assert p.epoch_file == "/var/lib/appliance/epoch"          # absolute stays as written
+    assert p.lease == 2.5 and p.wait_ms == 300
+
+
+def test_pair_defaults_and_no_pair_without_peer_mode() -> None:
+    p = parse(pair_variant()).pair
+    assert p is not None and p.lease == 1.0 and p.wait_ms == 200 and p.node == 2
+    assert p.redis == "192.0.2.254:6390"
+    assert parse(GOOD).pair is None and not parse(GOOD).store.gated
+    assert parse(variant(["store"], {"mode": "disk"})).pair is None
+
+
+@pytest.mark.parametrize("key", ["node", "redis", "peer_redis", "vrrp_fifo", "eligibility_file", "epoch_file"])
+def test_each_required_pair_setting_names_its_field(key: str) -> None:
+    d = pair_variant()
+    del d["pair"][key]
+    with pytest.raises(ConfigError) as e:
+        parse(d)
+    assert e.value.field == f"pair.{key}", str(e.value)
+    assert "required" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"redis": "2001:db8::2:6390"}, "pair.redis"),              # IPv6 without brackets
+        ({"peer_redis": "2001:db8::1:6390"}, "pair.peer_redis"),
+        ({"redis": "192.0.2.254"}, "pair.redis"),                   # no port
+        ({"peer_redis": "[2001:db8::1]"}, "pair.peer_redis"),
+        ({"redis": "192.0.2.254:"}, "pair.redis"),
+        ({"redis": "192.0.2.254:0"}, "pair.redis"),
+        ({"redis": "192.0.2.254:65536"}, "pair.redis"),
+        ({"redis": "192.0.2.254:http"}, "pair.redis"),
+        ({"redis": "gw2.example:6390"}, "pair.redis"),              # a name, not an address
+        ({"redis": "192.0.2.300:6390"}, "pair.redis"),
+        ({"redis": 6390}, "pair.redis"),
+        ({"redis": ""}, "pair.redis"),
+        ({"peer_redis": "192.0.2.254:6390"}, "pair.peer_redis"),    # the same as this node's
+        ({"node": 3}, "pair.node"),
+        ({"node": 0}, "pair.node"),
+        ({"node": "1"}, "pair.node"),
+        ({"node": True}, "pair.node"),
+        ({"vrrp_fifo": ""}, "pair.vrrp_fifo"),
+        ({"epoch_file": 1}, "pair.epoch_file"),
+        ({"lease": 0.1}, "pair.lease"),
+        ({"lease": 31}, "pair.lease"),
+        ({"lease": "1s"}, "pair.lease"),
+        ({"wait_ms": 0}, "pair.wait_ms"),
+        ({"wait_ms": 1000}, "pair.wait_ms"),                        # = lease * 1000 (lease 1 s)
+        ({"wait_ms": 1001}, "pair.wait_ms"),
+        ({"lease": 0.5, "wait_ms": 500}, "pair.wait_ms"),
+        ({"lease": 0.5, "wait_ms": 600}, "pair.wait_ms"),
+        ({"wait_ms": 2.5}, "pair.wait_ms"),
+        ({"fence": True}, "pair.fence"),                            # unknown setting
+    ],
+)
+def test_pair_errors_name_the_field(change: dict, field: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse(pair_variant(**change))
+    assert e.value.field == field, str(e.value)
+    assert str(e.value).startswith(field + ":")
+
+
+def test_pair_wait_ms_just_below_the_lease_is_accepted() -> None:
+    p = parse(pair_variant(lease=0.5, wait_ms=499)).pair
+    assert p is not None and p.wait_ms == 499 and p.lease == 0.5
+    p = parse(pair_variant(lease=30, wait_ms=10_000)).pair
+    assert p is not None and p.wait_ms == 10_000
+
+
+@pytest.mark.parametrize("peer", ["192.0.2.254:06390", "[2001:DB8::2]:6390"])
+def test_pair_peer_spelled_differently_is_still_this_nodes_own(peer: str) -> None:
+    me = "[2001:db8::2]:6390" if peer.startswith("[") else "192.0.2.254:6390"
+    with pytest.raises(ConfigError) as e:
+        parse(pair_variant(redis=me, peer_redis=peer))
+    assert e.value.field == "pair.peer_redis"
+
+
+def test_the_ipv6_bracket_error_says_how_to_write_it() -> None:
+    with pytest.raises(ConfigError, match=r"\[ADDRESS\]:PORT"):
+        parse(pair_variant(redis="2001:db8::2:6390"))
+
+
+@pytest.mark.parametrize("mode", ["memory", "disk"])
+def test_pair_section_without_peer_mode_is_refused(mode: str) -> None:
+    d = pair_variant()
+    d["store"] = {"mode": mode}
+    with pytest.raises(ConfigError) as e:
+        parse(d)
+    assert e.value.field == "pair" and "peer" in str(e.value)
+    d.pop("store")                                              # the default mode (memory) too
+    with pytest.raises(ConfigError) as e:
+        parse(d)
+    assert e.value.field == "pair"
+
+
+def test_pair_must_be_a_table() -> None:
+    d = pair_variant()
+    d["pair"] = "192.0.2.253:6390"
+    with pytest.raises(ConfigError) as e:
+        parse(d)
+    assert e.value.field == "pair"
 
 
 # --- resume mode (issue 5, phase 2) -------------------------------------------------------

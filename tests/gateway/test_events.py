@@ -29,7 +29,7 @@ def test_unknown_kind_is_rejected() -> None:
         log.list(kind="nope")
     assert len(log) == 0
     assert set(KINDS) == {"failover", "migration", "health", "divergence", "refusal", "fence", "reset", "admin", "overload", "http-fallback",
-                          "restart", "checkpoint"}
+                          "restart", "checkpoint", "pair"}
 
 
 def test_filters_since_and_limit_newest_last() -> None:

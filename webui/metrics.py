@@ -8,7 +8,8 @@ forgot since.  The failover-time histograms are kept on the gateway
 (:mod:`appliance.failover_stats`) and only written out here.  Queue drops come from the kernel
 (``/proc/net/netfilter/nfnetlink_queue``: packets the queue had no room for,
 and packets the kernel could not hand to user space) for the queues the
-appliance binds.
+appliance binds.  A node of a gateway pair (``gw.pair``) adds ``gateway_replication_*``: its role,
+epoch, eligibility, replication lag, commits and takeovers (:func:`_replication`).
 """
 
 from __future__ import annotations
@@ -178,6 +179,8 @@ class Metrics:
         w.family("gateway_last_failover_duration_seconds", "gauge",
                  "How long the last failover took, from its start to the last connection verified.",
                  [({"service": lf["service"]}, (lf["duration_ms"] or 0) / 1000)] if lf else [])
+        if st.get("pair") is not None:
+            _replication(w, st["pair"])
         fs = getattr(gw, "failover_stats", None)
         if fs is not None:
             w.histogram("gateway_failover_decision_seconds",
@@ -202,3 +205,71 @@ class Metrics:
                      "then suppressed or delivered).",
                      [({"service": s}, n) for s, n in sorted(fs.regenerated.items())])
         return w.text()
+
+
+PAIR_ROLES = ("standby", "taking-over", "active", "fenced")
+
+
+def _flag(v: Any) -> float:
+    return 1.0 if v else 0.0
+
+
+def _replication(w: _Writer, p: Mapping[str, Any]) -> None:
+    """``gateway_replication_*``: the gateway pair (issue 13), from ``PairController.status()``.
+    Gauges that mean nothing in the node's role now (a standby's in-sync, a lag not measured) have
+    no sample rather than a made-up one."""
+    w.family("gateway_replication_role", "gauge",
+             "This node's role in the gateway pair (one-hot: standby, taking-over, active, fenced).",
+             [({"role": r}, _flag(p.get("role") == r)) for r in PAIR_ROLES])
+    w.family("gateway_replication_epoch", "gauge",
+             "The epoch this node owns (active) or last knew; it increases at every takeover.",
+             [({}, p.get("epoch") or 0)])
+    w.family("gateway_replication_eligible", "gauge",
+             "1 when keepalived may give this node the role (active, or a standby in sync).",
+             [({}, _flag(p.get("eligible")))])
+    w.family("gateway_replication_in_sync", "gauge",
+             "The standby: 1 when its table is a live replica of the active's (it may take over).",
+             [({}, _flag(p["in_sync"]))] if p.get("in_sync") is not None else [])
+    w.family("gateway_replication_alone", "gauge",
+             "The active: 1 when it commits without the standby's acknowledgment (replication degraded).",
+             [({}, _flag(p.get("alone")))])
+    w.family("gateway_replication_forwarding", "gauge",
+             "1 when this node reads its queues and forwards (the active with a fresh proof of its role).",
+             [({}, _flag(p.get("forwarding")))])
+    w.family("gateway_replication_degraded", "gauge",
+             "1 when the pair does not protect the connections against this gateway's death now.",
+             [({}, _flag(p.get("degraded")))])
+    w.family("gateway_replication_peer_reachable", "gauge",
+             "The active: 1 when the peer's store answered its last check or commit.",
+             [({}, _flag(p["peer_reachable"]))] if p.get("peer_reachable") is not None else [])
+    lag = p.get("lag") or {}
+    w.family("gateway_replication_lag_bytes", "gauge",
+             "Replication stream bytes the standby's store has not received yet (its offset behind the active's).",
+             [({}, lag["bytes"])] if lag.get("bytes") is not None else [])
+    w.family("gateway_replication_lag_ms", "gauge",
+             "Milliseconds the standby's table has been behind what the active's store holds (0: caught up).",
+             [({}, lag["ms"])] if lag.get("ms") is not None else [])
+    c = p.get("counters") or {}
+    w.family("gateway_replication_commits", "counter",
+             "Group commits of the active: acknowledged by the standby, released alone, or refused by the store.",
+             [({"result": "acked"}, c.get("commits_acked", 0)), ({"result": "alone"}, c.get("commits_alone", 0)),
+              ({"result": "error"}, c.get("commit_errors", 0))])
+    for name, key, help_ in (
+            ("takeovers", "takeovers", "Takeovers: this node became the active."),
+            ("fenced", "fenced", "Times this node was fenced (a newer epoch owned its connections)."),
+            ("resyncs", "resyncs", "Bulk resyncs of this node's store from the active's."),
+            ("sync_checks_failed", "sync_checks_failed", "The standby's sync checks that found it not in sync."),
+            ("refused", "refused", "Times keepalived made this node master while it was not in sync (refused).")):
+        w.family(f"gateway_replication_{name}", "counter", help_, [({}, c.get(key, 0))])
+    cu = p.get("commit_us") or {}
+    w.family("gateway_replication_commit_seconds", "gauge",
+             "Duration of the active's replicated commit (the script and WAIT for the standby), by quantile over "
+             "the last commits (up to 2000).",
+             [({"quantile": q}, cu[k] / 1e6) for q, k in (("0.5", "p50"), ("0.99", "p99")) if cu.get(k) is not None])
+    lt = p.get("last_takeover")
+    w.family("gateway_replication_last_takeover_timestamp_seconds", "gauge",
+             "When this node last took over (Unix time).",
+             [({}, lt["at"])] if lt else [])
+    w.family("gateway_replication_last_takeover_duration_seconds", "gauge",
+             "How long this node's last takeover took (promotion, table re-attached, queues read).",
+             [({}, (lt.get("duration_ms") or 0) / 1000)] if lt else [])

@@ -48,6 +48,7 @@ def build(ctx: Context) -> APIRouter:
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.filters["when"] = _fmt_time
     templates.env.filters["bytes"] = _fmt_bytes
+    templates.env.filters["pair_lag"] = views.pair_lag
     r = APIRouter(include_in_schema=False)
 
     def session(request: Request) -> Session | None:

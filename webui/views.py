@@ -10,7 +10,8 @@ from checkpoint.addr import with_port
 def node(gw: Any, services: list[dict[str, Any]]) -> dict[str, Any]:
     """This node's role and health for the banner.
 
-    One gateway per service address for now: the node is ``active``.  Health is
+    The node is ``active``, or, one of a gateway pair, its role there (standby, taking-over,
+    active, fenced: the pair's own banner says more).  Health is
     ``failed`` when a service has no backend up, ``degraded`` when a service's
     active backend is not up or one of its backends is down (no failover left
     for it, or one fewer), else ``ok``."""
@@ -39,7 +40,9 @@ def node(gw: Any, services: list[dict[str, Any]]) -> dict[str, Any]:
             worse("degraded")
             problems.append(f"{s['name']}: {', '.join(down)} down (no spare)" if len(up) == 1
                             else f"{s['name']}: {', '.join(down)} down")
-    return {"role": "active", "health": health, "problems": problems, "last_failover": last_failover(gw)}
+    pair = getattr(gw, "pair", None)
+    role = "active" if pair is None else pair.role.role.value
+    return {"role": role, "health": health, "problems": problems, "last_failover": last_failover(gw)}
 
 
 def last_failover(gw: Any) -> dict[str, Any] | None:
@@ -58,6 +61,15 @@ def last_failover(gw: Any) -> dict[str, Any] | None:
     return {"time": f.time, "service": f.service, "from": f.details.get("from"), "to": f.backend,
             "reason": f.reason, "moved": len(f.details.get("moved", [])), "reset": len(f.details.get("reset", [])),
             "pending": len(pending), "duration_ms": None if pending else round((end - f.time) * 1000, 1)}
+
+
+def pair_lag(lag: dict[str, Any] | None) -> str:
+    """The replication lag as the banner shows it (``panel.js`` writes the same)."""
+    lag = lag or {}
+    b, ms = lag.get("bytes"), lag.get("ms")
+    if b is None and ms is None:
+        return "not measured"
+    return f"{'–' if b is None else b} B, {'–' if ms is None else ms} ms"
 
 
 def backends(services: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -97,6 +97,32 @@ function banner(st) {
   set('b-lf', lf ? `${fmtTime(lf.time)} ${lf.service}: ${lf.from} → ${lf.to} (${lf.reason}), ${lf.moved} moved`
     + (lf.duration_ms === null ? `, ${lf.pending} still moving` : ` in ${lf.duration_ms} ms`) : 'none');
   const b = $('#banner'); if (b) b.className = `banner health-${st.node.health}`;
+  if (st.pair) pairBanner(st.pair);
+}
+// the gateway pair (a node of a pair only): role, epoch, peer, lag, last takeover; a warning while degraded
+function pairLag(lag) {
+  const b = lag ? lag.bytes : null, ms = lag ? lag.ms : null;
+  return (b == null && ms == null) ? 'not measured' : `${b ?? '–'} B, ${ms ?? '–'} ms`;
+}
+function pairBanner(p) {
+  const box = $('#pair-banner'); if (!box) return;
+  const set = (id, v) => { const e = document.getElementById(id); if (e) e.textContent = v; };
+  set('p-node', p.node); set('p-role', p.role); set('p-epoch', p.epoch); set('p-vrrp', p.vrrp || '–');
+  set('p-eligible', p.eligible ? 'yes' : 'no'); set('p-forwarding', p.forwarding ? 'yes' : 'no');
+  set('p-peer', p.peer); set('p-lag', pairLag(p.lag));
+  const lt = p.last_takeover;
+  set('p-takeover', lt ? `${fmtTime(lt.at)} epoch ${lt.epoch}: ${lt.reason}, ${lt.reattached} re-attached, `
+    + `${lt.reset} reset in ${lt.duration_ms} ms` : 'none');
+  let warn = $('#pair-degraded');
+  if (p.degraded) {
+    if (!warn) {
+      warn = document.createElement('div'); warn.id = 'pair-degraded'; warn.className = 'pair-degraded';
+      warn.setAttribute('role', 'alert'); warn.append('pair degraded: ');
+      const why = document.createElement('span'); why.id = 'p-degraded'; warn.append(why); box.append(warn);
+    }
+    set('p-degraded', p.degraded);
+  } else if (warn) warn.remove();
+  box.className = `banner pair pair-${p.role}` + (p.degraded ? ' pair-bad' : '');
 }
 if ($('#banner')) {
   const es = new EventSource('/api/v1/status/stream');

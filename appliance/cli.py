@@ -147,8 +147,11 @@ def _print_lab(info: dict) -> None:
     for h in info["hosts"]:
         print(f"  {h['ns']:<14} {h['address']:<15} {h.get('address6', ''):<18} {h['role']}")
     print(f"  service VIP     {info['vip']}  {info.get('vip6', '')}")
+    ready = info.get("pair") or {}
     for g in info.get("gateways") or []:
-        role = "VRRP master" if g["ns"] == info.get("vrrp_master") else "standby"
+        role = "VRRP master" if g["ns"] == info.get("vrrp_master") else "VRRP backup"
+        if ready:
+            role += ", active" if ready.get("active") == g["ns"] else ", standby in sync"
         print(f"  {g['ns']:<14} {g['client'][0]:<15} {g['server'][0]:<15} sync {g['sync'][0]:<13} "
               f"panel {g['api']}  {role}")
     if info.get("appliance_pid"):

@@ -81,6 +81,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,6 +91,7 @@ SWITCH = lab.SWITCH
 GATEWAY2 = "lab-gateway2"
 CLIENT_IF, SERVER_IF, SYNC_IF = "eth-client", "eth-server", "sync0"
 SYNC_NET6 = "2001:db8:ff"
+REDIS_PORT = 6390         # each gateway's redis-server, bound to its sync address
 API_PORT2 = 8081          # lab-gateway2's panel (lab-gateway keeps topology.API_PORT, 8080)
 SYNC_GROUP = "lab"
 INSTANCES = {"client": 51, "server": 52}  # VRRP instance -> virtual_router_id
@@ -350,6 +352,38 @@ def start_keepalived(n: str | Node, advert_int: float | None = None) -> int:
 
 # --- the layout ---------------------------------------------------------------------------------
 
+def redis_pid(n: str | Node) -> int | None:
+    return lab.pid_alive(node(n).file("redis.pid"))
+
+
+def start_redis(n: str | Node) -> int:
+    """Node ``n``'s redis-server on its sync address (memory only; the appliance makes it a
+    master or a replica); its log in the run dir.  A running one is kept."""
+    from appliance.replication_redis import server_argv
+
+    nd = node(n)
+    pid = redis_pid(nd)
+    if pid:
+        return pid
+    wd = nd.file("redis")
+    wd.mkdir(parents=True, exist_ok=True)
+    log = open(nd.file("redis.log"), "ab")
+    proc = subprocess.Popen(["ip", "netns", "exec", nd.ns, *server_argv(nd.sync_ip, REDIS_PORT, wd)],
+                            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+    log.close()
+    nd.file("redis.pid").write_text(f"{proc.pid}\n")
+    deadline = time.monotonic() + 10
+    while True:
+        r = lab.sh("ip", "netns", "exec", nd.ns, "redis-cli", "-h", nd.sync_ip, "-p", str(REDIS_PORT), "PING",
+                   check=False)
+        if r.stdout.strip() == "PONG":
+            return proc.pid
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"redis-server in {nd.ns} did not start: "
+                               f"{nd.file('redis.log').read_text(errors='replace')[-2000:]}")
+        time.sleep(0.02)
+
+
 def _sysctls(ns: str) -> None:
     for k, v in (("net.ipv4.ip_forward", "1"), ("net.ipv4.conf.all.rp_filter", "0"),
                  ("net.ipv4.conf.default.rp_filter", "0"), ("net.ipv6.conf.all.forwarding", "1"),
@@ -411,12 +445,25 @@ def _ensure_sync_link() -> None:
         lab.sh("ip", "-n", n.ns, "link", "set", SYNC_IF, "up")
 
 
-def pair_config(n: Node, base: str) -> str:
-    """The appliance configuration (TOML text) of node ``n``, from ``base`` (the
-    single-gateway lab's ``gateway.toml``).  Today the same for both but for the
-    API's port; the place where the pair's per-node settings go (its peer's
-    ``n.sync_ip`` / ``peer(n).sync_ip``, ``n.fifo``, ``n.ineligible_file``)."""
+def plain_config(n: Node, base: str) -> str:
+    """Node ``n``'s configuration without the pair: the single-gateway lab's ``base`` but for
+    the API's port (each gateway protects connections from its servers' death only; a test of
+    keepalived alone)."""
     return base.replace(f'listen = "{lab.API_HOST}:{lab.API_PORT}"', f'listen = "{lab.API_HOST}:{n.api_port}"', 1)
+
+
+def pair_config(n: Node, base: str, **pair: object) -> str:
+    """Node ``n``'s configuration as one node of the pair: ``store.mode = "peer"`` and its
+    ``[pair]`` (its Redis and the peer's on the sync link, keepalived's FIFO and track file,
+    its epoch file in the run dir); ``pair``: more ``[pair]`` keys (``lease``, ``wait_ms``)."""
+    text = plain_config(n, base)
+    p = peer(n)
+    keys: dict[str, object] = {
+        "node": n.index, "redis": f"{n.sync_ip}:{REDIS_PORT}", "peer_redis": f"{p.sync_ip}:{REDIS_PORT}",
+        "vrrp_fifo": str(n.fifo), "eligibility_file": str(n.ineligible_file), "epoch_file": str(n.file("epoch")),
+        **pair}
+    return (text + '\n[store]\nmode = "peer"\n\n[pair]\n'
+            + "".join(f"{k} = {json.dumps(v)}\n" for k, v in keys.items()))
 
 
 ConfigHook = Callable[[Node, str], str]
@@ -477,13 +524,18 @@ def up(clients: int = 1, backups: int = 1, appliance: bool = True,
     base = lab.gateway_config(hosts, token_file, lab.agent_key_file(), lab.checkpoint_key_file())
     (rd / "topology.json").write_text(json.dumps([h.__dict__ for h in hosts], indent=1))
     for n in NODES:
+        start_redis(n)
         start_keepalived(n, advert_int)
     master = wait_master(timeout=15)
     pids: dict[str, int | None] = {}
+    peered = True
     for n in NODES:
         path = config_path(n)
-        path.write_text(config(n, base))
+        text = config(n, base)
+        peered = peered and '\nmode = "peer"\n' in text
+        path.write_text(text)
         pids[n.ns] = start_appliance(n, path) if appliance else None
+    ready = wait_pair_ready() if appliance and peered else None
     return {
         "run_dir": str(rd),
         "hosts": [h.__dict__ for h in hosts],
@@ -496,6 +548,7 @@ def up(clients: int = 1, backups: int = 1, appliance: bool = True,
         "files": sums,
         "gateways": [gateway_info(n, pids[n.ns]) for n in NODES],
         "vrrp_master": master,
+        "pair": ready,
     }
 
 
@@ -513,6 +566,41 @@ def status() -> dict[str, object]:
 
 
 # --- observing the role ---------------------------------------------------------------------------
+
+def pair_status(n: str | Node, timeout: float = 2.0) -> dict[str, Any] | None:
+    """The ``pair`` part of node ``n``'s ``GET /api/v1/status`` (None: its appliance does not answer)."""
+    import urllib.request
+
+    nd = node(n)
+    tok = (lab.run_dir() / "token").read_text().strip()
+    req = urllib.request.Request(f"{nd.api}/api/v1/status", headers={"Authorization": f"Bearer {tok}"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            doc = json.loads(r.read())
+    except (OSError, ValueError):
+        return None
+    p = doc.get("pair")
+    return p if isinstance(p, dict) else None
+
+
+def wait_pair_ready(timeout: float = 30.0, active: str | None = None) -> dict[str, str]:
+    """Wait until one appliance is the active (forwarding) and the other a standby in sync (with
+    ``active``: that node is the active); {"active": ns, "standby": ns}."""
+    deadline = time.monotonic() + timeout
+    last: dict[str, object] = {}
+    while True:
+        st = {n.ns: pair_status(n) for n in NODES}
+        last = {ns: (None if p is None else {k: p.get(k) for k in ("role", "epoch", "vrrp", "forwarding",
+                                                                   "in_sync", "out_of_sync_reason")})
+                for ns, p in st.items()}
+        act = [ns for ns, p in st.items() if p is not None and p.get("role") == "active" and p.get("forwarding")]
+        sby = [ns for ns, p in st.items() if p is not None and p.get("role") == "standby" and p.get("in_sync")]
+        if len(act) == 1 and len(sby) == 1 and (active is None or act[0] == active):
+            return {"active": act[0], "standby": sby[0]}
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the pair is not ready within {timeout} s: {last}")
+        time.sleep(0.05)
+
 
 def floating_addresses(n: str | Node) -> set[str]:
     """The floating addresses node ``n`` holds now: on a leg that is up (a gateway
@@ -667,6 +755,7 @@ def restart_gateway(name: str | Node, eligible: bool = True, appliance: bool = T
     _ensure_legs(nd)
     _ensure_sync_link()
     set_eligible(nd, eligible)
+    start_redis(nd)
     start_keepalived(nd)
     if appliance:
         start_appliance(nd)

@@ -4,8 +4,10 @@ death of the master moves them to the standby and a plainly forwarded download
 carries on; a frozen master, thawed, does not take them back; a node made
 ineligible by its track file never takes them; the sync link is not VRRP's.
 
-These tests drive keepalived and the kernel only (plain forwarding on port 8080, no
-appliance state): the address takeover the pair's replication builds on."""
+The CLI brings up the pair with both appliances (one active, one standby in sync); then the
+appliances are stopped and these tests drive keepalived and the kernel only (plain forwarding on
+port 8080, no appliance state): the address takeover the pair's replication builds on
+(``test_pair_takeover.py`` has the appliances' part)."""
 
 from __future__ import annotations
 
@@ -42,7 +44,10 @@ def pair_lab() -> Iterator[None]:
     try:
         r = cli("lab", "up", "--gateways", "2")
         assert r.returncode == 0, r.stderr
-        assert "VRRP master" in r.stdout and "lab-gateway2" in r.stdout
+        assert "VRRP master, active" in r.stdout and "VRRP backup, standby in sync" in r.stdout
+        assert "lab-gateway2" in r.stdout
+        for n in pair.NODES:  # keepalived alone from here: the appliances' own eligibility out of the way
+            pair.stop_appliance(n)
         yield
     finally:
         lab.down()

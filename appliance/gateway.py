@@ -511,8 +511,10 @@ class Gateway:
             if not lf["pending"]:
                 lf["duration_ms"] = round((self.clock() - lf["time"]) * 1000, 3)
 
-    def migrate(self, cid: int, to: str, mode: str = "replay", reason: str = "manual") -> dict[str, Any]:
+    def migrate(self, cid: int, to: str | None, mode: str = "replay", reason: str = "manual") -> dict[str, Any]:
         if mode == "resume":
+            if to is None:
+                raise Conflict("a resume-mode move needs its target backend")
             return self._migrate_resume(cid, to, reason)
         if mode != "replay":
             raise Conflict(f"mode {mode!r} is not available: 'replay' or 'resume'")
@@ -673,17 +675,24 @@ class Gateway:
         self.flush()
 
     # --- restart -------------------------------------------------------------------------
-    def restore(self, loaded: list[Loaded]) -> dict[str, int]:
-        """Connections read back from the checkpoint store after a restart:
-        re-attached, or — when tcpcp 6.1's rules refuse the checkpoint, or
-        the configuration no longer has their service — reset cleanly.
+    def restore(self, loaded: list[Loaded], *, takeover: bool = False) -> dict[str, Any]:
+        """Connections read back from the checkpoint store after a restart (or, ``takeover``,
+        from the pair's replicated store): re-attached, or — when tcpcp 6.1's rules refuse the
+        checkpoint, or the configuration no longer has their service — reset cleanly.
 
         A connection moved by replay whose move had completed is restored spliced to its
-        backup (its translation is in the checkpoint); one caught mid-move is reset on both
-        sides, with an event saying so (``checkpoint.splice``: a restart of the gateway)."""
+        backup (its translation is in the checkpoint).  One caught mid-move: after a restart,
+        reset on both sides, with an event saying so (``checkpoint.splice``: a restart of the
+        gateway); at a takeover, re-attached to the backend it was moving from when that was
+        its first move, and listed in ``restart`` (connection id, target) for the caller to
+        move again once the target's half-replayed socket is fenced (:meth:`restart_move`); a
+        later move is reset.  At a takeover no client byte can have bypassed the queues, so a
+        backend ahead of the log is not taken for one (``Resyncing.bypass_possible``)."""
+        mid_move, why = ("restart", "the takeover") if takeover else ("reset", "the restart")
         dp = self.dataplane
         now = self.clock()
         kept = reset = moved = 0
+        restart: list[tuple[int, str]] = []
         for item in loaded:
             rec = item.rec
             svc = dp.services.get(rec.service)
@@ -702,8 +711,19 @@ class Gateway:
                 continue
             elif reason is not None:
                 pass
+            elif move is not None and move.phase != "spliced" and mid_move == "restart" and rec.moves == 1 \
+                    and move.old[0] in svc.backends and move.target[0] in svc.backends \
+                    and (svc.backends[move.old[0]].addr(is_v6(rec.client_ip)), svc.backends[move.old[0]].port) \
+                    == move.old[1:]:
+                # its first move: the old backend's sequence space is the client's view, so the
+                # connection goes on there while the target's half-replayed socket is fenced
+                rec.backend, rec.backend_ip, rec.backend_port = move.old
+                rec.moves = 0
+                restart.append((rec.id, move.target[0]))
+                move = None
+                reason = check_resumable(rec, item.saved_at, now, self.config.checkpoint.msl)
             elif move is not None and move.phase != "spliced":
-                reason = (f"the restart caught it mid-move to {move.target[0]}: the backup holds a half-replayed "
+                reason = (f"{why} caught it mid-move to {move.target[0]}: the backup holds a half-replayed "
                           f"connection with the client's address, port and ISN, which a new SYN would land on, "
                           f"so the move is not restarted")
             elif move is not None:
@@ -719,7 +739,7 @@ class Gateway:
                 reason = check_resumable(rec, item.saved_at, now, self.config.checkpoint.msl)
             if reason is None:
                 try:
-                    attached = dp.reattach(rec, now, move)
+                    attached = dp.reattach(rec, now, move, bypass_possible=not takeover)
                 except ValueError as exc:
                     reason = str(exc)
                 else:
@@ -733,13 +753,44 @@ class Gateway:
                 dp.reset(rec, now)
             if dp.store is not None:
                 dp.store.drop_loaded(rec.id)
-            self.events.add("reset", f"not resumed after the restart: {reason}", service=rec.service,
+            restart = [r for r in restart if r[0] != rec.id]
+            self.events.add("reset", f"not resumed after {why}: {reason}", service=rec.service,
                             backend=rec.backend, connection=rec.id, now=now)
+        for cid, target in restart:
+            found = dp.table.by_id(cid)
+            if found is not None:
+                dp.probe_target(found, target)
         if loaded:
-            self.events.add("restart", f"{kept} connection(s) re-attached from the checkpoint store "
-                                       f"({moved} of them moved, spliced to their backup again), {reset} reset",
-                            now=now, reattached=kept, reset=reset, moved=moved)
-        return {"reattached": kept, "reset": reset}
+            self.events.add("restart", f"{kept} connection(s) re-attached after {why} "
+                                       f"({moved} of them moved, spliced to their backup again; {len(restart)} caught "
+                                       f"mid-move, to be moved again), {reset} reset",
+                            now=now, reattached=kept, reset=reset, moved=moved, restarted=len(restart))
+        out: dict[str, Any] = {"reattached": kept, "reset": reset}
+        if mid_move == "restart":
+            out["restart"] = restart
+        return out
+
+    async def restart_move(self, cid: int, target: str, timeout: float = 3.0) -> None:
+        """A connection a takeover caught mid-move (:meth:`restore`): once the target's
+        half-replayed socket is fenced (it answered the probe, or retransmitted, and got a RST at
+        exactly its ``rcv_nxt``) or ``timeout`` passed, the move starts again."""
+        dp = self.dataplane
+        deadline = time.monotonic() + timeout
+        while dp.fenced_at(cid) is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.02)  # the RST ahead of the new SYN
+        rec = dp.table.by_id(cid)
+        if rec is None or rec.state in (TcpState.TIME_WAIT, TcpState.CLOSED):
+            return
+        reason = "the takeover caught it mid-move: the move restarts"
+        try:
+            self.migrate(cid, target, reason=reason)
+        except (Conflict, NotFound) as exc:
+            try:
+                self.migrate(cid, None, reason=reason)
+            except (Conflict, NotFound) as exc2:
+                self.events.add("reset", f"the move caught by the takeover could not restart: {exc}; {exc2}",
+                                service=rec.service, connection=cid)
 
     # --- what the API shows ---------------------------------------------------------------
     def status(self) -> dict[str, Any]:

@@ -25,7 +25,10 @@ A takeover (:meth:`PairController._take_over`): the epoch written to ``epoch_fil
 local store promoted (``REPLICAOF NO ONE``, epoch raised, marked alone) and drained into the table,
 every connection rebuilt (``ReplConn.to_record``) and re-attached as after a restart
 (``Gateway.restore``: sequence numbers re-learned from the wire, moved connections spliced to
-their backup again, one caught mid-move reset), then the queues are read.  The former active's
+their backup again), then the queues are read.  A connection caught mid-move (its first move)
+goes on with the backend it was leaving, the target's half-replayed socket is fenced (a probe
+draws its duplicate ACK, answered with a RST at exactly its ``rcv_nxt``), and the move starts
+again (``Gateway.restart_move``): *the move restarts*.  The former active's
 store is fenced in the background (best effort: a dead one is fenced when it comes back and finds
 the peer's newer epoch).
 
@@ -134,6 +137,7 @@ class PairController:
                          "dropped_not_forwarding": 0, "unsent_not_forwarding": 0}
         self.last_takeover: dict[str, Any] | None = None
         self.last_ack_sent = float("-inf")
+        self._lag_at = 0.0
 
     # --- the data path's gate ----------------------------------------------------------------
     def forwarding(self) -> bool:
@@ -232,28 +236,39 @@ class PairController:
 
     # --- the standby -------------------------------------------------------------------------
     async def _standby_loop(self) -> None:
-        lag_at = 0.0
         while True:
-            if self.role.role is Role.STANDBY and self.clock() >= lag_at:
-                lag_at = self.clock() + 0.25
-                await self.refresh_lag()      # the lag shown (status, metrics, panel), 4 times a second
-            if self.role.role is Role.STANDBY:
-                t = self.clock()
-                ok, why, epoch = await self._check_sync()
-                if not ok:
-                    self.counters["sync_checks_failed"] += 1
-                self.last_check = {"ok": ok, "reason": why, "at": time.time()}
-                self._apply(self.role.checked_sync(t, ok, why, self.clock(), epoch))
-            self._apply(self.role.tick(self.clock()))
+            try:
+                await self._standby_step()
+            except Exception:  # noqa: BLE001 - the control loop must outlive any surprise answer
+                log.exception("pair: the standby's check failed")
+                self.counters["sync_checks_failed"] += 1
             await asyncio.sleep(CHECK_INTERVAL)
 
+    async def _standby_step(self) -> None:
+        if self.role.role is Role.STANDBY and self.clock() >= self._lag_at:
+            self._lag_at = self.clock() + 0.25
+            await self.refresh_lag()      # the lag shown (status, metrics, panel), 4 times a second
+        if self.role.role is Role.STANDBY:
+            t = self.clock()
+            try:
+                ok, why, epoch = await self._check_sync()
+            except (RedisError, ValueError) as exc:   # a store loading its bulk resync answers errors
+                ok, why, epoch = False, f"a store answered: {exc}", None
+            if not ok:
+                self.counters["sync_checks_failed"] += 1
+            self.last_check = {"ok": ok, "reason": why, "at": time.time()}
+            self._apply(self.role.checked_sync(t, ok, why, self.clock(), epoch))
+        self._apply(self.role.tick(self.clock()))
+
     async def _peer_state(self) -> tuple[dict[str, str], int, str | None, str | None] | None:
+        """The peer's store: its replication info, epoch, alone flag and last batch; None when it
+        cannot say (out of reach, or answering errors: a replica still loading its bulk resync)."""
         try:
             info, epoch, alone, last = await self.peer_client.pipeline(
                 [["INFO", "replication"], ["GET", "repl:epoch"], ["GET", "repl:alone"], ["GET", "repl:last"]])
-        except RedisError:
+            return parse_info(info), int(_str(epoch) or 0), _str(alone), _str(last)
+        except (RedisError, ValueError):
             return None
-        return parse_info(info), int(_str(epoch) or 0), _str(alone), _str(last)
 
     async def _check_sync(self) -> tuple[bool, str | None, int | None]:
         peer = await self._peer_state()
@@ -332,7 +347,7 @@ class PairController:
                 continue
             loaded.append(Loaded(rec, now, None if rc.move is None else json.dumps(rc.move)))
         self.primary = RedisPrimary(*self.local, epoch, wait_ms=self.cfg.wait_ms, peer=self.peer)
-        result = gw.restore(loaded)
+        result = gw.restore(loaded, takeover=True)
         self.counters["takeovers"] += 1
         self._apply(self.role.took_over(epoch, self.clock(), result["reattached"]))
         if self.role.role is not Role.ACTIVE:   # fenced during the takeover: its _fence drops them
@@ -343,6 +358,8 @@ class PairController:
                               "(the active's adverts stopped)", "reattached": result["reattached"],
                               "reset": result["reset"] + unreadable, "duration_ms": round(ms, 1)}
         gw.flush()
+        for cid, target in result.get("restart", ()):
+            self._spawn(gw.restart_move(cid, target))
         self._spawn(fence_peer(*self.peer, epoch, timeout=PEER_TIMEOUT))
 
     # --- fencing -----------------------------------------------------------------------------
@@ -371,24 +388,30 @@ class PairController:
     async def _heartbeat(self) -> None:
         while True:
             await asyncio.sleep(self.cfg.lease / 6)
-            now = self.clock()
-            r = self.role
-            if r.role is not Role.ACTIVE:
-                continue
-            if now - self.last_ack_sent > self.cfg.lease / 3 or not r.forwarding(now) or r.alone_since is not None:
-                t = self.clock()
-                try:
-                    mine = int(_str(await self.query.execute("GET", "repl:epoch")) or 0)
-                except RedisError:
-                    mine = r.epoch
-                if mine > r.epoch:
-                    self._apply(r.fence(f"this node's store was raised to epoch {mine} by the peer", self.clock()))
-                    continue
-                peer = await self._peer_state()
-                self._apply(r.peer_checked(t, None if peer is None else peer[1], self.clock()))
-                if peer is not None and r.alone_since is not None and self.primary is not None:
-                    await self._probe_replica()
-            self._update_gate()
+            try:
+                await self._heartbeat_step()
+            except Exception:  # noqa: BLE001 - as the standby's loop: it must go on
+                log.exception("pair: the active's heartbeat failed")
+
+    async def _heartbeat_step(self) -> None:
+        now = self.clock()
+        r = self.role
+        if r.role is not Role.ACTIVE:
+            return
+        if now - self.last_ack_sent > self.cfg.lease / 3 or not r.forwarding(now) or r.alone_since is not None:
+            t = self.clock()
+            try:
+                mine = int(_str(await self.query.execute("GET", "repl:epoch")) or 0)
+            except (RedisError, ValueError):
+                mine = r.epoch
+            if mine > r.epoch:
+                self._apply(r.fence(f"this node's store was raised to epoch {mine} by the peer", self.clock()))
+                return
+            peer = await self._peer_state()
+            self._apply(r.peer_checked(t, None if peer is None else peer[1], self.clock()))
+            if peer is not None and r.alone_since is not None and self.primary is not None:
+                await self._probe_replica()
+        self._update_gate()
 
     async def _probe_replica(self) -> None:
         """Alone: does the standby's store hold everything again?  (``WAIT 1`` on the latest.)"""

@@ -407,6 +407,21 @@ class Dataplane:
                                    dport=be.port, seq=pv.ack, ack=0, flags=RST, to="old"))
         return Verdict.DROP
 
+    def fenced_at(self, cid: int) -> float | None:
+        """When the gateway last answered a fenced backend's packet of ``cid`` with a RST."""
+        return self._fence_sent.get(cid)
+
+    def probe_target(self, rec: ConnectionRecord, target: str) -> None:
+        """A segment far below ``target``'s window on ``rec``'s 4-tuple: a half-replayed socket
+        there (a move caught by a takeover) answers with a duplicate ACK at its ``rcv_nxt``, which
+        :meth:`fence` answers with the RST that closes it."""
+        svc = self.services[rec.service]
+        be = svc.backends.get(target)
+        if be is None or rec.client.isn is None:
+            return
+        self.outbox.append(Out(src=rec.client_ip, dst=be.addr(is_v6(rec.client_ip)), sport=rec.client_port,
+                               dport=be.port, seq=seq_add(rec.client.isn, -(1 << 30)), ack=0, flags=ACK, to="old"))
+
     def after_reset(self, rec: ConnectionRecord, pv: PacketView, svc: ServiceRuntime, now: float) -> Verdict:
         """A client packet of a connection the gateway reset: dropped, and answered with a RST at
         exactly the sequence it acknowledges (RFC 5961: the RST sent at the reset may have been
@@ -662,7 +677,8 @@ class Dataplane:
         if self.gate is not None:
             self.gate.clamp_outbox(self.outbox)
 
-    def reattach(self, rec: ConnectionRecord, now: float, move: MoveState | None = None) -> bool:
+    def reattach(self, rec: ConnectionRecord, now: float, move: MoveState | None = None,
+                 bypass_possible: bool = True) -> bool:
         """A connection read back from the checkpoint store (a restart) or imported.  ``move``:
         the completed move of a connection moved by replay (phase "spliced"): it is restored
         spliced to its backup (``checkpoint.splice``, a restart of the gateway), and a
@@ -695,7 +711,7 @@ class Dataplane:
                 self._restored_digest[rec.id] = rec.client.segments
             self._events.append(MoveStarted(sp))
             return True
-        self.modes[rec.id] = Resyncing(first_packet=rec.log is not None,
+        self.modes[rec.id] = Resyncing(first_packet=rec.log is not None, bypass_possible=bypass_possible,
                                        client_segments=rec.client.segments if resync else None)
         return True
 

@@ -44,9 +44,11 @@ class AckGate:
     def allowed(rec: ConnectionRecord) -> int | None:
         """The highest ACK the client may see: ISN + 1 + committed bytes (+1 for a committed
         FIN); the ISN itself (not even the SYN) before the record is durable.  None: no limit
-        known (no client ISN)."""
+        known (no client ISN), or none needed: a log that stopped (``max_log_bytes``, the store
+        full, bytes that bypassed the queues) makes the connection unprotected, its commit point
+        no longer moves, and holding the client's acknowledgments at it would stall it."""
         isn = rec.client.isn
-        if isn is None:
+        if isn is None or rec.log is None or rec.log.overflow is not None:
             return None
         return seq_add(isn, 1 + rec.commit_offset + (1 if rec.commit_fin else 0))
 
@@ -63,6 +65,7 @@ class AckGate:
             return verdict
         allowed = self.allowed(rec)
         if allowed is None:
+            self.held.pop(rec.id, None)  # superseded by what goes out now, unclamped
             return verdict
         ack = pv.ack
         if seq_diff(ack, allowed) <= 0:

@@ -112,6 +112,10 @@ class Resyncing(Ordinary):
 
     first_packet: bool = True         # no backend packet seen since the restart
     client_segments: int | None = None  # the client's segment count at restore, while the digest resyncs
+    # could client bytes have bypassed the queues meanwhile (this gateway's appliance down, the
+    # kernel forwarding: on_failure = "open")?  Not at a pair's takeover: the new active's queues
+    # held every packet, the old active is gone
+    bypass_possible: bool = True
     name = "resyncing"
 
     def server(self, dp: Dataplane, rec: ConnectionRecord, pv: PacketView, svc: ServiceRuntime,
@@ -124,7 +128,7 @@ class Resyncing(Ordinary):
             self._end_resync(rec)
         if self.first_packet and rec.log is not None:
             self.first_packet = False
-            why = self._check_first(dp, rec, pv)
+            why = self._check_first(dp, rec, pv, self.bypass_possible)
             if why is not None:
                 dp.refuse_resume(rec, why, now)
                 return Verdict.DROP
@@ -147,7 +151,7 @@ class Resyncing(Ordinary):
             self.client_segments = None
 
     @staticmethod
-    def _check_first(dp: Dataplane, rec: ConnectionRecord, pv: PacketView) -> str | None:
+    def _check_first(dp: Dataplane, rec: ConnectionRecord, pv: PacketView, bypass_possible: bool = True) -> str | None:
         """The first backend packet of a re-attached connection: the reason it cannot be
         resumed, or None.
 
@@ -155,7 +159,9 @@ class Resyncing(Ordinary):
         cannot be told apart modulo 2**32).  With ``on_failure = "open"`` client bytes may have
         passed while the appliance was down: if the backend acknowledges more than the log
         holds, they did, and a replay could not give them again (the connection stays, marked
-        unprotected)."""
+        unprotected).  Without a bypass (``bypass_possible`` False: a pair's takeover) a backend
+        ahead of the log only holds bytes that were forwarded before their commit: the client
+        was never told of them, sends them again, and the log gets them then."""
         if rec.server.next_seq is not None and bytes_since(rec.server, pv.seq) is None:
             return (f"the backend is at sequence {pv.seq}, 2**31 bytes or more past "
                     f"the checkpoint's {rec.server.next_seq}")
@@ -164,7 +170,7 @@ class Resyncing(Ordinary):
             return None
         acked = seq_diff(pv.ack, seq_add(rec.client.isn, 1))
         have = log.end + (1 if log.fin_offset is not None else 0)
-        if acked > have and dp.config.gateway.on_failure == "open":
+        if acked > have and dp.config.gateway.on_failure == "open" and bypass_possible:
             log.overflow = (f"client bytes passed unlogged while the appliance was down "
                             f"(backend acknowledged {acked}, the log holds {have})")
         return None

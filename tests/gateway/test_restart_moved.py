@@ -239,3 +239,63 @@ def test_an_unreadable_move_state_resets_the_connection_with_the_reason(tmp_path
     assert result == {"reattached": 1, "reset": 1} and flows == [(B6, 80, C6, 40001)]
     assert "move state cannot be read back" in gw.events.last("reset").reason
     assert gw.dataplane.splice_of(2) is not None and gw.dataplane.splice_of(2).phase is Phase.SPLICED
+
+
+def test_a_takeover_restarts_a_move_it_caught_midway(tmp_path: Path) -> None:
+    """The pair's rule (``takeover=True``): the connection goes on with the backend it was
+    leaving, the backup's half-replayed socket is drawn out by a probe and reset at exactly its
+    rcv_nxt, then the move starts again with a new SYN to the backup."""
+    import asyncio
+
+    backend = SqliteBackend(tmp_path / "cp.db")
+    old = Gateway(parse(config(tmp_path)), clock=lambda: 2.0)
+    client, vip, server, bk, port = FAMILIES[0]
+    connect(old, backend, client, vip, server, port)
+    old.failover("web")  # the SYN to the backup is out, the takeover comes before its SYN-ACK
+    commit(old, backend)
+
+    gw = Gateway(parse(config(tmp_path)))
+    result = gw.restore(SqliteBackend(tmp_path / "cp.db").load(), takeover=True)
+    gw.flush()
+    assert result == {"reattached": 1, "reset": 0, "restart": [(1, "backup")]}
+    rec = gw.dataplane.table.by_id(1)
+    assert rec is not None and rec.backend == "primary" and rec.backend_ip == server and rec.moves == 0
+    ev = gw.events.last("restart")
+    assert ev is not None and ev.details["restarted"] == 1 and "the takeover" in ev.reason
+    # the probe: far below the backup's window, on the client's 4-tuple
+    (probe,) = [o for o in gw.unsent if o.dst == bk]
+    assert (probe.src, probe.sport, probe.dport, probe.flags) == (client, port, 80, 0x10)
+    assert (1001 - probe.seq) % (1 << 32) == (1 << 30) + 1
+    gw.unsent.clear()
+    # the half-replayed socket answers with a duplicate ACK at its rcv_nxt: dropped, and reset there
+    dup = pkt(bk, client, 80, port, "A", 90001, 1001 + 7, (55, 102))
+    assert gw.dataplane.handle(dup, 3.0) is Verdict.DROP
+    gw.flush()
+    assert [(o.dst, o.seq, o.flags) for o in gw.unsent] == [(bk, 1001 + 7, RST)]
+    assert gw.dataplane.fenced_at(1) is not None
+    gw.unsent.clear()
+    # the client's next segment still reaches the primary (the connection goes on there)
+    buf = pkt(client, vip, port, 80, "A", 1001 + len(REQUEST), 5021, (104, 7001))
+    assert gw.dataplane.handle(buf, 3.0) is Verdict.REWRITTEN and parsed(buf).dst == server
+    # then the move starts again: a SYN to the backup with the client's ISN
+    asyncio.run(gw.restart_move(1, "backup"))
+    syns = [o for o in gw.unsent if o.dst == bk and o.flags & 0x02]
+    assert [(o.seq, o.sport) for o in syns] == [(1000, port)]
+    assert gw.dataplane.splice_of(1) is not None and rec.backend == "backup" and rec.moves == 1
+    assert gw.events.last("migration") is not None and "mid-move" in gw.events.last("migration").reason
+
+
+def test_a_takeover_resets_a_connection_caught_in_its_second_move(tmp_path: Path) -> None:
+    """Moved once already, the old backend's sequence space is not the client's: not restarted."""
+    backend = SqliteBackend(tmp_path / "cp.db")
+    old = Gateway(parse(config(tmp_path)), clock=lambda: 2.0)
+    for client, vip, server, _, port in FAMILIES:
+        connect(old, backend, client, vip, server, port)
+    move_to_backup(old, backend)
+    old.failover("web", to="primary")  # moving back: caught midway
+    commit(old, backend)
+    gw = Gateway(parse(config(tmp_path)))
+    result = gw.restore(SqliteBackend(tmp_path / "cp.db").load(), takeover=True)
+    assert result == {"reattached": 0, "reset": 2, "restart": []}
+    ev = gw.events.last("reset")
+    assert ev is not None and "the takeover caught it mid-move to primary" in ev.reason

@@ -173,6 +173,24 @@ def test_total_limit_makes_a_connection_unprotected_with_a_reason(tmp_path: Path
     assert rec.commit_offset == 60000  # what was durable stays so
 
 
+def test_an_unprotected_connection_is_not_held_at_its_stuck_commit_point(tmp_path: Path) -> None:
+    """Its log stopped (here the store full; also max_log_bytes): its commit point no longer
+    moves, so the client's acknowledgments above it pass (held, the client would stall)."""
+    dp = Dataplane(parse(config(tmp_path, max_total_bytes=65536)))
+    open_connection(dp)
+    dp.handle(c2s("PA", 1001, 5001, b"a" * 60000), 1.2)
+    commit(dp)
+    dp.handle(c2s("PA", 61001, 5001, b"b" * 10000), 1.3)
+    assert dp.handle(s2c("A", 5001, 71001), 1.3) is Verdict.DROP  # not yet known to be over the limit: held
+    commit(dp)
+    (rec,) = dp.connections()
+    assert rec.commit_offset == 60000 and not rec.protected
+    assert dp.handle(s2c("A", 5001, 71001), 1.4) is Verdict.ACCEPT  # the client hears of its 70000 bytes
+    data = s2c("PA", 5001, 71001, b"reply")
+    assert dp.handle(data, 1.4) is Verdict.ACCEPT and IP(bytes(data))[TCP].ack == 71001  # not clamped
+    assert dp.gate is not None and rec.id not in dp.gate.held
+
+
 def test_sqlite_round_trip_restores_record_log_and_digest(tmp_path: Path) -> None:
     backend = SqliteBackend(tmp_path / "cp.db")
     dp = Dataplane(parse(config(tmp_path)))
@@ -244,6 +262,22 @@ def test_open_mode_marks_connections_that_passed_unlogged_bytes(tmp_path: Path) 
     # while the appliance was down 500 client bytes went straight to the backend
     gw.dataplane.handle(s2c("A", 5001, 1501), 2.0)
     assert not rec.protected and "unlogged" in rec.unprotected_reason
+
+
+def test_at_a_takeover_a_backend_ahead_of_the_log_holds_bytes_the_client_sends_again(tmp_path: Path) -> None:
+    """A pair's takeover: the backend acknowledging more than the replicated log means bytes
+    forwarded before their commit (nothing bypassed the new active's queues): the client was
+    never told of them and sends them again, the log gets them, the connection stays protected."""
+    backend = SqliteBackend(tmp_path / "cp.db")
+    dp = Dataplane(parse(config(tmp_path)))
+    open_connection(dp, backend)
+    gw = Gateway(parse(config(tmp_path)))
+    gw.restore(backend.load(), takeover=True)
+    (rec,) = gw.dataplane.connections()
+    assert gw.dataplane.handle(s2c("A", 5001, 1501), 2.0) is Verdict.DROP  # above the commit point: held
+    assert rec.protected
+    assert gw.dataplane.handle(c2s("PA", 1001, 5001, b"r" * 500), 2.1) is Verdict.REWRITTEN  # sent again
+    assert rec.log.end == 500 and rec.protected
 
 
 def test_after_a_restart_an_overflowed_log_still_lets_the_backend_through(tmp_path: Path) -> None:

@@ -46,6 +46,9 @@ def pair_lab() -> Iterator[None]:
         assert r.returncode == 0, r.stderr
         assert "VRRP master, active" in r.stdout and "VRRP backup, standby in sync" in r.stdout
         assert "lab-gateway2" in r.stdout
+        for n in pair.NODES:  # each gateway's panel, from the host
+            with urllib.request.urlopen(f"{n.api}/healthz", timeout=5) as resp:
+                assert resp.status == 200
         for n in pair.NODES:  # keepalived alone from here: the appliances' own eligibility out of the way
             pair.stop_appliance(n)
         yield
@@ -93,10 +96,6 @@ def test_pair_up_one_master_holds_every_floating_address(healthy_pair: tuple[str
     # clients reach servers through the floating next hops, both families; and the VIPs
     for address in (lab.PRIMARY, lab.PRIMARY6, lab.BACKUP, lab.BACKUP6):
         assert curl_ok(address), address
-    # each gateway's panel, from the host
-    for n in pair.NODES:
-        with urllib.request.urlopen(f"{n.api}/healthz", timeout=5) as r:
-            assert r.status == 200, n.api
     st = json.loads(cli("lab", "status").stdout)
     assert st["gateways"] == 2 and st["vrrp_master"] == master
     assert {g["ns"]: g["vrrp_state"] for g in st["pair"]} == {master: "MASTER", standby: "BACKUP"}

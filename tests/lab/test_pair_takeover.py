@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,7 +67,20 @@ def ready(pair_lab: None) -> dict[str, str]:
         alive = lab.pid_alive(lab.run_dir() / f"{n.appliance_name}.pid") and pair.keepalived_pid(n)
         if not alive:
             pair.restart_gateway(n)
-    return pair.wait_pair_ready(timeout=60)
+    ready = pair.wait_pair_ready(timeout=60)
+    for n in pair.NODES:  # an earlier test's failover leaves the backup in use: back to the primary
+        wait_for(lambda: primary_in_use(n.ns), timeout=30, what=f"{n.ns}'s services on their primary")
+    return ready
+
+
+def primary_in_use(ns: str) -> bool:
+    for svc in api(ns, "/api/v1/services"):
+        if svc["active_backend"] != "primary":
+            try:
+                api(ns, f"/api/v1/services/{svc['name']}/failover", "POST", {"to": "primary"})
+            except urllib.error.HTTPError:
+                return False  # the primary not up again yet
+    return all(svc["active_backend"] == "primary" for svc in api(ns, "/api/v1/services"))
 
 
 def took_over(ns: str) -> dict:
@@ -75,7 +89,8 @@ def took_over(ns: str) -> dict:
 
 
 def conns(ns: str, service: str = "web") -> list[dict]:
-    return api(ns, f"/api/v1/connections?service={service}")
+    """The service's established connections on gateway ``ns`` (an earlier test's may linger, closed)."""
+    return [c for c in api(ns, f"/api/v1/connections?service={service}") if c["state"] == "ESTABLISHED"]
 
 
 def leg_macs(ns: str) -> list[str]:
@@ -154,6 +169,7 @@ def test_the_primary_server_dies_after_the_takeover(ready: dict[str, str], tmp_p
     with Capture("lab-client", tmp_path / "client.pcap", snaplen=65535) as cap:
         dl = start_download("100M.bin", out, rate="20M")
         wait_for(lambda: out.exists() and out.stat().st_size > 20 << 20, timeout=60, what="20 MiB received")
+        (c,) = conns(active)
         pair.kill_gateway(active)
         took_over(standby)
         size = out.stat().st_size
@@ -163,8 +179,43 @@ def test_the_primary_server_dies_after_the_takeover(ready: dict[str, str], tmp_p
     assert rc == 0
     assert sha256_file(out) == expected_sha("100M.bin")
     assert_clean(check(cap.path, lab.CLIENT, lab.VIP, lab.SERVICE_PORT), expect_connections=1)
-    (mv,) = api(standby, "/api/v1/events?kind=migration")
+    (mv,) = [e for e in api(standby, "/api/v1/events?kind=migration") if e["connection"] == c["id"]]
     assert mv["details"]["suppressed_bytes"] > 20 << 20  # the backup regenerated what the client had, unseen
+    assert api(standby, f"/api/v1/connections/{mv['connection']}")["backend"] == "backup"
+
+
+def test_a_move_caught_by_the_takeover_restarts(ready: dict[str, str], tmp_path: Path) -> None:
+    """The primary server dies and, while the backup regenerates what the client has (slowed to
+    50 Mbit/s), the active gateway dies too: the new active goes on with the primary, fences the
+    backup's half-replayed socket and moves the connection again, from the start."""
+    active, standby = ready["active"], ready["standby"]
+    out = tmp_path / "100M.bin"
+    tbf = ["ip", "netns", "exec", "lab-backup", "tc", "qdisc", "replace", "dev", "eth0", "root", "tbf", "rate",
+           "50mbit", "burst", "64kb", "latency", "100ms"]
+    try:
+        with Capture("lab-client", tmp_path / "client.pcap", snaplen=65535) as cap:
+            dl = start_download("100M.bin", out, rate="40M")
+            wait_for(lambda: out.exists() and out.stat().st_size > 20 << 20, timeout=60, what="20 MiB received")
+            subprocess.run(tbf, check=True)
+            lab.cut_link("primary")
+            wait_for(lambda: api(active, "/api/v1/status")["moving"] == 1, timeout=10, interval=0.02,
+                     what="the move under way")
+            pair.kill_gateway(active)
+            took_over(standby)
+            wait_for(lambda: api(standby, "/api/v1/events?kind=migration"), timeout=30, what="the move restarted")
+            subprocess.run(["ip", "netns", "exec", "lab-backup", "tc", "qdisc", "del", "dev", "eth0", "root"],
+                           check=True)
+            rc, port = dl.wait(timeout=120)
+    finally:
+        subprocess.run(["ip", "netns", "exec", "lab-backup", "tc", "qdisc", "del", "dev", "eth0", "root"],
+                       capture_output=True)
+    assert rc == 0
+    assert sha256_file(out) == expected_sha("100M.bin")
+    assert_clean(check(cap.path, lab.CLIENT, lab.VIP, lab.SERVICE_PORT), expect_connections=1)
+    restarted = [e for e in api(standby, "/api/v1/events?kind=restart") if e["details"].get("restarted")]
+    assert [e["details"]["restarted"] for e in restarted] == [1]
+    moves = api(standby, "/api/v1/events?kind=migration")
+    (mv,) = [e for e in moves if "mid-move" in e["reason"]]  # the move started again, once
     assert api(standby, f"/api/v1/connections/{mv['connection']}")["backend"] == "backup"
 
 

@@ -357,6 +357,8 @@ class PairController:
         self.last_takeover = {"at": time.time(), "epoch": epoch, "reason": "keepalived made this node master "
                               "(the active's adverts stopped)", "reattached": result["reattached"],
                               "reset": result["reset"] + unreadable, "duration_ms": round(ms, 1)}
+        for rec in gw.dataplane.connections():  # both ends answer at once: no wait for a retransmission timer
+            gw.dataplane.prompt(rec)
         gw.flush()
         for cid, target in result.get("restart", ()):
             self._spawn(gw.restart_move(cid, target))

@@ -7,10 +7,10 @@
 ``takeover`` and ``upload`` bring up the two-gateway lab (root; it is taken down afterwards);
 ``resync`` runs two redis-server processes on 127.0.0.1 (no root).
 
-*takeover*: a download at 20 Mbit/s through the VIP, tcpdump at the client; the active gateway is
-killed silently (:func:`appliance.lab.pair.kill_gateway`: every process stopped at once and
-killed, its links down); the time from the kill to the first data byte the client receives after
-it, and the client's longest gap between data segments over the run.  Then the dead gateway is
+*takeover*: a download at 20 MiB/s (curl's rate) through the VIP, tcpdump at the client; once
+30 MiB are in, the active gateway is killed silently (:func:`appliance.lab.pair.kill_gateway`:
+every process stopped at once and killed, its links down); the client's pause: the longest gap
+between data segments around the kill (from the last byte before the death to the next one).  Then the dead gateway is
 restarted and rejoins, and the next run kills whichever is active.
 
 *upload*: curl POSTs ``100M.bin`` to the upload service, alternating rounds with both appliances
@@ -46,24 +46,24 @@ def _pct(xs: list[float], p: float) -> float:
 
 # --- takeover ----------------------------------------------------------------------------------
 
-def _gaps(pcap: Path, vip: str, t_kill: float) -> tuple[float | None, float]:
-    """(first data byte after ``t_kill`` minus ``t_kill``, the longest gap between data segments)."""
+def _pause(pcap: Path, vip: str, t_kill: float) -> float | None:
+    """The client's pause: the longest gap between data segments from the VIP around ``t_kill``
+    (from a second before it to five after); None when no data came before or after the kill."""
     import socket
 
     want = socket.inet_pton(socket.AF_INET6 if ":" in vip else socket.AF_INET, vip)
-    first: float | None = None
     last: float | None = None
     longest = 0.0
+    before = after = False
     for ts, p in packets(pcap):
         f = tcp_fields(p)
-        if f is None or f[0] != want or f[7] == 0:
+        if f is None or f[0] != want or f[7] == 0 or not t_kill - 1 <= ts <= t_kill + 5:
             continue
+        before, after = before or ts < t_kill, after or ts > t_kill
         if last is not None:
             longest = max(longest, ts - last)
         last = ts
-        if first is None and ts > t_kill:
-            first = ts - t_kill
-    return first, longest
+    return longest if before and after else None
 
 
 def takeover(runs: int = 10, rate: str = "20M") -> dict[str, Any]:
@@ -84,9 +84,13 @@ def takeover(runs: int = 10, rate: str = "20M") -> dict[str, Any]:
                                     "96", "-w", str(pcap), "tcp port 80"], stderr=subprocess.PIPE, text=True)
             assert cap.stderr is not None
             cap.stderr.readline()
-            dl = subprocess.Popen(["ip", "netns", "exec", "lab-client", "curl", "-sS", "-o", "/dev/null",
+            got = out_dir / "dl.bin"
+            got.unlink(missing_ok=True)
+            dl = subprocess.Popen(["ip", "netns", "exec", "lab-client", "curl", "-sS", "-o", str(got),
                                    "--limit-rate", rate, f"http://{lab.VIP}/1G.bin"])
-            time.sleep(3)
+            deadline = time.monotonic() + 20
+            while not (got.exists() and got.stat().st_size > 30 << 20) and time.monotonic() < deadline:
+                time.sleep(0.05)   # flowing (30 MiB in), whatever the previous run's rejoin took
             t_kill = time.time()
             pair.kill_gateway(active)
             deadline = time.monotonic() + 10
@@ -102,21 +106,20 @@ def takeover(runs: int = 10, rate: str = "20M") -> dict[str, Any]:
             time.sleep(0.3)
             cap.terminate()
             cap.wait()
-            first, longest = _gaps(pcap, lab.VIP, t_kill)
+            pause = _pause(pcap, lab.VIP, t_kill)
+            got.unlink(missing_ok=True)
             lt = (st or {}).get("last_takeover") or {}
-            rows.append({"run": i, "killed": active, "next_byte_ms": None if first is None else round(first * 1000, 1),
-                         "longest_gap_ms": round(longest * 1000, 1), "takeover_ms": lt.get("duration_ms"),
-                         "reattached": lt.get("reattached")})
+            rows.append({"run": i, "killed": active, "pause_ms": None if pause is None else round(pause * 1000, 1),
+                         "takeover_ms": lt.get("duration_ms"), "reattached": lt.get("reattached")})
             print(json.dumps(rows[-1]), file=sys.stderr)
             pcap.unlink(missing_ok=True)
             pair.restart_gateway(active)
     finally:
         lab.down()
-    nb = [r["next_byte_ms"] for r in rows if r["next_byte_ms"] is not None]
-    return {"runs": rows, "next_byte_ms": {"median": statistics.median(nb), "p99": _pct(nb, 99), "max": max(nb)},
-            "longest_gap_ms": {"median": statistics.median(r["longest_gap_ms"] for r in rows),
-                               "max": max(r["longest_gap_ms"] for r in rows)},
-            "lost_runs": runs - len(nb)}
+    ps = [r["pause_ms"] for r in rows if r["pause_ms"] is not None]
+    return {"runs": rows, "pause_ms": {"median": statistics.median(ps), "p99": _pct(ps, 99), "max": max(ps)},
+            "takeover_ms": {"median": statistics.median(r["takeover_ms"] or 0 for r in rows)},
+            "runs_without_data_around_the_kill": runs - len(ps)}
 
 
 # --- upload: peer against memory -----------------------------------------------------------------

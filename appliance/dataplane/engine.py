@@ -422,6 +422,26 @@ class Dataplane:
         self.outbox.append(Out(src=rec.client_ip, dst=be.addr(is_v6(rec.client_ip)), sport=rec.client_port,
                                dport=be.port, seq=seq_add(rec.client.isn, -(1 << 30)), ack=0, flags=ACK, to="old"))
 
+    def prompt(self, rec: ConnectionRecord) -> None:
+        """After a takeover: one pure ACK far below each end's window, without a timestamp (no
+        clock to guess): each end answers it at once with an ACK of where it is (RFC 793), and
+        that ACK crosses the new active to the other end, so a sender in retransmission backoff
+        (its segments and the ACKs of them died with the old active) hears at once of what
+        arrived and goes on instead of waiting for its timer.  A moved connection's backend is
+        not prompted (its sequence space is the splice's)."""
+        cn, sn = rec.client.next_seq, rec.server.next_seq
+        if rec.state is not TcpState.ESTABLISHED or cn is None or sn is None:
+            return
+        svc = self.services[rec.service]
+        self.outbox.append(Out(src=rec.vip, dst=rec.client_ip, sport=svc.port, dport=rec.client_port,
+                               seq=seq_add(sn, -(1 << 30)), ack=cn, flags=ACK, window=rec.server.window or 0,
+                               to="client"))
+        be = svc.backends.get(rec.backend)
+        if be is not None and not isinstance(self.modes.get(rec.id), Spliced):
+            self.outbox.append(Out(src=rec.client_ip, dst=be.addr(is_v6(rec.client_ip)), sport=rec.client_port,
+                                   dport=be.port, seq=seq_add(cn, -(1 << 30)), ack=sn, flags=ACK,
+                                   window=rec.client.window or 0, to="old"))
+
     def after_reset(self, rec: ConnectionRecord, pv: PacketView, svc: ServiceRuntime, now: float) -> Verdict:
         """A client packet of a connection the gateway reset: dropped, and answered with a RST at
         exactly the sequence it acknowledges (RFC 5961: the RST sent at the reset may have been

@@ -303,6 +303,12 @@ class PairController:
         if (pinfo.get("role") == "master" and pepoch == 0 and lepoch == 0 and linfo.get("role") == "master"
                 and plast is None and _str(llast_r) is None and self.role.epoch == 0):
             return True, None, 0     # a fresh pair: nothing to lose, either may start
+        follows_us = (pinfo.get("role") == "slave" and pinfo.get("master_port") == str(self.local[1])
+                      and pinfo.get("master_host") == self.local[0])
+        if linfo.get("role") == "master" and lepoch >= 1 and (follows_us or pepoch < lepoch):
+            # this node's store is the newest (it was the active, both appliances restarted): it holds
+            # everything, and a takeover re-attaches its connections from it
+            return True, None, pepoch
         return False, f"the peer is not an active gateway's store (role {pinfo.get('role')}, epoch {pepoch})", pepoch
 
     async def _follow_peer(self) -> None:
@@ -324,12 +330,11 @@ class PairController:
         gw = self.gw
         try:
             write_epoch(self.cfg.epoch_file, epoch)
-            if self.standby is not None:
-                table, _ = await self.standby.promote(epoch, fence=False)
-                self.standby = None
-            else:
-                table = {}
-                await promote(self.query, epoch)
+            # the table: from the replica this node followed, or from its own store (a fresh pair: empty;
+            # or the newest store of a pair whose appliances both restarted)
+            sb = self.standby if self.standby is not None else RedisStandby(*self.local)
+            self.standby = None
+            table, _ = await sb.promote(epoch, fence=False)
             await self.query.execute("SET", "repl:alone", "1")
         except (RedisError, OSError, ValueError) as exc:
             self._apply(self.role.takeover_failed(str(exc), self.clock()))
@@ -463,11 +468,22 @@ class PairController:
             else:
                 self.counters["commits_alone"] += 1
             self._apply(r.committed(t, acked, self.clock()))
+            # not acknowledged within wait_ms: released when the standby's store does acknowledge it
+            # (a slow replica, WAIT again), or alone once a lease has passed since the alone mark
             while r.role is Role.ACTIVE and not r.may_release(acked, self.clock()):
                 if r.alone_since is None and not r.marking and not r.clearing:
                     self._apply(r.committed(t, False, self.clock()))  # a failed mark, or cleared meanwhile
                 at = r.release_at()
-                await asyncio.sleep(0.01 if at is None else max(0.001, min(0.05, at - self.clock())))
+                wait = 0.05 if at is None else max(0.001, min(0.05, at - self.clock()))
+                try:
+                    n = await self.primary.client.execute("WAIT", 1, max(1, int(wait * 1000)))
+                except RedisError:
+                    await asyncio.sleep(wait)
+                    continue
+                if isinstance(n, int) and n >= 1:
+                    acked = True
+                    self.last_ack_sent = t
+                    self._apply(r.committed(t, True, self.clock()))
             if r.role is not Role.ACTIVE:
                 planner.failed(batch)
                 continue

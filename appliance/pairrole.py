@@ -26,15 +26,17 @@ store itself).  A check begun at ``t`` that passes keeps the standby in sync unt
 active; keepalived puts an ineligible node in FAULT: it never takes the role.  keepalived's
 ``MASTER`` on a standby starts a takeover when it is in sync (or, right after start, once the
 first check passes); otherwise the node refuses the role (ineligible: keepalived gives it up).
-Until the first check answers the eligibility file is left as it is (a node starting next to a
-live active would otherwise flap the role it may hold).
+A node starts ineligible (keepalived's FAULT): a restarted appliance cannot know keepalived's
+state until a transition is announced, and a node that held the role gives it to a peer in sync.
 
 *Committing alone* (the active).  A batch is released to the clients when the standby's store
 acknowledged it (``WAIT``).  When it does not within ``wait_ms`` the active marks its store
 *alone* and may release batches only ``lease`` after that mark was stored: every check that saw
 the flag clear began before the mark, so no standby believes it is in sync any more (the lease
-is measured on each node's own clock; only durations are compared).  An acknowledged commit
-while alone clears the flag.  A takeover marks the new active's store alone at once: no standby
+is measured on each node's own clock; only durations are compared); a batch the standby's store
+acknowledges late (the driver asks again) is released then.  An acknowledged commit clears the
+flag once it has been set for a lease (a replica that lags now and then does not flap the
+pair's state).  A takeover marks the new active's store alone at once: no standby
 exists that could have seen that store's flag clear.
 
 *Proof of the role, and fencing* (the active).  The active forwards only while it holds
@@ -161,8 +163,6 @@ class PairRole:
 
     # --- inputs -------------------------------------------------------------------------------
     def _eligible(self, now: float, out: list[Action]) -> None:
-        if self.role is Role.STANDBY and not self.checked and not self.pending_master:
-            return      # the file keeps what it says until the first check answers (no FAULT flap at start)
         want = self.role in (Role.ACTIVE, Role.TAKING_OVER) or self.in_sync(now)
         if want != self.eligible:
             self.eligible = want
@@ -171,9 +171,11 @@ class PairRole:
             out.append(SetEligible(want, why))
 
     def start(self, now: float) -> list[Action]:
-        out: list[Action] = []
-        self._eligible(now, out)
-        return out
+        """A node starts ineligible: keepalived puts it in FAULT (giving the role up if it held
+        it), so the appliance learns keepalived's state from the transitions that follow, and a
+        peer in sync takes the role meanwhile; the first passing check makes it eligible."""
+        self.eligible = False
+        return [SetEligible(False, "starting: not checked yet")]
 
     def vrrp_state(self, state: str, now: float) -> list[Action]:
         """keepalived's sync group went to ``state`` (MASTER, BACKUP, FAULT, STOP)."""
@@ -276,7 +278,10 @@ class PairRole:
         if acked:
             self.proof_until = max(self.proof_until, sent_at + self.lease)
             self.peer_reachable = True
-            if self.alone_since is not None and not self.marking and not self.clearing:
+            # alone for a lease at least (a replica that lags now and then does not flap the pair's
+            # state, and its standby stays ineligible that long)
+            if (self.alone_since is not None and now >= self.alone_since + self.lease and not self.marking
+                    and not self.clearing):
                 self.clearing = True
                 out.append(ClearAlone())
         elif self.alone_since is None and not self.marking:

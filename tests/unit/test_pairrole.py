@@ -54,8 +54,8 @@ def takeover_epoch(actions: list[Action]) -> int:
 
 def standby(node: int = 1, epoch: int = 0, now: float = T0) -> PairRole:
     r = PairRole(node, epoch, LEASE, now)
-    assert r.start(now) == []       # the eligibility file is left as it is until the first check answers
-    assert r.eligible is None and not r.in_sync(now)
+    assert r.start(now) == [SetEligible(False, "starting: not checked yet")]  # FAULT until the first check
+    assert r.eligible is False and not r.in_sync(now)
     return r
 
 
@@ -106,12 +106,16 @@ def test_node_must_be_1_or_2() -> None:
 
 # --- the standby: first check, MASTER, refusing ---------------------------------------------
 
-def test_before_the_first_check_the_eligibility_file_is_left_alone() -> None:
+def test_a_node_starts_ineligible_and_stays_so_until_a_check_passes() -> None:
+    """Started ineligible (keepalived's FAULT: it learns keepalived's state from what follows);
+    nothing more is written until a check answers, and a failing one changes nothing."""
     r = standby()
     assert r.tick(T0 + 5) == [] and r.vrrp_state("BACKUP", T0 + 5) == [] and r.tick(T0 + 6) == []
-    assert r.eligible is None and not r.status(T0 + 6)["eligible"]
+    assert r.eligible is False and not r.status(T0 + 6)["eligible"]
     acts = r.checked_sync(T0 + 6, False, "the peer's store is out of reach", T0 + 6.1)
-    assert eligibility(acts) == [False] and events(acts) == ["out-of-sync"]
+    assert eligibility(acts) == [] and events(acts) == ["out-of-sync"]
+    acts = r.checked_sync(T0 + 6.2, True, None, T0 + 6.3)
+    assert eligibility(acts) == [True] and events(acts) == ["in-sync"]
 
 
 @pytest.mark.parametrize("node", [1, 2])
@@ -237,7 +241,7 @@ def test_an_old_ok_check_answering_late_does_not_shorten_a_newer_one() -> None:
 def test_an_ok_check_that_answers_after_its_lease_does_not_make_the_node_eligible() -> None:
     r = standby()
     acts = r.checked_sync(T0, True, None, T0 + LEASE + 0.1)
-    assert eligibility(acts) == [False] and events(acts) == ["out-of-sync"]
+    assert eligibility(acts) == [] and events(acts) == ["out-of-sync"]  # ineligible since its start
     assert not r.eligible and not r.in_sync(T0 + LEASE + 0.1)
     assert not of(r.vrrp_state("MASTER", T0 + LEASE + 0.1), TakeOver)
 
@@ -675,3 +679,12 @@ class PairRoleMachine(RuleBasedStateMachine):
 PairRoleMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=100, deadline=None,
                                              suppress_health_check=[HealthCheck.too_slow])
 TestPairRoleMachine = PairRoleMachine.TestCase
+
+
+def test_the_alone_flag_is_cleared_only_after_a_lease_so_a_lagging_replica_does_not_flap_it() -> None:
+    r = synced_active()
+    assert of(r.committed(T0 + 1, False, T0 + 1.2), MarkAlone)
+    r.alone_marked(True, T0 + 1.25, "the standby did not acknowledge a commit")
+    assert r.committed(T0 + 1.3, True, T0 + 1.31) == []          # acknowledged again, but marked 60 ms ago
+    assert r.status(T0 + 1.31)["alone"]
+    assert of(r.committed(T0 + 2.3, True, T0 + 2.31), ClearAlone)  # a lease after the mark

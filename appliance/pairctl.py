@@ -56,7 +56,17 @@ from checkpoint.state import StateError
 from checkpoint.store import Loaded
 
 from .config import PairConfig
-from .pairrole import Action, ClearAlone, Event, Fence, MarkAlone, PairRole, Role, SetEligible, TakeOver
+from .pairrole import (
+    Action,
+    ClearAlone,
+    Event,
+    Fence,
+    MarkAlone,
+    PairRole,
+    Role,
+    SetEligible,
+    TakeOver,
+)
 from .replication_redis import (
     Fenced,
     RedisClient,
@@ -67,7 +77,6 @@ from .replication_redis import (
     demote,
     fence_peer,
     parse_info,
-    promote,
 )
 from .vrrp import FifoReader, Transition
 
@@ -239,7 +248,7 @@ class PairController:
         while True:
             try:
                 await self._standby_step()
-            except Exception:  # noqa: BLE001 - the control loop must outlive any surprise answer
+            except Exception:  # the control loop must outlive any surprise answer
                 log.exception("pair: the standby's check failed")
                 self.counters["sync_checks_failed"] += 1
             await asyncio.sleep(CHECK_INTERVAL)
@@ -397,7 +406,7 @@ class PairController:
             await asyncio.sleep(self.cfg.lease / 6)
             try:
                 await self._heartbeat_step()
-            except Exception:  # noqa: BLE001 - as the standby's loop: it must go on
+            except Exception:  # as the standby's loop: it must go on
                 log.exception("pair: the active's heartbeat failed")
 
     async def _heartbeat_step(self) -> None:

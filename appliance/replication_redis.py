@@ -1082,18 +1082,23 @@ def local_pair() -> Iterator[tuple[LocalRedis, LocalRedis]]:
         m.close()
 
 
-def _info_replication(port: int) -> dict[str, str]:
-    with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
-        s.sendall(pack([["INFO", "replication"]]))
+def command(port: int, *cmd: Arg, host: str = "127.0.0.1", timeout: float = 2.0) -> Reply:
+    """One command to a redis-server, synchronously (tests, the bench; no event loop)."""
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        s.sendall(pack([cmd]))
         buf = bytearray()
         while True:
             chunk = s.recv(65536)
             if not chunk:
                 raise ConnectionError("closed")
             buf += chunk
-            r = parse_reply(buf, 0, "INFO")
+            r = parse_reply(buf, 0, _name(cmd))
             if r is not None:
-                return parse_info(r[0])
+                return r[0]
+
+
+def _info_replication(port: int) -> dict[str, str]:
+    return parse_info(command(port, "INFO", "replication", timeout=0.5))
 
 
 def _probe(port: int) -> bool:

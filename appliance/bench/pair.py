@@ -178,8 +178,15 @@ def upload(rounds: int = 3, body_name: str = "100M.bin") -> dict[str, Any]:
 # --- resync of a rejoining standby ------------------------------------------------------------
 
 async def _resync(conns: int, log_bytes: int) -> dict[str, Any]:
-    from appliance.replication_redis import (LocalRedis, RedisClient, RedisPrimary, RedisStandby, demote, promote,
-                                             wait_link)
+    from appliance.replication_redis import (
+        LocalRedis,
+        RedisClient,
+        RedisPrimary,
+        RedisStandby,
+        demote,
+        promote,
+        wait_link,
+    )
     from checkpoint.replication import Append, Op, Record
 
     from .replication import typical_record

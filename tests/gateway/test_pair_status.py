@@ -19,7 +19,6 @@ import contextlib
 import http.cookiejar
 import json
 import os
-import socket
 import threading
 import time
 import urllib.parse
@@ -37,7 +36,7 @@ from appliance import daemon
 from appliance.config import parse
 from appliance.gateway import Gateway
 from appliance.pairctl import PairController
-from appliance.replication_redis import LocalRedis, pack, parse_reply
+from appliance.replication_redis import LocalRedis, command
 from webui.app import create_app
 
 T = TypeVar("T")
@@ -60,17 +59,7 @@ def config(pair: dict[str, Any] | None) -> dict[str, Any]:
 
 def redis(port: int, *cmd: str | int) -> Any:
     """One command to a redis-server, synchronously (the test's own hand on a store)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=2.0) as s:
-        s.sendall(pack([cmd]))
-        buf = bytearray()
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                raise ConnectionError("closed")
-            buf += chunk
-            r = parse_reply(buf, 0, str(cmd[0]))
-            if r is not None:
-                return r[0]
+    return command(port, *cmd)
 
 
 def wait_for(cond: Callable[[], T], timeout: float = 15.0, what: str = "condition") -> T:

@@ -26,7 +26,14 @@ from appliance.lab import topology as lab
 from appliance.pcap import packets
 
 from .conftest import require_root
-from .helpers import Capture, expected_sha, sha256_file, start_download, start_upload, wait_for
+from .helpers import (
+    Capture,
+    expected_sha,
+    sha256_file,
+    start_download,
+    start_upload,
+    wait_for,
+)
 from .invariants import assert_clean, check
 
 pytestmark = pytest.mark.lab
@@ -69,7 +76,7 @@ def ready(pair_lab: None) -> dict[str, str]:
             pair.restart_gateway(n)
     ready = pair.wait_pair_ready(timeout=60)
     for n in pair.NODES:  # an earlier test's failover leaves the backup in use: back to the primary
-        wait_for(lambda: primary_in_use(n.ns), timeout=30, what=f"{n.ns}'s services on their primary")
+        wait_for(lambda ns=n.ns: primary_in_use(ns), timeout=30, what=f"{n.ns}'s services on their primary")
     return ready
 
 

@@ -343,7 +343,10 @@ class PairController:
             # or the newest store of a pair whose appliances both restarted)
             sb = self.standby if self.standby is not None else RedisStandby(*self.local)
             self.standby = None
-            table, _ = await sb.promote(epoch, fence=False)
+            try:
+                table, _ = await sb.promote(epoch, fence=False)
+            finally:
+                await sb.stop()
             await self.query.execute("SET", "repl:alone", "1")
         except (RedisError, OSError, ValueError) as exc:
             self._apply(self.role.takeover_failed(str(exc), self.clock()))

@@ -130,6 +130,26 @@ def test_download_through_the_active_gateways_silent_death(ready: dict[str, str]
     assert not api(standby, "/api/v1/events?kind=reset")
 
 
+def test_an_ipv6_download_through_the_active_gateways_silent_death(ready: dict[str, str], tmp_path: Path) -> None:
+    """The same over the IPv6 VIP: the floating IPv6 next hops move with the IPv4 ones, the
+    replicated record is of the IPv6 connection."""
+    active, standby = ready["active"], ready["standby"]
+    out = tmp_path / "100M.bin"
+    with Capture("lab-client", tmp_path / "client.pcap", snaplen=65535) as cap:
+        dl = start_download("100M.bin", out, rate="20M", v6=True)
+        wait_for(lambda: out.exists() and out.stat().st_size > 20 << 20, timeout=60, what="20 MiB received")
+        (c,) = conns(active)
+        assert c["family"] == "ipv6"
+        pair.kill_gateway(active)
+        took_over(standby)
+        rc, _ = dl.wait(timeout=120)
+    assert rc == 0
+    assert sha256_file(out) == expected_sha("100M.bin")
+    assert_clean(check(cap.path, lab.CLIENT6, lab.VIP6, lab.SERVICE_PORT), expect_connections=1)
+    after = api(standby, f"/api/v1/connections/{c['id']}")
+    assert after["client"] == c["client"] and after["family"] == "ipv6"
+
+
 def test_upload_answered_with_its_sha256_through_the_active_gateways_death(ready: dict[str, str],
                                                                           tmp_path: Path) -> None:
     active, standby = ready["active"], ready["standby"]

@@ -59,9 +59,10 @@ def curl(client: str, address: str, port: int, path: str = "/", *args: str) -> l
 
 
 def start_download(name: str, out: Path, rate: str | None = None, client: str = "lab-client",
-                   v6: bool = False) -> Download:
-    """curl downloads ``name`` from the lab's web service (``v6``: through the IPv6 VIP)."""
-    args = ["-sS", "--fail", "-o", str(out), "-w", "%{local_port}", "--max-time", "280"]
+                   v6: bool = False, *extra: str) -> Download:
+    """curl downloads ``name`` from the lab's web service (``v6``: through the IPv6 VIP;
+    ``extra``: more curl arguments, e.g. a range)."""
+    args = ["-sS", "--fail", "-o", str(out), "-w", "%{local_port}", "--max-time", "280", *extra]
     if rate:
         args += ["--limit-rate", rate]
     cmd = curl(client, vip(v6), lab.SERVICE_PORT, f"/{name}", *args)

@@ -22,8 +22,8 @@ Example::
 
     # [pair]                     # the gateway pair (store.mode = "peer"; docs/GATEWAY_PAIR.md)
     # node = 1                   # this gateway: 1 or 2 (its epochs are odd or even)
-    # redis = "192.0.2.253:6390" # this gateway's redis-server, on the sync link
-    # peer_redis = "192.0.2.254:6390"  # the peer gateway's
+    # redis = "203.0.113.253:6390" # this gateway's redis-server, on the sync link
+    # peer_redis = "203.0.113.254:6390"  # the peer gateway's
     # vrrp_fifo = "/run/appliance/vrrp.fifo"           # keepalived's vrrp_notify_fifo
     # eligibility_file = "/run/appliance/ineligible"   # keepalived's track_file (0: eligible)
     # epoch_file = "/var/lib/appliance/epoch"          # the highest epoch this node has known

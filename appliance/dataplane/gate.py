@@ -39,6 +39,9 @@ class AckGate:
         self.send = send                # a whole packet the gateway sends (a held ACK, released)
         self.translated = translated    # is this connection moved (its TSvals are the splice's)?
         self.held: dict[int, bytearray] = {}  # conn id -> newest held ACK, in the client's view
+        # conn id -> the highest ACK the client was let see (absent: not known, as after a restart
+        # or a pair's takeover, where the client may be further behind than the commit point)
+        self.told: dict[int, int] = {}
 
     @staticmethod
     def allowed(rec: ConnectionRecord) -> int | None:
@@ -54,6 +57,12 @@ class AckGate:
 
     def forget(self, cid: int) -> None:
         self.held.pop(cid, None)
+        self.told.pop(cid, None)
+
+    def _tell(self, cid: int, ack: int) -> None:
+        told = self.told.get(cid)
+        if told is None or seq_diff(ack, told) > 0:
+            self.told[cid] = ack
 
     def check(self, rec: ConnectionRecord, pv: PacketView, verdict: Verdict,
               svc: ServiceRuntime | None = None) -> Verdict:
@@ -72,6 +81,7 @@ class AckGate:
             held = self.held.get(rec.id)
             if held is not None and seq_diff(ack, PacketView(held).ack) >= 0:
                 del self.held[rec.id]  # superseded by what goes out now
+            self._tell(rec.id, ack)
             return verdict
         if pv.payload_len == 0 and not flags & FIN:
             # a pure ACK (or the SYN-ACK): keep the newest, send it when the commit catches up
@@ -83,6 +93,16 @@ class AckGate:
                     hv.set_sport(svc.port)
             self.held[rec.id] = held
             self.counters.acks_held += 1
+            told = self.told.get(rec.id)
+            if not flags & SYN and (told is None or seq_diff(allowed, told) > 0):
+                # the client has not even heard of the commit point (a restart, a takeover: what it
+                # was told died with the old process): it goes out now, lowered to it
+                pv.set_ack(allowed)
+                if pv.options.sack_blocks:
+                    pv.strip_sack()
+                self._tell(rec.id, allowed)
+                self.counters.acks_clamped += 1
+                return Verdict.REWRITTEN
             return Verdict.DROP
         if flags & SYN:  # a SYN-ACK with data: hold it too (never seen in practice)
             self.counters.acks_held += 1
@@ -96,6 +116,7 @@ class AckGate:
         pv.set_ack(allowed)
         if pv.options.sack_blocks:
             pv.strip_sack()
+        self._tell(rec.id, allowed)
         self.counters.acks_clamped += 1
         return Verdict.REWRITTEN
 
@@ -129,6 +150,7 @@ class AckGate:
                     and not self.translated(rec.id):
                 if seq_diff(ts, ov.tsval) > 0:  # I3: never older than what the client saw
                     ov.set_timestamps(ts, tsecr)
+            self._tell(rec.id, ov.ack)
             self.send(out)
             self.counters.acks_released += 1
 

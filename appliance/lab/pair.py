@@ -7,11 +7,11 @@
     lab-client2 192.0.2.11 ─┤ br-client                  br-server ├─ 198.51.100.20 lab-backup
                             ├─ eth-client ─ lab-gateway  ─ eth-server ─┤
                             │   192.0.2.2      │ sync0      198.51.100.2  │
-                            │                  │ 192.0.2.253/30         │
+                            │                  │ 203.0.113.253/30       │
                             │                  │ 2001:db8:ff::1/64      │
                             └─ eth-client ─ lab-gateway2 ─ eth-server ─┘
                                 192.0.2.3      sync0      198.51.100.3
-                                               192.0.2.254/30, 2001:db8:ff::2/64
+                                               203.0.113.254/30, 2001:db8:ff::2/64
 
     floating (held by the VRRP master only): 192.0.2.1/24 and 2001:db8:2::1/64 on eth-client,
                                              198.51.100.1/24 and 2001:db8:100::1/64 on eth-server
@@ -135,7 +135,9 @@ class Node:
 
     @property
     def sync_ip(self) -> str:
-        return f"{lab.CLIENT_NET}.{252 + self.index}"  # 192.0.2.252/30
+        # 203.0.113.252/30: outside the client and server networks, so that a cut sync link is cut (with
+        # 192.0.2.252/30 the client network's /24 carried the sync traffic on when sync0 went down)
+        return f"{lab.VIP_NET}.{252 + self.index}"
 
     @property
     def sync_ip6(self) -> str:

@@ -102,6 +102,26 @@ def test_pure_ack_above_the_commit_point_is_held_then_released(tmp_path: Path) -
     assert dp.handle(s2c("A", 5001, 2001, options=[("Timestamp", (7002, 102))]), 1.3) is Verdict.ACCEPT
 
 
+def test_after_a_restart_the_client_hears_of_the_commit_point_at_once(tmp_path: Path) -> None:
+    """What the client was told died with the old process (a restart, a pair's takeover): the
+    first pure ACK above the commit point goes out lowered to it (the client may be behind it and
+    resends from there), later ones are held as usual."""
+    backend = SqliteBackend(tmp_path / "cp.db")
+    dp = Dataplane(parse(config(tmp_path)))
+    open_connection(dp, backend)
+    dp.handle(c2s("PA", 1001, 5001, b"a" * 1000), 1.2)
+    commit(dp, backend)
+    gw = Gateway(parse(config(tmp_path)))
+    gw.restore(backend.load(), takeover=True)
+    (rec,) = gw.dataplane.connections()
+    assert rec.commit_offset == 1000
+    ack = s2c("A", 5001, 2501, options=[("SAck", (2601, 2701))])
+    assert gw.dataplane.handle(ack, 2.0) is Verdict.REWRITTEN
+    p = IP(bytes(ack))
+    assert p[TCP].ack == 2001 and not [o for o in p[TCP].options if o[0] == "SAck"]
+    assert gw.dataplane.handle(s2c("A", 5001, 2501), 2.0) is Verdict.DROP  # the client knows 2001 now: held
+
+
 def test_data_segment_has_its_ack_clamped_and_sack_stripped(tmp_path: Path) -> None:
     dp = Dataplane(parse(config(tmp_path)))
     open_connection(dp)
@@ -181,7 +201,10 @@ def test_an_unprotected_connection_is_not_held_at_its_stuck_commit_point(tmp_pat
     dp.handle(c2s("PA", 1001, 5001, b"a" * 60000), 1.2)
     commit(dp)
     dp.handle(c2s("PA", 61001, 5001, b"b" * 10000), 1.3)
-    assert dp.handle(s2c("A", 5001, 71001), 1.3) is Verdict.DROP  # not yet known to be over the limit: held
+    first = s2c("A", 5001, 71001)
+    assert dp.handle(first, 1.3) is Verdict.REWRITTEN  # not yet known to be over the limit: lowered to the
+    assert IP(bytes(first))[TCP].ack == 61001           # commit point the client has not heard of yet
+    assert dp.handle(s2c("A", 5001, 71001), 1.3) is Verdict.DROP  # then held
     commit(dp)
     (rec,) = dp.connections()
     assert rec.commit_offset == 60000 and not rec.protected
@@ -274,8 +297,9 @@ def test_at_a_takeover_a_backend_ahead_of_the_log_holds_bytes_the_client_sends_a
     gw = Gateway(parse(config(tmp_path)))
     gw.restore(backend.load(), takeover=True)
     (rec,) = gw.dataplane.connections()
-    assert gw.dataplane.handle(s2c("A", 5001, 1501), 2.0) is Verdict.DROP  # above the commit point: held
-    assert rec.protected
+    first = s2c("A", 5001, 1501)
+    assert gw.dataplane.handle(first, 2.0) is Verdict.REWRITTEN  # lowered to the commit point (1001)
+    assert IP(bytes(first))[TCP].ack == 1001 and rec.protected
     assert gw.dataplane.handle(c2s("PA", 1001, 5001, b"r" * 500), 2.1) is Verdict.REWRITTEN  # sent again
     assert rec.log.end == 500 and rec.protected
 

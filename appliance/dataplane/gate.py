@@ -10,7 +10,11 @@ clamped to the commit point and SACK blocks above it stripped, and the client is
 a pure ACK or a SYN-ACK above it is held — the newest one per connection — and sent by the
 gateway when the commit catches up (:meth:`AckGate.committed`: its source rewritten to the VIP,
 its TSval raised to the newest the client saw, its ACK the commit point if that is still lower).
-Segments the gateway sends itself are clamped too (:meth:`AckGate.clamp_outbox`).  With
+Segments the gateway sends itself are clamped too (:meth:`AckGate.clamp_outbox`).  The gate
+also keeps the highest acknowledgment each client was let see: a client that has not heard of
+the commit point (after a restart or a pair's takeover, what it was told died with the old
+process) gets a pure ACK lowered to it at once rather than held, so it resends from there
+instead of waiting for its retransmission timer.  With
 ``store.mode = "memory"`` there is no gate: the commit point is the log's end.
 """
 

@@ -1082,19 +1082,33 @@ def local_pair() -> Iterator[tuple[LocalRedis, LocalRedis]]:
         m.close()
 
 
-def command(port: int, *cmd: Arg, host: str = "127.0.0.1", timeout: float = 2.0) -> Reply:
-    """One command to a redis-server, synchronously (tests, the bench; no event loop)."""
+def commands(port: int, cmds: Sequence[Sequence[Arg]], host: str = "127.0.0.1",
+             timeout: float = 2.0) -> list[Reply]:
+    """Commands to a redis-server in one write, synchronously (tests, the bench; no event loop):
+    their replies, in order."""
     with socket.create_connection((host, port), timeout=timeout) as s:
-        s.sendall(pack([cmd]))
+        s.sendall(pack(cmds))
         buf = bytearray()
+        replies: list[Reply] = []
+        pos = 0
         while True:
             chunk = s.recv(65536)
             if not chunk:
                 raise ConnectionError("closed")
             buf += chunk
-            r = parse_reply(buf, 0, _name(cmd))
-            if r is not None:
-                return r[0]
+            while len(replies) < len(cmds):
+                r = parse_reply(buf, pos, _name(cmds[len(replies)]))
+                if r is None:
+                    break
+                replies.append(r[0])
+                pos = r[1]
+            if len(replies) == len(cmds):
+                return replies
+
+
+def command(port: int, *cmd: Arg, host: str = "127.0.0.1", timeout: float = 2.0) -> Reply:
+    """One command to a redis-server, synchronously."""
+    return commands(port, [cmd], host, timeout)[0]
 
 
 def _info_replication(port: int) -> dict[str, str]:
@@ -1103,19 +1117,8 @@ def _info_replication(port: int) -> dict[str, str]:
 
 def _probe(port: int) -> bool:
     """A write the replica acknowledges (a fresh replica's first ACK can take a second)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=2.0) as s:
-        s.sendall(pack([["INCR", "repl:probe"], ["WAIT", 1, 1000]]))
-        buf = bytearray()
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                raise ConnectionError("closed")
-            buf += chunk
-            r = parse_reply(buf, 0, "INCR")
-            if r is not None:
-                r2 = parse_reply(buf, r[1], "WAIT")
-                if r2 is not None:
-                    return isinstance(r2[0], int) and r2[0] >= 1
+    _, n = commands(port, [["INCR", "repl:probe"], ["WAIT", 1, 1000]])
+    return isinstance(n, int) and n >= 1
 
 
 def wait_link(port: int, timeout: float = 10.0) -> None:

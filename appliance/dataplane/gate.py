@@ -101,12 +101,7 @@ class AckGate:
             if not flags & SYN and (told is None or seq_diff(allowed, told) > 0):
                 # the client has not even heard of the commit point (a restart, a takeover: what it
                 # was told died with the old process): it goes out now, lowered to it
-                pv.set_ack(allowed)
-                if pv.options.sack_blocks:
-                    pv.strip_sack()
-                self._tell(rec.id, allowed)
-                self.counters.acks_clamped += 1
-                return Verdict.REWRITTEN
+                return self._lower(rec, pv, allowed)
             return Verdict.DROP
         if flags & SYN:  # a SYN-ACK with data: hold it too (never seen in practice)
             self.counters.acks_held += 1
@@ -117,6 +112,10 @@ class AckGate:
         owed = tcp_packet(src, pv.dst, sport, pv.ports[1], seq_add(pv.seq, pv.payload_len + (1 if flags & FIN else 0)),
                           ack, ACK, pv.window, tcp_options(tsval=pv.tsval, tsecr=pv.tsecr), b"")
         self.held[rec.id] = bytearray(owed)
+        return self._lower(rec, pv, allowed)
+
+    def _lower(self, rec: ConnectionRecord, pv: PacketView, allowed: int) -> Verdict:
+        """The packet goes out acknowledging the commit point, no SACK block above it."""
         pv.set_ack(allowed)
         if pv.options.sack_blocks:
             pv.strip_sack()

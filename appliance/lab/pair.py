@@ -538,20 +538,8 @@ def up(clients: int = 1, backups: int = 1, appliance: bool = True,
         path.write_text(text)
         pids[n.ns] = start_appliance(n, path) if appliance else None
     ready = wait_pair_ready() if appliance and peered else None
-    return {
-        "run_dir": str(rd),
-        "hosts": [h.__dict__ for h in hosts],
-        "vip": f"{lab.VIP}:{lab.SERVICE_PORT}",
-        "vip6": f"[{lab.VIP6}]:{lab.SERVICE_PORT}",
-        "api": f"http://{lab.API_HOST}:{lab.API_PORT}",
-        "token_file": str(token_file),
-        "token": token_file.read_text().strip(),
-        "appliance_pid": pids[lab.GATEWAY],
-        "files": sums,
-        "gateways": [gateway_info(n, pids[n.ns]) for n in NODES],
-        "vrrp_master": master,
-        "pair": ready,
-    }
+    return {**lab.lab_info(rd, hosts, token_file, pids[lab.GATEWAY], sums),
+            "gateways": [gateway_info(n, pids[n.ns]) for n in NODES], "vrrp_master": master, "pair": ready}
 
 
 def gateway_info(n: Node, appliance_pid: int | None = None) -> dict[str, object]:

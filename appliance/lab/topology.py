@@ -695,6 +695,12 @@ def up(clients: int = 1, backups: int = 1, appliance: bool = True) -> dict[str, 
     config.write_text(gateway_config(hosts, token_file, agent_key_file(), checkpoint_key_file()))
     (rd / "topology.json").write_text(json.dumps([h.__dict__ for h in hosts], indent=1))
     pid = start_appliance(config) if appliance else None
+    return lab_info(rd, hosts, token_file, pid, sums)
+
+
+def lab_info(rd: Path, hosts: list[Host], token_file: Path, pid: int | None,
+             sums: dict[str, str]) -> dict[str, object]:
+    """What ``lab up`` reports (the two-gateway layout adds its gateways to it)."""
     return {
         "run_dir": str(rd),
         "hosts": [h.__dict__ for h in hosts],

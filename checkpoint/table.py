@@ -132,8 +132,12 @@ class ConnectionTable:
         flags = seg.flags
         is_syn = bool(flags & SYN) and not flags & ACK
         if rec is not None:
-            if not (is_syn and rec.state in FINISHED and rec.client.isn != seg.seq):
+            if not (is_syn and rec.client.isn != seg.seq and (rec.state in FINISHED or rec.mid_stream)):
                 return rec
+            # a new connection on the key: the old one finished, or was only ever picked up
+            # mid-stream (a leftover packet of a connection the appliance never saw open: without a
+            # log it protects nothing, and folding the new SYN into it would leave the new
+            # connection unprotected for life — reset at the next failover)
             self._remove(rec)
         if flags & RST:
             return None  # a RST never opens anything

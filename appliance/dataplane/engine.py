@@ -218,7 +218,8 @@ class Dataplane:
         key = (pv.src, sport, vip, dport)
         table = self.table
         rec = table.get(key)
-        if rec is None or rec.state in (TcpState.TIME_WAIT, TcpState.CLOSED):
+        if rec is None or rec.state in (TcpState.TIME_WAIT, TcpState.CLOSED) or (
+                rec.mid_stream and pv.flags & (SYN | ACK) == SYN and rec.client.isn != pv.seq):
             rec = self._admit(pv, svc, key, rec, now)
             if rec is None:
                 if pv.flags & RST:  # a stray RST: nothing to track, let it reach the backend

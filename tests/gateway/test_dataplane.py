@@ -68,6 +68,20 @@ def test_connection_pinned_to_active_backend_and_tracked() -> None:
     assert IP(bytes(syn)).dst == "198.51.100.20"
 
 
+def test_a_new_connection_on_the_port_of_a_mid_stream_leftover_is_protected() -> None:
+    """A stale packet (an earlier appliance's connection) makes a mid-stream record, unprotected;
+    the client's next connection from that port is a new record with a log, and it can be moved."""
+    dp = Dataplane(parse(CFG))
+    stale = raw(IP(src=CLIENT, dst="203.0.113.10") / TCP(sport=40000, dport=80, flags="A", seq=77, ack=88))
+    dp.handle(stale, 99.0)
+    (old,) = dp.connections()
+    assert old.mid_stream and old.log is None
+    handshake(dp)
+    (rec,) = dp.connections()
+    assert rec.id != old.id and not rec.mid_stream and rec.log is not None
+    assert rec.protected and rec.client.isn == 1000 and rec.state.value == "ESTABLISHED"
+
+
 def test_packets_from_a_backend_not_serving_the_connection_are_dropped() -> None:
     dp = Dataplane(parse(CFG))
     handshake(dp)

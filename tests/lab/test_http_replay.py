@@ -340,7 +340,14 @@ def test_keepalive_crowd_through_the_primarys_death(fresh: dict, tmp_path: Path)
     assert {m["details"]["strategy"] for m in moved} <= {"quiescent", "full", "range"}
     assert sum(m["details"]["regenerated_bytes"] for m in moved) <= 100 * (4096 + 1024)  # one response at most each
     reports = check(cap.path, "192.0.2.10", lab.VIP, PORT)
-    assert_clean(reports)
+    try:
+        assert_clean(reports)
+    except AssertionError as exc:  # say what the gateway did with those connections
+        bad = {p for p, r in reports.items() if r.violations}
+        conns = [c for c in api(f"/api/v1/connections?service={SERVICE}&limit=1000")
+                 if int(str(c.get("client", "")).rpartition(":")[2] or 0) in bad]
+        resets = api("/api/v1/events?kind=reset")
+        raise AssertionError(f"{exc}; their records: {conns}; reset events: {resets}") from None
     assert sum(r.server_bytes > 0 for r in reports.values()) == 100  # (wrk may open one more and send nothing)
 
 

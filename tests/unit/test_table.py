@@ -83,6 +83,20 @@ def test_non_syn_creates_mid_stream_record():
     assert r.mid_stream and r.state is TcpState.ESTABLISHED
 
 
+def test_new_syn_replaces_a_record_picked_up_mid_stream():
+    """A leftover packet of a connection the table never saw open (an earlier appliance's, say)
+    leaves a mid-stream record without a log; a new connection on the same client port must get
+    a record of its own, not be folded into that one."""
+    t = ConnectionTable()
+    stale = t.admit(key(1), seg_for(key(1), 50, ACK), now=0, **BACKEND)
+    t.observe(stale, seg_for(key(1), 50, ACK), True, 0)
+    assert stale.mid_stream and stale.state is TcpState.ESTABLISHED
+    new = t.admit(key(1), seg_for(key(1), 90000, SYN), now=1, **BACKEND)
+    assert new is not stale and t.get(key(1)) is new and t.by_id(stale.id) is None
+    t.observe(new, seg_for(key(1), 90000, SYN), True, 1)
+    assert not new.mid_stream and new.client.isn == 90000 and new.state is TcpState.SYN_SENT
+
+
 def test_rst_never_creates():
     t = ConnectionTable()
     assert t.admit(key(1), seg_for(key(1), 50, RST), now=0, **BACKEND) is None
@@ -391,7 +405,9 @@ def test_property_bounded_and_established_never_evicted(max_connections, ops):
         rec = t.get(k)
         if op in ("syn", "midstream"):
             before = {r.id: r for r in t}
-            live = {cid for cid, r in before.items() if r.state not in OPENING + FINISHED}  # established, closing
+            # established, closing (but a mid-stream pickup of this key is replaced by a new SYN)
+            live = {cid for cid, r in before.items() if r.state not in OPENING + FINISHED
+                    and not (op == "syn" and r.key == k and r.mid_stream)}
             counts = (t.evicted, t.early_drops, t.refused_full)
             isn = 1000 * now + port
             seg = seg_for(k, isn, SYN if op == "syn" else ACK)
@@ -401,7 +417,7 @@ def test_property_bounded_and_established_never_evicted(max_connections, ops):
             gone = [r for cid, r in before.items() if t.by_id(cid) is not r]
             replaced = [r for r in gone if r.key == k]
             evicted = [r for r in gone if r.key != k]
-            assert len(replaced) <= 1 and all(r.state in FINISHED for r in replaced)
+            assert len(replaced) <= 1 and all(r.state in FINISHED or r.mid_stream for r in replaced)
             assert len(evicted) <= 1
             d_ev, d_early, d_refused = (a - b for a, b in zip((t.evicted, t.early_drops, t.refused_full), counts))
             if evicted:

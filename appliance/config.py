@@ -12,6 +12,7 @@ Example::
     on_malformed = "accept"      # or "drop": what to do with packets we cannot parse
     max_connections = 65536
     on_failure = "open"          # appliance down: "open" bypasses it, "closed" holds traffic
+    engine = "native"            # the queue binding: "native" (batched, GSO) or "python" (NetfilterQueue)
 
     [store]                      # the checkpoint store (tcpcp 6): where commit points come from
     mode = "memory"              # or "disk": SQLite WAL, group commit + fsync, survives restarts;
@@ -170,6 +171,7 @@ class GatewayConfig:
     max_connections: int = 65536
     on_failure: str = "open"        # appliance gone: "open" bypasses the queue (kernel fallback NAT), "closed" holds
     queue_full: str = "drop"        # queue overflow: "drop" (TCP retransmits) or "accept" unseen
+    engine: str = "native"          # the NFQUEUE binding: "native" (nfq.native) or "python" (NetfilterQueue)
     timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)
     failover_batch: int = 32        # connections a failover moves before the loop reads the queues again
 
@@ -178,6 +180,7 @@ class GatewayConfig:
         return self.on_failure == "open"
 
 
+ENGINES = ("native", "python")  # gateway.engine: the NFQUEUE binding the data path reads with
 STORE_MODES = ("memory", "disk", "peer")
 GATED_MODES = ("disk", "peer")  # a commit point below the log's end: the delayed-ACK gate
 FAILOVER_MODES = ("replay", "resume")
@@ -350,7 +353,7 @@ def _name(data: dict[str, Any], where: str) -> str:
 def _gateway(data: dict[str, Any]) -> GatewayConfig:
     where = "gateway"
     _no_unknown(data, {"queue_num", "on_malformed", "max_connections", "on_failure", "fail_open", "queue_full",
-                       "timeouts", "failover_batch"}, where)
+                       "timeouts", "failover_batch", "engine"}, where)
     if "fail_open" in data:  # the older spelling
         if "on_failure" in data:
             raise ConfigError(f"{where}.fail_open", "give on_failure or fail_open, not both")
@@ -372,6 +375,7 @@ def _gateway(data: dict[str, Any]) -> GatewayConfig:
         max_connections=_int(data, "max_connections", where, 65536, 1, 10_000_000),
         on_failure=on_failure,
         queue_full=_choice(data, "queue_full", where, "drop", ("drop", "accept")),
+        engine=_choice(data, "engine", where, "native", ENGINES),
         timeouts=timeouts,
         failover_batch=_int(data, "failover_batch", where, 32, 1, 10_000_000),
     )

@@ -31,7 +31,7 @@ def document(gw: Any) -> dict[str, Any]:
     cfg: Config = gw.config
     g = cfg.gateway
     gateway = {k: _plain(getattr(g, k)) for k in ("queue_num", "on_malformed", "max_connections", "fail_open",
-                                                   "queue_full")}
+                                                   "queue_full", "engine")}
     gateway["timeouts"] = dataclasses.asdict(g.timeouts)
     services = []
     for s in cfg.services:

@@ -58,7 +58,7 @@ import socket
 import time
 from collections.abc import Generator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Callable
 
 import uvicorn
 
@@ -66,10 +66,10 @@ from checkpoint.io.sqlite import SqliteBackend
 
 from nfq import kernelnat, rules
 from nfq.inject import INJECT_MARK, Injector
-from nfq.queue import PacketQueue, Verdict
+from nfq.queue import COPY_RANGE, Handler, PacketQueue, Queue, Verdict
 
 from . import connlog, packetring
-from .config import Config
+from .config import Config, GatewayConfig
 from .dataplane import Dataplane
 from .gateway import Gateway
 from .health import HealthChecker
@@ -101,6 +101,30 @@ def nat_for(dp: Dataplane) -> list[kernelnat.ServiceNat]:
             backends=tuple((b.addr(v6), b.port) for b in s.backends.values()),
         )
         for s in dp.services.values() for vip, v6 in ((s.vip, False), (s.vip6, True)) if vip is not None
+    ]
+
+
+def open_queues(g: GatewayConfig, handle: Handler, gate: Callable[[], bool] | None) -> list[Queue]:
+    """The three queues (client packets; the full-copy return path and moved connections; the
+    observed return path), bound with the configured engine (``gateway.engine``).
+
+    The native binding queues GSO super-packets whole on every queue and copies up to 64 KiB,
+    so the full-copy queues see whole super-packets; the observed queue copies the headers and a
+    sample's prefix (4016 bytes).  The python binding (NetfilterQueue) copies at most 4016 bytes,
+    so only its observed queue can take super-packets."""
+    accept = g.queue_full == "accept"
+    if g.engine == "native":
+        from nfq.native import NativeQueue
+
+        return [
+            NativeQueue(g.queue_num, handle, fail_open=accept, gate=gate),
+            NativeQueue(g.queue_num + 1, handle, fail_open=accept, clear_mark=kernelnat.MOVED_MARK, gate=gate),
+            NativeQueue(g.queue_num + 2, handle, fail_open=accept, copy_range=COPY_RANGE, gate=gate),
+        ]
+    return [
+        PacketQueue(g.queue_num, handle, fail_open=accept, gate=gate),
+        PacketQueue(g.queue_num + 1, handle, fail_open=accept, clear_mark=kernelnat.MOVED_MARK, gate=gate),
+        PacketQueue(g.queue_num + 2, handle, fail_open=accept, gso=True, gate=gate),
     ]
 
 
@@ -138,16 +162,21 @@ class Kernel:
                 gw.flush()
             return verdict
 
-        accept = g.queue_full == "accept"
-        gate = pair.forwarding if pair is not None else None
-        gw.queues = [
-            PacketQueue(g.queue_num, handle, fail_open=accept, gate=gate),
-            PacketQueue(g.queue_num + 1, handle, fail_open=accept, clear_mark=kernelnat.MOVED_MARK, gate=gate),
-            PacketQueue(g.queue_num + 2, handle, fail_open=accept, gso=True, gate=gate),
-        ]
+        gw.queues = open_queues(g, handle, gate=pair.forwarding if pair is not None else None)
         self.set_reading(gw.pair is None or gw.pair.forwarding())
         self.injector = Injector()
-        inject = self.injector.send
+        inject: Callable[[bytes | bytearray], None] = self.injector.send
+        if g.engine == "native":
+            raw_inject, queues = inject, gw.queues
+
+            def ordered(pkt: bytes | bytearray) -> None:
+                # what a packet's handler sends leaves after the batch's earlier packets and
+                # before the packet itself (nfq.native: verdicts are sent per batch)
+                for q in queues:
+                    q.flush_verdicts()
+                raw_inject(pkt)
+
+            inject = ordered
         if pair is None:
             gw.send = inject
         else:
@@ -177,7 +206,7 @@ class Kernel:
             else:
                 self.loop.remove_reader(q.fileno())
 
-    def _drain(self, q: PacketQueue) -> None:
+    def _drain(self, q: Queue) -> None:
         pair = self.gw.pair
         if pair is not None and not pair.forwarding():
             self.set_reading(False)   # a thawed node: nothing is read until the role is proved again

@@ -58,7 +58,7 @@ from checkpoint.splice import Out, Phase, Splice
 from checkpoint.state import MoveState, move_from_state
 from checkpoint.store import Loaded
 from nfq.build import tcp_options, tcp_packet
-from nfq.queue import PacketQueue, Verdict
+from nfq.queue import Queue, Verdict
 
 from . import __version__, history
 from .config import Config
@@ -100,7 +100,7 @@ class Gateway:
         self.dataplane = Dataplane(config)
         self.events = EventLog()
         self.started = clock()
-        self.queues: list[PacketQueue] = []
+        self.queues: list[Queue] = []
         self.health: HealthChecker | None = None
         self.send: Callable[[bytes], None] | None = None  # the injector, when running for real
         self.on_active_change: Callable[[], None] | None = None  # re-point the kernel's fallback

@@ -16,7 +16,9 @@ packages=(iptables nftables iproute2 procps libnetfilter-queue-dev libnfnetlink-
           iperf3 tcpdump ethtool wrk build-essential python3-dev python3-venv
           chromium fonts-liberation  # chromium: the panel's browser tests (Playwright drives it headless)
           keepalived  # VRRP for the two-gateway lab (`appliance lab up --gateways 2`)
-          redis-server)  # the gateway pair's replication transport (and its tests)
+          redis-server  # the gateway pair's replication transport (and its tests)
+          libmnl-dev  # the native NFQUEUE binding (nfq/native) is built from source against it
+          clang-14 libclang-rt-14-dev)  # its fuzzing harness: libFuzzer, ASan, UBSan
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -46,7 +48,11 @@ if [ ! -e "$stamp" ]; then
         echo "bootstrap: pip install failed (log above, also in .venv/pip.log)" >&2
         exit 1
     fi
-    .venv/bin/python -c 'import netfilterqueue, iptc, fastapi, uvicorn, scapy, hypothesis' 
+    .venv/bin/python -c 'import netfilterqueue, iptc, fastapi, uvicorn, scapy, hypothesis, cffi, xxhash'
     rm -f .venv/.bootstrap-*
     touch "$stamp"
+fi
+# the native NFQUEUE binding (nfq/native), compiled from its C source when it changed
+if ! .venv/bin/python -m nfq.native.build --check; then
+    .venv/bin/python -m nfq.native.build
 fi

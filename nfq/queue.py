@@ -35,7 +35,7 @@ import socket
 import struct
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, cast
+from typing import TYPE_CHECKING, Callable, Protocol, cast
 
 if TYPE_CHECKING:
     from netfilterqueue import Packet
@@ -80,6 +80,21 @@ class QueueStats:
             "busy_seconds": round(self.busy_seconds, 6),
             "last_error": self.last_error,
         }
+
+
+class Queue(Protocol):
+    """What the data path needs of a queue binding: this module's :class:`PacketQueue`
+    (NetfilterQueue) or :class:`nfq.native.NativeQueue`."""
+
+    queue_num: int
+    handler: Handler
+
+    @property
+    def stats(self) -> QueueStats: ...
+    def fileno(self) -> int: ...
+    def process_pending(self, budget: int = 64) -> None: ...
+    def flush_verdicts(self) -> None: ...
+    def close(self) -> None: ...
 
 
 class PacketQueue:
@@ -148,6 +163,9 @@ class PacketQueue:
             pkt.accept()
             st.accepted += 1
         st.busy_seconds += time.perf_counter() - t0
+
+    def flush_verdicts(self) -> None:
+        """Nothing to do: every packet's verdict is sent before the next packet is read."""
 
     def process_pending(self, budget: int = 64) -> None:
         """Handle up to ``budget`` waiting packets, then return."""

@@ -236,6 +236,11 @@ def _ensure_host(h: Host, switch: str = GATEWAY) -> None:
     sh("ip", "-n", h.ns, "addr", "replace", f"{h.address}/24", "dev", "eth0")
     sh("ip", "-n", h.ns, "addr", "replace", f"{h.address6}/64", "dev", "eth0", "nodad")
     sh("ip", "-n", h.ns, "link", "set", "eth0", "up")
+    if h.role == "client":
+        # a client's TCP receive buffer at most 1 MiB (Linux autotunes it to 6 MiB): curl's
+        # --limit-rate is an average over the transfer, so with a fast gateway and a big buffer it
+        # reads megabytes at once after each pause; the tests that pace downloads need a steady rate
+        nsexec(h.ns, "sysctl", "-qw", "net.ipv4.tcp_rmem=4096 131072 1048576")
     sh("ip", "-n", h.ns, "route", "replace", "default", "via", gw)
     sh("ip", "-n", h.ns, "-6", "route", "replace", "default", "via", mirror6(gw), "dev", "eth0")
 

@@ -7,17 +7,24 @@ runs of plain accepts).  This wrapper runs the same handler as ``PacketQueue`` �
 :class:`~nfq.queue.Verdict` out, always a verdict even when the handler raises — on each packet
 of the batch, and commits the batch's verdicts at its end.
 
+The gate (a node of a gateway pair that may stop forwarding) is asked for each packet and again
+right before a batch's verdicts leave: packets accepted before a freeze are dropped at a thaw.
+
 Order.  A verdict is sent at the end of the batch, so a packet the handler *sends* (an injected
 segment, a held ACK) while handling packet k would leave before packets 0..k-1 of the batch are
 let go.  The owner calls :meth:`NativeQueue.flush_verdicts` before every send
 (``appliance.daemon`` wraps the gateway's send function): packets before k leave first, then
 what k's handler sends, then k — the order the one-packet-at-a-time binding gave.
 
-GSO.  With ``NFQA_CFG_F_GSO`` a super-packet reaches the handler whole (up to 64 KiB, its TCP
-checksum not finished: only the pseudo-header's sum is in the field).  Left unchanged it goes
-on as it is; rewritten, the C side completes its TCP checksum before the verdict, because the
-kernel then takes the bytes as final.  A packet longer than the copy range (over 65,531 bytes,
-which TCP's own GSO never builds) arrives truncated and is handled as a header-only copy.
+GSO.  With ``NFQA_CFG_F_GSO`` the kernel no longer finishes checksums before queueing: a
+super-packet (up to 64 KiB), and any packet whose checksum a device would finish (every TCP
+packet a local veth sends), arrives with only the pseudo-header's sum in its TCP checksum field
+(``NFQA_SKB_CSUMNOTREADY``).  The handler must see a valid packet — it keeps copies to send
+again later (an ACK held for its commit, a held client segment) — so the wrapper completes the
+TCP checksum of its copy first (in C, about 5 µs for 64 KiB).  The kernel's own packet stays as
+it was: left unchanged it goes on as it is; rewritten, the kernel takes the handler's bytes,
+checksum included, as final.  A packet longer than the copy range (over 65,531 bytes, which
+TCP's own GSO never builds) arrives truncated and is handled as a header-only copy.
 
 Counted, never silent: ``ENOBUFS`` (the kernel could not deliver packets to the socket: they were
 dropped, or accepted under fail-open), messages that did not parse, verdicts the kernel refused,
@@ -94,7 +101,7 @@ class NativeStats(QueueStats):
 
     def as_dict(self) -> dict[str, object]:
         d = super().as_dict()
-        d["binding"] = "native"
+        d["binding"] = "native"  # (the base class says "python")
         d.update(self._owner.native_counters())
         return d
 
@@ -136,6 +143,7 @@ class NativeQueue:
         self._decided = 0   # packets of the current batch whose verdicts are sent
         self._current = 0   # the packet being handled
         self._closed = False
+        self.checksums_completed = 0  # copies whose TCP checksum the wrapper finished
 
     def fileno(self) -> int:
         return int(self._lib.nfqb_fileno(self._q))
@@ -146,16 +154,38 @@ class NativeQueue:
         s = self._lib.nfqb_stats(self._q)
         out = {k: int(getattr(s, k)) for k in (
             "received", "gso_packets", "enobufs", "recv_errors", "parse_errors", "verdicts", "batch_verdicts",
-            "verdict_errors", "checksums_completed")}
+            "verdict_errors")}
+        out["checksums_completed"] = self.checksums_completed
         out.update({f"kernel_{k}": v for k, v in kernel_counters(self.queue_num).items()})
         return out
 
     def flush_verdicts(self) -> None:
         """Send the verdicts of the packets handled so far in this batch (before a send)."""
         if self._current > self._decided:
-            self._lib.nfqb_commit(self._q, self._decided, self._current)
+            self._commit(self._decided, self._current)
             self._decided = self._current
             self._keep.clear()
+
+    def _commit(self, start: int, end: int) -> None:
+        """Send the verdicts of packets [start, end).  The gate is asked again right before: a
+        node of a gateway pair stopped in the middle of a batch (SIGSTOP, a paused VM) and thawed
+        after a takeover must not let the batch's accepted packets go, which the one-packet
+        binding guaranteed by asking it before each verdict."""
+        lib, st = self._lib, self.stats
+        if self.gate is not None and not self.gate():
+            for i in range(start, end):
+                p = self._pkts[i]
+                if p.verdict == 0:  # NF_DROP already
+                    continue
+                if p.new_data != self._ffi.NULL:
+                    st.rewritten -= 1
+                else:
+                    st.accepted -= 1
+                st.dropped += 1
+                st.gated += 1
+                lib.nfqb_decide(self._q, i, 0, self._ffi.NULL, 0, -1)
+        if lib.nfqb_commit(self._q, start, end) < 0:
+            st.last_error = "a verdict batch was refused by the kernel"
 
     def process_pending(self, budget: int = 64) -> None:
         """Handle up to ``budget`` waiting packets (in batches), then return."""
@@ -176,6 +206,8 @@ class NativeQueue:
                 buf: bytearray | None
                 try:
                     buf = bytearray(ffi.buffer(p.data, p.len))
+                    if p.skbinfo & SKB_CSUM_NOT_READY and p.orig_len == p.len:
+                        self._complete_checksum(buf)
                     verdict = self.handler(buf)
                 except Exception as exc:  # never leave a packet without a verdict
                     st.handler_errors += 1
@@ -188,28 +220,37 @@ class NativeQueue:
                     st.gated += 1
                 mark = 0 if self.clear_mark is not None and p.mark == self.clear_mark else -1
                 if verdict is Verdict.REWRITTEN and buf is not None and p.orig_len == p.len:
-                    l4 = tcp_offset(buf) if p.skbinfo & SKB_CSUM_NOT_READY else 0
+                    # (its checksum was completed on arrival and kept right by the handler's
+                    # incremental updates)
                     self._keep.append(buf)
-                    if lib.nfqb_decide(q, i, 1, ffi.from_buffer(buf), len(buf), mark, l4) < 0:
+                    if lib.nfqb_decide(q, i, 1, ffi.from_buffer(buf), len(buf), mark) < 0:
                         st.handler_errors += 1
                         st.last_error = "rewritten packet refused by the binding"
-                        lib.nfqb_decide(q, i, 1 if self.on_error is not Verdict.DROP else 0, ffi.NULL, 0, mark, 0)
+                        lib.nfqb_decide(q, i, 1 if self.on_error is not Verdict.DROP else 0, ffi.NULL, 0, mark)
                         self._count(self.on_error)
                     else:
                         st.rewritten += 1
                 elif verdict is Verdict.DROP:
-                    lib.nfqb_decide(q, i, 0, ffi.NULL, 0, mark, 0)
+                    lib.nfqb_decide(q, i, 0, ffi.NULL, 0, mark)
                     st.dropped += 1
                 else:  # accept (a rewrite of a truncated copy cannot be applied: PacketView refuses it)
                     if mark >= 0:
-                        lib.nfqb_decide(q, i, 1, ffi.NULL, 0, mark, 0)
+                        lib.nfqb_decide(q, i, 1, ffi.NULL, 0, mark)
                     st.accepted += 1
             self._current = n
-            if lib.nfqb_commit(q, self._decided, n) < 0:
-                st.last_error = "a verdict batch was refused by the kernel"
+            self._commit(self._decided, n)
             self._decided = self._current = 0
             self._keep.clear()
             st.busy_seconds += time.perf_counter() - t0
+
+    def _complete_checksum(self, buf: bytearray) -> None:
+        """Finish the TCP checksum the kernel left to the device (see the module's doc)."""
+        try:
+            l4 = tcp_offset(buf)
+        except Exception:  # not a packet the handler can parse either: it counts it
+            return
+        if self._lib.nfqb_tcp_checksum(self._ffi.from_buffer(buf), len(buf), l4) == 0:
+            self.checksums_completed += 1
 
     def _count(self, verdict: Verdict) -> None:
         if verdict is Verdict.DROP:

@@ -23,9 +23,10 @@
  *
  * A packet the kernel marked NFQA_SKB_CSUMNOTREADY (a GSO super-packet, or any packet whose TCP
  * checksum the hardware would finish) carries only the pseudo-header seed in its checksum
- * field.  When the caller rewrites such a packet the kernel takes the new bytes as complete
- * (nfqnl_mangle sets CHECKSUM_NONE), so nfqb_decide computes the whole TCP checksum first
- * (nfqb_tcp_checksum, given the TCP header's offset, which the caller's parser knows).
+ * field.  The caller completes its copy with nfqb_tcp_checksum (given the TCP header's offset,
+ * which its parser knows) before it looks at it: it may keep the bytes to send them again, and
+ * when it rewrites the packet the kernel takes the new bytes as complete (nfqnl_mangle sets
+ * CHECKSUM_NONE).
  *
  * Nothing here allocates after nfqb_open; nothing trusts a length it did not check.
  */
@@ -364,8 +365,7 @@ int nfqb_recv(struct nfqb *q, int max)
     return n;
 }
 
-int nfqb_decide(struct nfqb *q, int i, int verdict, unsigned char *payload, uint32_t len, int64_t set_mark,
-                int l4off)
+int nfqb_decide(struct nfqb *q, int i, int verdict, unsigned char *payload, uint32_t len, int64_t set_mark)
 {
     if (i < 0 || i >= q->batch)
         return -1;
@@ -377,11 +377,6 @@ int nfqb_decide(struct nfqb *q, int i, int verdict, unsigned char *payload, uint
     if (payload && verdict) {
         if (len > NFQB_COPY_MAX + 4)
             return -1;
-        if ((p->skbinfo & NFQA_SKB_CSUMNOTREADY) && l4off > 0) {
-            if (nfqb_tcp_checksum(payload, len, (size_t)l4off) < 0)
-                return -1;
-            q->stats.checksums_completed++;
-        }
         p->new_data = payload;
         p->new_len = len;
     }

@@ -35,7 +35,6 @@ struct nfqb_stats {
     uint64_t verdict_errors;
     uint64_t rewritten;
     uint64_t dropped;
-    uint64_t checksums_completed;
 };
 
 struct nfqb *nfqb_open(uint16_t queue, uint32_t copy_range, uint32_t flags, uint32_t maxlen, int sockbuf,
@@ -44,8 +43,7 @@ int nfqb_fileno(const struct nfqb *q);
 const struct nfqb_stats *nfqb_stats(const struct nfqb *q);
 struct nfqb_pkt *nfqb_packets(struct nfqb *q);
 int nfqb_recv(struct nfqb *q, int max);
-int nfqb_decide(struct nfqb *q, int i, int verdict, unsigned char *payload, uint32_t len, int64_t set_mark,
-                int l4off);
+int nfqb_decide(struct nfqb *q, int i, int verdict, unsigned char *payload, uint32_t len, int64_t set_mark);
 int nfqb_commit(struct nfqb *q, int from, int to);
 void nfqb_close(struct nfqb *q);
 

@@ -102,7 +102,8 @@ def test_gso_super_packets_arrive_whole_and_a_rewrite_of_one_is_delivered_intact
     """Every packet of a 32 MiB stream gets a verdict; most arrive as GSO super-packets (up to
     64 KiB, one verdict each, in batches); a handler that rewrites every payload byte of them
     gets its bytes delivered, which needs the TCP checksum completed (the kernel left it as the
-    pseudo-header seed and takes a rewritten packet as final)."""
+    pseudo-header seed and takes a rewritten packet as final).  The handler sees every copy with
+    a valid checksum (it may send such bytes again itself: a held ACK)."""
     script = PRELUDE.format(root=str(ROOT)) + textwrap.dedent("""
         sizes = []
         def handler(buf):
@@ -126,7 +127,7 @@ def test_gso_super_packets_arrive_whole_and_a_rewrite_of_one_is_delivered_intact
     st = out["stats"]
     assert out["ok"], st
     assert out["max"] > 16384 and st["gso_packets"] > 0  # super-packets, whole
-    assert st["checksums_completed"] > 0 and st["checksums_completed"] <= st["rewritten"]
+    assert st["checksums_completed"] >= st["gso_packets"]  # every super-packet's copy finished first
     assert st["packets"] == st["received"] == st["accepted"] + st["rewritten"]
     assert st["handler_errors"] == st["parse_errors"] == st["verdict_errors"] == 0
     # 32 MiB in 1448-byte segments would be over 23,000 packets

@@ -7,7 +7,9 @@ integer operations whatever the packet's size.
 
 from __future__ import annotations
 
+import array
 import struct
+import sys
 
 _WORDS8 = struct.Struct("!8H")
 
@@ -44,13 +46,20 @@ def update_words(csum: int, old: bytes, new: bytes) -> int:
     return ~_fold(s) & 0xFFFF
 
 
+_LITTLE = sys.byteorder == "little"
+
+
 def checksum(data: bytes | bytearray | memoryview) -> int:
     """Full Internet checksum of ``data`` (odd length padded with a zero byte)."""
     b = bytes(data)
     if len(b) % 2:
         b += b"\0"
-    s = sum(int.from_bytes(b[i:i + 2], "big") for i in range(0, len(b), 2))
-    return ~_fold(s) & 0xFFFF
+    # the sum of the words in the machine's order, folded, then swapped back: the one's
+    # complement sum does not depend on byte order (RFC 1071 section 2(B)); ~100x a loop here
+    s = _fold(sum(array.array("H", b)))
+    if _LITTLE:
+        s = ((s & 0xFF) << 8) | (s >> 8)
+    return ~s & 0xFFFF
 
 
 def tcp_checksum(src: bytes, dst: bytes, tcp: bytes | bytearray | memoryview) -> int:

@@ -139,7 +139,8 @@ class Kernel:
 
     def start(self) -> None:
         gw, g = self.gw, self.gw.config.gateway
-        kernelnat.install(nat_for(gw.dataplane), fallback=g.fail_open)
+        kernelnat.install(nat_for(gw.dataplane))
+        self._kernel_targets()
         dp = gw.dataplane
         clock = gw.clock
 
@@ -215,8 +216,16 @@ class Kernel:
         self.gw.flush()
 
     def repoint(self) -> None:
-        """The active backend changed: move the fail-open fallback along."""
-        kernelnat.repoint(nat_for(self.gw.dataplane), self.gw.config.gateway.fail_open)
+        """The active backend changed: move the kernel's client rule along."""
+        for svc in self.gw.dataplane.services.values():
+            svc.kernel_target = None  # until the new rule is in place: the appliance rewrites
+        kernelnat.repoint(nat_for(self.gw.dataplane))
+        self._kernel_targets()
+
+    def _kernel_targets(self) -> None:
+        """Tell the data plane where the kernel's client rule now sends each service's packets."""
+        for svc in self.gw.dataplane.services.values():
+            svc.kernel_target = svc.active
 
     def stop(self) -> None:
         gw = self.gw

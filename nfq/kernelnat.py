@@ -1,8 +1,12 @@
-"""Stateless address translation in the kernel (nftables): the return path's
+"""Stateless address translation in the kernel (nftables): both directions'
 fast lane, and the fail-open fallback.
 
-The appliance holds every client->service packet in its queue and rewrites
-its destination itself (VIP -> the connection's backend).  Server->client
+The appliance holds every client->service packet in its queue.  A client
+packet of an ordinary connection pinned to the service's active backend
+leaves the queue unchanged and the kernel rewrites its destination (VIP ->
+the active backend; the data plane knows which backend the rule points to,
+``ServiceRuntime.kernel_target``); any other (a connection pinned to another
+backend, a moved one) the appliance rewrites itself.  Server->client
 packets of an ordinary (not moved) connection need only their source
 rewritten (backend -> VIP), which is the same for every connection of a
 backend, so the kernel does it, statelessly, after the appliance has seen the
@@ -19,10 +23,12 @@ right after the iptables ``raw`` table (priority raw) where the queues are:
   every service (the return path, always; not for packets addressed to the
   gateway itself, such as the answers to its health checks);
 * ``ip daddr VIP tcp dport P  ip daddr set <active backend>`` for every
-  service: the fail-open fallback.  While the appliance runs, a client packet
-  leaves the queue already rewritten and does not match; if the appliance
-  died, ``--queue-bypass`` lets packets through unchanged and this rule sends
-  them to the active backend.
+  service: the client rule.  While the appliance runs, a client packet it
+  passed unchanged is rewritten here, and one it rewrote itself does not
+  match; if the appliance died, ``--queue-bypass`` (``on_failure = "open"``)
+  lets packets through unchanged and this rule sends them to the active
+  backend (with ``"closed"`` nothing passes the queue without the appliance,
+  so the rule is harmless there).
 
 A second chain, at priority raw-10 (before the queues), marks the packets of
 *moved* connections coming from their new backend (set ``moved``: backend

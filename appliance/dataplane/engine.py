@@ -332,6 +332,18 @@ class Dataplane:
         return self.modes.get(rec.id, ORDINARY).server(self, rec, pv, svc, be, now)
 
     # --- the stages the modes share ------------------------------------------------------------
+    def forward(self, pv: PacketView, svc: ServiceRuntime, be: BackendRuntime) -> Verdict:
+        """A client packet of an ordinary connection on its way to ``be``.  When the kernel's
+        stateless rule sends the service's client packets to ``be`` anyway (``kernel_target``),
+        the packet passes unchanged and the kernel rewrites it after the queue: no copy back,
+        and a GSO super-packet passes whole with its checksum left to the hardware path."""
+        if svc.kernel_target == be.name:
+            be.bytes_from_client += pv.payload_len
+            self.counters.kernel_rewrites += 1
+            return Verdict.ACCEPT
+        self.to_backend(pv, svc, be)
+        return Verdict.REWRITTEN
+
     @staticmethod
     def to_backend(pv: PacketView, svc: ServiceRuntime, be: BackendRuntime) -> None:
         be.bytes_from_client += pv.payload_len

@@ -6,7 +6,8 @@ Every tracked connection is in exactly one mode; the engine (:mod:`.engine`) tra
 packet the same way in all of them, then hands it to the connection's mode, which returns the
 verdict.  A connection without an entry in ``Dataplane.modes`` is *ordinary*.
 
-* :class:`Ordinary` — pinned to its backend: client packets get the backend's address (the kernel
+* :class:`Ordinary` — pinned to its backend: client packets get the backend's address (by the
+  kernel's stateless rule when the backend is the one it points to, ``kernel_target``; the kernel
   gives the return path the VIP); a backend's FIN or RST is held as a *suspect* until a probe
   says the backend is alive; backend segments feed the stream digest and pass the delayed-ACK
   gate.
@@ -57,6 +58,7 @@ class Dataplane(Protocol):
     store: CommitPlanner | None
 
     def to_backend(self, pv: PacketView, svc: ServiceRuntime, be: BackendRuntime) -> None: ...
+    def forward(self, pv: PacketView, svc: ServiceRuntime, be: BackendRuntime) -> Verdict: ...
     def observe_server(self, rec: ConnectionRecord, pv: PacketView, be: BackendRuntime, now: float) -> None: ...
     def gate_server(self, rec: ConnectionRecord, pv: PacketView, svc: ServiceRuntime | None,
                     verdict: Verdict = Verdict.ACCEPT) -> Verdict: ...
@@ -79,8 +81,7 @@ class Ordinary:
         be = svc.backends.get(rec.backend)
         if be is None:  # the gateway reset it: nothing behind it any more
             return dp.after_reset(rec, pv, svc, now)
-        dp.to_backend(pv, svc, be)
-        return Verdict.REWRITTEN
+        return dp.forward(pv, svc, be)
 
     def server(self, dp: Dataplane, rec: ConnectionRecord, pv: PacketView, svc: ServiceRuntime,
                be: BackendRuntime, now: float) -> Verdict:

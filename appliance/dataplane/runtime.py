@@ -61,6 +61,9 @@ class ServiceRuntime:
     active: str
     failover: FailoverConfig
     vip6: str | None = None  # IPv6 front
+    # the backend the kernel's stateless rule sends this service's client packets to (nfq.kernelnat;
+    # set by whoever installs that rule, after it is in place), or None: no such rule
+    kernel_target: str | None = None
 
     @property
     def vips(self) -> tuple[str, ...]:
@@ -94,6 +97,7 @@ class DataplaneCounters:
     acks_held: int = 0        # I1: pure ACKs / SYN-ACKs held until their commit
     acks_released: int = 0    # held ones sent by the gateway
     held_closes: int = 0
+    kernel_rewrites: int = 0  # client packets passed unchanged for the kernel's rule to rewrite
     http_fallbacks: int = 0   # HTTP-aware replay: connections whose HTTP tracking stopped (stream replay then)
     http_trims: int = 0       # client logs trimmed at an exchange boundary
     client_packets: int = 0
@@ -115,6 +119,7 @@ class DataplaneCounters:
             "acks_held": self.acks_held,
             "acks_released": self.acks_released,
             "held_closes": self.held_closes,
+            "kernel_rewrites": self.kernel_rewrites,
             "http_fallbacks": self.http_fallbacks,
             "http_fallback_reasons": dict(self.http_fallback_reasons),
             "http_trims": self.http_trims,

@@ -82,6 +82,27 @@ def test_a_new_connection_on_the_port_of_a_mid_stream_leftover_is_protected() ->
     assert rec.protected and rec.client.isn == 1000 and rec.state.value == "ESTABLISHED"
 
 
+def test_the_kernel_rewrites_client_packets_for_the_backend_its_rule_points_to() -> None:
+    """With the kernel's client rule pointing at the primary (``kernel_target``), a client packet
+    of a connection pinned to the primary passes unchanged (logged all the same); once the rule
+    points elsewhere, the appliance rewrites it itself."""
+    dp = Dataplane(parse(CFG))
+    handshake(dp)
+    (rec,) = dp.connections()
+    svc = dp.services["web"]
+    svc.kernel_target = "primary"
+    req = raw(IP(src=CLIENT, dst="203.0.113.10") / TCP(sport=40000, dport=80, flags="PA", seq=1001, ack=5001)
+              / Raw(b"GET / HTTP/1.1\r\n\r\n"))
+    before = bytes(req)
+    assert dp.handle(req, 101.0) is Verdict.ACCEPT
+    assert bytes(req) == before and rec.log.end == 18 and dp.counters.kernel_rewrites == 1
+    svc.kernel_target = "backup"  # the rule now sends the VIP's packets to the backup
+    more = raw(IP(src=CLIENT, dst="203.0.113.10") / TCP(sport=40000, dport=80, flags="PA", seq=1019, ack=5001)
+               / Raw(b"x"))
+    assert dp.handle(more, 102.0) is Verdict.REWRITTEN
+    assert IP(bytes(more)).dst == "198.51.100.10" and checksums_ok(more) and rec.log.end == 19
+
+
 def test_packets_from_a_backend_not_serving_the_connection_are_dropped() -> None:
     dp = Dataplane(parse(CFG))
     handshake(dp)

@@ -152,6 +152,14 @@ class Metrics:
             errors.append(({"queue": qname}, q.get("handler_errors", 0)))
         w.family("gateway_packets", "counter", "Packets given a verdict, by queue and verdict.", verdicts)
         w.family("gateway_handler_errors", "counter", "Packets whose handler raised, by queue.", errors)
+        queues = (st.get("queues") or {}).items()
+        w.family("gateway_queue_enobufs", "counter",
+                 "Times the kernel could not deliver queued packets to the appliance (ENOBUFS), by queue.",
+                 [({"queue": qn}, q.get("enobufs", 0)) for qn, q in queues])
+        w.family("gateway_queue_kernel_drops", "counter",
+                 "Packets the kernel dropped for a queue: it was full, or delivery failed; by queue and cause.",
+                 [({"queue": qn, "cause": c}, q.get(f"kernel_{c}_dropped", 0)) for qn, q in queues
+                  for c in ("queue", "user")])
         dp = st.get("dataplane") or {}
         w.family("gateway_malformed_packets", "counter", "Packets that did not parse as IPv4/TCP.",
                  [({}, dp.get("malformed", 0))])

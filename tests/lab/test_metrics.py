@@ -82,3 +82,19 @@ def test_failover_time_histograms(fresh: dict, tmp_path: Path) -> None:
     assert catchup == sum(e["details"]["suppressed_bytes"] for e in evs[:N])
     print(f"decision {seconds:.3f} s (bound {bound:.3f}), first bytes {delta(fb + '_sum', service='web', mode='replay'):.3f} s "
           f"in all, catch-up {catchup / (1 << 20):.1f} MiB in all")
+
+
+def test_the_queue_bindings_losses_are_series_from_the_start(fresh: dict) -> None:
+    """ENOBUFS and the kernel's per-queue drops are counters in /metrics for each queue of the
+    native binding (zero on an idle lab), and the status says which binding reads each queue."""
+    tok = (lab.run_dir() / "token").read_text().strip()
+    req = urllib.request.Request(f"http://{lab.API_HOST}:{lab.API_PORT}/metrics",
+                                 headers={"Authorization": f"Bearer {tok}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        fams = {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+    queues = api("/api/v1/status")["queues"]
+    assert {q["binding"] for q in queues.values()} == {"native"}
+    enobufs = {s.labels["queue"]: s.value for s in fams["gateway_queue_enobufs"].samples}
+    assert set(enobufs) == set(queues) and all(v == 0 for v in enobufs.values())
+    drops = {(s.labels["queue"], s.labels["cause"]) for s in fams["gateway_queue_kernel_drops"].samples}
+    assert drops == {(q, c) for q in queues for c in ("queue", "user")}

@@ -71,6 +71,7 @@ class QueueStats:
 
     def as_dict(self) -> dict[str, object]:
         return {
+            "binding": "python",
             "packets": self.packets,
             "accepted": self.accepted,
             "rewritten": self.rewritten,

@@ -101,7 +101,7 @@ API_PORT = 8080
 # name -> size; contents from random.Random(seed) so every run, primary and
 # backup alike, serve the same bytes
 # (4K.bin: the small object of request-rate loads, appliance.lab.httpload's crowd)
-TEST_FILES = {"4K.bin": 4 << 10, "1M.bin": 1 << 20, "10M.bin": 10 << 20, "100M.bin": 100 << 20, "1G.bin": 1 << 30}
+TEST_FILES = {"1B.bin": 1, "4K.bin": 4 << 10, "1M.bin": 1 << 20, "10M.bin": 10 << 20, "100M.bin": 100 << 20, "1G.bin": 1 << 30}
 
 
 def run_dir() -> Path:
@@ -293,11 +293,12 @@ def make_test_files(www: Path) -> dict[str, str]:
 
 NGINX_CONF = """\
 worker_processes 1;
-# room for 500+ simultaneous connections (the HTTP load tools, appliance.lab.httpload)
-worker_rlimit_nofile 16384;
+# room for 10,000+ simultaneous connections (the scale test, appliance.lab.crowd; the HTTP load
+# tools, appliance.lab.httpload)
+worker_rlimit_nofile 40000;
 pid {run}/nginx-{name}.pid;
 error_log {run}/nginx-{name}.error.log warn;
-events {{ worker_connections 4096; }}
+events {{ worker_connections 16384; }}
 http {{
     access_log off;
     sendfile on;

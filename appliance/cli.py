@@ -9,10 +9,13 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from . import __version__
-from .apiclient import api_call, api_get, die as _die
+from .apiclient import api_call, api_get
+from .apiclient import die as _die
 
 
 def _need_root(what: str) -> None:
@@ -96,20 +99,24 @@ def cmd_lab(args: argparse.Namespace) -> None:
     elif args.lab_cmd == "demo":
         demo(args)
     elif args.lab_cmd == "bench":
+        from .bench import engines as eb
+        from .bench import failover_crowd as fc
         from .bench import throughput as bench
 
-        if args.family:
-            results = bench.family_bench(rounds=args.rounds)
-            if args.json:
-                bench.save(results, Path(args.json))
-            print(bench.family_markdown(results))
-            return
-        if args.upload:
-            results = bench.upload_bench(rounds=args.rounds)
-            if args.json:
-                bench.save(results, Path(args.json))
-            print(bench.upload_markdown(results))
-            return
+        one_table: list[tuple[object, Callable[[], dict[str, Any]], Callable[[dict[str, Any]], str]]] = [
+            (args.failover_crowd, lambda: fc.failover_crowd_bench(n=args.failover_crowd, runs=args.rounds),
+             fc.markdown),
+            (args.engines, lambda: eb.engines_bench(rounds=args.rounds), eb.markdown),
+            (args.family, lambda: bench.family_bench(rounds=args.rounds), bench.family_markdown),
+            (args.upload, lambda: bench.upload_bench(rounds=args.rounds), bench.upload_markdown),
+        ]
+        for wanted, run, table in one_table:
+            if wanted:
+                results = run()
+                if args.json:
+                    bench.save(results, Path(args.json))
+                print(table(results))
+                return
         if args.http:
             from .bench import httpreplay as hb
 
@@ -367,6 +374,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "(comma-separated; default all)")
     bn.add_argument("--family", action="store_true",
                     help="the same downloads over IPv4 and IPv6, plain and through the gateway, side by side")
+    bn.add_argument("--failover-crowd", type=int, metavar="N",
+                    help="the primary dies under N open downloads with 1 MiB each delivered: kept, and the "
+                         "longest pause at a client")
+    bn.add_argument("--engines", action="store_true",
+                    help="plain forwarding, the native engine and the python engine side by side: download "
+                         "(verify=full), upload (memory and disk stores), latency")
     bn.add_argument("--upload", action="store_true",
                     help="measure upload throughput instead, with the checkpoint store in memory and on disk")
     lab.set_defaults(func=cmd_lab)

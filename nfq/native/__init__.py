@@ -37,9 +37,17 @@ from __future__ import annotations
 import logging
 import select
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from nfq.queue import COPY_RANGE, NFQA_CFG_F_FAIL_OPEN, NFQA_CFG_F_GSO, Handler, QueueStats, Verdict
+from nfq.queue import (
+    COPY_RANGE,
+    NFQA_CFG_F_FAIL_OPEN,
+    NFQA_CFG_F_GSO,
+    Handler,
+    QueueStats,
+    Verdict,
+)
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +103,7 @@ def tcp_offset(buf: bytearray) -> int:
 class NativeStats(QueueStats):
     """``QueueStats`` plus the binding's own counters and the kernel's."""
 
-    def __init__(self, owner: "NativeQueue") -> None:
+    def __init__(self, owner: NativeQueue) -> None:
         super().__init__()
         self._owner = owner
 

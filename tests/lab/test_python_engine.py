@@ -10,7 +10,15 @@ import pytest
 
 from appliance.lab import topology as lab
 
-from .helpers import Capture, api, expected_sha, sha256_file, start_download, start_upload, wait_for
+from .helpers import (
+    Capture,
+    api,
+    expected_sha,
+    sha256_file,
+    start_download,
+    start_upload,
+    wait_for,
+)
 from .invariants import assert_clean, check
 
 pytestmark = pytest.mark.lab

@@ -216,7 +216,10 @@ class Kernel:
         self.gw.flush()
 
     def repoint(self) -> None:
-        """The active backend changed: move the kernel's client rule along."""
+        """The active backend changed: move the kernel's client rule along.  This never runs
+        inside a queue batch (failovers and admin changes are loop tasks; a batch's verdicts are
+        all sent before its reader callback returns), so no packet passed unchanged for the old
+        target meets the new rule."""
         for svc in self.gw.dataplane.services.values():
             svc.kernel_target = None  # until the new rule is in place: the appliance rewrites
         kernelnat.repoint(nat_for(self.gw.dataplane))

@@ -155,6 +155,9 @@ DEFAULT_MSS = 536
 MAX_RELEARN_JUMP = 1 << 30  # the farthest the backup's first segment after a restart may lie from the checkpoint
 TS_OPTION_LEN = 12  # NOP, NOP, timestamps: on every segment the gateway sends when timestamps are on
 INITIAL_RTO = 0.2
+# the least window the gateway advertises to the backup while it waits for a range answer's head,
+# which it takes itself and never forwards, whatever the client's window: 64 KiB, the head's limit
+HEAD_WINDOW = 64 * 1024
 MAX_RTO = 3.0
 
 
@@ -335,6 +338,12 @@ class Splice:
         window = c.window_raw or 65535
         if not self.rec.established:  # caught in SYN_RECV: the last window seen is its SYN's, unscaled
             window = min(c.window >> (c.wscale if self.rec.wscale_ok and c.wscale else 0), 0xFFFF) or 1
+        elif self.s_start is None and self.phase is Phase.REPLAYING:
+            # a range answer's head is on its way: the gateway takes it whole before it
+            # acknowledges any of it, so a client with a nearly closed window must not hold it up
+            # (the backup sent what fitted in 128 bytes and retransmitted it for ever)
+            scale = c.wscale if self.rec.wscale_ok and c.wscale else 0
+            window = max(window, min(HEAD_WINDOW >> scale, 0xFFFF))
         return Out(
             src=self.rec.client_ip, dst=self.target.ip, sport=self.rec.client_port, dport=self.target.port,
             seq=seq, ack=ack, flags=flags, window=window,

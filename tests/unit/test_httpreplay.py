@@ -765,3 +765,21 @@ def test_splice_range_resume_of_a_connections_first_request(monkeypatch):
     assert sp.phase is Phase.SPLICED and sp.verifier.done and net.done(), sp.describe()
     assert bytes(backup.received) == prefix and sp.range_outcome == "range"
     assert bytes(net.client.stream.data) == tsp.RESPONSE[:tsp.ACKED] + tsp.REGEN[tsp.ACKED:]
+
+
+def test_splice_range_resume_under_a_nearly_closed_client_window(monkeypatch):
+    """The client advertised 128 bytes when the move began (a slow reader with a full buffer).
+    The range answer's head and the bytes the client already has never reach it, so the backup
+    must be let send them whatever the client's window: the gateway used to pass that window on
+    and wait for the whole head without acknowledging any of it — the backup sent 128 bytes and
+    retransmitted them for ever (found in the lab: 1 move in 1,000)."""
+    monkeypatch.setattr(tsp, "C_WIN", 1)  # << 7: 128 bytes
+    plan = range_plan()
+    x = expect(plan)
+    head = head_206(x.first)
+    backup = tsp.Backup(head + tsp.RESPONSE[x.server_first:], request_len=len(plan.prefix), strict_window=True)
+    conv, net = planned_net(monkeypatch, plan, backup)
+    assert conv.rec.client.window_raw == 1 and len(head) > 128
+    net.run(until=lambda: net.sp.s_start is not None and net.sp.verifier.done, max_time=10.0)
+    sp = net.sp
+    assert sp.range_outcome == "range" and sp.range_head == len(head) and sp.verifier.done, sp.describe()

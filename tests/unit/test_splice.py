@@ -178,11 +178,12 @@ class Backup:
 
     def __init__(self, response: bytes = REGEN, *, isn: int = 0x6000_0000, ts0: int = 77, ts_rate: float = 1000.0,
                  mss_option: int = 1460, wscale: int = B_WSCALE, window: int = 1024, request_len: int = REQUEST_LEN,
-                 fin: bool = True, ts: bool = True) -> None:
+                 fin: bool = True, ts: bool = True, strict_window: bool = False) -> None:
         self.response = response
         self.isn, self.base = isn, seq_add(isn, 1)
         self.ts0, self.ts_rate, self.ts = ts0, ts_rate, ts
         self.mss_option, self.wscale, self.window = mss_option, wscale, window
+        self.strict_window = strict_window
         self.request_len = request_len
         self.fin = fin
         self.c_base: int | None = None
@@ -263,11 +264,14 @@ class Backup:
         out = []
         if len(self.received) < self.request_len:
             return out
-        limit = self.snd_una + max(self.peer_wnd, self.send_mss)
+        # strict: as Linux, never past the peer's window, filling it with a shorter segment
+        limit = self.snd_una + (self.peer_wnd if self.strict_window else max(self.peer_wnd, self.send_mss))
         while self.snd_nxt < len(self.response) and self.snd_nxt < limit:
             n = min(self.send_mss, len(self.response) - self.snd_nxt)
             if self.snd_nxt + n > limit:
-                break  # no sub-MSS segments for want of window (Nagle)
+                if not self.strict_window:
+                    break  # no sub-MSS segments for want of window (Nagle)
+                n = limit - self.snd_nxt
             out.append(self.segment(self.snd_nxt, n, now))
             self.snd_nxt += n
             if self.fin and self.snd_nxt == len(self.response):

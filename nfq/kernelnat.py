@@ -113,7 +113,7 @@ class ServiceNat:
 
     vip: str
     port: int
-    active: tuple[str, int]              # (address, port) the fallback sends clients to
+    active: tuple[str, int]              # (address, port) the client rule sends clients to
     backends: tuple[tuple[str, int], ...]  # every backend's (address, port)
 
     @property
@@ -121,7 +121,7 @@ class ServiceNat:
         return _is_v6(self.vip)
 
 
-def _nat_rules(services: list[ServiceNat], fallback: bool) -> list[str]:
+def _nat_rules(services: list[ServiceNat]) -> list[str]:
     lines: list[str] = []
     for s in services:
         v6 = s.v6
@@ -132,14 +132,13 @@ def _nat_rules(services: list[ServiceNat], fallback: bool) -> list[str]:
         for addr, port in s.backends:
             snat = f"{ip} saddr set {s.vip}" + (f" tcp sport set {s.port}" if port != s.port else "")
             lines.append(f'    {ip} saddr {addr} tcp sport {port} fib daddr type != local {snat} comment "return path"')
-        if fallback:
-            addr, port = s.active
-            dnat = f"{ip} daddr set {addr}" + (f" tcp dport set {port}" if port != s.port else "")
-            lines.append(f'    {ip} daddr {s.vip} tcp dport {s.port} {dnat} comment "fail-open fallback"')
+        addr, port = s.active  # the client rule (see the module's doc; its comment is its older name)
+        dnat = f"{ip} daddr set {addr}" + (f" tcp dport set {port}" if port != s.port else "")
+        lines.append(f'    {ip} daddr {s.vip} tcp dport {s.port} {dnat} comment "fail-open fallback"')
     return lines
 
 
-def ruleset(services: list[ServiceNat], fallback: bool = True) -> str:
+def ruleset(services: list[ServiceNat]) -> str:
     lines = [f"table {LEGACY_FAMILY} {TABLE} {{}}", f"delete table {LEGACY_FAMILY} {TABLE}",
              f"table {FAMILY} {TABLE} {{}}", f"delete table {FAMILY} {TABLE}", f"table {FAMILY} {TABLE} {{",
              f"  set {SETS[False]} {{ type ipv4_addr . inet_service . ipv4_addr . inet_service; }}",
@@ -153,14 +152,14 @@ def ruleset(services: list[ServiceNat], fallback: bool = True) -> str:
              "  }",
              "  chain prerouting {",
              f"    type filter hook prerouting priority {PRIORITY}; policy accept;",
-             *_nat_rules(services, fallback),
+             *_nat_rules(services),
              "  }", "}"]
     return "\n".join(lines) + "\n"
 
 
-def repoint(services: list[ServiceNat], fallback: bool = True) -> None:
+def repoint(services: list[ServiceNat]) -> None:
     """Rewrite the NAT rules (the active backend changed), leaving the sets alone."""
-    rules = _nat_rules(services, fallback)
+    rules = _nat_rules(services)
     nftables.run(f"flush chain {FAMILY} {TABLE} prerouting\n"
                  + "".join(f"add rule {FAMILY} {TABLE} prerouting {r.strip()}\n" for r in rules))
 
@@ -285,9 +284,9 @@ def del_moved(flows: list[Flow]) -> None:
     moved.delete(flows)
 
 
-def install(services: list[ServiceNat], fallback: bool = True) -> None:
+def install(services: list[ServiceNat]) -> None:
     """Replace the table with one for ``services`` (atomically); its sets start empty."""
-    nftables.run(ruleset(services, fallback))
+    nftables.run(ruleset(services))
     moved.reset()
 
 

@@ -218,8 +218,8 @@ class Dataplane:
         key = (pv.src, sport, vip, dport)
         table = self.table
         rec = table.get(key)
-        if rec is None or rec.state in (TcpState.TIME_WAIT, TcpState.CLOSED) or (
-                rec.mid_stream and pv.flags & (SYN | ACK) == SYN and rec.client.isn != pv.seq):
+        if rec is None or rec.state in (TcpState.TIME_WAIT, TcpState.CLOSED) or pv.flags & (SYN | ACK) == SYN:
+            # (whether a SYN opens a new connection on the key is the table's to say: ConnectionTable.admit)
             rec = self._admit(pv, svc, key, rec, now)
             if rec is None:
                 if pv.flags & RST:  # a stray RST: nothing to track, let it reach the backend

@@ -41,7 +41,6 @@ from collections.abc import Callable
 from typing import Any
 
 from nfq.queue import (
-    COPY_RANGE,
     NFQA_CFG_F_FAIL_OPEN,
     NFQA_CFG_F_GSO,
     Handler,
@@ -276,7 +275,3 @@ class NativeQueue:
         if not self._closed:
             self._closed = True
             self._lib.nfqb_close(self._q)
-
-
-# the copy range the NetfilterQueue binding is limited to (for callers choosing between them)
-PYTHON_COPY_RANGE = COPY_RANGE

@@ -435,10 +435,6 @@ int nfqb_commit(struct nfqb *q, int from, int to)
             nfq_nlmsg_verdict_put_pkt(nlh, p->new_data, p->new_len);
         tx_done(q, nlh);
         q->stats.verdicts++;
-        if (p->verdict == NF_DROP)
-            q->stats.dropped++;
-        else if (p->new_data)
-            q->stats.rewritten++;
         p->new_data = NULL;
     }
     if (run_last >= 0) {

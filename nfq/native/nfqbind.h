@@ -33,8 +33,6 @@ struct nfqb_stats {
     uint64_t verdicts;
     uint64_t batch_verdicts;
     uint64_t verdict_errors;
-    uint64_t rewritten;
-    uint64_t dropped;
 };
 
 struct nfqb *nfqb_open(uint16_t queue, uint32_t copy_range, uint32_t flags, uint32_t maxlen, int sockbuf,

@@ -27,7 +27,7 @@ import textwrap
 from typing import Any
 
 from ..lab import topology as lab
-from .throughput import _curl, _upload
+from .throughput import _curl, _queue_stats, _upload, queue_delta
 
 PRIMARY = "198.51.100.10"
 
@@ -64,25 +64,6 @@ def _latency(host: str, port: int, n: int = 2000) -> dict[str, float]:
     return out
 
 
-def _status(info: dict[str, Any]) -> dict[str, Any]:
-    from ..apiclient import api_get
-
-    out: dict[str, Any] = api_get("/api/v1/status", str(info["api"]), str(info["token"]))
-    return out
-
-
-def _queue_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
-    out = {}
-    for q, st in after.items():
-        b = before.get(q, {})
-        n = st["packets"] - b.get("packets", 0)
-        if n:
-            out[q] = {"packets": n,
-                      "us_per_packet": round((st["busy_seconds"] - b.get("busy_seconds", 0.0)) / n * 1e6, 2),
-                      "gso": st.get("gso_packets", 0) - b.get("gso_packets", 0)}
-    return out
-
-
 VARIANTS = {  # name: (engine, store mode, the cases it runs)
     "native": ("native", "memory", ("download, verify=full", "upload, store=memory", "latency")),
     "python": ("python", "memory", ("download, verify=full", "upload, store=memory", "latency")),
@@ -93,6 +74,7 @@ VARIANTS = {  # name: (engine, store mode, the cases it runs)
 
 def engines_bench(rounds: int = 3, body_name: str = "100M.bin") -> dict[str, Any]:
     info = lab.up()
+    api, token = str(info["api"]), str(info["token"])
     body = lab.cache_dir() / "www" / body_name
     plain_cases = {
         "download, verify=full": lambda: _curl(f"http://{PRIMARY}:{lab.PLAIN_HTTP_PORT}/{body_name}"),
@@ -119,9 +101,10 @@ def engines_bench(rounds: int = 3, body_name: str = "100M.bin") -> dict[str, Any
                 lab.stop_appliance()
                 lab.start_appliance(configs[name])
                 for case in cases:
-                    before = _status(info)["queues"]
+                    before = _queue_stats(api, token)
                     got.setdefault((name, case), []).append(through[case]())
-                    queues[(name, case)] = _queue_delta(before, _status(info)["queues"])
+                    queues[(name, case)] = {q: v for q, v in queue_delta(before, _queue_stats(api, token)).items()
+                                            if v["packets"]}
     finally:
         lab.stop_appliance()
         lab.start_appliance(lab.run_dir() / "gateway.toml")

@@ -51,6 +51,19 @@ def _queue_stats(api: str, token: str) -> dict[str, Any]:
     return api_get("/api/v1/status", api, token)["queues"]
 
 
+def queue_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """Per queue, between two reads of the status's ``queues``: packets, the appliance's time per
+    packet (None without packets) and GSO super-packets (the native binding counts them)."""
+    out = {}
+    for q, st in after.items():
+        b = before.get(q, {})
+        n = st["packets"] - b.get("packets", 0)
+        out[q] = {"packets": n,
+                  "us_per_packet": round((st["busy_seconds"] - b.get("busy_seconds", 0.0)) / n * 1e6, 2) if n else None,
+                  "gso": st.get("gso_packets", 0) - b.get("gso_packets", 0)}
+    return out
+
+
 def run_bench(rounds: int = 3, seconds: int = 8, profile: bool = False) -> dict[str, Any]:
     info = lab.up()
     api, token = str(info["api"]), str(info["token"])
@@ -72,15 +85,7 @@ def run_bench(rounds: int = 3, seconds: int = 8, profile: bool = False) -> dict[
         for _ in range(rounds):
             p.append(plain())
             g.append(through())
-        after = _queue_stats(api, token)
-        per_queue = {}
-        for q, st in after.items():
-            b = before.get(q, {"packets": 0, "busy_seconds": 0.0})
-            n = st["packets"] - b["packets"]
-            per_queue[q] = {
-                "packets": n,
-                "us_per_packet": round((st["busy_seconds"] - b["busy_seconds"]) / n * 1e6, 2) if n else None,
-            }
+        per_queue = queue_delta(before, _queue_stats(api, token))
         pm, gm = statistics.median(p), statistics.median(g)
         results["cases"][name] = {
             "plain_gbps": [round(x, 3) for x in p],

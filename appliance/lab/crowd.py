@@ -93,6 +93,14 @@ def start_crowd(host: str, port: int, path: str, n: int, wave: int = 500, ns: st
     return Crowd(proc)
 
 
+def vm_rss(pid: int) -> int:
+    """Resident memory of ``pid`` in bytes (from /proc/<pid>/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) << 10
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
 def appliance_rss_mb() -> float:
     """The resident memory of every appliance process together (the daemon and any child)."""
     from . import topology as lab
@@ -105,12 +113,7 @@ def appliance_rss_mb() -> float:
         p = todo.pop()
         pids.add(p)
         todo += [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
-    kb = 0
-    for p in pids:
-        for line in Path(f"/proc/{p}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                kb += int(line.split()[1])
-    return kb / 1024
+    return sum(vm_rss(p) for p in pids) / (1 << 20)
 
 
 def measure(n: int, path: str, timeout: float) -> dict:

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from appliance.lab import topology as lab
+from appliance.lab.crowd import vm_rss
 
 from .helpers import Capture, api, expected_sha, sha256_file, start_download, wait_for
 from .invariants import assert_clean, check
@@ -70,14 +71,6 @@ for i in range(count):
     sent += 1
 print(sent)
 """
-
-
-def vm_rss(pid: int) -> int:
-    """Resident memory of ``pid`` in bytes (from /proc/<pid>/status)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) << 10
-    raise AssertionError(f"no VmRSS for pid {pid}")
 
 
 def spoofable_sources() -> list[str]:

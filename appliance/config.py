@@ -28,7 +28,8 @@ Example::
     # vrrp_fifo = "/run/appliance/vrrp.fifo"           # keepalived's vrrp_notify_fifo
     # eligibility_file = "/run/appliance/ineligible"   # keepalived's track_file (0: eligible)
     # epoch_file = "/var/lib/appliance/epoch"          # the highest epoch this node has known
-    # lease = 1.0                # seconds a proof of the role (or of being in sync) holds
+    # lease = 0.4                # seconds a proof of the role (or of being in sync) holds; a takeover
+    #                            # waits it out: keep it near keepalived's master-down interval
     # wait_ms = 200              # a commit waits this long for the standby, then goes on alone
 
     [checkpoint]                 # portable checkpoints and resurrection (tcpcp 6.1, 7)
@@ -214,7 +215,8 @@ class PairConfig:
     vrrp_fifo: str                  # keepalived's vrrp_notify_fifo
     eligibility_file: str           # keepalived's track_file: "0" eligible, "1" not (FAULT)
     epoch_file: str                 # the highest epoch this node has known (survives restarts)
-    lease: float = 1.0              # seconds a proof of the role, or of being in sync, holds
+    lease: float = 0.4              # seconds a proof of the role, or of being in sync, holds (a takeover
+    #                                 waits until one has passed since the former active's last proof)
     wait_ms: int = 200              # how long a commit waits for the standby before going on alone
 
 

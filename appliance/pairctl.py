@@ -25,12 +25,13 @@ A takeover (:meth:`PairController._take_over`): the epoch written to ``epoch_fil
 local store promoted (``REPLICAOF NO ONE``, epoch raised, marked alone) and drained into the table,
 every connection rebuilt (``ReplConn.to_record``) and re-attached as after a restart
 (``Gateway.restore``: sequence numbers re-learned from the wire, moved connections spliced to
-their backup again), then the queues are read.  A connection caught mid-move (its first move)
-goes on with the backend it was leaving, the target's half-replayed socket is fenced (a probe
-draws its duplicate ACK, answered with a RST at exactly its ``rcv_nxt``), and the move starts
-again (``Gateway.restart_move``): *the move restarts*.  The former active's
-store is fenced in the background (best effort: a dead one is fenced when it comes back and finds
-the peer's newer epoch).
+their backup again), then, once a lease has passed since the local store last granted the
+former active a proof of its role (:meth:`PairRole.promoted`), the queues are read.  A
+connection caught mid-move (its first move) goes on with the backend it was leaving, the
+target's half-replayed socket is fenced (a probe draws its duplicate ACK, answered with a RST
+at exactly its ``rcv_nxt``), and the move starts again (``Gateway.restart_move``): *the move
+restarts*.  The former active's store is fenced in the background (best effort: a dead one is
+fenced when it comes back and finds the peer's newer epoch).
 
 Fencing (:meth:`PairController._fence`): the queues stop being read, what they hold is dropped,
 every connection is forgotten without a packet sent, the local store becomes the peer's replica,
@@ -76,6 +77,7 @@ from .replication_redis import (
     _str,
     demote,
     fence_peer,
+    grant,
     parse_info,
 )
 from .vrrp import FifoReader, Transition
@@ -145,7 +147,6 @@ class PairController:
                          "resyncs": 0, "sync_checks_failed": 0, "refused": 0,
                          "dropped_not_forwarding": 0, "unsent_not_forwarding": 0}
         self.last_takeover: dict[str, Any] | None = None
-        self.last_ack_sent = float("-inf")
         self._lag_at = 0.0
 
     # --- the data path's gate ----------------------------------------------------------------
@@ -347,6 +348,7 @@ class PairController:
                 table, _ = await sb.promote(epoch, fence=False)
             finally:
                 await sb.stop()
+            hold = self.role.promoted(sb.granted_ago, self.clock())
             await self.query.execute("SET", "repl:alone", "1")
         except (RedisError, OSError, ValueError) as exc:
             self._apply(self.role.takeover_failed(str(exc), self.clock()))
@@ -366,6 +368,10 @@ class PairController:
         self.primary = RedisPrimary(*self.local, epoch, wait_ms=self.cfg.wait_ms, peer=self.peer)
         result = gw.restore(loaded, takeover=True)
         self.counters["takeovers"] += 1
+        # the former active may still hold a proof this node's store granted it: wait it out
+        # (the queues hold every packet meanwhile)
+        if (left := self.role.forward_not_before - self.clock()) > 0:
+            await asyncio.sleep(left)
         self._apply(self.role.took_over(epoch, self.clock(), result["reattached"]))
         if self.role.role is not Role.ACTIVE:   # fenced during the takeover: its _fence drops them
             gw.dataplane.drop_all("fenced")
@@ -373,7 +379,8 @@ class PairController:
         ms = (self.clock() - t0) * 1000
         self.last_takeover = {"at": time.time(), "epoch": epoch, "reason": "keepalived made this node master "
                               "(the active's adverts stopped)", "reattached": result["reattached"],
-                              "reset": result["reset"] + unreadable, "duration_ms": round(ms, 1)}
+                              "reset": result["reset"] + unreadable, "duration_ms": round(ms, 1),
+                              "lease_wait_ms": round(hold * 1000, 1)}
         for rec in gw.dataplane.connections():  # both ends answer at once: no wait for a retransmission timer
             gw.dataplane.prompt(rec)
         gw.flush()
@@ -413,23 +420,30 @@ class PairController:
                 log.exception("pair: the active's heartbeat failed")
 
     async def _heartbeat_step(self) -> None:
-        now = self.clock()
+        """The active's proof of its role, renewed every tick: its own store's epoch (raised by a
+        new active: fenced), then a grant from the peer's store (:func:`grant`: its epoch, stamped
+        there so that a takeover waits out the lease this proof gives)."""
         r = self.role
         if r.role is not Role.ACTIVE:
             return
-        if now - self.last_ack_sent > self.cfg.lease / 3 or not r.forwarding(now) or r.alone_since is not None:
-            t = self.clock()
-            try:
-                mine = int(_str(await self.query.execute("GET", "repl:epoch")) or 0)
-            except (RedisError, ValueError):
-                mine = r.epoch
-            if mine > r.epoch:
-                self._apply(r.fence(f"this node's store was raised to epoch {mine} by the peer", self.clock()))
-                return
-            peer = await self._peer_state()
-            self._apply(r.peer_checked(t, None if peer is None else peer[1], self.clock()))
-            if peer is not None and r.alone_since is not None and self.primary is not None:
-                await self._probe_replica()
+        try:
+            mine = int(_str(await self.query.execute("GET", "repl:epoch")) or 0)
+        except (RedisError, ValueError):
+            mine = r.epoch
+        if mine > r.epoch:
+            self._apply(r.fence(f"this node's store was raised to epoch {mine} by the peer", self.clock()))
+            return
+        t = self.clock()  # the grant's lease runs from here: before the peer's store stamps it
+        try:
+            peer_epoch: int | None = (await grant(self.peer_client, r.epoch))[0]
+        except RedisError as exc:
+            peer_epoch = None
+            if exc.message.startswith("READONLY"):
+                log.error("pair: the peer's Redis refuses the grant of a proof (%s): run it with "
+                          "replica-read-only no", exc.message)
+        self._apply(r.peer_checked(t, peer_epoch, self.clock()))
+        if peer_epoch is not None and r.alone_since is not None and self.primary is not None:
+            await self._probe_replica()
         self._update_gate()
 
     async def _probe_replica(self) -> None:
@@ -475,7 +489,6 @@ class PairController:
             self.commit_us.append((self.clock() - t) * 1e6)
             batch.written = time.time()
             if acked:
-                self.last_ack_sent = t
                 self.counters["commits_acked"] += 1
             else:
                 self.counters["commits_alone"] += 1
@@ -494,7 +507,6 @@ class PairController:
                     continue
                 if isinstance(n, int) and n >= 1:
                     acked = True
-                    self.last_ack_sent = t
                     self._apply(r.committed(t, True, self.clock()))
             if r.role is not Role.ACTIVE:
                 planner.failed(batch)

@@ -40,13 +40,18 @@ pair's state).  A takeover marks the new active's store alone at once: no standb
 exists that could have seen that store's flag clear.
 
 *Proof of the role, and fencing* (the active).  The active forwards only while it holds
-keepalived's ``MASTER`` and has a fresh proof that no newer epoch owns the connections: an
-acknowledged commit, or a check of the peer's store showing an epoch no higher than its own, begun
-less than ``lease`` ago; or, alone for a lease already, the peer's store out of reach (then the
-peer cannot be in sync, so cannot have taken over; the VRRP paths, which are not the sync link,
-settle who holds the addresses).  A node frozen and thawed finds its proof stale and forwards
-nothing until the driver has checked the peer: a higher epoch there fences it.  A commit refused
-by its own store (``FENCED``: the new active raised its epoch) fences it too.
+keepalived's ``MASTER`` and has a fresh proof that no newer epoch owns the connections: a
+*grant* from the peer's store (its epoch no higher than this node's; the driver asks every
+``lease / 6``), begun less than ``lease`` ago; or, alone for a lease already, the peer's store
+out of reach (then the peer cannot be in sync, so cannot have taken over; the VRRP paths, which
+are not the sync link, settle who holds the addresses).  The peer's store stamps every grant
+with its own clock, and a takeover reads how long ago the last one was when it raises the epoch
+(after which no grant is given): the new active forwards nothing until a lease has passed since
+that grant (:meth:`PairRole.promoted`), so a former active frozen and thawed at any moment has
+seen its proof run out before the new one forwards, and forwards nothing until the driver has
+asked the peer again: the higher epoch there fences it.  An acknowledged commit is no proof (the
+standby could not tell when it gave it).  A commit refused by its own store (``FENCED``: the new
+active raised its epoch) fences it too.
 """
 
 from __future__ import annotations
@@ -120,6 +125,8 @@ class PairRole:
         self.pending_master = False      # MASTER came before the first check answered
         self.out_of_sync_reason: str | None = "not checked yet"
         self.proof_until = float("-inf")
+        self.forward_not_before = float("-inf")   # a takeover: until the former active's proof ran out
+        self.lease_wait = 0.0            # how long that was, from the promotion
         self.alone_since: float | None = None   # the alone mark was stored at (None: not alone)
         self.alone_reason: str | None = None
         self.marking = False             # a MarkAlone is being carried out
@@ -141,7 +148,7 @@ class PairRole:
 
     def forwarding(self, now: float) -> bool:
         """May the data path read its queues and send?"""
-        if self.role is not Role.ACTIVE or not self.vrrp_master:
+        if self.role is not Role.ACTIVE or not self.vrrp_master or now < self.forward_not_before:
             return False
         if now < self.proof_until:
             return True
@@ -234,6 +241,16 @@ class PairRole:
             out += self._take_over(now) if self.in_sync(now) else self._refuse(now)
         return out
 
+    def promoted(self, granted_ago: float | None, now: float) -> float:
+        """The takeover's store is the master of the new epoch; its last grant of a proof to the
+        former active was ``granted_ago`` seconds before ``now`` (None: no record of one).  That
+        proof lets a thawed former active forward until a lease after the grant, so this node
+        forwards nothing before then; returns how long that is from ``now``."""
+        hold = self.lease if granted_ago is None else max(0.0, self.lease - granted_ago)
+        self.forward_not_before = max(self.forward_not_before, now + hold)
+        self.lease_wait = hold
+        return hold
+
     def took_over(self, epoch: int, now: float, connections: int) -> list[Action]:
         """The takeover is done: this node's store is the master of ``epoch``, the table is
         re-attached; its store is marked alone (no standby follows it yet)."""
@@ -253,9 +270,12 @@ class PairRole:
         self.peer_reachable = None
         ms = (now - self.takeover_started) * 1000 if self.takeover_started is not None else 0.0
         self.last_takeover = {"at_monotonic": now, "epoch": epoch, "connections": connections,
-                              "duration_ms": round(ms, 1), "reason": "keepalived made this node master"}
+                              "duration_ms": round(ms, 1), "lease_wait_ms": round(self.lease_wait * 1000, 1),
+                              "reason": "keepalived made this node master"}
         out.append(Event("takeover", f"took over as active in epoch {epoch}: {connections} connection(s) "
-                                     f"re-attached in {ms:.0f} ms"))
+                                     f"re-attached in {ms:.0f} ms ({self.lease_wait * 1000:.0f} ms of it waiting "
+                                     f"out the former active's proof)"))
+        self.lease_wait = 0.0
         self._eligible(now, out)
         return out
 
@@ -275,8 +295,7 @@ class PairRole:
         out: list[Action] = []
         if self.role is not Role.ACTIVE:
             return out
-        if acked:
-            self.proof_until = max(self.proof_until, sent_at + self.lease)
+        if acked:   # (not a proof of the role: only a grant is, which a takeover waits out)
             self.peer_reachable = True
             # alone for a lease at least (a replica that lags now and then does not flap the pair's
             # state, and its standby stays ineligible that long)

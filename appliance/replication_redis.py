@@ -47,7 +47,10 @@ holds L0's successor the rebuild starts over.  Then it follows the stream with
 :meth:`RedisStandby.promote` first stops following, drains what its replica holds, promotes, tries
 to raise the former master's ``repl:epoch`` too (best effort, short timeout: a live former master
 is fenced at once, a frozen one when it thaws and sees the peer), and returns the table to take
-over with.  :func:`demote` (``REPLICAOF host port``) turns a node's Redis into a replica: Redis
+over with.  The active proves its role every few tens of milliseconds with :func:`grant` on the
+standby's store, which stamps the time of each grant there; :func:`promote` returns how long ago
+the last one was, and the new active waits until a lease has passed since (a thawed former active
+may still hold that proof until then).  :func:`demote` (``REPLICAOF host port``) turns a node's Redis into a replica: Redis
 does the bulk resync; a new :class:`RedisStandby` then rebuilds from the keyspace.
 
 Key layout (one Redis database, 0)
@@ -57,6 +60,8 @@ Key layout (one Redis database, 0)
     repl:epoch      string   the epoch that owns this data (raised by promote, checked by commits)
     repl:last       string   id of the last batch applied to the keys ("0-0": none)
     repl:applied    string   the standby's last applied id (written by the standby on the master)
+    repl:granted    string   on a replica only: when (µs, its Redis's clock) it last granted the
+                             active a proof of its role (GRANT_SCRIPT; written by the active)
     repl:log        stream   id <epoch>-<seq>, fields f = BATCH frame bytes, p = previous id
     c:<conn>        hash     b: log base; rec: record JSON; fin: "1"; fs: fin_server;
                              mv: move JSON; dm: digest meta JSON; db: digest base;
@@ -533,11 +538,33 @@ return id
 """
 
 EPOCH_SCRIPT = r"""
--- ARGV[1]: the new epoch; refuses to lower or repeat it
+-- ARGV[1]: the new epoch; refuses to lower or repeat it.  Returns {the epoch it replaces,
+-- microseconds since this store last granted the former active a proof of its role (GRANT_SCRIPT),
+-- or -1: no grant recorded}; the grant's mark is deleted (a master holds none: a replica's full
+-- resync never brings back an old one)
 local cur = tonumber(redis.call('GET', 'repl:epoch') or '0')
 local new = tonumber(ARGV[1])
 if new <= cur then return redis.error_reply('FENCED epoch ' .. cur .. ' is not below ' .. new) end
 redis.call('SET', 'repl:epoch', ARGV[1])
+local g = redis.call('GET', 'repl:granted')
+redis.call('DEL', 'repl:granted')
+if not g then return {cur, -1} end
+local t = redis.call('TIME')
+local age = tonumber(t[1] .. string.format('%06d', tonumber(t[2]))) - tonumber(g)
+if age < 0 then age = 0 end
+return {cur, age}
+"""
+
+GRANT_SCRIPT = r"""
+-- ARGV[1]: the asking active's epoch.  The active's heartbeat on its peer's store (a replica,
+-- written locally: replica-read-only no): returns the epoch stored here, and when that is not
+-- above the asker's (the answer is a proof of its role for a lease from when it asked) stamps
+-- the time of the grant, by this Redis's clock, for EPOCH_SCRIPT: a takeover waits it out
+local cur = tonumber(redis.call('GET', 'repl:epoch') or '0')
+if cur <= tonumber(ARGV[1]) then
+  local t = redis.call('TIME')
+  redis.call('SET', 'repl:granted', t[1] .. string.format('%06d', tonumber(t[2])))
+end
 return cur
 """
 
@@ -659,12 +686,30 @@ def _pairs(v: Reply) -> dict[bytes, bytes]:
 
 # ----- roles ---------------------------------------------------------------------------------
 
-async def promote(client: RedisClient, new_epoch: int) -> None:
+async def promote(client: RedisClient, new_epoch: int) -> float | None:
     """Make this Redis a master (``REPLICAOF NO ONE``) owned by ``new_epoch``; raises
-    :class:`Fenced` if it already knows that epoch or a higher one."""
+    :class:`Fenced` if it already knows that epoch or a higher one.  Returns the seconds since
+    this store last granted the former active a proof of its role (:func:`grant`), None when it
+    holds no record of one: the new active forwards only once a lease has passed since then."""
     await client.execute("REPLICAOF", "NO", "ONE")
     (r,) = await _evalsha(client, EPOCH_SCRIPT, [new_epoch])
     _script_error(r, "promote")
+    if isinstance(r, list) and len(r) == 2 and isinstance(r[1], int) and r[1] >= 0:
+        return r[1] / 1e6
+    return None
+
+
+async def grant(client: RedisClient, epoch: int, extra: Sequence[Sequence[Arg]] = ()) -> tuple[int, list[Reply]]:
+    """The active (of ``epoch``) asks its peer's store for a proof of its role: the epoch stored
+    there (a higher one fences the asker), the grant stamped there when it is a proof
+    (:data:`GRANT_SCRIPT`); ``extra`` commands pipelined after it, their replies returned."""
+    replies = await _evalsha(client, GRANT_SCRIPT, [epoch], extra=extra)
+    r = replies[0]
+    if isinstance(r, RedisError):
+        raise r
+    if not isinstance(r, int):
+        raise RedisError("grant", f"unexpected reply {r!r}")
+    return r, replies[1:]
 
 
 async def fence_peer(host: str, port: int, epoch: int, timeout: float = 0.2) -> bool:
@@ -801,6 +846,9 @@ class RedisStandby:
         self._report_at = 0.0
         self._caught_up_at = time.monotonic()
         self._changed = asyncio.Event()
+        # set by promote: seconds since this store last granted the former active a proof of its
+        # role (None: no record of one, so the new active waits a whole lease)
+        self.granted_ago: float | None = None
 
     async def start(self) -> None:
         if self._task is None:
@@ -986,7 +1034,8 @@ class RedisStandby:
                 await t
         info = parse_info(await self.query.execute("INFO", "replication"))
         old = (info["master_host"], int(info["master_port"])) if info.get("role") == "slave" else None
-        await promote(self.query, new_epoch)          # no more replication: the data is final
+        # no more replication: the data is final; when did this store last prove the old active's role?
+        self.granted_ago = await promote(self.query, new_epoch)
         if self.need_rebuild:
             await self.rebuild()
         entries = await self.query.execute("XRANGE", STREAM, f"({self.applied}" if self.applied != NO_ID else "-", "+")
@@ -1015,7 +1064,9 @@ def server_argv(bind: str, port: int, workdir: Path, *, replicaof: tuple[str, in
     argv = [redis_server, "--bind", bind, "--port", str(port), "--dir", str(workdir), "--save", "",
             "--appendonly", "no", "--protected-mode", "no", "--daemonize", "no", "--logfile", "",
             "--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0", "--repl-timeout", "5",
-            "--repl-backlog-size", "64mb"]
+            "--repl-backlog-size", "64mb",
+            # the active stamps its proof-of-role grants on its peer's replica (GRANT_SCRIPT)
+            "--replica-read-only", "no"]
     if replicaof is not None:
         argv += ["--replicaof", replicaof[0], str(replicaof[1])]
     return argv

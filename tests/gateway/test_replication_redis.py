@@ -30,6 +30,7 @@ from appliance.replication_redis import (
     RedisStandby,
     batch_frame,
     demote,
+    grant,
     parse_info,
     promote,
     wait_link,
@@ -295,6 +296,40 @@ def test_a_dead_replica_or_master_makes_commits_unacknowledged_within_the_timeou
         assert a.p.unacked == 2 and a.p.acked == 1
         await a.p.close()
     run(main())
+
+
+def test_a_grant_is_stamped_on_the_replica_and_the_promotion_says_how_long_ago(pair: Pair) -> None:
+    """The active's proof of its role: a grant from the standby's store (a replica), stamped there
+    by that Redis's clock; the standby's promotion reads how long ago the last one was (the new
+    active waits until a lease has passed since) and removes the stamp.  A grant asked with an
+    older epoch than the store's proves nothing and stamps nothing."""
+    async def main() -> None:
+        m, r = RedisClient(*pair.master.addr), RedisClient(*pair.replica.addr)
+        await promote(m, 1)
+        await until(lambda: _epoch_is(r, 1), what="the epoch replicated")
+        assert await promote(r, 2) is None            # no grant on record: the caller waits a whole lease
+        await demote(r, *pair.master.addr)            # a replica of epoch 1 again (bulk resync)
+        wait_link(pair.replica.port)
+        await promote(m, 3)
+        await until(lambda: _epoch_is(r, 3), what="the epoch replicated")
+        epoch, (info,) = await grant(r, 3, extra=[["INFO", "replication"]])   # on the replica
+        assert epoch == 3 and parse_info(info)["role"] == "slave"
+        assert await r.execute("GET", "repl:granted") is not None
+        assert await m.execute("GET", "repl:granted") is None                # local to the replica
+        await asyncio.sleep(0.2)
+        ago = await promote(r, 4)
+        assert ago is not None and 0.2 <= ago < 2.0, ago
+        assert await r.execute("GET", "repl:granted") is None
+        # the new master's epoch (4) is above the asker's (3): no proof, no stamp
+        assert (await grant(r, 3))[0] == 4
+        assert await r.execute("GET", "repl:granted") is None
+        await m.aclose()
+        await r.aclose()
+    run(main())
+
+
+async def _epoch_is(c: RedisClient, epoch: int) -> bool:
+    return await c.execute("GET", "repl:epoch") == str(epoch).encode()
 
 
 def test_promotion_fences_the_former_master_and_a_demoted_node_resyncs_in_bulk(pair: Pair) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -272,7 +272,7 @@ def test_forwarding_stops_on_backup_and_resumes_on_master_with_fresh_proof() -> 
     assert r.forwarding(T0 + 0.2)                          # the takeover's proof still holds
     r.vrrp_state("FAULT", T0 + 0.3)
     assert not r.forwarding(T0 + 0.3)
-    r.committed(T0 + 0.9, True, T0 + 0.95)                 # proof renewed while not master
+    r.peer_checked(T0 + 0.9, r.epoch, T0 + 0.95)           # proof renewed while not master
     r.vrrp_state("MASTER", T0 + 1.5)
     assert r.forwarding(T0 + 1.5)
     assert not r.forwarding(T0 + 0.9 + LEASE)
@@ -311,13 +311,59 @@ def test_an_alone_active_thawed_with_the_peer_last_seen_out_of_reach_forwards_at
     assert not r.forwarding(T0 + 100.01) and r.role is Role.FENCED
 
 
-def test_an_acked_commit_is_a_proof_from_when_it_was_sent() -> None:
+def test_an_acked_commit_is_no_proof_of_the_role() -> None:
+    """The standby's store cannot tell when it acknowledged a commit, so a takeover could not wait
+    out a proof drawn from one: only grants (peer_checked) prove the role."""
     r = synced_active()
     r.committed(T0 + 3, True, T0 + 3.2)
-    assert r.forwarding(T0 + 3.2) and r.forwarding(T0 + 3 + LEASE - 0.01)
-    assert not r.forwarding(T0 + 3 + LEASE)
-    r.committed(T0 + 10, False, T0 + 10.2)                  # not acknowledged: no proof
-    assert not r.forwarding(T0 + 10.2)
+    assert not r.forwarding(T0 + 3.2)
+    r.peer_checked(T0 + 3.3, r.epoch, T0 + 3.4)
+    assert r.forwarding(T0 + 3.4) and not r.forwarding(T0 + 3.3 + LEASE)
+
+
+# --- a takeover waits out the former active's proof -----------------------------------------
+
+@pytest.mark.parametrize("granted_ago, hold", [(None, LEASE), (0.0, LEASE), (0.3, LEASE - 0.3), (LEASE, 0.0),
+                                               (5.0, 0.0)])
+def test_a_takeover_forwards_only_a_lease_after_the_stores_last_grant(granted_ago: float | None,
+                                                                     hold: float) -> None:
+    r = in_sync_standby()
+    e = takeover_epoch(r.vrrp_state("MASTER", T0))
+    assert r.promoted(granted_ago, T0 + 0.01) == pytest.approx(hold)
+    r.took_over(e, T0 + 0.02, 1)                          # (a driver that did not wait: still held)
+    assert r.role is Role.ACTIVE
+    if hold > 0.02:
+        assert not r.forwarding(T0 + 0.01 + hold - 0.005)
+    assert r.forwarding(T0 + 0.01 + hold)
+
+
+@settings(max_examples=300, deadline=None)
+@given(asked_before=st.floats(0, 0.5), grant_to_freeze=st.floats(0, 2), detect=st.floats(0, 2),
+       reply=st.floats(0, 0.2), thaw=st.floats(0, 5))
+def test_a_thawed_former_active_never_forwards_while_the_new_one_does(
+        asked_before: float, grant_to_freeze: float, detect: float, reply: float, thaw: float) -> None:
+    """Two nodes on one time line: the old active asks for a grant at ``g - asked_before``, the
+    peer's store stamps it at ``g`` and the answer arrives ``reply`` later; the old node freezes
+    ``grant_to_freeze`` after the grant, the peer promotes ``detect`` after the freeze, and the
+    old node thaws ``thaw`` after the promotion.  Whatever the timing, the old node's last instant
+    of forwarding comes before the new node's first (no frame from both at once)."""
+    old = synced_active()
+    g = T0 + 5
+    sent = g - asked_before
+    old.peer_checked(sent, old.epoch, g + reply)
+    freeze = g + grant_to_freeze
+    promote = freeze + detect
+    new = in_sync_standby(node=2, epoch=old.epoch, now=promote - 0.01)
+    e = takeover_epoch(new.vrrp_state("MASTER", promote))
+    new.promoted(promote - g, promote)
+    new.took_over(e, promote + 0.005, 1)
+    first_new = max(promote + 0.005, new.forward_not_before)
+    assert new.forwarding(first_new)
+    # the old node forwards at most until its proof runs out, and not while frozen
+    last_old = old.proof_until
+    assert not old.forwarding(last_old)
+    assert last_old <= first_new
+    assert not old.forwarding(max(promote + thaw, first_new))
 
 
 def test_a_newer_epoch_on_the_peer_fences_the_active() -> None:

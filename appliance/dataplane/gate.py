@@ -119,9 +119,24 @@ class AckGate:
         pv.set_ack(allowed)
         if pv.options.sack_blocks:
             pv.strip_sack()
+        self._echo_latest(rec, pv)
         self._tell(rec.id, allowed)
         self.counters.acks_clamped += 1
         return Verdict.REWRITTEN
+
+    @staticmethod
+    def _echo_latest(rec: ConnectionRecord, pv: PacketView) -> None:
+        """A lowered acknowledgment echoes the client's newest TSval, not the backend's echo.  The
+        backend's may be far older: after a takeover the backend holds bytes the log lacks, so
+        the client's resent segments are duplicates to it, which never refresh its TS.Recent;
+        that old echo would give the client an RTT sample of the whole outage for every ACK,
+        and its retransmission timer would back off to a minute while it resends the gap one
+        segment at a time."""
+        latest, tsecr = rec.client.tsval, pv.tsecr
+        if latest is not None and tsecr is not None and seq_diff(latest, tsecr) > 0:
+            tsval = pv.tsval
+            assert tsval is not None  # (both live in the one option)
+            pv.set_timestamps(tsval, latest)
 
     def committed(self, recs: list[ConnectionRecord]) -> None:
         """Commit points moved (the store's batch is durable): send the held ACKs they now
@@ -147,6 +162,7 @@ class AckGate:
                 ov.set_ack(allowed)
                 if ov.options.sack_blocks:
                     ov.strip_sack()
+                self._echo_latest(rec, ov)
             ts = rec.server.tsval
             tsecr = ov.tsecr
             if ov.tsval is not None and tsecr is not None and ts is not None and not syn \

@@ -304,6 +304,30 @@ def test_at_a_takeover_a_backend_ahead_of_the_log_holds_bytes_the_client_sends_a
     assert rec.log.end == 500 and rec.protected
 
 
+def test_a_lowered_ack_echoes_the_clients_newest_tsval_not_the_backends_stale_one(tmp_path: Path) -> None:
+    """After a takeover the backend holds bytes the log lacks: the client's resent segments are
+    duplicates to it, which never refresh its TS.Recent, so its ACKs keep echoing a TSval from
+    before the outage.  Lowered to the commit point, such an ACK must echo the client's newest
+    TSval, or every one of them is an RTT sample of the whole outage and the client's
+    retransmission timer backs off to a minute (the pair's upload test stalled so)."""
+    backend = SqliteBackend(tmp_path / "cp.db")
+    dp = Dataplane(parse(config(tmp_path)))
+    open_connection(dp, backend)
+    gw = Gateway(parse(config(tmp_path)))
+    gw.restore(backend.load(), takeover=True)
+    (rec,) = gw.dataplane.connections()
+    resent = c2s("PA", 1001, 5001, b"r" * 500, options=[("Timestamp", (900, 7000))])
+    assert gw.dataplane.handle(resent, 2.0) is Verdict.REWRITTEN
+    dup = s2c("A", 5001, 1801, options=[("Timestamp", (7100, 150)), ("SAck", (1001, 1501))])
+    assert gw.dataplane.handle(dup, 2.0) is Verdict.REWRITTEN          # lowered to the commit point
+    p = IP(bytes(dup))
+    assert p[TCP].ack == 1001 and dict(p[TCP].options)["Timestamp"] == (7100, 900)
+    q = IP(bytes(dup))
+    del q.chksum
+    del q[TCP].chksum
+    assert IP(bytes(q))[TCP].chksum == p[TCP].chksum
+
+
 def test_after_a_restart_an_overflowed_log_still_lets_the_backend_through(tmp_path: Path) -> None:
     """Issue 10's _check_reloaded bug: a connection whose log had overflowed before the restart
     had its first backend packet dropped, without a reset or a reason.  It passes (the connection

@@ -49,7 +49,7 @@ def pair() -> Iterator[None]:
         _clean()
 
 
-def run_in_a(script: str, timeout: float = 120) -> dict:
+def run_in_a(script: str, timeout: float = 180) -> dict:
     """Run ``script`` (which prints one JSON line last) in namespace A, with a sink in B that
     answers every connection with the sha256 of what it received."""
     sink = textwrap.dedent("""
@@ -91,9 +91,17 @@ PRELUDE = textwrap.dedent("""
         threading.Thread(target=loop, daemon=True).start()
 
     def send(msg):
-        c = socket.create_connection(("192.0.2.202", 7777), timeout=20)
-        c.sendall(msg); c.shutdown(socket.SHUT_WR)
-        got = c.recv(100).decode(); c.close()
+        # (a deadline for the whole exchange, generous: this is no speed test)
+        c = socket.create_connection(("192.0.2.202", 7777), timeout=60)
+        try:
+            c.sendall(msg); c.shutdown(socket.SHUT_WR)
+            got = c.recv(100).decode(); c.close()
+        except OSError:  # say where the queue stood
+            for v in list(globals().values()):
+                if isinstance(v, NativeQueue):
+                    print("queue", v.queue_num, v.stats.as_dict(), v.native_counters(), file=sys.stderr)
+            subprocess.run(["ss", "-tmi", "dport", "7777"], stdout=sys.stderr)
+            raise
         return got
 """)
 

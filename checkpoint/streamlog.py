@@ -70,6 +70,8 @@ from typing import Callable
 
 import xxhash
 
+from . import memsearch
+
 CHUNK = 64 * 1024
 DIGEST_SIZE = 16
 MAX_OOO_SEGMENTS = 256
@@ -111,22 +113,30 @@ class Masker:
             out = bytearray(data)
             out[:k] = b"*" * k
             self.left -= k
-        joined = self.tail + bytes(data)
         t = len(self.tail)
+        # a match that begins in the tail (the previous data's last bytes) lies in this edge
+        edge = self.tail + bytes(data[:self.keep]) if t else b""
         for pat, ln in self.fields:
-            i = joined.find(pat)
+            ends: list[int] = []  # where each match's value starts, in data's coordinates
+            i = edge.find(pat)
+            while 0 <= i < t:
+                if i + len(pat) > t:  # it ends inside the new data (else it was handled before)
+                    ends.append(i + len(pat) - t)
+                i = edge.find(pat, i + 1)
+            i = memsearch.find(data, pat)  # the bulk, in place: the whole stream goes through here
             while i >= 0:
-                e = i + len(pat)  # value starts here, in joined coordinates
-                if e > t:  # the match ends inside the new data (else it was handled before)
-                    start, stop = e - t, e - t + ln
-                    if out is None:
-                        out = bytearray(data)
-                    k = max(0, min(stop, n) - start)
-                    out[start:start + k] = b"*" * k
-                    if stop > n:
-                        self.left = max(self.left, stop - n)
-                i = joined.find(pat, i + 1)
-        self.tail = joined[-self.keep:] if self.keep else b""
+                ends.append(i + len(pat))
+                i = memsearch.find(data, pat, i + 1)
+            for start in ends:
+                stop = start + ln
+                if out is None:
+                    out = bytearray(data)
+                k = max(0, min(stop, n) - start)
+                out[start:start + k] = b"*" * k
+                if stop > n:
+                    self.left = max(self.left, stop - n)
+        if self.keep:
+            self.tail = bytes(data[-self.keep:]) if n >= self.keep else (self.tail + bytes(data))[-self.keep:]
         return data if out is None else out
 
 

@@ -273,13 +273,20 @@ class PacketView:
     @property
     def captured_payload(self) -> bytes:
         """The payload bytes copied to us (all of them unless truncated)."""
-        return bytes(self.buf[self.ihl + self.thl:min(self.total_len, len(self.buf))])
+        return bytes(memoryview(self.buf)[self.ihl + self.thl:min(self.total_len, len(self.buf))])  # one copy
 
     @property
     def payload(self) -> bytes:
         if self.truncated:
             raise MalformedPacket("payload not captured")
-        return bytes(self.buf[self.ihl + self.thl:self.total_len])
+        return bytes(memoryview(self.buf)[self.ihl + self.thl:self.total_len])  # one copy, not two
+
+    @property
+    def payload_view(self) -> memoryview:
+        """The payload in place, no copy (for a reader that does not keep it: a digest)."""
+        if self.truncated:
+            raise MalformedPacket("payload not captured")
+        return memoryview(self.buf)[self.ihl + self.thl:self.total_len]
 
     def _set_tcp32(self, rel: int, value: int) -> None:
         if self.truncated:

@@ -363,7 +363,7 @@ class Dataplane:
             if isinstance(dg, SampledDigest):
                 dg.add(off, pv.captured_payload, pv.payload_len)
             elif not pv.truncated:
-                dg.add(off, pv.payload)
+                dg.add(off, pv.payload_view)  # (copied only if it must wait: out of order)
         self._http_server(rec, pv)
 
     def _http_server(self, rec: ConnectionRecord, pv: PacketView) -> None:

@@ -1,0 +1,118 @@
+"""The data plane's own time per packet, in process (no root, no kernel): one ordinary
+connection of a ``verify = "full"`` service, the kernel rewriting its client packets; the backend
+sends segments of ``--size`` bytes, the client acknowledges each.  Each variant is timed in
+alternation in the same run:
+
+* ``memmem``: the volatile-field search through glibc's ``memmem`` in place (the default,
+  :mod:`checkpoint.memsearch`);
+* ``bytes.find``: the standard search (what runs without cffi, and what ran before).
+
+``python -m appliance.bench.handler [--size 65000] [--packets 2000] [--rounds 5] [--json FILE]``
+
+It prints microseconds per backend segment and per client ACK (medians over the rounds): the
+Python engine's share of the per-packet cost, without the queue's system calls and copies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from checkpoint import memsearch
+from nfq.build import tcp_options, tcp_packet
+
+from ..config import parse
+from ..dataplane import Dataplane
+
+VIP, CLIENT, PRIMARY = "203.0.113.10", "192.0.2.10", "198.51.100.10"
+CONFIG: dict[str, Any] = {
+    "api": {"token": "a-long-token"},
+    "service": [{"name": "web", "vip": VIP, "port": 80, "failover": {"verify": "full"},
+                 "backend": [{"name": "primary", "address": PRIMARY}, {"name": "backup", "address": "198.51.100.20"}]}],
+}
+SYN, ACK, PSH = 0x02, 0x10, 0x08
+
+
+def _c2s(seq: int, ack: int, flags: int, data: bytes = b"", tsval: int = 0, tsecr: int = 0,
+         syn_opts: bool = False) -> bytearray:
+    opts = tcp_options(mss=1460, wscale=7, sack_permitted=True, tsval=tsval, tsecr=tsecr, syn=True) if syn_opts \
+        else tcp_options(tsval=tsval, tsecr=tsecr)
+    return bytearray(tcp_packet(CLIENT, VIP, 40000, 80, seq, ack, flags, 2000, opts, data))
+
+
+def _s2c(seq: int, ack: int, flags: int, data: bytes = b"", tsval: int = 0, tsecr: int = 0,
+         syn_opts: bool = False) -> bytearray:
+    opts = tcp_options(mss=1460, wscale=7, sack_permitted=True, tsval=tsval, tsecr=tsecr, syn=True) if syn_opts \
+        else tcp_options(tsval=tsval, tsecr=tsecr)
+    return bytearray(tcp_packet(PRIMARY, CLIENT, 80, 40000, seq, ack, flags, 2000, opts, data))
+
+
+def _one_run(size: int, packets: int) -> tuple[float, float]:
+    """µs per backend segment and per client ACK, on a fresh connection."""
+    dp = Dataplane(parse(CONFIG))
+    for svc in dp.services.values():
+        svc.kernel_target = svc.active
+    dp.handle(_c2s(1000, 0, SYN, tsval=100, syn_opts=True), 1.0)
+    dp.handle(_s2c(5000, 1001, SYN | ACK, tsval=7000, tsecr=100, syn_opts=True), 1.0)
+    dp.handle(_c2s(1001, 5001, ACK, tsval=101, tsecr=7000), 1.0)
+    dp.handle(_c2s(1001, 5001, ACK | PSH, b"GET / HTTP/1.1\r\n\r\n", tsval=102, tsecr=7000), 1.0)
+    body = (bytes(range(256)) * (size // 256 + 1))[:size]
+    pkts = []
+    seq = 5001
+    for i in range(packets):
+        pkts.append((0, _s2c(seq, 1019, ACK, body, tsval=7001 + i, tsecr=102 + i)))
+        seq += size
+        pkts.append((1, _c2s(1019, seq, ACK, tsval=103 + i, tsecr=7001 + i)))
+    spent = [0.0, 0.0]
+    now = 2.0
+    handle, clock = dp.handle, time.perf_counter
+    for k, buf in pkts:
+        t0 = clock()
+        handle(buf, now)
+        spent[k] += clock() - t0
+        now += 1e-5
+    return spent[0] / packets * 1e6, spent[1] / packets * 1e6
+
+
+def handler_bench(size: int = 65000, packets: int = 2000, rounds: int = 5) -> dict[str, Any]:
+    libc = memsearch._libc
+    got: dict[str, list[tuple[float, float]]] = {"memmem": [], "bytes.find": []}
+    try:
+        for _ in range(rounds):
+            for name in got:
+                memsearch._libc = libc if name == "memmem" else None
+                got[name].append(_one_run(size, packets))
+    finally:
+        memsearch._libc = libc
+    out: dict[str, Any] = {"size": size, "packets": packets, "rounds": rounds, "fast_path": libc is not None,
+                           "variants": {}}
+    for name, runs in got.items():
+        out["variants"][name] = {"segment_us": round(statistics.median(r[0] for r in runs), 1),
+                                 "ack_us": round(statistics.median(r[1] for r in runs), 1),
+                                 "runs": [[round(a, 1), round(b, 1)] for a, b in runs]}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", type=int, default=65000, help="bytes per backend segment (a GSO super-packet: 65000)")
+    ap.add_argument("--packets", type=int, default=2000)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--json", help="also write the results to this file")
+    a = ap.parse_args()
+    if not 0 < a.size <= 65000:
+        ap.error("--size: 1..65000")
+    res = handler_bench(a.size, a.packets, a.rounds)
+    for name, v in res["variants"].items():
+        print(f"{name:>10}: {v['segment_us']:6.1f} µs per {a.size}-byte backend segment, "
+              f"{v['ack_us']:5.1f} µs per client ACK")
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()

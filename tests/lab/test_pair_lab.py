@@ -163,9 +163,11 @@ def test_frozen_master_thawed_does_not_take_the_addresses_back(healthy_pair: tup
     try:
         wait_for(lambda: pair.vrrp_state(standby) == "MASTER" and held(standby) == sorted(pair.all_floating()),
                  timeout=10, interval=0.02, what=f"{standby} takes over from the frozen {master}")
-        # the new master outranks the frozen one (its takeover number is higher)
-        wait_for(lambda: pair.effective_priority(standby) > pair.effective_priority(master), timeout=10,
-                 what=f"{standby}'s priority above {master}'s")
+        # the new master outranks the frozen one (its takeover number is higher) on every instance
+        # of the sync group: one instance still below would go BACKUP at the thaw, and take the
+        # group with it
+        wait_for(lambda: all(pair.effective_priority(standby, i) > pair.effective_priority(master, i)
+                             for i in pair.INSTANCES), timeout=10, what=f"{standby}'s priorities above {master}'s")
         assert held(master) == sorted(pair.all_floating())  # frozen: its kernel still has them
     finally:
         pair.thaw_gateway(master)

@@ -31,6 +31,10 @@ Example::
     # lease = 0.4                # seconds a proof of the role (or of being in sync) holds; a takeover
     #                            # waits it out: keep it near keepalived's master-down interval
     # wait_ms = 200              # a commit waits this long for the standby, then goes on alone
+    # disk = false               # peer plus disk: each node's Redis keeps an fsynced append-only
+    #                            # file (appendonly yes, appendfsync always), so the pair survives
+    #                            # both gateways dying at once; a node whose Redis is not so is never
+    #                            # eligible
 
     [checkpoint]                 # portable checkpoints and resurrection (tcpcp 6.1, 7)
     # key_file = "/etc/appliance/checkpoint.key"  # HMAC key signing checkpoints (or key = "...")
@@ -218,6 +222,7 @@ class PairConfig:
     lease: float = 0.4              # seconds a proof of the role, or of being in sync, holds (a takeover
     #                                 waits until one has passed since the former active's last proof)
     wait_ms: int = 200              # how long a commit waits for the standby before going on alone
+    disk: bool = False              # peer plus disk: this node's Redis must fsync every write (its AOF)
 
 
 @dataclass(frozen=True, slots=True)
@@ -503,7 +508,7 @@ def _addrport(data: dict[str, Any], key: str, where: str) -> str:
 def _pair(data: dict[str, Any], base: Path) -> PairConfig:
     where = "pair"
     _no_unknown(data, {"node", "redis", "peer_redis", "vrrp_fifo", "eligibility_file", "epoch_file", "lease",
-                       "wait_ms"}, where)
+                       "wait_ms", "disk"}, where)
     d = PairConfig(1, "", "", "", "", "")
     for key in ("node", "redis", "peer_redis", "vrrp_fifo", "eligibility_file", "epoch_file"):
         if key not in data:
@@ -522,7 +527,8 @@ def _pair(data: dict[str, Any], base: Path) -> PairConfig:
         node=_int(data, "node", where, 1, 1, 2), redis=redis, peer_redis=peer,
         vrrp_fifo=str(base / _str(data, "vrrp_fifo", where)),
         eligibility_file=str(base / _str(data, "eligibility_file", where)),
-        epoch_file=str(base / _str(data, "epoch_file", where)), lease=lease, wait_ms=wait_ms)
+        epoch_file=str(base / _str(data, "epoch_file", where)), lease=lease, wait_ms=wait_ms,
+        disk=_bool(data, "disk", where, False))
 
 
 def _checkpoint(data: dict[str, Any], base: Path) -> CheckpointConfig:
@@ -724,6 +730,10 @@ def parse(data: dict[str, Any], base: Path = Path(".")) -> Config:
     pair = None
     if store.mode == "peer":
         pair = _pair(_table(data.get("pair", {}), "pair"), base)
+        if gateway.fail_open:
+            raise ConfigError("gateway.on_failure", 'must be "closed" with store.mode = "peer": with the appliance '
+                              "down, the queues' bypass would forward bytes no gateway logs, and acknowledge "
+                              "them to the client; closed, they wait, and the peer takes over")
     elif "pair" in data:
         raise ConfigError("pair", "is for a gateway pair: set store.mode = 'peer' (or remove [pair])")
     checkpoint = _checkpoint(_table(data.get("checkpoint", {}), "checkpoint"), base)

@@ -69,6 +69,8 @@ from .pairrole import (
     TakeOver,
 )
 from .replication_redis import (
+    DURABILITY,
+    NO_ID,
     Fenced,
     RedisClient,
     RedisError,
@@ -78,6 +80,8 @@ from .replication_redis import (
     demote,
     fence_peer,
     grant,
+    id_tuple,
+    not_durable,
     parse_info,
 )
 from .vrrp import FifoReader, Transition
@@ -286,12 +290,24 @@ class PairController:
             return False, "the peer's store is out of reach", None
         pinfo, pepoch, palone, plast = peer
         try:
-            linfo_r, lepoch_r, llast_r = await self.query.pipeline(
-                [["INFO", "replication"], ["GET", "repl:epoch"], ["GET", "repl:last"]])
+            linfo_r, lepoch_r, llast_r, lpers_r, lfsync_r = await self.query.pipeline(
+                [["INFO", "replication"], ["GET", "repl:epoch"], ["GET", "repl:last"], *DURABILITY])
         except RedisError as exc:
             return False, f"this node's store is out of reach ({exc})", pepoch
+        if self.cfg.disk and (why := not_durable(lpers_r, lfsync_r)) is not None:
+            return False, f"pair.disk: this node's Redis {why}", pepoch
         linfo = parse_info(linfo_r)
         lepoch = int(_str(lepoch_r) or 0) if not isinstance(lepoch_r, RedisError) else 0
+        llast = _str(llast_r) if not isinstance(llast_r, RedisError) else None
+        if pinfo.get("role") == "master" and linfo.get("role") == "master" and max(pepoch, lepoch) >= 1:
+            # both stores masters of the pair's data: both gateways' Redis restarted (peer plus disk
+            # keeps it); the newest store (epoch, then last batch, then node 1) takes the role, and
+            # the other follows it.  On a tie with a live active the data is the same: its next
+            # commit makes it the newer, and this node follows before the commit is released.
+            mine = (lepoch, id_tuple(llast or NO_ID), -self.cfg.node)
+            theirs = (pepoch, id_tuple(plast or NO_ID), -(3 - self.cfg.node))
+            if mine > theirs:
+                return True, None, pepoch
         if pinfo.get("role") == "master" and pepoch >= 1:
             if linfo.get("role") != "slave" or (linfo.get("master_host"), linfo.get("master_port")) != (
                     self.peer[0], str(self.peer[1])):
@@ -533,6 +549,7 @@ class PairController:
         doc.update({
             "redis": self.cfg.redis,
             "peer_redis": self.cfg.peer_redis,
+            "disk": self.cfg.disk,
             "peer": ("reachable" if self.role.peer_reachable else "unreachable" if self.role.peer_reachable is False
                      else "unknown") if self.role.role is not Role.STANDBY else (
                 "in sync" if self.role.in_sync(now) else f"not in sync: {self.role.out_of_sync_reason}"),

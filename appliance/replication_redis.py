@@ -699,6 +699,26 @@ async def promote(client: RedisClient, new_epoch: int) -> float | None:
     return None
 
 
+DURABILITY = [["INFO", "persistence"], ["CONFIG", "GET", "appendfsync"]]
+
+
+def not_durable(persistence: Reply, appendfsync: Reply) -> str | None:
+    """Why a Redis does not keep every write on disk before it answers (the replies to
+    :data:`DURABILITY`), or None when it does (``[pair] disk``: an append-only file, fsynced on
+    every write: Redis writes and fsyncs it before it sends its replies)."""
+    for r in (persistence, appendfsync):
+        if isinstance(r, RedisError):
+            return f"cannot say whether it is durable ({r.message})"
+    info = parse_info(persistence)
+    fsync = _str(appendfsync[1]) if isinstance(appendfsync, list) and len(appendfsync) == 2 else None
+    if info.get("aof_enabled") != "1" or fsync != "always":
+        return (f"does not fsync every write (appendonly {'yes' if info.get('aof_enabled') == '1' else 'no'}, "
+                f"appendfsync {fsync}): run it with appendonly yes and appendfsync always")
+    if info.get("aof_rewrite_scheduled") == "1" or info.get("aof_last_write_status", "ok") != "ok":
+        return f"cannot write its append-only file now (last write: {info.get('aof_last_write_status')})"
+    return None
+
+
 async def grant(client: RedisClient, epoch: int, extra: Sequence[Sequence[Arg]] = ()) -> tuple[int, list[Reply]]:
     """The active (of ``epoch``) asks its peer's store for a proof of its role: the epoch stored
     there (a higher one fences the asker), the grant stamped there when it is a proof
@@ -1058,11 +1078,13 @@ class _Gap(Exception):
 # ----- local servers (tests, bench, lab) -----------------------------------------------------
 
 def server_argv(bind: str, port: int, workdir: Path, *, replicaof: tuple[str, int] | None = None,
-                redis_server: str = "redis-server") -> list[str]:
-    """The command line of one gateway's redis-server: memory only, no protected mode (bound to
-    the sync link), immediate diskless full sync, quick detection of a dead link."""
+                redis_server: str = "redis-server", durable: bool = False) -> list[str]:
+    """The command line of one gateway's redis-server: memory only (``durable``: every write in an
+    append-only file in ``workdir``, fsynced before the reply: ``[pair] disk``), no protected mode
+    (bound to the sync link), immediate diskless full sync, quick detection of a dead link."""
+    aof = ["--appendonly", "yes", "--appendfsync", "always"] if durable else ["--appendonly", "no"]
     argv = [redis_server, "--bind", bind, "--port", str(port), "--dir", str(workdir), "--save", "",
-            "--appendonly", "no", "--protected-mode", "no", "--daemonize", "no", "--logfile", "",
+            *aof, "--protected-mode", "no", "--daemonize", "no", "--logfile", "",
             "--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0", "--repl-timeout", "5",
             "--repl-backlog-size", "64mb",
             # the active stamps its proof-of-role grants on its peer's replica (GRANT_SCRIPT)

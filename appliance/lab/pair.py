@@ -359,7 +359,8 @@ def redis_pid(n: str | Node) -> int | None:
 
 
 def start_redis(n: str | Node) -> int:
-    """Node ``n``'s redis-server on its sync address (memory only; the appliance makes it a
+    """Node ``n``'s redis-server on its sync address (memory only, or with an fsynced
+    append-only file in the run dir when the lab is up with ``disk``; the appliance makes it a
     master or a replica); its log in the run dir.  A running one is kept."""
     from appliance.replication_redis import server_argv
 
@@ -370,7 +371,8 @@ def start_redis(n: str | Node) -> int:
     wd = nd.file("redis")
     wd.mkdir(parents=True, exist_ok=True)
     log = open(nd.file("redis.log"), "ab")
-    proc = subprocess.Popen(["ip", "netns", "exec", nd.ns, *server_argv(nd.sync_ip, REDIS_PORT, wd)],
+    argv = server_argv(nd.sync_ip, REDIS_PORT, wd, durable=nd.file("redis-disk").exists())
+    proc = subprocess.Popen(["ip", "netns", "exec", nd.ns, *argv],
                             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
     log.close()
     nd.file("redis.pid").write_text(f"{proc.pid}\n")
@@ -458,7 +460,7 @@ def pair_config(n: Node, base: str, **pair: object) -> str:
     """Node ``n``'s configuration as one node of the pair: ``store.mode = "peer"`` and its
     ``[pair]`` (its Redis and the peer's on the sync link, keepalived's FIFO and track file,
     its epoch file in the run dir); ``pair``: more ``[pair]`` keys (``lease``, ``wait_ms``)."""
-    text = plain_config(n, base)
+    text = plain_config(n, base).replace("[gateway]\n", '[gateway]\non_failure = "closed"\n', 1)
     p = peer(n)
     keys: dict[str, object] = {
         "node": n.index, "redis": f"{n.sync_ip}:{REDIS_PORT}", "peer_redis": f"{p.sync_ip}:{REDIS_PORT}",
@@ -489,12 +491,13 @@ def stop_appliance(n: str | Node) -> None:
 
 
 def up(clients: int = 1, backups: int = 1, appliance: bool = True,
-       config: ConfigHook = pair_config, advert_int: float = ADVERT_INT) -> dict[str, object]:
+       config: ConfigHook = pair_config, advert_int: float = ADVERT_INT, disk: bool = False) -> dict[str, object]:
     """Build (or complete) the two-gateway lab, start keepalived on both gateways
     (VRRP adverts every ``advert_int`` seconds; a running keepalived is kept as it is),
     wait for one of them to hold the floating addresses, then start each
-    gateway's appliance with ``config(node, base)``.  Idempotent; a
-    single-gateway lab is taken down first."""
+    gateway's appliance with ``config(node, base)``.  ``disk``: peer plus disk, each
+    gateway's Redis keeping an fsynced append-only file in the run dir (and ``[pair] disk``
+    in the default configuration).  Idempotent; a single-gateway lab is taken down first."""
     if clients < 1 or backups < 1:
         raise ValueError("--clients and --backups must be at least 1")
     if lab.GATEWAY in lab.namespaces() and not is_pair():
@@ -526,9 +529,14 @@ def up(clients: int = 1, backups: int = 1, appliance: bool = True,
     base = lab.gateway_config(hosts, token_file, lab.agent_key_file(), lab.checkpoint_key_file())
     (rd / "topology.json").write_text(json.dumps([h.__dict__ for h in hosts], indent=1))
     for n in NODES:
+        if disk:
+            n.file("redis-disk").write_text("appendonly yes, appendfsync always\n")
         start_redis(n)
         start_keepalived(n, advert_int)
     master = wait_master(timeout=15)
+    if disk and config is pair_config:
+        def config(n: Node, base: str) -> str:
+            return pair_config(n, base, disk=True)
     pids: dict[str, int | None] = {}
     peered = True
     for n in NODES:
@@ -732,13 +740,21 @@ def thaw_gateway(name: str | Node) -> list[int]:
     return _signal_all(node(name).ns, signal.SIGCONT)
 
 
-def restart_gateway(name: str | Node, eligible: bool = True, appliance: bool = True) -> None:
+def restart_gateway(name: str | Node, eligible: bool | None = None, appliance: bool = True) -> None:
     """The gateway comes back: whatever still runs in it killed, its links up, the
     floating addresses it held at its death removed, its eligibility file written
-    (``eligible``), keepalived started (it comes up BACKUP, bonus 0), then its
-    appliance with its configuration."""
+    (``eligible``; by default eligible only without an appliance: the appliance makes its node
+    eligible once it is in sync, and a node keepalived made master before its appliance runs
+    would forward with nobody logging, through the queues' bypass), keepalived started (it
+    comes up BACKUP, bonus 0), then its appliance with its configuration."""
+    if eligible is None:
+        eligible = not appliance
     nd = node(name)
     _kill_all(nd)
+    # everything in the namespace is dead, but a killed keepalived child may linger a moment as a
+    # zombie, which keepalived's own check takes for a running daemon ("already running")
+    for f in _pidfiles(nd):
+        f.unlink(missing_ok=True)
     for side, (v4, v6) in FLOATING.items():
         lab.sh("ip", "-n", nd.ns, "addr", "del", f"{v4}/24", "dev", nd.leg(side), check=False)
         lab.sh("ip", "-n", nd.ns, "addr", "del", f"{v6}/64", "dev", nd.leg(side), check=False)

@@ -217,14 +217,34 @@ def pair_variant(**pair: object) -> dict:
 
     d: dict = copy.deepcopy(GOOD)
     d["store"] = {"mode": "peer"}
+    d["gateway"] = {"on_failure": "closed"}
     d["pair"] = {**PAIR, **pair}
     return d
+
+
+def test_a_pair_node_refuses_the_queues_bypass() -> None:
+    """With the appliance down the bypass would forward bytes no gateway logs, and the backend's
+    ACKs would tell the client they are safe: a pair node holds them instead."""
+    for gw in ({}, {"on_failure": "open"}, {"fail_open": True}):
+        d = pair_variant()
+        d["gateway"] = gw
+        with pytest.raises(ConfigError) as e:
+            parse(d)
+        assert e.value.field == "gateway.on_failure" and '"closed"' in str(e.value)
+
+
+def test_pair_disk_is_off_unless_asked() -> None:
+    assert parse(pair_variant()).pair.disk is False
+    assert parse(pair_variant(disk=True)).pair.disk is True
+    with pytest.raises(ConfigError) as e:
+        parse(pair_variant(disk="yes"))
+    assert e.value.field == "pair.disk"
 
 
 def test_pair_section_loads_with_paths_relative_to_the_config_file(tmp_path) -> None:
     cfg = tmp_path / "etc" / "gw.toml"
     cfg.parent.mkdir()
-    cfg.write_text('[api]\ntoken = "a-long-token"\n[store]\nmode = "peer"\n'
+    cfg.write_text('[api]\ntoken = "a-long-token"\n[gateway]\non_failure = "closed"\n[store]\nmode = "peer"\n'
                    '[pair]\nnode = 2\nredis = "[2001:db8::2]:6390"\npeer_redis = "[2001:db8::1]:6390"\n'
                    'vrrp_fifo = "vrrp.fifo"\neligibility_file = "run/ineligible"\n'
                    'epoch_file = "/var/lib/appliance/epoch"\nlease = 2.5\nwait_ms = 300\n'

@@ -53,6 +53,7 @@ def config(pair: dict[str, Any] | None) -> dict[str, Any]:
                                  {"name": "backup", "address": "198.51.100.20"}]}]}
     if pair is not None:
         doc["store"] = {"mode": "peer"}
+        doc["gateway"] = {"on_failure": "closed"}
         doc["pair"] = pair
     return doc
 
@@ -141,18 +142,22 @@ def node(tmp_path: Path) -> Iterator[Node]:
 
 
 @contextlib.contextmanager
-def running_node(tmp_path: Path, peer_up: bool = True) -> Iterator[Node]:
+def running_node(tmp_path: Path, peer_up: bool = True, local_store: dict[str, str] | None = None,
+                 **pair_keys: object) -> Iterator[Node]:
     """Node 1 of a pair, started, served (see the module's docstring); ``peer_up=False``: the
-    peer's store is dead from the start."""
+    peer's store is dead from the start; ``local_store``: keys set in this node's own store
+    before it starts; ``pair_keys``: more ``[pair]`` settings."""
     peer = LocalRedis()
     local = LocalRedis()
     redis(peer.port, "SET", "repl:epoch", PEER_EPOCH)
+    for k, v in (local_store or {}).items():
+        redis(local.port, "SET", k, v)
     fifo = tmp_path / "vrrp.fifo"
     os.mkfifo(fifo)
     fifo_fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)  # as keepalived opens it
     cfg = parse(config({"node": 1, "redis": f"127.0.0.1:{local.port}", "peer_redis": f"127.0.0.1:{peer.port}",
                         "vrrp_fifo": str(fifo), "eligibility_file": str(tmp_path / "eligible"),
-                        "epoch_file": str(tmp_path / "epoch")}))
+                        "epoch_file": str(tmp_path / "epoch"), **pair_keys}))
     assert cfg.pair is not None
     gw = Gateway(cfg)
     sent: list[bytes] = []
@@ -259,6 +264,37 @@ def test_a_standby_shows_its_resync_then_in_sync_with_its_lag(node: Node) -> Non
     assert " B, " in banner.split('id="p-lag">')[1].split("</b>")[0]
     assert '<b id="p-takeover">none</b>' in banner
     assert 'id="pair-degraded"' not in page
+
+
+@pytest.mark.parametrize("mine, theirs, newest", [
+    ("1-9", "1-8", True),     # the same epoch: the store with the later batch
+    ("1-8", "1-9", False),
+    ("1-9", "1-9", True),     # a tie: node 1 (this one)
+])
+def test_both_stores_masters_the_newest_takes_the_role_and_the_other_follows(
+        tmp_path: Path, mine: str, theirs: str, newest: bool) -> None:
+    """Both gateways' Redis restarted from their disks (peer plus disk): both are masters of
+    the pair's data.  The newest store's node is in sync and may take the role; the other makes
+    its store the newest's replica (it must not make the newer one follow the older)."""
+    redis_last = {"repl:epoch": str(PEER_EPOCH), "repl:last": mine}
+    with running_node(tmp_path, local_store=redis_last) as n:
+        redis(n.peer.port, "SET", "repl:last", theirs)
+        if newest:
+            st = n.status_when(lambda s: bool(s["eligible"]), "eligible as the newest store")
+            assert st["counters"]["resyncs"] == 0
+            assert redis(n.local.port, "ROLE")[0] == b"master" and redis(n.peer.port, "ROLE")[0] == b"master"
+        else:
+            n.status_when(lambda s: s["counters"]["resyncs"] >= 1, "following the newer store")
+            assert redis(n.local.port, "ROLE")[0] == b"slave"
+
+
+def test_pair_disk_makes_a_node_whose_redis_does_not_fsync_ineligible(tmp_path: Path) -> None:
+    with running_node(tmp_path, disk=True) as n:
+        st = n.status_when(lambda s: "pair.disk" in (s["out_of_sync_reason"] or ""), "the reason given")
+        assert st["disk"] is True and not st["eligible"] and "appendfsync" in st["out_of_sync_reason"]
+        redis(n.local.port, "CONFIG", "SET", "appendonly", "yes")
+        redis(n.local.port, "CONFIG", "SET", "appendfsync", "always")
+        in_sync(n)
 
 
 def test_a_standby_out_of_sync_is_a_degraded_banner(tmp_path: Path) -> None:

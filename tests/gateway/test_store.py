@@ -12,6 +12,7 @@ from scapy.all import IP, TCP, Raw
 from appliance.config import parse
 from appliance.dataplane import Dataplane
 from appliance.gateway import Gateway
+from checkpoint.ici import ConnectionRecord
 from checkpoint.io.sqlite import SqliteBackend
 from checkpoint.store import STORE_FULL, CommitPlanner
 from checkpoint.streamlog import CHUNK
@@ -287,16 +288,22 @@ def test_open_mode_marks_connections_that_passed_unlogged_bytes(tmp_path: Path) 
     assert not rec.protected and "unlogged" in rec.unprotected_reason
 
 
+def taken_over(tmp_path: Path) -> tuple[Gateway, ConnectionRecord]:
+    """A connection opened on one gateway, checkpointed, then re-attached by another at a pair's
+    takeover (nothing logged yet: its commit point is ISN + 1)."""
+    backend = SqliteBackend(tmp_path / "cp.db")
+    open_connection(Dataplane(parse(config(tmp_path))), backend)
+    gw = Gateway(parse(config(tmp_path)))
+    gw.restore(backend.load(), takeover=True)
+    (rec,) = gw.dataplane.connections()
+    return gw, rec
+
+
 def test_at_a_takeover_a_backend_ahead_of_the_log_holds_bytes_the_client_sends_again(tmp_path: Path) -> None:
     """A pair's takeover: the backend acknowledging more than the replicated log means bytes
     forwarded before their commit (nothing bypassed the new active's queues): the client was
     never told of them and sends them again, the log gets them, the connection stays protected."""
-    backend = SqliteBackend(tmp_path / "cp.db")
-    dp = Dataplane(parse(config(tmp_path)))
-    open_connection(dp, backend)
-    gw = Gateway(parse(config(tmp_path)))
-    gw.restore(backend.load(), takeover=True)
-    (rec,) = gw.dataplane.connections()
+    gw, rec = taken_over(tmp_path)
     first = s2c("A", 5001, 1501)
     assert gw.dataplane.handle(first, 2.0) is Verdict.REWRITTEN  # lowered to the commit point (1001)
     assert IP(bytes(first))[TCP].ack == 1001 and rec.protected
@@ -310,12 +317,7 @@ def test_a_lowered_ack_echoes_the_clients_newest_tsval_not_the_backends_stale_on
     before the outage.  Lowered to the commit point, such an ACK must echo the client's newest
     TSval, or every one of them is an RTT sample of the whole outage and the client's
     retransmission timer backs off to a minute (the pair's upload test stalled so)."""
-    backend = SqliteBackend(tmp_path / "cp.db")
-    dp = Dataplane(parse(config(tmp_path)))
-    open_connection(dp, backend)
-    gw = Gateway(parse(config(tmp_path)))
-    gw.restore(backend.load(), takeover=True)
-    (rec,) = gw.dataplane.connections()
+    gw, rec = taken_over(tmp_path)
     resent = c2s("PA", 1001, 5001, b"r" * 500, options=[("Timestamp", (900, 7000))])
     assert gw.dataplane.handle(resent, 2.0) is Verdict.REWRITTEN
     dup = s2c("A", 5001, 1801, options=[("Timestamp", (7100, 150)), ("SAck", (1001, 1501))])

@@ -50,8 +50,9 @@ is fenced at once, a frozen one when it thaws and sees the peer), and returns th
 over with.  The active proves its role every few tens of milliseconds with :func:`grant` on the
 standby's store, which stamps the time of each grant there; :func:`promote` returns how long ago
 the last one was, and the new active waits until a lease has passed since (a thawed former active
-may still hold that proof until then).  :func:`demote` (``REPLICAOF host port``) turns a node's Redis into a replica: Redis
-does the bulk resync; a new :class:`RedisStandby` then rebuilds from the keyspace.
+may still hold that proof until then).  :func:`demote` (``REPLICAOF host port``) turns a node's
+Redis into a replica: Redis does the bulk resync; a new :class:`RedisStandby` then rebuilds from
+the keyspace.
 
 Key layout (one Redis database, 0)
 ----------------------------------

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from appliance.lab import topology as lab
+from appliance.pcap import packets
 
 from .helpers import Capture, api, expected_sha, sha256_file, start_download, wait_for
 from .invariants import assert_clean, check
@@ -70,7 +71,10 @@ def test_silent_death_mid_download_of_400MiB(fresh: dict, tmp_path: Path) -> Non
 
 def test_killed_server_never_resets_the_client(fresh: dict, tmp_path: Path) -> None:
     out = tmp_path / "100M.bin"
-    with client_capture(tmp_path) as cap:
+    # the primary's FIN or RST to the client, on its own link
+    closes = f"dst host {lab.CLIENT} and tcp src port {lab.SERVICE_PORT} and tcp[13] & 5 != 0"
+    with client_capture(tmp_path) as cap, \
+            Capture("lab-primary", tmp_path / "primary-closes.pcap", bpf=closes, snaplen=128) as pcap:
         dl = start_download("100M.bin", out, rate="20M")
         wait_for(lambda: out.exists() and out.stat().st_size > 20 << 20, timeout=30, what="20 MiB received")
         lab.kill_server("primary")  # its kernel closes the connection: FIN (or RST)
@@ -85,7 +89,8 @@ def test_killed_server_never_resets_the_client(fresh: dict, tmp_path: Path) -> N
     # death first and the connection had moved before the primary's kernel had drained its send
     # buffer and sent its FIN — dropped as a fenced packet of a backend that no longer owns it
     dp = st["dataplane"]
-    assert dp["held_closes"] + dp["fenced_drops"] >= 1, dp
+    if list(packets(pcap.path)):  # (the gateway may have fenced the primary's socket before it closed)
+        assert dp["held_closes"] + dp["fenced_drops"] >= 1, dp
     assert events("failover") and moved_ok(1)
 
 

@@ -215,24 +215,32 @@ NOTIFY_SCRIPT = """\
 #!/bin/sh
 # written by `appliance lab up --gateways 2` (appliance.lab.pair): keepalived's notify
 # for the sync group.  $1: the node's file prefix; then keepalived's GROUP NAME STATE PRIORITY.
+# keepalived starts one script per transition and does not wait: two quick transitions (a
+# MASTER at start, then BACKUP on hearing the master) may finish in either order.  So the time
+# is read first, the rest is done under one lock, and a script older than the last one done
+# leaves the bonus alone (the state line keeps its own time: readers sort by it).
+t=$(date +%s%N)
 p=$1; shift
-case "$3" in
-MASTER)
-    # the lab's stand-in for the replicated epoch: one takeover counter for the pair;
-    # the new master's bonus outranks any former master's
-    exec 9>>"{epoch}.lock"
-    flock 9
-    e=$(( $(cat "{epoch}" 2>/dev/null || echo 0) + 1 ))
-    echo "$e" > "{epoch}"
-    b=$e; [ "$b" -gt {max_bonus} ] && b={max_bonus}
-    echo "$b" > "$p.bonus"
-    exec 9>&-
-    ;;
-BACKUP|FAULT|STOP)
-    echo 0 > "$p.bonus"
-    ;;
-esac
-echo "$(date +%s.%N) $*" >> "$p.state"
+exec 9>>"{epoch}.lock"
+flock 9
+last=$(cat "$p.last" 2>/dev/null || echo 0)
+if [ "$t" -gt "$last" ]; then
+    echo "$t" > "$p.last"
+    case "$3" in
+    MASTER)
+        # the lab's stand-in for the replicated epoch: one takeover counter for the pair;
+        # the new master's bonus outranks any former master's
+        e=$(( $(cat "{epoch}" 2>/dev/null || echo 0) + 1 ))
+        echo "$e" > "{epoch}"
+        b=$e; [ "$b" -gt {max_bonus} ] && b={max_bonus}
+        echo "$b" > "$p.bonus"
+        ;;
+    BACKUP|FAULT|STOP)
+        echo 0 > "$p.bonus"
+        ;;
+    esac
+fi
+echo "$(echo "$t" | sed 's/\\(.........\\)$/.\\1/') $*" >> "$p.state"
 """
 
 
@@ -643,7 +651,7 @@ def vrrp_transitions(n: str | Node) -> list[tuple[float, str, int]]:
                 out.append((float(parts[0]), parts[3], int(parts[4])))
             except ValueError:
                 pass
-    return out
+    return sorted(out, key=lambda x: x[0])  # (the scripts may finish out of order: see NOTIFY_SCRIPT)
 
 
 def vrrp_state(n: str | Node) -> str | None:

@@ -91,8 +91,10 @@ def primary_in_use(ns: str) -> bool:
 
 
 def took_over(ns: str) -> dict:
+    # (a condition, not a speed check: the takeover's pause is a benchmark; a standby that was out
+    # of sync for a moment at the death takes the role once its next check passes)
     return wait_for(lambda: (p := pair.pair_status(ns)) is not None and p["role"] == "active" and p["forwarding"]
-                    and p, timeout=10, interval=0.02, what=f"{ns} active")
+                    and p, timeout=30, interval=0.02, what=f"{ns} active")
 
 
 def conns(ns: str, service: str = "web") -> list[dict]:

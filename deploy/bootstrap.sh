@@ -52,7 +52,8 @@ if [ ! -e "$stamp" ]; then
     rm -f .venv/.bootstrap-*
     touch "$stamp"
 fi
-# the native NFQUEUE binding (nfq/native), compiled from its C source when it changed
+# the native modules (the NFQUEUE binding nfq/native, the digest search checkpoint/native),
+# compiled from their C source when it changed
 if ! .venv/bin/python -m nfq.native.build --check; then
     .venv/bin/python -m nfq.native.build
 fi

@@ -3,9 +3,9 @@ connection of a ``verify = "full"`` service, the kernel rewriting its client pac
 sends segments of ``--size`` bytes, the client acknowledges each.  Each variant is timed in
 alternation in the same run:
 
-* ``memmem``: the volatile-field search through glibc's ``memmem`` in place (the default,
-  :mod:`checkpoint.memsearch`);
-* ``bytes.find``: the standard search (what runs without cffi, and what ran before).
+* ``memfind``: the volatile-field search in our SIMD code (the default, :mod:`checkpoint.memsearch`);
+* ``memmem``: glibc's ``memmem`` in place (the default before);
+* ``bytes.find``: the standard search (what runs without cffi, and what ran before that).
 
 ``python -m appliance.bench.handler [--size 65000] [--packets 2000] [--rounds 5] [--json FILE]``
 
@@ -79,16 +79,16 @@ def _one_run(size: int, packets: int) -> tuple[float, float]:
 
 
 def handler_bench(size: int = 65000, packets: int = 2000, rounds: int = 5) -> dict[str, Any]:
-    libc = memsearch._libc
-    got: dict[str, list[tuple[float, float]]] = {"memmem": [], "bytes.find": []}
+    got: dict[str, list[tuple[float, float]]] = {name: [] for name in memsearch.IMPLEMENTATIONS}
+    before = memsearch.implementation()
     try:
         for _ in range(rounds):
             for name in got:
-                memsearch._libc = libc if name == "memmem" else None
+                memsearch.use(name)
                 got[name].append(_one_run(size, packets))
     finally:
-        memsearch._libc = libc
-    out: dict[str, Any] = {"size": size, "packets": packets, "rounds": rounds, "fast_path": libc is not None,
+        memsearch.use(before)
+    out: dict[str, Any] = {"size": size, "packets": packets, "rounds": rounds, "default": before,
                            "variants": {}}
     for name, runs in got.items():
         out["variants"][name] = {"segment_us": round(statistics.median(r[0] for r in runs), 1),
@@ -108,7 +108,7 @@ def main() -> None:
         ap.error("--size: 1..65000")
     res = handler_bench(a.size, a.packets, a.rounds)
     for name, v in res["variants"].items():
-        print(f"{name:>10}: {v['segment_us']:6.1f} µs per {a.size}-byte backend segment, "
+        print(f"{name:>10}{' (default)' if name == res['default'] else '':10}: {v['segment_us']:6.1f} µs per {a.size}-byte backend segment, "
               f"{v['ack_us']:5.1f} µs per client ACK")
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=1))

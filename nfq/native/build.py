@@ -1,52 +1,87 @@
-"""Builds the native NFQUEUE binding (``nfq.native._nfqbind``) from its C source, in place.
+"""Builds the native modules from their C source, in place:
+
+* ``nfq.native._nfqbind``: the NFQUEUE binding (``nfq/native/nfqbind.c``);
+* ``checkpoint.native._memfind``: the digest's search for volatile fields
+  (``checkpoint/native/memfind.c``).
 
 Run by the README's set-up (``deploy/bootstrap.sh``): ``python -m nfq.native.build``.  It needs
 a C compiler, libnetfilter-queue-dev and libmnl-dev (Debian packages), and cffi (pip); nothing
-prebuilt is downloaded.  ``--check`` exits 1 when the built module is older than its sources.
+prebuilt is downloaded.  ``--check`` exits 1 when a built module is older than its sources.
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
-SOURCES = [HERE / "nfqbind.c", HERE / "nfqbind.h"]
 
 
-def cdef() -> str:
+@dataclass(frozen=True)
+class Module:
+    name: str            # the dotted module name
+    source: Path         # its C source; the header beside it (same stem) holds the cffi declarations
+    libraries: tuple[str, ...] = ()
+
+    @property
+    def header(self) -> Path:
+        return self.source.with_suffix(".h")
+
+    @property
+    def directory(self) -> Path:
+        return self.source.parent
+
+    @property
+    def stem(self) -> str:
+        return self.name.rsplit(".", 1)[1]
+
+    def built(self) -> Path | None:
+        found = sorted(self.directory.glob(f"{self.stem}*.so"))
+        return found[0] if found else None
+
+    def up_to_date(self) -> bool:
+        so = self.built()
+        return so is not None and all(so.stat().st_mtime >= s.stat().st_mtime
+                                      for s in (self.source, self.header, Path(__file__)))
+
+
+NFQBIND = Module("nfq.native._nfqbind", HERE / "nfqbind.c", ("netfilter_queue", "mnl"))
+MEMFIND = Module("checkpoint.native._memfind", ROOT / "checkpoint" / "native" / "memfind.c")
+MODULES = (NFQBIND, MEMFIND)
+
+
+def cdef(header: Path) -> str:
     """The declarations cffi needs: the header's part between its marks."""
-    text = (HERE / "nfqbind.h").read_text()
+    text = header.read_text()
     return text.split("/* cffi-begin */", 1)[1].split("/* cffi-end */", 1)[0]
 
 
 def built() -> Path | None:
-    found = sorted(HERE.glob("_nfqbind*.so"))
-    return found[0] if found else None
+    return NFQBIND.built()
 
 
 def up_to_date() -> bool:
-    so = built()
-    return so is not None and all(so.stat().st_mtime >= s.stat().st_mtime for s in SOURCES + [Path(__file__)])
+    return all(m.up_to_date() for m in MODULES)
 
 
-def build() -> Path:
+def build(module: Module = NFQBIND) -> Path:
     from cffi import FFI  # type: ignore[import-untyped]
 
     ffi = FFI()
-    ffi.cdef(cdef())
+    ffi.cdef(cdef(module.header))
     ffi.set_source(
-        "nfq.native._nfqbind", '#include "nfqbind.h"',
-        sources=[str(HERE / "nfqbind.c")], include_dirs=[str(HERE)],
-        libraries=["netfilter_queue", "mnl"],
+        module.name, f'#include "{module.header.name}"',
+        sources=[str(module.source)], include_dirs=[str(module.directory)],
+        libraries=list(module.libraries),
         extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
     )
-    tmp = ROOT / "build" / "nfqbind"
+    tmp = ROOT / "build" / module.stem.lstrip("_")
     tmp.mkdir(parents=True, exist_ok=True)
     out = Path(ffi.compile(tmpdir=str(tmp), verbose=False))
-    target = HERE / out.name
-    for old in HERE.glob("_nfqbind*.so"):
+    target = module.directory / out.name
+    for old in module.directory.glob(f"{module.stem}*.so"):
         old.unlink()
     out.replace(target)
     return target
@@ -55,7 +90,8 @@ def build() -> Path:
 def main() -> int:
     if "--check" in sys.argv[1:]:
         return 0 if up_to_date() else 1
-    print(f"nfq.native: built {build().relative_to(ROOT)}")
+    for m in MODULES:
+        print(f"native: built {build(m).relative_to(ROOT)}")
     return 0
 
 

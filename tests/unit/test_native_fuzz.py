@@ -1,5 +1,7 @@
-"""The native binding's parsers under libFuzzer, AddressSanitizer and UndefinedBehaviorSanitizer
-(nfq/native/fuzz_nfqbind.c), for a bounded time, seeded with real-shaped netlink messages.
+"""The native code under libFuzzer, AddressSanitizer and UndefinedBehaviorSanitizer, for a bounded
+time each: the binding's parsers (nfq/native/fuzz_nfqbind.c), seeded with real-shaped netlink
+messages, and the digest's SIMD search (checkpoint/native/fuzz_memfind.c), whose every answer is
+compared with a naive search's.
 
 A crash, a sanitizer report or a leak fails the test with the fuzzer's output (the input that
 broke it is in the corpus directory, as ``crash-*``)."""
@@ -14,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).resolve().parents[2] / "nfq" / "native"
+ROOT = Path(__file__).resolve().parents[2]
+HERE = ROOT / "nfq" / "native"
+MEMFIND = ROOT / "checkpoint" / "native"
 SECONDS = 30
 
 NFNL_SUBSYS_QUEUE = 3
@@ -57,28 +61,43 @@ def seeds() -> list[bytes]:
     ]
 
 
-def test_the_parsers_survive_the_fuzzer(tmp_path: Path) -> None:
+def fuzz(tmp_path: Path, sources: list[Path], include: Path, libs: list[str], seeds: list[bytes],
+         seconds: int, max_len: int) -> None:
+    """Build the harness with the sanitizers, run it for ``seconds``: no crash, report or leak."""
     clang = shutil.which("clang-14") or shutil.which("clang")
     if clang is None:
         pytest.fail("clang-14 is missing: run deploy/bootstrap.sh (it installs clang-14 and libclang-rt-14-dev)")
     binary = tmp_path / "fuzz"
     build = subprocess.run(
         [clang, "-g", "-O1", "-fsanitize=fuzzer,address,undefined", "-fno-sanitize-recover=undefined",
-         f"-I{HERE}", str(HERE / "fuzz_nfqbind.c"), str(HERE / "nfqbind.c"),
-         "-lnetfilter_queue", "-lmnl", "-o", str(binary)],
+         f"-I{include}", *map(str, sources), *libs, "-o", str(binary)],
         capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    for i, s in enumerate(seeds()):
+    for i, s in enumerate(seeds):
         (corpus / f"seed{i}").write_bytes(s)
     run = subprocess.run(
-        [str(binary), str(corpus), f"-max_total_time={SECONDS}", "-max_len=70000", "-print_final_stats=1",
+        [str(binary), str(corpus), f"-max_total_time={seconds}", f"-max_len={max_len}", "-print_final_stats=1",
          "-rss_limit_mb=2048", f"-artifact_prefix={corpus}/"],
-        capture_output=True, text=True, timeout=SECONDS + 120, cwd=tmp_path)
+        capture_output=True, text=True, timeout=seconds + 120, cwd=tmp_path)
     tail = "\n".join(run.stderr.splitlines()[-40:])
     assert run.returncode == 0, tail
     runs = int(next(line.split(":")[-1] for line in run.stderr.splitlines()
                     if line.startswith("stat::number_of_executed_units")))
     assert runs > 10_000, tail
     assert not list(corpus.glob("crash-*")) and not list(corpus.glob("leak-*"))
+
+
+def test_the_parsers_survive_the_fuzzer(tmp_path: Path) -> None:
+    fuzz(tmp_path, [HERE / "fuzz_nfqbind.c", HERE / "nfqbind.c"], HERE, ["-lnetfilter_queue", "-lmnl"], seeds(),
+         SECONDS, 70000)
+
+
+def test_the_simd_search_answers_as_a_naive_one_under_the_fuzzer(tmp_path: Path) -> None:
+    date = b"\r\nDate: "
+    fuzz(tmp_path, [MEMFIND / "fuzz_memfind.c", MEMFIND / "memfind.c"], MEMFIND, [],
+         [bytes([len(date) - 1, 1]) + date + b"HTTP/1.1 200 OK" + date + b"x" * 200,
+          bytes([0, 0]) + b"\r" + b"\r\n" * 100,
+          bytes([39, 3]) + b"a" * 40 + b"a" * 300],
+         15, 4096)

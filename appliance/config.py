@@ -18,7 +18,7 @@ Example::
     mode = "memory"              # or "disk": SQLite WAL, group commit + fsync, survives restarts;
                                  # or "peer": replicated to the standby gateway of a pair ([pair])
     path = "/var/lib/appliance/checkpoints.db"
-    commit_interval = 0.005      # seconds between group commits (disk)
+    commit_interval = 0.005      # seconds between the starts of two group commits (disk, peer)
     max_total_bytes = 1073741824 # client bytes held for all connections together
 
     # [pair]                     # the gateway pair (store.mode = "peer"; docs/GATEWAY_PAIR.md)
@@ -196,7 +196,7 @@ REPLAY_KINDS = ("stream", "http")
 class StoreConfig:
     mode: str = "memory"            # "memory" | "disk" | "peer" (replicated to the pair's standby)
     path: str = "/var/lib/appliance/checkpoints.db"
-    commit_interval: float = 0.005  # seconds between group commits
+    commit_interval: float = 0.005  # seconds between the starts of two group commits (at least)
     max_total_bytes: int = 1 << 30  # client log bytes held over all connections
     # test only, from [testing] store_commit_delay (refused without APPLIANCE_TESTING=1):
     # every commit takes at least this long (to watch delayed ACKs at work)

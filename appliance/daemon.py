@@ -30,8 +30,9 @@ With ``store.mode = "peer"`` the appliance is one node of a gateway pair
 (``appliance.pairctl``): it starts as the standby, its queues bound but not read, and the group
 commit goes to its Redis and waits for the standby's (docs/GATEWAY_PAIR.md).
 
-With ``store.mode = "disk"`` a second task runs the group commit: every
-``store.commit_interval`` it cuts a batch (``checkpoint.store``), writes it on
+With ``store.mode = "disk"`` a second task runs the group commit: at most every
+``store.commit_interval`` (``appliance.cadence``: starts paced, so a write longer than the
+interval is followed at once) it cuts a batch (``checkpoint.store``), writes it on
 a thread of its own (one transaction, one fsync), then advances the commit
 points and sends the acknowledgments they release.  At start-up, before the
 queues are bound, the store is read back and its connections re-attached
@@ -69,6 +70,7 @@ from nfq.inject import INJECT_MARK, Injector
 from nfq.queue import COPY_RANGE, Handler, PacketQueue, Queue, Verdict
 
 from . import connlog, packetring
+from .cadence import Cadence
 from .config import Config, GatewayConfig
 from .dataplane import Dataplane
 from .gateway import Gateway
@@ -249,9 +251,10 @@ async def committer(gw: Gateway, backend: SqliteBackend, interval: float) -> Non
     loop = asyncio.get_running_loop()
     planner = gw.dataplane.store
     assert planner is not None
+    cadence = Cadence(interval)
     with ThreadPoolExecutor(1, thread_name_prefix="store") as pool:
         while True:
-            await asyncio.sleep(interval)
+            await cadence.next()
             batch = planner.plan(time.time())
             if batch is None:
                 continue

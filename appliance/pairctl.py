@@ -56,6 +56,7 @@ from checkpoint.replication import ops_from_batch
 from checkpoint.state import StateError
 from checkpoint.store import Loaded
 
+from .cadence import Cadence
 from .config import PairConfig
 from .pairrole import (
     Action,
@@ -477,8 +478,9 @@ class PairController:
         gw = self.gw
         planner = gw.dataplane.store
         assert planner is not None
+        cadence = Cadence(interval)
         while True:
-            await asyncio.sleep(interval)
+            await cadence.next()
             r = self.role
             if r.role is not Role.ACTIVE or self.primary is None:
                 continue

@@ -101,8 +101,16 @@ def test_twenty_parallel_downloads_one_failover(fresh: dict, tmp_path: Path) -> 
             downloads.append(start_download("10M.bin", tmp_path / f"d{i}.bin", rate="600K"))
             time.sleep(0.15)  # pacing, not a wait: different start times (and sequence positions) at the cut
         # all 20 tracked and receiving before the cut, so that all 20 have to move
-        wait_for(lambda: all(d.out.exists() and d.out.stat().st_size > 0 for d in downloads)
-                 and len(established("web")) >= 20, timeout=60, interval=0.2, what="20 downloads under way")
+        try:
+            wait_for(lambda: all(d.out.exists() and d.out.stat().st_size > 0 for d in downloads)
+                     and len(established("web")) >= 20, timeout=60, interval=0.2, what="20 downloads under way")
+        except AssertionError:  # say which did not start, and what the gateway tracks
+            slow = [(i, d.proc.poll(), d.out.stat().st_size if d.out.exists() else None)
+                    for i, d in enumerate(downloads) if not (d.out.exists() and d.out.stat().st_size > 0)]
+            conns = [(c["client"], c["state"], c["bytes_from_server"]) for c in api("/api/v1/connections?service=web")]
+            st = api("/api/v1/status")
+            raise AssertionError(f"20 downloads not under way in 60 s: without bytes (index, curl rc, size) {slow}; "
+                                 f"tracked {conns}; data plane {st['dataplane']}, queues {st['queues']}") from None
         lab.cut_link("primary")
         results = [d.wait(timeout=120) for d in downloads]
     assert [rc for rc, _ in results] == [0] * 20

@@ -86,6 +86,7 @@ Example::
 
     # [testing]                  # the test suite's and the lab's only: refused unless the
     # store_commit_delay = 0.05  # environment has APPLIANCE_TESTING=1 (every disk commit takes this long)
+    # memsearch = "memmem"       # the digest's search: "memfind" (the fastest), "memmem", "bytes.find"
 """
 
 from __future__ import annotations
@@ -98,6 +99,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from checkpoint import memsearch
 from checkpoint.addr import with_port
 from checkpoint.streamlog import VOLATILE
 
@@ -179,6 +181,9 @@ class GatewayConfig:
     engine: str = "native"          # the NFQUEUE binding: "native" (nfq.native) or "python" (NetfilterQueue)
     timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)
     failover_batch: int = 32        # connections a failover moves before the loop reads the queues again
+    # test only, from [testing] memsearch (refused without APPLIANCE_TESTING=1): the digest's search
+    # for volatile fields (checkpoint.memsearch; None: the fastest), so a benchmark can run the old one
+    test_memsearch: str | None = None
 
     @property
     def fail_open(self) -> bool:
@@ -474,15 +479,19 @@ def testing_enabled() -> bool:
     return os.environ.get(TESTING_ENV) == "1"
 
 
-def _testing(data: dict[str, Any]) -> dict[str, Any]:
+def _testing(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The ``[testing]`` table: settings for the test suite and the lab, never production."""
     where = "testing"
     if not data:
         return {}
     if not testing_enabled():
         raise ConfigError(where, f"test-only settings need {TESTING_ENV}=1 in the environment")
-    _no_unknown(data, {"store_commit_delay"}, where)
-    return {"test_commit_delay": _float(data, "store_commit_delay", where, 0.0, 0.0)}
+    _no_unknown(data, {"store_commit_delay", "memsearch"}, where)
+    out: dict[str, dict[str, Any]] = {"store": {"test_commit_delay": _float(data, "store_commit_delay", where, 0.0, 0.0)},
+                                      "gateway": {}}
+    if "memsearch" in data:
+        out["gateway"]["test_memsearch"] = _choice(data, "memsearch", where, "", tuple(memsearch.IMPLEMENTATIONS))
+    return out
 
 
 def _addrport(data: dict[str, Any], key: str, where: str) -> str:
@@ -698,7 +707,7 @@ def parse(data: dict[str, Any], base: Path = Path(".")) -> Config:
     _no_unknown(data, {"gateway", "api", "service", "store", "checkpoint", "agent", "testing", "history", "log", "notify",
                        "pair"}, "")
     testing = _testing(_table(data.get("testing", {}), "testing"))
-    gateway = _gateway(_table(data.get("gateway", {}), "gateway"))
+    gateway = dataclasses.replace(_gateway(_table(data.get("gateway", {}), "gateway")), **testing.get("gateway", {}))
     api = _api(_table(data.get("api", {}), "api"), base)
     raw = data.get("service")
     if not isinstance(raw, list) or not raw:
@@ -726,7 +735,7 @@ def parse(data: dict[str, Any], base: Path = Path(".")) -> Config:
                     raise ConfigError(f"service[{i}].backend[{j}].{key}",
                                       "a backend address:port may serve one service only")
                 backs[(a, b.port)] = i
-    store = dataclasses.replace(_store(_table(data.get("store", {}), "store"), base), **testing)
+    store = dataclasses.replace(_store(_table(data.get("store", {}), "store"), base), **testing.get("store", {}))
     pair = None
     if store.mode == "peer":
         pair = _pair(_table(data.get("pair", {}), "pair"), base)

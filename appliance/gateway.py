@@ -50,6 +50,7 @@ import time
 from collections.abc import Awaitable, Callable, Generator
 from typing import Any, TypeVar, cast
 
+from checkpoint import memsearch
 from checkpoint.addr import is_v6, with_port
 from checkpoint.document import CheckpointError, ImportLimits, export_document, import_document
 from checkpoint.ici import TcpState
@@ -828,6 +829,7 @@ class Gateway:
             "history": self.history.stats(),
             "notify": self.notify_stats() if self.notify_stats is not None else [],
             "dataplane": dp.counters.as_dict(),
+            "digest_search": memsearch.implementation(),   # the volatile-field search in use (memfind: SIMD)
             "queues": per_queue,
             "last_failover": lf,
             "events": len(self.events),

@@ -3,7 +3,8 @@ alternating in one run on the same lab (issue 12's targets).
 
 Each round measures every case over plain kernel forwarding (a server port that is no service),
 then restarts the appliance with each variant — engine ``native`` or ``python``, store
-``memory`` or ``disk`` — and measures the cases that variant is about through the VIP.  Medians
+``memory`` or ``disk``, and the native engine with the digest's former search (``memmem``) — and
+measures the cases that variant is about through the VIP.  Medians
 over the rounds and their ratios to plain forwarding are reported, with the appliance's own
 time per packet and per queue (its counters: ``busy_seconds`` / ``packets``, the verdict system
 call included) and the binding's GSO share.
@@ -26,6 +27,7 @@ import sys
 import textwrap
 from typing import Any
 
+from ..apiclient import api_get
 from ..lab import topology as lab
 from .throughput import _curl, _queue_stats, _upload, queue_delta
 
@@ -64,11 +66,14 @@ def _latency(host: str, port: int, n: int = 2000) -> dict[str, float]:
     return out
 
 
-VARIANTS = {  # name: (engine, store mode, the cases it runs)
-    "native": ("native", "memory", ("download, verify=full", "upload, store=memory", "latency")),
-    "python": ("python", "memory", ("download, verify=full", "upload, store=memory", "latency")),
-    "native disk": ("native", "disk", ("upload, store=disk",)),
-    "python disk": ("python", "disk", ("upload, store=disk",)),
+VARIANTS: dict[str, tuple[str, str, tuple[str, ...], dict[str, object]]] = {
+    # name: (engine, store mode, the cases it runs, [testing] settings)
+    "native": ("native", "memory", ("download, verify=full", "upload, store=memory", "latency"), {}),
+    # the native engine with the digest's search before our SIMD one (glibc's memmem): old path, new path
+    "native memmem": ("native", "memory", ("download, verify=full",), {"memsearch": "memmem"}),
+    "python": ("python", "memory", ("download, verify=full", "upload, store=memory", "latency"), {}),
+    "native disk": ("native", "disk", ("upload, store=disk",), {}),
+    "python disk": ("python", "disk", ("upload, store=disk",), {}),
 }
 
 
@@ -88,8 +93,8 @@ def engines_bench(rounds: int = 3, body_name: str = "100M.bin") -> dict[str, Any
         "latency": lambda: _latency(lab.VIP, lab.SERVICE_PORT)["median_us"],
     }
     configs = {name: lab.variant_config(f"bench-{name.replace(' ', '-')}", gateway={"engine": engine},
-                                        store={"mode": store})
-               for name, (engine, store, _) in VARIANTS.items()}
+                                        store={"mode": store}, testing=testing or None)
+               for name, (engine, store, _, testing) in VARIANTS.items()}
     plain: dict[str, list[float]] = {c: [] for c in plain_cases}
     got: dict[tuple[str, str], list[float]] = {}
     queues: dict[tuple[str, str], dict[str, Any]] = {}
@@ -97,9 +102,13 @@ def engines_bench(rounds: int = 3, body_name: str = "100M.bin") -> dict[str, Any
         for _ in range(rounds):
             for case, fn in plain_cases.items():
                 plain[case].append(fn())
-            for name, (_, _, cases) in VARIANTS.items():
+            for name, (_, _, cases, _) in VARIANTS.items():
                 lab.stop_appliance()
                 lab.start_appliance(configs[name])
+                search = api_get("/api/v1/status", api, token)["digest_search"]
+                want = VARIANTS[name][3].get("memsearch", "memfind")
+                if search != want:  # a variant that silently ran the other path would flatter one of them
+                    raise RuntimeError(f"variant {name!r}: the appliance searches with {search}, not {want}")
                 for case in cases:
                     before = _queue_stats(api, token)
                     got.setdefault((name, case), []).append(through[case]())

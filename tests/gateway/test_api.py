@@ -34,6 +34,11 @@ def test_endpoints_need_the_token() -> None:
     assert c.get("/healthz").json() == {"status": "ok"}
 
 
+def test_status_names_the_digests_search() -> None:
+    c, _ = client_with_one_connection()
+    assert c.get("/api/v1/status", headers=AUTH).json()["digest_search"] == "memfind"  # the SIMD one, built
+
+
 def test_connection_json_has_the_documented_fields() -> None:
     c, _ = client_with_one_connection()
     (conn,) = c.get("/api/v1/connections", headers=AUTH).json()

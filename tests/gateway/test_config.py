@@ -438,6 +438,15 @@ def test_testing_table_is_accepted_with_the_environment(monkeypatch) -> None:
     assert e.value.field == "testing.commit_delay"
 
 
+def test_a_benchmark_may_choose_the_digests_search(monkeypatch) -> None:
+    monkeypatch.setenv("APPLIANCE_TESTING", "1")
+    assert parse(variant(["testing"], {"memsearch": "memmem"})).gateway.test_memsearch == "memmem"
+    assert parse(variant(["testing"], {"store_commit_delay": 0.01})).gateway.test_memsearch is None
+    with pytest.raises(ConfigError) as e:
+        parse(variant(["testing"], {"memsearch": "grep"}))
+    assert e.value.field == "testing.memsearch" and "memfind" in str(e.value)
+
+
 def test_store_no_longer_takes_the_test_setting(monkeypatch) -> None:
     for env in ("0", "1"):
         monkeypatch.setenv("APPLIANCE_TESTING", env)

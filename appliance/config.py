@@ -28,8 +28,10 @@ Example::
     # vrrp_fifo = "/run/appliance/vrrp.fifo"           # keepalived's vrrp_notify_fifo
     # eligibility_file = "/run/appliance/ineligible"   # keepalived's track_file (0: eligible)
     # epoch_file = "/var/lib/appliance/epoch"          # the highest epoch this node has known
-    # lease = 0.4                # seconds a proof of the role (or of being in sync) holds; a takeover
-    #                            # waits it out: keep it near keepalived's master-down interval
+    # lease = 0.4                # seconds a proof of the role holds; a takeover waits it out: keep
+    #                            # it near keepalived's master-down interval (3 adverts + skew)
+    # sync_lease = 1.0           # seconds a sync check keeps the standby in sync (and an active
+    #                            # alone waits before releasing): above that interval plus 0.5 s
     # wait_ms = 200              # a commit waits this long for the standby, then goes on alone
     # disk = false               # peer plus disk: each node's Redis keeps an fsynced append-only
     #                            # file (appendonly yes, appendfsync always), so the pair survives
@@ -224,8 +226,11 @@ class PairConfig:
     vrrp_fifo: str                  # keepalived's vrrp_notify_fifo
     eligibility_file: str           # keepalived's track_file: "0" eligible, "1" not (FAULT)
     epoch_file: str                 # the highest epoch this node has known (survives restarts)
-    lease: float = 0.4              # seconds a proof of the role, or of being in sync, holds (a takeover
-    #                                 waits until one has passed since the former active's last proof)
+    lease: float = 0.4              # seconds a proof of the role holds (a takeover waits until one has
+    #                                 passed since the former active's last proof)
+    sync_lease: float = 1.0         # seconds a passing sync check keeps the standby in sync, and an
+    #                                 active alone waits before releasing unacknowledged batches; must
+    #                                 outlast keepalived's detection (3 adverts + skew) plus a check
     wait_ms: int = 200              # how long a commit waits for the standby before going on alone
     disk: bool = False              # peer plus disk: this node's Redis must fsync every write (its AOF)
 
@@ -517,7 +522,7 @@ def _addrport(data: dict[str, Any], key: str, where: str) -> str:
 def _pair(data: dict[str, Any], base: Path) -> PairConfig:
     where = "pair"
     _no_unknown(data, {"node", "redis", "peer_redis", "vrrp_fifo", "eligibility_file", "epoch_file", "lease",
-                       "wait_ms", "disk"}, where)
+                       "sync_lease", "wait_ms", "disk"}, where)
     d = PairConfig(1, "", "", "", "", "")
     for key in ("node", "redis", "peer_redis", "vrrp_fifo", "eligibility_file", "epoch_file"):
         if key not in data:
@@ -528,6 +533,9 @@ def _pair(data: dict[str, Any], base: Path) -> PairConfig:
     lease = _float(data, "lease", where, d.lease, 0.2)
     if lease > 30:
         raise ConfigError(f"{where}.lease", f"must be at most 30 seconds, got {lease}")
+    sync_lease = _float(data, "sync_lease", where, d.sync_lease, 0.2)
+    if sync_lease > 30:
+        raise ConfigError(f"{where}.sync_lease", f"must be at most 30 seconds, got {sync_lease}")
     wait_ms = _int(data, "wait_ms", where, d.wait_ms, 1, 10_000)
     if wait_ms >= lease * 1000:
         raise ConfigError(f"{where}.wait_ms", f"must be below the lease ({lease:g} s): a commit that waits longer "
@@ -536,7 +544,7 @@ def _pair(data: dict[str, Any], base: Path) -> PairConfig:
         node=_int(data, "node", where, 1, 1, 2), redis=redis, peer_redis=peer,
         vrrp_fifo=str(base / _str(data, "vrrp_fifo", where)),
         eligibility_file=str(base / _str(data, "eligibility_file", where)),
-        epoch_file=str(base / _str(data, "epoch_file", where)), lease=lease, wait_ms=wait_ms,
+        epoch_file=str(base / _str(data, "epoch_file", where)), lease=lease, sync_lease=sync_lease, wait_ms=wait_ms,
         disk=_bool(data, "disk", where, False))
 
 

@@ -136,7 +136,7 @@ class PairController:
         self.clock = clock
         self.local = split_addr(cfg.redis)
         self.peer = split_addr(cfg.peer_redis)
-        self.role = PairRole(cfg.node, read_epoch(cfg.epoch_file), cfg.lease, clock())
+        self.role = PairRole(cfg.node, read_epoch(cfg.epoch_file), cfg.lease, clock(), cfg.sync_lease)
         self.query = RedisClient(*self.local, timeout=1.0)
         self.peer_client = RedisClient(*self.peer, timeout=PEER_TIMEOUT)
         self.standby: RedisStandby | None = None

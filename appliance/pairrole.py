@@ -22,7 +22,9 @@ believe they took over can never own the same epoch.
 standby's store is a live replica of the active's, that its table is built, and that the active
 is not committing *alone* (the ``repl:alone`` flag in the active's store, read on the active's
 store itself).  A check begun at ``t`` that passes keeps the standby in sync until
-``t + lease``.  The node is eligible (its keepalived track file says 0) while it is in sync, or
+``t + sync_lease``, which must outlast keepalived's detection of a dead master (three adverts
+plus skew) and the gap between two checks: keepalived's MASTER after the active's death must
+find the standby still in sync, or it refuses the role and nobody takes it.  The node is eligible (its keepalived track file says 0) while it is in sync, or
 active; keepalived puts an ineligible node in FAULT: it never takes the role.  keepalived's
 ``MASTER`` on a standby starts a takeover when it is in sync (or, right after start, once the
 first check passes); otherwise the node refuses the role (ineligible: keepalived gives it up).
@@ -31,18 +33,18 @@ state until a transition is announced, and a node that held the role gives it to
 
 *Committing alone* (the active).  A batch is released to the clients when the standby's store
 acknowledged it (``WAIT``).  When it does not within ``wait_ms`` the active marks its store
-*alone* and may release batches only ``lease`` after that mark was stored: every check that saw
-the flag clear began before the mark, so no standby believes it is in sync any more (the lease
-is measured on each node's own clock; only durations are compared); a batch the standby's store
-acknowledges late (the driver asks again) is released then.  An acknowledged commit clears the
-flag once it has been set for a lease (a replica that lags now and then does not flap the
+*alone* and may release batches only ``sync_lease`` after that mark was stored: every check that
+saw the flag clear began before the mark, so no standby believes it is in sync any more (the
+lease is measured on each node's own clock; only durations are compared); a batch the standby's
+store acknowledges late (the driver asks again) is released then.  An acknowledged commit clears
+the flag once it has been set for a sync lease (a replica that lags now and then does not flap the
 pair's state).  A takeover marks the new active's store alone at once: no standby
 exists that could have seen that store's flag clear.
 
 *Proof of the role, and fencing* (the active).  The active forwards only while it holds
 keepalived's ``MASTER`` and has a fresh proof that no newer epoch owns the connections: a
 *grant* from the peer's store (its epoch no higher than this node's; the driver asks every
-``lease / 6``), begun less than ``lease`` ago; or, alone for a lease already, the peer's store
+``lease / 6``), begun less than ``lease`` ago; or, alone for a sync lease already, the peer's store
 out of reach (then the peer cannot be in sync, so cannot have taken over; the VRRP paths, which
 are not the sync link, settle who holds the addresses).  The peer's store stamps every grant
 with its own clock, and a takeover reads how long ago the last one was when it raises the epoch
@@ -110,13 +112,16 @@ def next_epoch(known: int, node: int) -> int:
 
 
 class PairRole:
-    def __init__(self, node: int, epoch: int, lease: float, now: float) -> None:
+    def __init__(self, node: int, epoch: int, lease: float, now: float, sync_lease: float | None = None) -> None:
         if node not in (1, 2):
             raise ValueError("node is 1 or 2")
         self.node = node
         self.epoch = epoch               # the epoch this node owns (active) or last knew
         self.known_epoch = epoch         # the highest epoch known anywhere
-        self.lease = lease
+        self.lease = lease               # a proof of the role holds this long (a takeover waits it out)
+        # a passing sync check keeps a standby in sync this long, and an active alone waits it
+        # before releasing what the standby did not acknowledge (None: the same as ``lease``)
+        self.sync_lease = lease if sync_lease is None else sync_lease
         self.role = Role.STANDBY
         self.vrrp: str | None = None     # keepalived's last group state
         self.eligible: bool | None = None
@@ -152,7 +157,7 @@ class PairRole:
             return False
         if now < self.proof_until:
             return True
-        return self.alone_since is not None and now >= self.alone_since + self.lease and self.peer_reachable is False
+        return self.alone_since is not None and now >= self.alone_since + self.sync_lease and self.peer_reachable is False
 
     def may_release(self, acked: bool, now: float) -> bool:
         """May a batch committed at ``now`` be released to the clients (``acked``: the standby's
@@ -162,11 +167,11 @@ class PairRole:
         if acked:
             return True
         # while the flag is being cleared a standby may read it clear: nothing goes out unacknowledged
-        return not self.clearing and self.alone_since is not None and now >= self.alone_since + self.lease
+        return not self.clearing and self.alone_since is not None and now >= self.alone_since + self.sync_lease
 
     def release_at(self) -> float | None:
         """When batches not acknowledged may be released (None: not alone yet)."""
-        return None if self.alone_since is None else self.alone_since + self.lease
+        return None if self.alone_since is None else self.alone_since + self.sync_lease
 
     # --- inputs -------------------------------------------------------------------------------
     def _eligible(self, now: float, out: list[Action]) -> None:
@@ -231,7 +236,7 @@ class PairRole:
             return out
         self.checked = True
         if ok:
-            self.in_sync_until = max(self.in_sync_until, sent_at + self.lease)
+            self.in_sync_until = max(self.in_sync_until, sent_at + self.sync_lease)
             self.out_of_sync_reason = None
         else:
             self.out_of_sync_reason = reason or "not in sync"
@@ -299,7 +304,7 @@ class PairRole:
             self.peer_reachable = True
             # alone for a lease at least (a replica that lags now and then does not flap the pair's
             # state, and its standby stays ineligible that long)
-            if (self.alone_since is not None and now >= self.alone_since + self.lease and not self.marking
+            if (self.alone_since is not None and now >= self.alone_since + self.sync_lease and not self.marking
                     and not self.clearing):
                 self.clearing = True
                 out.append(ClearAlone())
@@ -316,7 +321,7 @@ class PairRole:
             self.alone_since = now
             self.alone_reason = reason
             out.append(Event("degraded", f"replication degraded: {reason}; commits go on alone in "
-                                         f"{self.lease:g} s, when no standby can believe it is in sync"))
+                                         f"{self.sync_lease:g} s, when no standby can believe it is in sync"))
         return out
 
     def alone_cleared(self, ok: bool, now: float) -> list[Action]:
@@ -408,4 +413,5 @@ class PairRole:
             "peer_reachable": self.peer_reachable,
             "fenced_reason": self.fenced_reason if self.role is Role.FENCED else None,
             "lease": self.lease,
+            "sync_lease": self.sync_lease,
         }

@@ -247,7 +247,7 @@ def test_pair_section_loads_with_paths_relative_to_the_config_file(tmp_path) -> 
     cfg.write_text('[api]\ntoken = "a-long-token"\n[gateway]\non_failure = "closed"\n[store]\nmode = "peer"\n'
                    '[pair]\nnode = 2\nredis = "[2001:db8::2]:6390"\npeer_redis = "[2001:db8::1]:6390"\n'
                    'vrrp_fifo = "vrrp.fifo"\neligibility_file = "run/ineligible"\n'
-                   'epoch_file = "/var/lib/appliance/epoch"\nlease = 2.5\nwait_ms = 300\n'
+                   'epoch_file = "/var/lib/appliance/epoch"\nlease = 2.5\nsync_lease = 4\nwait_ms = 300\n'
                    '[[service]]\nname = "w"\nvip = "203.0.113.1"\n'
                    '[[service.backend]]\nname = "p"\naddress = "198.51.100.1"\n')
     c = load(cfg)
@@ -257,12 +257,12 @@ def test_pair_section_loads_with_paths_relative_to_the_config_file(tmp_path) -> 
     assert p.vrrp_fifo == str(tmp_path / "etc" / "vrrp.fifo")
     assert p.eligibility_file == str(tmp_path / "etc" / "run" / "ineligible")
     assert p.epoch_file == "/var/lib/appliance/epoch"          # absolute stays as written
-    assert p.lease == 2.5 and p.wait_ms == 300
+    assert p.lease == 2.5 and p.sync_lease == 4.0 and p.wait_ms == 300
 
 
 def test_pair_defaults_and_no_pair_without_peer_mode() -> None:
     p = parse(pair_variant()).pair
-    assert p is not None and p.lease == 0.4 and p.wait_ms == 200 and p.node == 2
+    assert p is not None and p.lease == 0.4 and p.sync_lease == 1.0 and p.wait_ms == 200 and p.node == 2
     assert p.redis == "192.0.2.254:6390"
     assert parse(GOOD).pair is None and not parse(GOOD).store.gated
     assert parse(variant(["store"], {"mode": "disk"})).pair is None
@@ -303,6 +303,9 @@ def test_each_required_pair_setting_names_its_field(key: str) -> None:
         ({"lease": 0.1}, "pair.lease"),
         ({"lease": 31}, "pair.lease"),
         ({"lease": "1s"}, "pair.lease"),
+        ({"sync_lease": 0.1}, "pair.sync_lease"),
+        ({"sync_lease": 31}, "pair.sync_lease"),
+        ({"sync_lease": "1s"}, "pair.sync_lease"),
         ({"wait_ms": 0}, "pair.wait_ms"),
         ({"wait_ms": 1000}, "pair.wait_ms"),                        # = lease * 1000 (lease 1 s)
         ({"wait_ms": 1001}, "pair.wait_ms"),

@@ -32,6 +32,7 @@ from appliance.pairrole import (
 )
 
 LEASE = 1.0
+SYNC_LEASE = 1.5   # the state machine below runs the two leases apart
 T0 = 1000.0   # the monotonic clock at start (any value: only differences count)
 
 
@@ -564,8 +565,9 @@ def test_a_takeover_done_after_a_fence_does_not_make_the_node_active() -> None:
 
 # --- random interleavings -------------------------------------------------------------------
 
-DT = st.sampled_from([0.0, 0.001, 0.05, 0.3, LEASE - 0.001, LEASE, LEASE + 0.001, 2.5])
-AGE = st.sampled_from([0.0, 0.01, 0.5, LEASE - 0.001, LEASE, 1.5 * LEASE])
+DT = st.sampled_from([0.0, 0.001, 0.05, 0.3, LEASE - 0.001, LEASE, LEASE + 0.001, SYNC_LEASE - 0.001, SYNC_LEASE,
+                      SYNC_LEASE + 0.001, 2.5])
+AGE = st.sampled_from([0.0, 0.01, 0.5, LEASE - 0.001, LEASE, SYNC_LEASE - 0.001, SYNC_LEASE, 1.5 * SYNC_LEASE])
 EPOCH = st.integers(0, 8) | st.integers(0, 40)
 
 
@@ -576,7 +578,7 @@ class PairRoleMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.r: PairRole = PairRole(1, 0, LEASE, T0)
+        self.r: PairRole = PairRole(1, 0, LEASE, T0, SYNC_LEASE)
         self.now = T0
         self.max_epoch_in = 0
         self.takeover: int | None = None      # a TakeOver being carried out (its epoch)
@@ -591,7 +593,7 @@ class PairRoleMachine(RuleBasedStateMachine):
         """A node just started, or (to reach the active's states often) one brought to the
         active role by the same inputs: an ok check, MASTER, the takeover done; "synced": then
         an acknowledged commit cleared the takeover's alone mark."""
-        self.r = PairRole(node, epoch, LEASE, self.now)
+        self.r = PairRole(node, epoch, LEASE, self.now, SYNC_LEASE)
         self.max_epoch_in = epoch
         self.feed(self.r.start(self.now))
         if start != "standby":
@@ -707,10 +709,10 @@ class PairRoleMachine(RuleBasedStateMachine):
             assert self.r.role is Role.ACTIVE and self.r.vrrp == "MASTER"
 
     @invariant()
-    def releases_alone_only_a_lease_after_the_mark(self) -> None:
+    def releases_alone_only_a_sync_lease_after_the_mark(self) -> None:
         if self.r.may_release(False, self.now):
             assert self.r.role is Role.ACTIVE
-            assert self.alone == "takeover" or (isinstance(self.alone, float) and self.now >= self.alone + LEASE), \
+            assert self.alone == "takeover" or (isinstance(self.alone, float) and self.now >= self.alone + SYNC_LEASE), \
                 (self.alone, self.now)
 
     @invariant()
@@ -734,3 +736,63 @@ def test_the_alone_flag_is_cleared_only_after_a_lease_so_a_lagging_replica_does_
     assert r.committed(T0 + 1.3, True, T0 + 1.31) == []          # acknowledged again, but marked 60 ms ago
     assert r.status(T0 + 1.31)["alone"]
     assert of(r.committed(T0 + 2.3, True, T0 + 2.31), ClearAlone)  # a lease after the mark
+
+
+# --- the two leases apart: a proof of the role (short) and being in sync (longer) ---------------
+
+def test_master_after_the_proofs_lease_but_within_the_sync_lease_takes_over() -> None:
+    """The lab's failure: the active dies right after the standby's last passing check; keepalived's
+    MASTER comes three adverts and some skew later, after a 0.4 s proof lease would have run out.
+    The standby is in sync for the sync lease from that check, so it takes the role (a refusal
+    leaves the pair with no active at all: the peer is dead, its store out of reach)."""
+    r = PairRole(1, 0, 0.4, T0, sync_lease=1.0)
+    r.start(T0)
+    r.checked_sync(T0, True, None, T0 + 0.01)
+    for k in range(1, 10):   # every later check fails: the dead active's store is out of reach
+        r.checked_sync(T0 + 0.05 * k, False, "the peer's store is out of reach", T0 + 0.05 * k + 0.01)
+    assert takeover_epoch(r.vrrp_state("MASTER", T0 + 0.5)) == 1
+    old = PairRole(1, 0, 0.4, T0)   # one lease for both, as before: refused, nobody takes the role
+    old.start(T0)
+    old.checked_sync(T0, True, None, T0 + 0.01)
+    assert events(old.vrrp_state("MASTER", T0 + 0.5)) == ["refused"]
+
+
+def test_alone_the_active_releases_a_sync_lease_after_the_mark_not_a_proofs_lease() -> None:
+    r = PairRole(1, 0, 0.4, T0, sync_lease=1.0)
+    r.start(T0)
+    r.checked_sync(T0, True, None, T0)
+    r.vrrp_state("MASTER", T0)
+    r.took_over(1, T0, 0)
+    r.committed(T0, True, T0 + 1.5)             # the takeover's alone mark cleared ...
+    r.alone_cleared(True, T0 + 1.5)
+    assert of(r.committed(T0 + 2, False, T0 + 2.2), MarkAlone)
+    r.alone_marked(True, T0 + 2.25, "the standby did not acknowledge a commit")
+    assert not r.may_release(False, T0 + 2.25 + 0.5)   # a proof's lease after the mark: not yet
+    assert r.release_at() == T0 + 2.25 + 1.0
+    assert r.may_release(False, T0 + 2.25 + 1.0)
+    assert r.status(T0 + 3)["sync_lease"] == 1.0 and r.status(T0 + 3)["lease"] == 0.4
+
+
+@settings(max_examples=300, deadline=None)
+@given(check=st.floats(0, 5), mark_after=st.floats(0.0001, 2), lease=st.sampled_from([0.2, 0.4, 1.0]),
+       sync=st.sampled_from([0.4, 1.0, 3.0]), at=st.floats(0, 10))
+def test_no_standby_is_in_sync_when_the_alone_active_releases(check: float, mark_after: float, lease: float,
+                                                             sync: float, at: float) -> None:
+    """Two nodes with the same leases: a standby whose last passing check began before the active
+    stored its alone mark is out of sync whenever the active may release unacknowledged batches."""
+    sby = PairRole(2, 0, lease, T0, sync)
+    sby.start(T0)
+    sby.checked_sync(T0 + check, True, None, T0 + check)
+    act = PairRole(1, 0, lease, T0, sync)
+    act.start(T0)
+    act.checked_sync(T0, True, None, T0)
+    act.vrrp_state("MASTER", T0)
+    act.took_over(1, T0, 0)
+    mark = T0 + check + mark_after
+    assert of(act.committed(mark, True, mark), ClearAlone)   # the takeover's alone mark cleared: in sync
+    act.alone_cleared(True, mark)
+    assert not act.status(mark)["alone"]
+    assert of(act.committed(mark, False, mark), MarkAlone)   # then the standby stops acknowledging
+    act.alone_marked(True, mark, "the standby did not acknowledge a commit")
+    t = mark + at
+    assert not (act.may_release(False, t) and sby.in_sync(t))

@@ -93,8 +93,18 @@ def primary_in_use(ns: str) -> bool:
 def took_over(ns: str) -> dict:
     # (a condition, not a speed check: the takeover's pause is a benchmark; a standby that was out
     # of sync for a moment at the death takes the role once its next check passes)
-    return wait_for(lambda: (p := pair.pair_status(ns)) is not None and p["role"] == "active" and p["forwarding"]
-                    and p, timeout=30, interval=0.02, what=f"{ns} active")
+    try:
+        return wait_for(lambda: (p := pair.pair_status(ns)) is not None and p["role"] == "active" and p["forwarding"]
+                        and p, timeout=30, interval=0.02, what=f"{ns} active")
+    except AssertionError:  # say where it stands: its role, sync, keepalived's view and the pair's events
+        keys = ("role", "epoch", "vrrp", "forwarding", "in_sync", "eligible", "out_of_sync_reason", "lease_wait_ms")
+        p = pair.pair_status(ns) or {}
+        try:
+            events = [e["details"] for e in api(ns, "/api/v1/events?kind=pair")][-6:]
+        except OSError as exc:
+            events = [f"(no answer: {exc})"]
+        raise AssertionError(f"{ns} not active and forwarding in 30 s: {({k: p.get(k) for k in keys})}; "
+                             f"keepalived {pair.vrrp_transitions(ns)[-4:]}; events {events}") from None
 
 
 def conns(ns: str, service: str = "web") -> list[dict]:

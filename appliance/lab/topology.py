@@ -303,7 +303,7 @@ http {{
     access_log off;
     sendfile on;
     tcp_nopush on;
-    keepalive_timeout 65;
+    keepalive_timeout 900;       # the crowd of 10,000 x 1 MiB holds its first connections for minutes
     keepalive_requests 1000000;  # a test sends 10,000 requests on one connection
     default_type application/octet-stream;
     client_body_temp_path {run}/nginx-{name}.tmp/body;

@@ -30,8 +30,8 @@ Example::
     # epoch_file = "/var/lib/appliance/epoch"          # the highest epoch this node has known
     # lease = 0.4                # seconds a proof of the role holds; a takeover waits it out: keep
     #                            # it near keepalived's master-down interval (3 adverts + skew)
-    # sync_lease = 1.0           # seconds a sync check keeps the standby in sync (and an active
-    #                            # alone waits before releasing): above that interval plus 0.5 s
+    # sync_lease = 2.0           # seconds a sync check keeps the standby in sync (and an active
+    #                            # alone waits before releasing): several times that interval
     # wait_ms = 200              # a commit waits this long for the standby, then goes on alone
     # disk = false               # peer plus disk: each node's Redis keeps an fsynced append-only
     #                            # file (appendonly yes, appendfsync always), so the pair survives
@@ -228,7 +228,7 @@ class PairConfig:
     epoch_file: str                 # the highest epoch this node has known (survives restarts)
     lease: float = 0.4              # seconds a proof of the role holds (a takeover waits until one has
     #                                 passed since the former active's last proof)
-    sync_lease: float = 1.0         # seconds a passing sync check keeps the standby in sync, and an
+    sync_lease: float = 2.0         # seconds a passing sync check keeps the standby in sync, and an
     #                                 active alone waits before releasing unacknowledged batches; must
     #                                 outlast keepalived's detection (3 adverts + skew) plus a check
     wait_ms: int = 200              # how long a commit waits for the standby before going on alone

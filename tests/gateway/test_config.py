@@ -262,7 +262,7 @@ def test_pair_section_loads_with_paths_relative_to_the_config_file(tmp_path) -> 
 
 def test_pair_defaults_and_no_pair_without_peer_mode() -> None:
     p = parse(pair_variant()).pair
-    assert p is not None and p.lease == 0.4 and p.sync_lease == 1.0 and p.wait_ms == 200 and p.node == 2
+    assert p is not None and p.lease == 0.4 and p.sync_lease == 2.0 and p.wait_ms == 200 and p.node == 2
     assert p.redis == "192.0.2.254:6390"
     assert parse(GOOD).pair is None and not parse(GOOD).store.gated
     assert parse(variant(["store"], {"mode": "disk"})).pair is None

@@ -242,7 +242,7 @@ def test_a_standby_shows_its_resync_then_in_sync_with_its_lag(node: Node) -> Non
     assert st["peer"] == "in sync" and st["peer_redis"] == f"127.0.0.1:{n.peer.port}"
     assert isinstance(st["lag"]["bytes"], int) and st["lag"]["bytes"] >= 0 and st["lag"]["link_up"] is True
     assert st["counters"]["resyncs"] == 1 and st["last_takeover"] is None
-    assert st["lease"] == 0.4 and st["sync_lease"] == 1.0           # the defaults, reaching the role
+    assert st["lease"] == 0.4 and st["sync_lease"] == 2.0           # the defaults, reaching the role
     assert n.eligibility.read_text() == "0\n"                     # keepalived's track file agrees
     full = json.loads(n.get("/api/v1/status"))
     assert full["node"]["role"] == "standby"                     # the main banner's role too

@@ -23,9 +23,10 @@ standby's store is a live replica of the active's, that its table is built, and 
 is not committing *alone* (the ``repl:alone`` flag in the active's store, read on the active's
 store itself).  A check begun at ``t`` that passes keeps the standby in sync until
 ``t + sync_lease``, which must outlast keepalived's detection of a dead master (three adverts
-plus skew) and the gap between two checks: keepalived's MASTER after the active's death must
-find the standby still in sync, or it refuses the role and nobody takes it.  The node is eligible (its keepalived track file says 0) while it is in sync, or
-active; keepalived puts an ineligible node in FAULT: it never takes the role.  keepalived's
+plus skew, slower right after FAULT) and the gap between two checks: keepalived's MASTER after
+the active's death must find the standby still in sync, or it refuses the role and nobody takes
+it.  The node is eligible (its keepalived track file says 0) while it is in sync, or active;
+keepalived puts an ineligible node in FAULT: it never takes the role.  keepalived's
 ``MASTER`` on a standby starts a takeover when it is in sync (or, right after start, once the
 first check passes); otherwise the node refuses the role (ineligible: keepalived gives it up).
 A node starts ineligible (keepalived's FAULT): a restarted appliance cannot know keepalived's

@@ -108,7 +108,8 @@ def main() -> None:
         ap.error("--size: 1..65000")
     res = handler_bench(a.size, a.packets, a.rounds)
     for name, v in res["variants"].items():
-        print(f"{name:>10}{' (default)' if name == res['default'] else '':10}: {v['segment_us']:6.1f} µs per {a.size}-byte backend segment, "
+        mark = " (default)" if name == res["default"] else ""
+        print(f"{name:>10}{mark:10}: {v['segment_us']:6.1f} µs per {a.size}-byte backend segment, "
               f"{v['ack_us']:5.1f} µs per client ACK")
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=1))

@@ -58,10 +58,6 @@ def cdef(header: Path) -> str:
     return text.split("/* cffi-begin */", 1)[1].split("/* cffi-end */", 1)[0]
 
 
-def built() -> Path | None:
-    return NFQBIND.built()
-
-
 def up_to_date() -> bool:
     return all(m.up_to_date() for m in MODULES)
 

@@ -98,7 +98,9 @@ def test_twenty_parallel_downloads_one_failover(fresh: dict, tmp_path: Path) -> 
     downloads = []
     with client_capture(tmp_path) as cap:
         for i in range(20):
-            downloads.append(start_download("10M.bin", tmp_path / f"d{i}.bin", rate="600K"))
+            # 300 KB/s: each lasts about 35 s, so all 20 overlap even when a SYN is retransmitted
+            # (CI twice saw all 20 finish at 600 KB/s without ever being open together)
+            downloads.append(start_download("10M.bin", tmp_path / f"d{i}.bin", rate="300K"))
             time.sleep(0.15)  # pacing, not a wait: different start times (and sequence positions) at the cut
         # all 20 tracked and receiving before the cut, so that all 20 have to move
         try:

@@ -181,6 +181,9 @@ class GatewayConfig:
     on_failure: str = "open"        # appliance gone: "open" bypasses the queue (kernel fallback NAT), "closed" holds
     queue_full: str = "drop"        # queue overflow: "drop" (TCP retransmits) or "accept" unseen
     engine: str = "native"          # the NFQUEUE binding: "native" (nfq.native) or "python" (NetfilterQueue)
+    # the native engine decides pure ACKs of ordinary connections in compiled code
+    # (appliance.dataplane.offload); false: every packet runs the Python engine
+    fastpath: bool = True
     timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)
     failover_batch: int = 32        # connections a failover moves before the loop reads the queues again
     # test only, from [testing] memsearch (refused without APPLIANCE_TESTING=1): the digest's search
@@ -370,7 +373,7 @@ def _name(data: dict[str, Any], where: str) -> str:
 def _gateway(data: dict[str, Any]) -> GatewayConfig:
     where = "gateway"
     _no_unknown(data, {"queue_num", "on_malformed", "max_connections", "on_failure", "fail_open", "queue_full",
-                       "timeouts", "failover_batch", "engine"}, where)
+                       "timeouts", "failover_batch", "engine", "fastpath"}, where)
     if "fail_open" in data:  # the older spelling
         if "on_failure" in data:
             raise ConfigError(f"{where}.fail_open", "give on_failure or fail_open, not both")
@@ -393,6 +396,7 @@ def _gateway(data: dict[str, Any]) -> GatewayConfig:
         on_failure=on_failure,
         queue_full=_choice(data, "queue_full", where, "drop", ("drop", "accept")),
         engine=_choice(data, "engine", where, "native", ENGINES),
+        fastpath=_bool(data, "fastpath", where, True),
         timeouts=timeouts,
         failover_batch=_int(data, "failover_batch", where, 32, 1, 10_000_000),
     )

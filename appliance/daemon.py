@@ -107,22 +107,25 @@ def nat_for(dp: Dataplane) -> list[kernelnat.ServiceNat]:
     ]
 
 
-def open_queues(g: GatewayConfig, handle: Handler, gate: Callable[[], bool] | None) -> list[Queue]:
+def open_queues(g: GatewayConfig, handle: Handler, gate: Callable[[], bool] | None,
+                fastpath: Any = None, clock: Callable[[], float] = time.monotonic) -> list[Queue]:
     """The three queues (client packets; the full-copy return path and moved connections; the
     observed return path), bound with the configured engine (``gateway.engine``).
 
     The native binding queues GSO super-packets whole on every queue and copies up to 64 KiB,
     so the full-copy queues see whole super-packets; the observed queue copies the headers and a
     sample's prefix (4016 bytes).  The python binding (NetfilterQueue) copies at most 4016 bytes,
-    so only its observed queue can take super-packets."""
+    so only its observed queue can take super-packets.  ``fastpath`` (native only): the offload
+    whose flow cache decides the pure ACKs of ordinary connections in each batch."""
     accept = g.queue_full == "accept"
     if g.engine == "native":
         from nfq.native import NativeQueue
 
+        fp = dict(fastpath=fastpath, clock=clock)
         return [
-            NativeQueue(g.queue_num, handle, fail_open=accept, gate=gate),
-            NativeQueue(g.queue_num + 1, handle, fail_open=accept, clear_mark=kernelnat.MOVED_MARK, gate=gate),
-            NativeQueue(g.queue_num + 2, handle, fail_open=accept, copy_range=COPY_RANGE, gate=gate),
+            NativeQueue(g.queue_num, handle, fail_open=accept, gate=gate, **fp),
+            NativeQueue(g.queue_num + 1, handle, fail_open=accept, clear_mark=kernelnat.MOVED_MARK, gate=gate, **fp),
+            NativeQueue(g.queue_num + 2, handle, fail_open=accept, copy_range=COPY_RANGE, gate=gate, **fp),
         ]
     return [
         PacketQueue(g.queue_num, handle, fail_open=accept, gate=gate),
@@ -166,7 +169,13 @@ class Kernel:
                 gw.flush()
             return verdict
 
-        gw.queues = open_queues(g, handle, gate=pair.forwarding if pair is not None else None)
+        offload = None
+        if g.engine == "native" and g.fastpath:
+            from .dataplane.offload import Offload
+
+            offload = Offload(dp, g.max_connections, record=record)
+        gw.queues = open_queues(g, handle, gate=pair.forwarding if pair is not None else None,
+                                fastpath=offload, clock=clock)
         self.set_reading(gw.pair is None or gw.pair.forwarding())
         self.injector = Injector()
         inject: Callable[[bytes | bytearray], None] = self.injector.send
@@ -223,15 +232,21 @@ class Kernel:
         inside a queue batch (failovers and admin changes are loop tasks; a batch's verdicts are
         all sent before its reader callback returns), so no packet passed unchanged for the old
         target meets the new rule."""
-        for svc in self.gw.dataplane.services.values():
+        dp = self.gw.dataplane
+        for svc in dp.services.values():
             svc.kernel_target = None  # until the new rule is in place: the appliance rewrites
+        if dp.offload is not None:
+            dp.offload.clear()
         kernelnat.repoint(nat_for(self.gw.dataplane))
         self._kernel_targets()
 
     def _kernel_targets(self) -> None:
         """Tell the data plane where the kernel's client rule now sends each service's packets."""
-        for svc in self.gw.dataplane.services.values():
+        dp = self.gw.dataplane
+        for svc in dp.services.values():
             svc.kernel_target = svc.active
+        if dp.offload is not None:  # a flow offloaded for the old target would pass unchanged
+            dp.offload.clear()
 
     def stop(self) -> None:
         gw = self.gw

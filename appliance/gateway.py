@@ -196,14 +196,21 @@ class Gateway:
     def drop_queued(self) -> int:
         """Drop every packet waiting in the queues, unseen (a fenced node); how many."""
         n = 0
-        for q in self.queues:
-            handler, before = q.handler, q.stats.dropped
-            q.handler = lambda buf: Verdict.DROP
-            try:
-                q.process_pending(budget=1 << 20)
-            finally:
-                q.handler = handler
-            n += q.stats.dropped - before
+        offload = self.dataplane.offload
+        if offload is not None:
+            offload.enabled = False  # every packet to the dropping handler, none to the fast path
+        try:
+            for q in self.queues:
+                handler, before = q.handler, q.stats.dropped
+                q.handler = lambda buf: Verdict.DROP
+                try:
+                    q.process_pending(budget=1 << 20)
+                finally:
+                    q.handler = handler
+                n += q.stats.dropped - before
+        finally:
+            if offload is not None:
+                offload.enabled = True
         return n
 
     def pump_events(self) -> None:
@@ -830,6 +837,10 @@ class Gateway:
             "notify": self.notify_stats() if self.notify_stats is not None else [],
             "dataplane": dp.counters.as_dict(),
             "digest_search": memsearch.implementation(),   # the volatile-field search in use (memfind: SIMD)
+            # the compiled fast path (appliance.dataplane.offload): flows offloaded, packets it
+            # decided and left to the Python engine, by reason; None: off (python engine, or
+            # gateway.fastpath = false)
+            "fastpath": dp.offload.stats() if dp.offload is not None else None,
             "queues": per_queue,
             "last_failover": lf,
             "events": len(self.events),

@@ -37,7 +37,7 @@ def _addresses(obj: Any, *names: str) -> Iterator[bytes]:
             yield pack(a)
 
 
-def addresses_ports(buf: bytes | bytearray) -> tuple[bytes, bytes, int, int] | None:
+def addresses_ports(buf: bytes | bytearray | memoryview) -> tuple[bytes, bytes, int, int] | None:
     """(source, destination, source port, destination port) of an IPv4 or IPv6 TCP packet
     (addresses as 4 or 16 bytes), or None: not TCP, or its ports not captured."""
     n = len(buf)
@@ -83,7 +83,7 @@ class PacketRing:
                     self._backs.add((raw, b.port))
         self.recorded = 0
 
-    def record(self, buf: bytes | bytearray, now: float) -> None:
+    def record(self, buf: bytes | bytearray | memoryview, now: float) -> None:
         f = addresses_ports(buf)
         if f is None:
             return

@@ -54,7 +54,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .ici import ConnectionRecord, TcpState
 from .segment import ACK, RST, SYN, SegmentLike
@@ -92,6 +92,9 @@ class ConnectionTable:
         self._by_key: OrderedDict[Key, ConnectionRecord] = OrderedDict()
         self._by_id: dict[int, ConnectionRecord] = {}
         self._next_id = 1
+        # told the id of a record whose state or backend changed other than by the tracker, or
+        # that left the table (the data plane's offload: appliance.dataplane.offload)
+        self.on_change: Callable[[int], None] | None = None
         # Eviction indexes (see the module docstring), keyed by record id.
         self._finished: OrderedDict[int, ConnectionRecord] = OrderedDict()  # least recently seen first
         self._opening: OrderedDict[int, ConnectionRecord] = OrderedDict()   # oldest created first
@@ -190,6 +193,12 @@ class ConnectionTable:
         (so its eviction class may have changed).  O(1)."""
         if self._by_id.get(rec.id) is rec:
             self._index(rec)
+        if self.on_change is not None:
+            self.on_change(rec.id)
+
+    def touch(self, rec: ConnectionRecord) -> None:
+        """``rec`` was seen (a segment folded in elsewhere, without a change of state).  O(1)."""
+        self._by_key.move_to_end(rec.key)
 
     def expire(self, now: float) -> list[ConnectionRecord]:
         gone: list[ConnectionRecord] = []
@@ -257,6 +266,8 @@ class ConnectionTable:
         self._remove(rec)
 
     def _remove(self, rec: ConnectionRecord) -> None:
+        if self.on_change is not None:
+            self.on_change(rec.id)
         self._by_key.pop(rec.key, None)
         self._by_id.pop(rec.id, None)
         self._finished.pop(rec.id, None)

@@ -75,7 +75,7 @@ def _too_short(buf: bytearray | bytes, n: int) -> str:
     return f"too short for {fam}+TCP ({n} bytes)"
 
 
-def ipv6_tcp_offset(buf: bytearray | bytes, n: int, total: int) -> int:
+def ipv6_tcp_offset(buf: bytearray | bytes | memoryview, n: int, total: int) -> int:
     """Offset of the TCP header in an IPv6 packet: after the 40-byte header and the extension
     headers walked by rule (module docstring).  ``n``: bytes captured, ``total``: 40 + payload
     length.  Raises :class:`MalformedPacket` for anything else."""

@@ -160,6 +160,14 @@ class Metrics:
                  "Packets the kernel dropped for a queue: it was full, or delivery failed; by queue and cause.",
                  [({"queue": qn, "cause": c}, q.get(f"kernel_{c}_dropped", 0)) for qn, q in queues
                   for c in ("queue", "user")])
+        fp = st.get("fastpath") or {}
+        w.family("gateway_fastpath_packets", "counter",
+                 "Packets the compiled fast path decided (fast) or left to the Python engine, by reason.",
+                 [({"path": "fast", "reason": "pure_ack"}, fp.get("fast", 0))]
+                 + [({"path": "python", "reason": r}, fp.get(r, 0))
+                    for r in ("no_flow", "not_pure_ack", "unusual", "stale")])
+        w.family("gateway_fastpath_flows", "gauge", "Connections offloaded to the compiled fast path.",
+                 [({}, fp.get("flows", 0))])
         dp = st.get("dataplane") or {}
         w.family("gateway_malformed_packets", "counter", "Packets that did not parse as IPv4/TCP.",
                  [({}, dp.get("malformed", 0))])

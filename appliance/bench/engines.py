@@ -3,11 +3,12 @@ alternating in one run on the same lab (issue 12's targets).
 
 Each round measures every case over plain kernel forwarding (a server port that is no service),
 then restarts the appliance with each variant — engine ``native`` or ``python``, store
-``memory`` or ``disk``, and the native engine with the digest's former search (``memmem``) — and
-measures the cases that variant is about through the VIP.  Medians
-over the rounds and their ratios to plain forwarding are reported, with the appliance's own
-time per packet and per queue (its counters: ``busy_seconds`` / ``packets``, the verdict system
-call included) and the binding's GSO share.
+``memory`` or ``disk``, the native engine without its compiled fast path (``no-fastpath``) and
+with the digest's former search (``memmem``) — and measures the cases that variant is about
+through the VIP.  Medians over the rounds and their ratios to plain forwarding are reported,
+with the appliance's own time per packet and per queue (its counters: ``busy_seconds`` /
+``packets``, the verdict system call included), the binding's GSO share and the packets the
+fast path decided.
 
 Cases:
 
@@ -66,14 +67,17 @@ def _latency(host: str, port: int, n: int = 2000) -> dict[str, float]:
     return out
 
 
-VARIANTS: dict[str, tuple[str, str, tuple[str, ...], dict[str, object]]] = {
-    # name: (engine, store mode, the cases it runs, [testing] settings)
-    "native": ("native", "memory", ("download, verify=full", "upload, store=memory", "latency"), {}),
+VARIANTS: dict[str, tuple[str, str, tuple[str, ...], dict[str, object], dict[str, object]]] = {
+    # name: (engine, store mode, the cases it runs, [testing] settings, more [gateway] settings)
+    "native": ("native", "memory", ("download, verify=full", "upload, store=memory", "latency"), {}, {}),
+    # the native engine without its compiled fast path: every pure ACK runs the Python engine
+    "native no-fastpath": ("native", "memory", ("download, verify=full", "upload, store=memory", "latency"), {},
+                           {"fastpath": False}),
     # the native engine with the digest's search before our SIMD one (glibc's memmem): old path, new path
-    "native memmem": ("native", "memory", ("download, verify=full",), {"memsearch": "memmem"}),
-    "python": ("python", "memory", ("download, verify=full", "upload, store=memory", "latency"), {}),
-    "native disk": ("native", "disk", ("upload, store=disk",), {}),
-    "python disk": ("python", "disk", ("upload, store=disk",), {}),
+    "native memmem": ("native", "memory", ("download, verify=full",), {"memsearch": "memmem"}, {}),
+    "python": ("python", "memory", ("download, verify=full", "upload, store=memory", "latency"), {}, {}),
+    "native disk": ("native", "disk", ("upload, store=disk",), {}, {}),
+    "python disk": ("python", "disk", ("upload, store=disk",), {}, {}),
 }
 
 
@@ -92,9 +96,9 @@ def engines_bench(rounds: int = 3, body_name: str = "100M.bin") -> dict[str, Any
         "upload, store=disk": lambda: _upload(f"http://{lab.VIP}:{lab.UPLOAD_PORT}/", body),
         "latency": lambda: _latency(lab.VIP, lab.SERVICE_PORT)["median_us"],
     }
-    configs = {name: lab.variant_config(f"bench-{name.replace(' ', '-')}", gateway={"engine": engine},
+    configs = {name: lab.variant_config(f"bench-{name.replace(' ', '-')}", gateway={"engine": engine, **more},
                                         store={"mode": store}, testing=testing or None)
-               for name, (engine, store, _, testing) in VARIANTS.items()}
+               for name, (engine, store, _, testing, more) in VARIANTS.items()}
     plain: dict[str, list[float]] = {c: [] for c in plain_cases}
     got: dict[tuple[str, str], list[float]] = {}
     queues: dict[tuple[str, str], dict[str, Any]] = {}
@@ -102,13 +106,17 @@ def engines_bench(rounds: int = 3, body_name: str = "100M.bin") -> dict[str, Any
         for _ in range(rounds):
             for case, fn in plain_cases.items():
                 plain[case].append(fn())
-            for name, (_, _, cases, testing) in VARIANTS.items():
+            for name, (engine, _, cases, testing, more) in VARIANTS.items():
                 lab.stop_appliance()
                 lab.start_appliance(configs[name])
-                search = api_get("/api/v1/status", api, token)["digest_search"]
+                status = api_get("/api/v1/status", api, token)
+                search = status["digest_search"]
                 want = testing.get("memsearch", "memfind")
                 if search != want:  # a variant that silently ran the other path would flatter one of them
                     raise RuntimeError(f"variant {name!r}: the appliance searches with {search}, not {want}")
+                fast_on = engine == "native" and more.get("fastpath", True)
+                if (status["fastpath"] is not None) != fast_on:
+                    raise RuntimeError(f"variant {name!r}: the fast path is {'off' if fast_on else 'on'}")
                 for case in cases:
                     before = _queue_stats(api, token)
                     got.setdefault((name, case), []).append(through[case]())
@@ -138,7 +146,8 @@ def markdown(results: dict[str, Any]) -> str:
     for r in results["cases"].values():
         unit = " µs" if r["case"] == "latency" else " Gbit/s"
         ratio = f"+{r['added_us']} µs" if r["case"] == "latency" else f"**{r['ratio']:.1%}**"
-        qs = ", ".join(f"{q} {v['us_per_packet']} ({v['packets']}, {v['gso']})" for q, v in r["queues"].items())
+        qs = ", ".join(f"{q} {v['us_per_packet']} ({v['packets']}, {v['gso']}"
+                       + (f", fast {v['fast']}" if v.get("fast") else "") + ")" for q, v in r["queues"].items())
         lines.append(f"| {r['case']} | {r['variant']} | {r['plain_median']}{unit} | {r['gateway_median']}{unit} | "
                      f"{ratio} | {qs} |")
     return "\n".join(lines)

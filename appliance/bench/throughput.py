@@ -53,14 +53,16 @@ def _queue_stats(api: str, token: str) -> dict[str, Any]:
 
 def queue_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     """Per queue, between two reads of the status's ``queues``: packets, the appliance's time per
-    packet (None without packets) and GSO super-packets (the native binding counts them)."""
+    packet (None without packets), GSO super-packets (the native binding counts them) and the
+    packets the compiled fast path decided (counted in ``packets`` too)."""
     out = {}
     for q, st in after.items():
         b = before.get(q, {})
         n = st["packets"] - b.get("packets", 0)
         out[q] = {"packets": n,
                   "us_per_packet": round((st["busy_seconds"] - b.get("busy_seconds", 0.0)) / n * 1e6, 2) if n else None,
-                  "gso": st.get("gso_packets", 0) - b.get("gso_packets", 0)}
+                  "gso": st.get("gso_packets", 0) - b.get("gso_packets", 0),
+                  "fast": st.get("fast_path", 0) - b.get("fast_path", 0)}
     return out
 
 

@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import json
 from collections import deque
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from checkpoint.addr import is_v6, pack
 from checkpoint.httpreplay import HttpTrack
@@ -55,9 +56,39 @@ from .gate import AckGate
 from .modes import ORDINARY, Held, Mode, Ordinary, Resumed, ResumedFlow, Resyncing, Spliced
 from .runtime import BackendRuntime, DataplaneCounters, ServiceRuntime
 
+if TYPE_CHECKING:
+    from .offload import Offload
+
 FENCE_RST_INTERVAL = 1.0  # seconds between RSTs to an old primary, per connection
 EVICTION_EVENT_INTERVAL = 1.0  # at most one HalfOpenEvicted event a second (a flood is one story)
 NO_BACKEND = "(reset)"    # the backend of a connection the gateway reset
+
+
+class ModeTable(dict[int, Mode]):
+    """conn id -> its mode (absent: ordinary).  A mode decides what a connection's packets do,
+    so every change is told to ``on_change`` (the offload drops the connection's flow)."""
+
+    __slots__ = ("on_change",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.on_change: Callable[[int], None] | None = None
+
+    def __setitem__(self, cid: int, mode: Mode) -> None:
+        super().__setitem__(cid, mode)
+        if self.on_change is not None:
+            self.on_change(cid)
+
+    def __delitem__(self, cid: int) -> None:
+        super().__delitem__(cid)
+        if self.on_change is not None:
+            self.on_change(cid)
+
+    def pop(self, cid: int, default: Any = None) -> Any:  # type: ignore[override]
+        mode = super().pop(cid, default)
+        if self.on_change is not None:
+            self.on_change(cid)
+        return mode
 
 
 def apply_rewrite(pv: PacketView, rw: Rewrite) -> None:
@@ -101,7 +132,9 @@ class Dataplane:
         self._fronts: dict[tuple[bytes, int], tuple[ServiceRuntime, str]] = {}
         # (address bytes, port) -> the service, the backend and the VIP of the address's family
         self._backs: dict[tuple[bytes, int], tuple[ServiceRuntime, BackendRuntime, str]] = {}
-        self.modes: dict[int, Mode] = {}   # conn id -> its mode; absent: ordinary
+        self.modes = ModeTable()   # conn id -> its mode; absent: ordinary
+        # the compiled fast path's flows (appliance.dataplane.offload; None: every packet here)
+        self.offload: Offload | None = None
         self.http: dict[int, HttpTrack] = {}  # conn id -> its HTTP framing (replay = "http" services)
         self.outbox: list[Out] = []
         self.raw_out: list[bytearray] = []  # whole packets to send (held ACKs, re-injected segments)
@@ -149,6 +182,10 @@ class Dataplane:
         times = [t for m in self.modes.values() if isinstance(m, Spliced)
                  for t in [m.splice.next_timer()] if t is not None]
         return min(times) if times else None
+
+    def suspected(self, cid: int) -> bool:
+        """Does a close of this connection's backend wait for a probe?"""
+        return cid in self._suspected
 
     def mode_of(self, cid: int) -> Mode:
         return self.modes.get(cid, ORDINARY)
@@ -243,7 +280,10 @@ class Dataplane:
         elif rec.log is not None:  # memory: logged is committed
             rec.commit_offset = rec.log.end
             rec.commit_fin = rec.log.fin_offset is not None and rec.log.fin_offset == rec.commit_offset
-        return self.modes.get(rec.id, ORDINARY).client(self, rec, pv, svc, now)
+        verdict = self.modes.get(rec.id, ORDINARY).client(self, rec, pv, svc, now)
+        if self.offload is not None:
+            self.offload.after(rec, True)
+        return verdict
 
     def _admit(self, pv: PacketView, svc: ServiceRuntime, key: tuple[str, int, str, int],
                old: ConnectionRecord | None, now: float) -> ConnectionRecord | None:
@@ -329,7 +369,10 @@ class Dataplane:
             # Not tracked (table full, or expired): the kernel still translates it.
             self.counters.untracked += 1
             return Verdict.ACCEPT
-        return self.modes.get(rec.id, ORDINARY).server(self, rec, pv, svc, be, now)
+        verdict = self.modes.get(rec.id, ORDINARY).server(self, rec, pv, svc, be, now)
+        if self.offload is not None:
+            self.offload.after(rec, False)
+        return verdict
 
     # --- the stages the modes share ------------------------------------------------------------
     def forward(self, pv: PacketView, svc: ServiceRuntime, be: BackendRuntime) -> Verdict:

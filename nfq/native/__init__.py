@@ -38,7 +38,7 @@ import logging
 import select
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from nfq.queue import (
     NFQA_CFG_F_FAIL_OPEN,
@@ -99,6 +99,16 @@ def tcp_offset(buf: bytearray) -> int:
     return PacketView(buf).ihl  # IPv6 with extension headers: walk them
 
 
+class FastPath(Protocol):
+    """The owner of a flow cache (``fastpath.c``; ``appliance.dataplane.offload.Offload``)."""
+
+    cache: Any        # struct fpc *
+    enabled: bool
+    wants_packets: bool  # give sync the fast packets' bytes (the panel's packet ring)
+
+    def sync(self, now: float, fast_packets: list[memoryview] | None = None) -> int: ...
+
+
 class NativeStats(QueueStats):
     """``QueueStats`` plus the binding's own counters and the kernel's."""
 
@@ -128,6 +138,8 @@ class NativeQueue:
         clear_mark: int | None = None,
         gate: Callable[[], bool] | None = None,
         batch: int = BATCH,
+        fastpath: FastPath | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         ffi, lib = _lib()
         self._ffi, self._lib = ffi, lib
@@ -151,6 +163,13 @@ class NativeQueue:
         self._current = 0   # the packet being handled
         self._closed = False
         self.checksums_completed = 0  # copies whose TCP checksum the wrapper finished
+        # the compiled fast path: packets of offloaded flows decided in C before the handler runs
+        self.fastpath = fastpath
+        self.clock = clock
+        self.fast = 0  # packets the fast path decided
+        self._punted = ffi.new("int32_t[]", batch)
+        self._fast = ffi.new("int32_t[]", batch)
+        self._nfast = ffi.new("int *")
 
     def fileno(self) -> int:
         return int(self._lib.nfqb_fileno(self._q))
@@ -163,6 +182,7 @@ class NativeQueue:
             "received", "gso_packets", "enobufs", "recv_errors", "parse_errors", "verdicts", "batch_verdicts",
             "verdict_errors")}
         out["checksums_completed"] = self.checksums_completed
+        out["fast_path"] = self.fast
         out.update({f"kernel_{k}": v for k, v in kernel_counters(self.queue_num).items()})
         return out
 
@@ -206,7 +226,23 @@ class NativeQueue:
             left -= n
             t0 = time.perf_counter()
             self._decided = 0
-            for i in range(n):
+            order: range | list[int] = range(n)
+            fp = self.fastpath
+            if fp is not None and fp.enabled and (self.gate is None or self.gate()):
+                # the fast path decides what it can; the records are synced before the handler
+                # sees the rest (a connection's later packets in the batch all come here)
+                k = lib.fpc_batch(fp.cache, q, n, -1 if self.clear_mark is None else self.clear_mark,
+                                  self._punted, self._fast, self._nfast)
+                nf = self._nfast[0]
+                if nf:
+                    self.fast += nf
+                    st.packets += nf
+                    st.accepted += nf
+                    fast = self._fast
+                    fp.sync(self.clock(), [memoryview(ffi.buffer(pkts[fast[j]].data, pkts[fast[j]].len))
+                                           for j in range(nf)] if fp.wants_packets else None)
+                order = self._punted[0:k] if k < n else range(n)
+            for i in order:
                 self._current = i
                 p = pkts[i]
                 st.packets += 1

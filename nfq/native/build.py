@@ -1,6 +1,7 @@
 """Builds the native modules from their C source, in place:
 
-* ``nfq.native._nfqbind``: the NFQUEUE binding (``nfq/native/nfqbind.c``);
+* ``nfq.native._nfqbind``: the NFQUEUE binding (``nfq/native/nfqbind.c``) and the fast path's
+  flow cache (``nfq/native/fastpath.c``);
 * ``checkpoint.native._memfind``: the digest's search for volatile fields
   (``checkpoint/native/memfind.c``).
 
@@ -24,10 +25,19 @@ class Module:
     name: str            # the dotted module name
     source: Path         # its C source; the header beside it (same stem) holds the cffi declarations
     libraries: tuple[str, ...] = ()
+    extra: tuple[Path, ...] = ()  # more C sources compiled in, each with its header's declarations
 
     @property
     def header(self) -> Path:
         return self.source.with_suffix(".h")
+
+    @property
+    def sources(self) -> tuple[Path, ...]:
+        return (self.source, *self.extra)
+
+    @property
+    def headers(self) -> tuple[Path, ...]:
+        return tuple(s.with_suffix(".h") for s in self.sources)
 
     @property
     def directory(self) -> Path:
@@ -44,10 +54,11 @@ class Module:
     def up_to_date(self) -> bool:
         so = self.built()
         return so is not None and all(so.stat().st_mtime >= s.stat().st_mtime
-                                      for s in (self.source, self.header, Path(__file__)))
+                                      for s in (*self.sources, *self.headers, Path(__file__)))
 
 
-NFQBIND = Module("nfq.native._nfqbind", HERE / "nfqbind.c", ("netfilter_queue", "mnl"))
+# the binding and the fast path's flow cache, which decides packets of the binding's batches
+NFQBIND = Module("nfq.native._nfqbind", HERE / "nfqbind.c", ("netfilter_queue", "mnl"), (HERE / "fastpath.c",))
 MEMFIND = Module("checkpoint.native._memfind", ROOT / "checkpoint" / "native" / "memfind.c")
 MODULES = (NFQBIND, MEMFIND)
 
@@ -66,10 +77,10 @@ def build(module: Module = NFQBIND) -> Path:
     from cffi import FFI  # type: ignore[import-untyped]
 
     ffi = FFI()
-    ffi.cdef(cdef(module.header))
+    ffi.cdef("".join(cdef(h) for h in module.headers))
     ffi.set_source(
-        module.name, f'#include "{module.header.name}"',
-        sources=[str(module.source)], include_dirs=[str(module.directory)],
+        module.name, "".join(f'#include "{h.name}"\n' for h in module.headers),
+        sources=[str(s) for s in module.sources], include_dirs=[str(module.directory)],
         libraries=list(module.libraries),
         extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
     )

@@ -478,3 +478,11 @@ def test_the_lab_enables_testing_only_for_a_config_with_test_settings(tmp_path, 
     with pytest.raises(ConfigError, match="^testing: test-only settings need APPLIANCE_TESTING=1"):
         load(slow)
     assert load(plain).store.test_commit_delay == 0.0
+
+
+def test_the_fast_path_is_on_by_default_and_can_be_turned_off() -> None:
+    assert parse(GOOD).gateway.fastpath is True
+    assert parse(variant(["gateway"], {"fastpath": False})).gateway.fastpath is False
+    with pytest.raises(ConfigError) as e:
+        parse(variant(["gateway"], {"fastpath": "yes"}))
+    assert e.value.field == "gateway.fastpath"

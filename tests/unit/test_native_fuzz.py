@@ -1,6 +1,7 @@
 """The native code under libFuzzer, AddressSanitizer and UndefinedBehaviorSanitizer, for a bounded
 time each: the binding's parsers (nfq/native/fuzz_nfqbind.c), seeded with real-shaped netlink
-messages, and the digest's SIMD search (checkpoint/native/fuzz_memfind.c), whose every answer is
+messages, the fast path's flow cache (nfq/native/fuzz_fastpath.c), seeded with real pure ACKs of
+both families, and the digest's SIMD search (checkpoint/native/fuzz_memfind.c), whose every answer is
 compared with a naive search's.
 
 A crash, a sanitizer report or a leak fails the test with the fuzzer's output (the input that
@@ -92,6 +93,20 @@ def fuzz(tmp_path: Path, sources: list[Path], include: Path, libs: list[str], se
 def test_the_parsers_survive_the_fuzzer(tmp_path: Path) -> None:
     fuzz(tmp_path, [HERE / "fuzz_nfqbind.c", HERE / "nfqbind.c"], HERE, ["-lnetfilter_queue", "-lmnl"], seeds(),
          SECONDS, 70000)
+
+
+def test_the_fast_paths_parser_survives_the_fuzzer(tmp_path: Path) -> None:
+    from nfq.build import tcp_options
+    from nfq.build import tcp_packet as build
+
+    ts = tcp_options(tsval=5, tsecr=6)
+    ack4 = build("192.0.2.10", "203.0.113.10", 40000, 80, 1, 2, 0x10, 2000, ts)
+    ack6 = build("2001:db8::1", "2001:db8::2", 40000, 80, 1, 2, 0x10, 2000, ts)
+    data4 = build("198.51.100.10", "192.0.2.10", 80, 40000, 1, 2, 0x18, 2000, ts, b"x" * 100)
+    fuzz(tmp_path, [HERE / "fuzz_fastpath.c", HERE / "fastpath.c", HERE / "nfqbind.c"], HERE,
+         ["-lnetfilter_queue", "-lmnl"],
+         [bytes([0x00]) + ack4, bytes([0x21]) + ack6, bytes([0x0C]) + data4, bytes([0x42]) + ack4[:50]],
+         15, 200)
 
 
 def test_the_simd_search_answers_as_a_naive_one_under_the_fuzzer(tmp_path: Path) -> None:

@@ -1,0 +1,232 @@
+"""Ordinary connections offloaded to the compiled fast path (``nfq/native/fastpath.c``).
+
+Theory of operation
+-------------------
+The Python engine (:class:`~appliance.dataplane.engine.Dataplane`) owns every record and stays
+the specification.  Most packets of a bulk transfer are *pure acknowledgments* of a connection
+in its plainest state, and for those the engine does nothing but fold the segment into the
+sender's half of the record and accept it.  :class:`Offload` hands such connections to the
+native binding's flow cache, which then decides their pure ACKs inside the queue's batch,
+without a Python call per packet.
+
+* **Eligible** (:meth:`Offload.eligible`): ESTABLISHED, no FIN or RST either way, both halves'
+  ``next_seq`` known, the ordinary mode (not moving, moved, held, resumed, resyncing), no HTTP
+  framing, no close waiting for a probe, and a live backend.  Client->service ACKs are offloaded
+  when the kernel's stateless rule rewrites the service's client packets to the connection's
+  backend (the engine would pass them unchanged); backend->client ACKs when there is no
+  delayed-ACK gate (memory store: the engine would pass them unchanged).
+* **Installed** after a packet of the connection the engine handled (:meth:`after`), with the
+  fields of both halves a pure ACK can change.  When the engine handles a later packet of an
+  offloaded connection (a data segment, a FIN), the half that packet changed is pushed again,
+  or the flow is removed when the connection is no longer eligible.
+* **Removed** when anything else changes what a packet of it would do: a mode set or cleared,
+  the record's state or backend changed outside the tracker (``ConnectionTable.reindex``), the
+  record gone from the table.  A change of a service (the kernel's rule repointed) clears the
+  whole cache.
+* **Synced** (:meth:`sync`) after the cache has seen a batch and before the engine handles the
+  batch's other packets: the touched flows' fields are copied into their records, with the
+  counters, the table's recency, the checkpoint store's dirty mark and the panel's packet ring
+  the engine would have updated.  Within a batch, once one packet of a connection is left to
+  Python every later one is too, so each connection's packets are folded in arrival order and a
+  record is exact whenever Python reads it.  The one difference: ``last_seen`` and the
+  timestamp clock samples of fast-path packets carry the batch's ``now``.
+
+``tests/unit/test_fastpath.py`` feeds the same packets to the engine alone and to the engine
+with the cache, in batches, and requires the same verdicts, records and counters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from checkpoint.addr import is_v6, pack
+from checkpoint.ici import ConnectionRecord, HalfConnection, TcpState
+
+if TYPE_CHECKING:
+    from .engine import Dataplane
+
+FPC_CLIENT = 1
+FPC_SERVER = 2
+STAT_FIELDS = ("fast", "punted", "no_flow", "not_pure_ack", "unusual", "stale", "installs", "removes", "full")
+
+
+def _lib() -> tuple[Any, Any]:
+    from nfq.native import _lib as native_lib
+
+    return native_lib()
+
+
+class Offload:
+    def __init__(self, dp: Dataplane, capacity: int,
+                 record: Callable[[memoryview | bytes | bytearray, float], None] | None = None) -> None:
+        ffi, lib = _lib()
+        self._ffi, self._lib = ffi, lib
+        cache = lib.fpc_new(capacity)
+        if cache == ffi.NULL:
+            raise MemoryError(f"fast path: no memory for {capacity} flows")
+        self.cache = ffi.gc(cache, lib.fpc_free)
+        self.capacity = capacity
+        self.dp = dp
+        self.record = record   # the panel's packet ring (None: not kept)
+        self.enabled = True    # False: every packet goes to the engine (a fenced node's drain)
+        self.slots: dict[int, int] = {}  # conn id -> its slot in the cache
+        self._spec = ffi.new("struct fpc_flow *")
+        self._touched = ffi.new("const int32_t **")
+        dp.offload = self
+        dp.table.on_change = self.forget
+        dp.modes.on_change = self.forget
+
+    @property
+    def wants_packets(self) -> bool:
+        return self.record is not None
+
+    # --- what changes an offloaded flow ---------------------------------------------------------
+    def forget(self, cid: int) -> None:
+        slot = self.slots.pop(cid, None)
+        if slot is not None:
+            self._lib.fpc_remove(self.cache, slot, cid)
+
+    def clear(self) -> None:
+        """A service changed (its kernel rule, its backends): every flow goes."""
+        self.slots.clear()
+        self._lib.fpc_clear(self.cache)
+
+    def eligible(self, rec: ConnectionRecord) -> int:
+        """The directions whose pure ACKs the cache may decide for ``rec`` (0: none)."""
+        dp = self.dp
+        c, s = rec.client, rec.server
+        if (rec.state is not TcpState.ESTABLISHED or rec.rst_seen or c.fin_seq is not None
+                or s.fin_seq is not None or c.next_seq is None or s.next_seq is None):
+            return 0
+        cid = rec.id
+        if cid in dp.modes or cid in dp.http or dp.suspected(cid):
+            return 0
+        svc = dp.services.get(rec.service)
+        be = svc.backends.get(rec.backend) if svc is not None else None
+        if svc is None or be is None:
+            return 0
+        dirs = FPC_CLIENT if svc.kernel_target == be.name else 0
+        if dp.gate is None:
+            dirs |= FPC_SERVER
+        return dirs
+
+    def after(self, rec: ConnectionRecord, from_client: bool) -> None:
+        """The engine handled a packet of ``rec``: push what it changed, install, or remove."""
+        slot = self.slots.get(rec.id)
+        if slot is None:
+            if self.enabled:
+                dirs = self.eligible(rec)
+                if dirs:
+                    self._install(rec, dirs)
+            return
+        c, s = rec.client, rec.server
+        if rec.state is not TcpState.ESTABLISHED or c.fin_seq is not None or s.fin_seq is not None:
+            self.forget(rec.id)
+            return
+        if from_client:
+            self._push(slot, FPC_CLIENT, c)
+        else:
+            self._push(slot, FPC_SERVER, s)
+
+    def _install(self, rec: ConnectionRecord, dirs: int) -> None:
+        ffi, f = self._ffi, self._spec
+        v6 = is_v6(rec.client_ip)
+        n = 16 if v6 else 4
+        f.conn_id = rec.id
+        f.family = 6 if v6 else 4
+        f.dirs = dirs
+        ffi.memmove(f.client_addr, pack(rec.client_ip), n)
+        ffi.memmove(f.vip, pack(rec.vip), n)
+        ffi.memmove(f.backend_addr, pack(rec.backend_ip), n)
+        f.client_port, f.vport, f.backend_port = rec.client_port, rec.vport, rec.backend_port
+        scaled = rec.wscale_ok
+        self._fill(f.client, rec.client, scaled)
+        self._fill(f.server, rec.server, scaled)
+        slot = self._lib.fpc_install(self.cache, f)
+        if slot >= 0:
+            self.slots[rec.id] = slot
+
+    @staticmethod
+    def _fill(fh: Any, h: HalfConnection, scaled: bool) -> None:
+        assert h.next_seq is not None
+        fh.next_seq = h.next_seq
+        fh.has_ack = h.ack is not None
+        fh.ack = h.ack or 0
+        fh.tsval = h.tsval or 0
+        fh.has_tsval = h.tsval is not None
+        fh.ts_recent = h.ts_recent or 0
+        fh.has_ts_recent = h.ts_recent is not None
+        fh.window_raw = h.window_raw
+        fh.window = h.window
+        fh.max_window = h.max_window
+        fh.shift = (h.wscale or 0) if scaled else 0
+        fh.segments = h.segments
+        fh.out_of_window = h.out_of_window
+
+    def _push(self, slot: int, direction: int, h: HalfConnection) -> None:
+        assert h.next_seq is not None
+        self._lib.fpc_set_half(
+            self.cache, slot, direction, h.next_seq, -1 if h.ack is None else h.ack, h.window_raw, h.window,
+            h.max_window, -1 if h.tsval is None else h.tsval, -1 if h.ts_recent is None else h.ts_recent,
+            h.segments, h.out_of_window)
+
+    # --- after the cache has seen a batch ------------------------------------------------------
+    def sync(self, now: float, fast_packets: list[memoryview] | None = None) -> int:
+        """Copy the touched flows into their records (see the module's doc); how many flows."""
+        lib, cache, dp = self._lib, self.cache, self.dp
+        n = lib.fpc_touched(cache, self._touched)
+        if n:
+            slots = self._touched[0]
+            table, counters, store = dp.table, dp.counters, dp.store
+            for k in range(n):
+                f = lib.fpc_flow(cache, slots[k])
+                rec = table.by_id(f.conn_id)
+                if rec is None:  # (removal hooks make this unreachable; never trusted)
+                    continue
+                cp, sp = f.client_packets, f.server_packets
+                if cp:
+                    _pull(rec.client, f.client, now)
+                    counters.client_packets += cp
+                    counters.kernel_rewrites += cp
+                    if store is not None:
+                        store.touch(rec)
+                if sp:
+                    _pull(rec.server, f.server, now)
+                    counters.server_packets += sp
+                rec.last_seen = now
+                table.touch(rec)
+            lib.fpc_synced(cache)
+        if fast_packets and self.record is not None:
+            record = self.record
+            for p in fast_packets:
+                record(p, now)
+        return int(n)
+
+    def stats(self) -> dict[str, int | bool]:
+        s = self._lib.fpc_stats(self.cache)
+        out: dict[str, int | bool] = {k: int(getattr(s, k)) for k in STAT_FIELDS}
+        out["flows"] = int(self._lib.fpc_count(self.cache))
+        out["capacity"] = self.capacity
+        out["enabled"] = self.enabled
+        return out
+
+
+def _pull(h: HalfConnection, fh: Any, now: float) -> None:
+    h.next_seq = fh.next_seq
+    if fh.has_ack:
+        h.ack = fh.ack
+    h.window_raw = fh.window_raw
+    h.window = fh.window
+    h.max_window = fh.max_window
+    if fh.has_tsval:
+        tsval = fh.tsval
+        h.tsval = tsval
+        if fh.ts_advanced:
+            h.ts_last = (now, tsval)
+            if h.ts_first is None:
+                h.ts_first = (now, tsval)
+    if fh.has_ts_recent:
+        h.ts_recent = fh.ts_recent
+    h.segments = fh.segments
+    h.out_of_window = fh.out_of_window

@@ -1,0 +1,471 @@
+/* The compiled fast path: pure acknowledgments of ordinary connections, decided without Python.
+ *
+ * Theory of operation
+ * -------------------
+ * The Python engine (appliance.dataplane) stays the owner of every connection record and the
+ * specification of what a packet does.  For a connection in the plainest state it can be in —
+ * ESTABLISHED, no FIN or RST seen, in its ordinary mode (not being moved, held, resumed or
+ * resynced), its client packets rewritten by the kernel's stateless rule, no HTTP framing to
+ * feed and, for the return direction, no delayed-ACK gate — a *pure acknowledgment* (ACK set;
+ * no SYN, FIN, RST or URG; no payload) does only this in the Python engine: fold its sequence,
+ * acknowledgment, window and timestamps into the sending end's half of the record (the tracker,
+ * checkpoint/tracker.py) and accept it unchanged.  The owner *offloads* such a connection: it
+ * installs a flow here (fpc_install) holding a copy of both halves' fields a pure ACK can change.
+ *
+ * For each packet of a batch (fpc_packet; fpc_batch for a queue's batch) the cache parses the
+ * headers, finds the flow by the packet's addresses and ports (client -> VIP, or backend ->
+ * client), and when the packet is a pure ACK of an offloaded flow in a direction allowed, folds it
+ * exactly as checkpoint.tracker.observe does and gives the verdict: accept.  Every other packet
+ * is *punted*: left to Python, and so is every later packet of the same flow in the same batch
+ * (fpc_begin starts a batch), so the packets of one connection are folded in the order they
+ * came.  After the cache has seen the batch and before Python handles the punted packets, the
+ * owner copies the touched flows' fields back into its records (fpc_touched, fpc_synced): the
+ * records are exact at every point where Python looks at them.  When Python has handled a packet
+ * of an offloaded flow it pushes the half that packet changed (fpc_set_half) or removes the flow
+ * (its state changed); any change of mode or service removes the flow or bumps the epoch, which
+ * invalidates every flow at once.
+ *
+ * The fold is the tracker's for a segment without SYN, FIN or RST and without payload:
+ * segments counted; a sequence number 2**30 or more from the end's next_seq is counted in
+ * out_of_window and nothing else changes; next_seq, the acknowledgment, TSval and TSecr move
+ * only forward by less than 2**30; the window is taken from a segment carrying the newest
+ * acknowledgment, shifted by the end's scale.  The state cannot change (no FIN is known either
+ * way), so it is not derived.  tests/unit/test_fastpath.py runs the two side by side.
+ *
+ * Nothing here allocates after fpc_new; nothing trusts a length it did not check; a packet the
+ * parser does not like is punted, never refused (Python counts malformed packets).
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include <linux/netfilter.h>
+
+#include "fastpath.h"
+#include "nfqbind.h"
+
+#define MAX_JUMP (1u << 30)
+#define TH_FIN 0x01
+#define TH_SYN 0x02
+#define TH_RST 0x04
+#define TH_ACK 0x10
+#define TH_URG 0x20
+
+struct fpc {
+    struct fpc_flow *flows;
+    uint32_t capacity;
+    uint32_t count;
+    int32_t *free_slots;     /* a stack of free slot numbers */
+    uint32_t nfree;
+    int32_t *cbuckets;       /* heads of the client-key chains (linked by next_c), -1: empty */
+    int32_t *sbuckets;       /* heads of the server-key chains (linked by next_s) */
+    uint32_t nbuckets;       /* of each; a power of two */
+    int32_t *touched;        /* slots folded into since the last sync */
+    uint32_t ntouched;
+    uint32_t epoch;
+    uint32_t gen;            /* the current batch */
+    struct fpc_stats stats;
+};
+
+static inline int32_t sdiff(uint32_t a, uint32_t b) { return (int32_t)(a - b); }
+
+static inline int advances(uint32_t old, uint32_t new_)
+{
+    uint32_t d = new_ - old;
+    return d > 0 && d < MAX_JUMP;
+}
+
+static inline uint32_t rd32(const unsigned char *p)
+{
+    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
+}
+
+static inline uint16_t rd16(const unsigned char *p) { return (uint16_t)((p[0] << 8) | p[1]); }
+
+static uint32_t key_hash(uint8_t family, const uint8_t *a, uint16_t ap, const uint8_t *b, uint16_t bp)
+{
+    size_t n = family == 6 ? 16 : 4;
+    uint32_t h = 2166136261u ^ family;
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ a[i]) * 16777619u;
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ b[i]) * 16777619u;
+    h = (h ^ ap) * 16777619u;
+    h = (h ^ bp) * 16777619u;
+    return h ^ (h >> 15);
+}
+
+struct fpc *fpc_new(uint32_t capacity)
+{
+    if (capacity < 1 || capacity > (1u << 24))
+        return NULL;
+    struct fpc *c = calloc(1, sizeof(*c));
+    if (!c)
+        return NULL;
+    c->capacity = capacity;
+    c->nbuckets = 1;
+    while (c->nbuckets < 2 * capacity)
+        c->nbuckets <<= 1;
+    c->flows = calloc(capacity, sizeof(*c->flows));
+    c->free_slots = calloc(capacity, sizeof(*c->free_slots));
+    c->cbuckets = malloc(sizeof(*c->cbuckets) * c->nbuckets);
+    c->sbuckets = malloc(sizeof(*c->sbuckets) * c->nbuckets);
+    c->touched = calloc(capacity, sizeof(*c->touched));
+    if (!c->flows || !c->free_slots || !c->cbuckets || !c->sbuckets || !c->touched) {
+        fpc_free(c);
+        return NULL;
+    }
+    for (uint32_t i = 0; i < c->nbuckets; i++)
+        c->cbuckets[i] = c->sbuckets[i] = -1;
+    for (uint32_t i = 0; i < capacity; i++) {
+        c->flows[i].conn_id = -1;
+        c->free_slots[i] = (int32_t)(capacity - 1 - i);
+    }
+    c->nfree = capacity;
+    c->epoch = 1;
+    c->gen = 1;
+    return c;
+}
+
+void fpc_free(struct fpc *c)
+{
+    if (!c)
+        return;
+    free(c->flows);
+    free(c->free_slots);
+    free(c->cbuckets);
+    free(c->sbuckets);
+    free(c->touched);
+    free(c);
+}
+
+const struct fpc_stats *fpc_stats(const struct fpc *c) { return &c->stats; }
+uint32_t fpc_count(const struct fpc *c) { return c->count; }
+
+static inline uint32_t client_bucket(const struct fpc *c, const struct fpc_flow *f)
+{
+    return key_hash(f->family, f->client_addr, f->client_port, f->vip, f->vport) & (c->nbuckets - 1);
+}
+
+static inline uint32_t server_bucket(const struct fpc *c, const struct fpc_flow *f)
+{
+    return key_hash(f->family, f->backend_addr, f->backend_port, f->client_addr, f->client_port) &
+           (c->nbuckets - 1);
+}
+
+static void unlink_slot(struct fpc *c, int32_t slot)
+{
+    struct fpc_flow *f = &c->flows[slot];
+    int32_t *pp = &c->cbuckets[client_bucket(c, f)];
+    while (*pp >= 0 && *pp != slot)
+        pp = &c->flows[*pp].next_c;
+    if (*pp == slot)
+        *pp = f->next_c;
+    pp = &c->sbuckets[server_bucket(c, f)];
+    while (*pp >= 0 && *pp != slot)
+        pp = &c->flows[*pp].next_s;
+    if (*pp == slot)
+        *pp = f->next_s;
+    f->conn_id = -1;
+    c->free_slots[c->nfree++] = slot;
+    c->count--;
+    c->stats.removes++;
+}
+
+int fpc_remove(struct fpc *c, int slot, int64_t conn_id)
+{
+    if (slot < 0 || (uint32_t)slot >= c->capacity || conn_id < 0 || c->flows[slot].conn_id != conn_id)
+        return -1;
+    unlink_slot(c, slot);
+    return 0;
+}
+
+void fpc_clear(struct fpc *c)
+{
+    for (uint32_t i = 0; i < c->nbuckets; i++)
+        c->cbuckets[i] = c->sbuckets[i] = -1;
+    for (uint32_t i = 0; i < c->capacity; i++) {
+        c->flows[i].conn_id = -1;
+        c->free_slots[i] = (int32_t)(c->capacity - 1 - i);
+    }
+    c->stats.removes += c->count;
+    c->nfree = c->capacity;
+    c->count = 0;
+    c->ntouched = 0;
+    c->epoch++;
+}
+
+static int32_t lookup_client(const struct fpc *c, uint8_t fam, const uint8_t *src, uint16_t sport,
+                             const uint8_t *dst, uint16_t dport);
+static int32_t lookup_server(const struct fpc *c, uint8_t fam, const uint8_t *src, uint16_t sport,
+                             const uint8_t *dst, uint16_t dport);
+
+int fpc_install(struct fpc *c, const struct fpc_flow *flow)
+{
+    if (flow->conn_id < 0 || (flow->family != 4 && flow->family != 6))
+        return -1;
+    /* one entry per key: an older entry for either goes (the owner removes its own first) */
+    int32_t dup = lookup_client(c, flow->family, flow->client_addr, flow->client_port, flow->vip, flow->vport);
+    if (dup >= 0)
+        unlink_slot(c, dup);
+    dup = lookup_server(c, flow->family, flow->backend_addr, flow->backend_port, flow->client_addr,
+                        flow->client_port);
+    if (dup >= 0)
+        unlink_slot(c, dup);
+    if (c->nfree == 0) {
+        c->stats.full++;
+        return -1;
+    }
+    int32_t slot = c->free_slots[--c->nfree];
+    struct fpc_flow *f = &c->flows[slot];
+    *f = *flow;
+    f->epoch = c->epoch;
+    f->client_packets = f->server_packets = 0;
+    f->client.ts_advanced = f->server.ts_advanced = 0;
+    f->touched_gen = 0;
+    f->punt_gen = 0;
+    uint32_t b = client_bucket(c, f);
+    f->next_c = c->cbuckets[b];
+    c->cbuckets[b] = slot;
+    b = server_bucket(c, f);
+    f->next_s = c->sbuckets[b];
+    c->sbuckets[b] = slot;
+    c->count++;
+    c->stats.installs++;
+    return slot;
+}
+
+struct fpc_flow *fpc_flow(struct fpc *c, int slot)
+{
+    if (slot < 0 || (uint32_t)slot >= c->capacity || c->flows[slot].conn_id < 0)
+        return NULL;
+    return &c->flows[slot];
+}
+
+int fpc_set_half(struct fpc *c, int slot, int dir, uint32_t next_seq, int64_t ack, uint32_t window_raw,
+                 uint64_t window, uint64_t max_window, int64_t tsval, int64_t ts_recent, uint64_t segments,
+                 uint64_t out_of_window)
+{
+    struct fpc_flow *f = fpc_flow(c, slot);
+    if (!f || (dir != FPC_CLIENT && dir != FPC_SERVER))
+        return -1;
+    struct fpc_half *h = dir == FPC_CLIENT ? &f->client : &f->server;
+    h->next_seq = next_seq;
+    h->has_ack = ack >= 0;
+    h->ack = ack >= 0 ? (uint32_t)ack : 0;
+    h->window_raw = window_raw;
+    h->window = window;
+    h->max_window = max_window;
+    h->has_tsval = tsval >= 0;
+    h->tsval = tsval >= 0 ? (uint32_t)tsval : 0;
+    h->has_ts_recent = ts_recent >= 0;
+    h->ts_recent = ts_recent >= 0 ? (uint32_t)ts_recent : 0;
+    h->segments = segments;
+    h->out_of_window = out_of_window;
+    return 0;
+}
+
+static int32_t lookup_client(const struct fpc *c, uint8_t fam, const uint8_t *src, uint16_t sport,
+                             const uint8_t *dst, uint16_t dport)
+{
+    size_t n = fam == 6 ? 16 : 4;
+    int32_t s = c->cbuckets[key_hash(fam, src, sport, dst, dport) & (c->nbuckets - 1)];
+    while (s >= 0) {
+        const struct fpc_flow *f = &c->flows[s];
+        if (f->family == fam && f->client_port == sport && f->vport == dport &&
+            !memcmp(f->client_addr, src, n) && !memcmp(f->vip, dst, n))
+            return s;
+        s = f->next_c;
+    }
+    return -1;
+}
+
+static int32_t lookup_server(const struct fpc *c, uint8_t fam, const uint8_t *src, uint16_t sport,
+                             const uint8_t *dst, uint16_t dport)
+{
+    size_t n = fam == 6 ? 16 : 4;
+    int32_t s = c->sbuckets[key_hash(fam, src, sport, dst, dport) & (c->nbuckets - 1)];
+    while (s >= 0) {
+        const struct fpc_flow *f = &c->flows[s];
+        if (f->family == fam && f->backend_port == sport && f->client_port == dport &&
+            !memcmp(f->backend_addr, src, n) && !memcmp(f->client_addr, dst, n))
+            return s;
+        s = f->next_s;
+    }
+    return -1;
+}
+
+void fpc_begin(struct fpc *c) { c->gen++; }
+
+/* The data of TCP option `kind` with total length `length`, or -1: nfq.packet.find_option. */
+static long find_option(const unsigned char *buf, size_t start, size_t end, unsigned kind, unsigned length)
+{
+    size_t o = start;
+    while (o < end) {
+        unsigned k = buf[o];
+        if (k == 0)
+            return -1;
+        if (k == 1) {
+            o++;
+            continue;
+        }
+        if (o + 1 >= end)
+            return -1;
+        unsigned ln = buf[o + 1];
+        if (ln < 2 || o + ln > end)
+            return -1;
+        if (k == kind && ln == length)
+            return (long)(o + 2);
+        o += ln;
+    }
+    return -1;
+}
+
+static void fold(struct fpc_half *me, uint32_t seq, uint32_t ack, uint16_t window, int has_ts, uint32_t tsval,
+                 uint32_t tsecr)
+{
+    me->segments++;
+    if (sdiff(seq, me->next_seq) >= (int32_t)MAX_JUMP || sdiff(seq, me->next_seq) <= -(int32_t)MAX_JUMP) {
+        me->out_of_window++;
+        return;
+    }
+    if (advances(me->next_seq, seq))
+        me->next_seq = seq;
+    if (!me->has_ack || advances(me->ack, ack)) {
+        me->ack = ack;
+        me->has_ack = 1;
+    }
+    if (me->ack == ack) {   /* the newest acknowledgment: its window is current */
+        me->window_raw = window;
+        me->window = (uint64_t)window << me->shift;
+        if (me->window > me->max_window)
+            me->max_window = me->window;
+    }
+    if (has_ts) {
+        if (!me->has_tsval || advances(me->tsval, tsval)) {
+            me->tsval = tsval;
+            me->has_tsval = 1;
+            me->ts_advanced = 1;
+        }
+        if (tsecr && (!me->has_ts_recent || advances(me->ts_recent, tsecr))) {
+            me->ts_recent = tsecr;
+            me->has_ts_recent = 1;
+        }
+    }
+}
+
+int fpc_packet(struct fpc *c, const unsigned char *pkt, uint32_t len)
+{
+    uint8_t fam;
+    size_t l4, total;
+    const unsigned char *src, *dst;
+    if (len < 40)
+        goto unusual;
+    if (pkt[0] >> 4 == 4) {
+        if (pkt[0] != 0x45 || pkt[9] != 6 || (rd16(pkt + 6) & 0x3fff))
+            goto unusual;
+        fam = 4;
+        l4 = 20;
+        total = rd16(pkt + 2);
+        src = pkt + 12;
+        dst = pkt + 16;
+    } else if (pkt[0] >> 4 == 6) {
+        if (pkt[6] != 6 || len < 60)
+            goto unusual;
+        fam = 6;
+        l4 = 40;
+        total = 40 + (size_t)rd16(pkt + 4);
+        src = pkt + 8;
+        dst = pkt + 24;
+    } else {
+        goto unusual;
+    }
+    if (total != len)
+        goto unusual;
+    size_t thl = (size_t)(pkt[l4 + 12] >> 4) * 4;
+    if (thl < 20 || l4 + thl > total)
+        goto unusual;
+    unsigned flags = pkt[l4 + 13];
+    uint16_t sport = rd16(pkt + l4), dport = rd16(pkt + l4 + 2);
+    int dir = FPC_CLIENT;
+    int32_t slot = lookup_client(c, fam, src, sport, dst, dport);
+    if (slot < 0) {
+        dir = FPC_SERVER;
+        slot = lookup_server(c, fam, src, sport, dst, dport);
+    }
+    if (slot < 0) {
+        c->stats.punted++;
+        c->stats.no_flow++;
+        return -1;
+    }
+    struct fpc_flow *f = &c->flows[slot];
+    if (f->epoch != c->epoch || !(f->dirs & dir) || f->punt_gen == c->gen) {
+        c->stats.stale++;
+        goto punt;
+    }
+    if (!(flags & TH_ACK) || (flags & (TH_SYN | TH_FIN | TH_RST | TH_URG)) || total != l4 + thl) {
+        c->stats.not_pure_ack++;
+        goto punt;
+    }
+    long ts = find_option(pkt, l4 + 20, l4 + thl, 8, 10);
+    fold(dir == FPC_CLIENT ? &f->client : &f->server, rd32(pkt + l4 + 4), rd32(pkt + l4 + 8),
+         rd16(pkt + l4 + 14), ts >= 0, ts >= 0 ? rd32(pkt + ts) : 0, ts >= 0 ? rd32(pkt + ts + 4) : 0);
+    if (dir == FPC_CLIENT)
+        f->client_packets++;
+    else
+        f->server_packets++;
+    if (f->touched_gen == 0) {   /* first fold since the last sync */
+        f->touched_gen = c->gen;
+        c->touched[c->ntouched++] = slot;
+    }
+    c->stats.fast++;
+    return slot;
+
+punt:
+    f->punt_gen = c->gen;   /* the rest of this flow's batch goes to Python too, in order */
+    c->stats.punted++;
+    return -1;
+unusual:
+    c->stats.punted++;
+    c->stats.unusual++;
+    return -1;
+}
+
+int fpc_touched(const struct fpc *c, const int32_t **slots)
+{
+    *slots = c->touched;
+    return (int)c->ntouched;
+}
+
+void fpc_synced(struct fpc *c)
+{
+    for (uint32_t i = 0; i < c->ntouched; i++) {
+        struct fpc_flow *f = &c->flows[c->touched[i]];
+        f->touched_gen = 0;
+        f->client_packets = f->server_packets = 0;
+        f->client.ts_advanced = f->server.ts_advanced = 0;
+    }
+    c->ntouched = 0;
+}
+
+int fpc_batch(struct fpc *c, struct nfqb *q, int n, int64_t clear_mark, int32_t *punted, int32_t *fast, int *nfast)
+{
+    struct nfqb_pkt *pkts = nfqb_packets(q);
+    int np = 0, nf = 0;
+    fpc_begin(c);
+    for (int i = 0; i < n; i++) {
+        struct nfqb_pkt *p = &pkts[i];
+        if (p->len != p->orig_len || fpc_packet(c, p->data, p->len) < 0) {
+            if (p->len != p->orig_len) {
+                c->stats.punted++;
+                c->stats.unusual++;
+            }
+            punted[np++] = i;
+            continue;
+        }
+        int64_t mark = clear_mark >= 0 && p->mark == (uint32_t)clear_mark ? 0 : -1;
+        nfqb_decide(q, i, 1, NULL, 0, mark);
+        fast[nf++] = i;
+    }
+    *nfast = nf;
+    return np;
+}

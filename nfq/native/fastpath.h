@@ -1,0 +1,86 @@
+/* The compiled fast path's flow cache: see fastpath.c for the theory of operation.
+ * This header is also the cffi declaration (nfq/native/build.py reads it between the marks). */
+#ifndef FASTPATH_H
+#define FASTPATH_H
+#include <stddef.h>
+#include <stdint.h>
+
+/* cffi-begin */
+#define FPC_CLIENT 1     /* client -> service packets of the flow may take the fast path */
+#define FPC_SERVER 2     /* backend -> client packets */
+
+/* what one end has put on the wire: the fields of checkpoint.ici.HalfConnection a pure
+ * acknowledgment can change, with has_* for the ones Python keeps as None until first seen */
+struct fpc_half {
+    uint32_t next_seq;
+    uint32_t ack;
+    uint32_t tsval;
+    uint32_t ts_recent;
+    uint32_t window_raw;
+    uint8_t has_ack;
+    uint8_t has_tsval;
+    uint8_t has_ts_recent;
+    uint8_t shift;          /* the window's scale for segments other than SYNs (0: unscaled) */
+    uint8_t ts_advanced;    /* tsval rose since the last sync: the owner stamps its clock sample */
+    uint64_t window;
+    uint64_t max_window;
+    uint64_t segments;
+    uint64_t out_of_window;
+};
+
+struct fpc_flow {
+    int64_t conn_id;                 /* -1: a free slot */
+    uint32_t epoch;                  /* the cache's epoch at its install (fpc_clear raises it) */
+    uint8_t family;                  /* 4 or 6 */
+    uint8_t dirs;                    /* FPC_CLIENT | FPC_SERVER */
+    uint8_t client_addr[16];         /* 4 bytes used for IPv4 */
+    uint8_t vip[16];
+    uint8_t backend_addr[16];
+    uint16_t client_port;
+    uint16_t vport;
+    uint16_t backend_port;
+    struct fpc_half client;
+    struct fpc_half server;
+    uint32_t client_packets;         /* taken by the fast path since the last sync */
+    uint32_t server_packets;
+    /* the cache's own */
+    uint32_t touched_gen;
+    uint32_t punt_gen;
+    int32_t next_c;
+    int32_t next_s;
+};
+
+struct fpc_stats {
+    uint64_t fast;          /* packets decided here */
+    uint64_t punted;        /* packets left to the Python engine */
+    uint64_t no_flow;       /* of those: no offloaded flow */
+    uint64_t not_pure_ack;  /* of those: SYN, FIN, RST, URG, no ACK, or a payload */
+    uint64_t unusual;       /* of those: IP options, extension headers, fragments, a truncated copy */
+    uint64_t stale;         /* of those: the flow's entry was from an older epoch, or its other packet punted */
+    uint64_t installs;
+    uint64_t removes;
+    uint64_t full;          /* installs refused: the cache was full */
+};
+
+struct fpc;
+struct nfqb;
+
+struct fpc *fpc_new(uint32_t capacity);
+void fpc_free(struct fpc *c);
+const struct fpc_stats *fpc_stats(const struct fpc *c);
+uint32_t fpc_count(const struct fpc *c);
+void fpc_clear(struct fpc *c);
+int fpc_install(struct fpc *c, const struct fpc_flow *flow);
+int fpc_remove(struct fpc *c, int slot, int64_t conn_id);
+struct fpc_flow *fpc_flow(struct fpc *c, int slot);
+int fpc_set_half(struct fpc *c, int slot, int dir, uint32_t next_seq, int64_t ack, uint32_t window_raw,
+                 uint64_t window, uint64_t max_window, int64_t tsval, int64_t ts_recent, uint64_t segments,
+                 uint64_t out_of_window);
+void fpc_begin(struct fpc *c);
+int fpc_packet(struct fpc *c, const unsigned char *pkt, uint32_t len);
+int fpc_touched(const struct fpc *c, const int32_t **slots);
+void fpc_synced(struct fpc *c);
+int fpc_batch(struct fpc *c, struct nfqb *q, int n, int64_t clear_mark, int32_t *punted, int32_t *fast,
+              int *nfast);
+/* cffi-end */
+#endif

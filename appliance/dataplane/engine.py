@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from checkpoint.addr import is_v6, pack
 from checkpoint.httpreplay import HttpTrack
@@ -56,12 +56,21 @@ from .gate import AckGate
 from .modes import ORDINARY, Held, Mode, Ordinary, Resumed, ResumedFlow, Resyncing, Spliced
 from .runtime import BackendRuntime, DataplaneCounters, ServiceRuntime
 
-if TYPE_CHECKING:
-    from .offload import Offload
-
 FENCE_RST_INTERVAL = 1.0  # seconds between RSTs to an old primary, per connection
 EVICTION_EVENT_INTERVAL = 1.0  # at most one HalfOpenEvicted event a second (a flood is one story)
 NO_BACKEND = "(reset)"    # the backend of a connection the gateway reset
+
+
+class FlowOffload(Protocol):
+    """What the engine tells the compiled fast path (``appliance.dataplane.offload.Offload``)."""
+
+    enabled: bool
+
+    def after(self, rec: ConnectionRecord, from_client: bool) -> None: ...
+
+    def clear(self) -> None: ...
+
+    def stats(self) -> dict[str, int | bool]: ...
 
 
 class ModeTable(dict[int, Mode]):
@@ -134,7 +143,7 @@ class Dataplane:
         self._backs: dict[tuple[bytes, int], tuple[ServiceRuntime, BackendRuntime, str]] = {}
         self.modes = ModeTable()   # conn id -> its mode; absent: ordinary
         # the compiled fast path's flows (appliance.dataplane.offload; None: every packet here)
-        self.offload: Offload | None = None
+        self.offload: FlowOffload | None = None
         self.http: dict[int, HttpTrack] = {}  # conn id -> its HTTP framing (replay = "http" services)
         self.outbox: list[Out] = []
         self.raw_out: list[bytearray] = []  # whole packets to send (held ACKs, re-injected segments)

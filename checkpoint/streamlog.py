@@ -68,9 +68,8 @@ import bisect
 from dataclasses import dataclass
 from typing import Callable
 
-import xxhash
-
-from . import memsearch
+from . import memsearch, xxh3
+from .xxh3 import Hasher
 
 CHUNK = 64 * 1024
 DIGEST_SIZE = 16
@@ -85,8 +84,8 @@ VOLATILE: dict[str, tuple[bytes, int]] = {
 }
 
 
-def _h() -> xxhash.xxh3_128:
-    return xxhash.xxh3_128()
+def _h() -> Hasher:
+    return xxh3.new()
 
 
 _EMPTY_DIGEST = _h().digest()  # the partial chunk's digest when it holds no bytes
@@ -267,7 +266,7 @@ class StreamDigest:
         # HTTP-aware replay: told the contiguous bytes before they are hashed, it returns
         # the stream offsets in them where a new message starts (there the digest cuts)
         self.cutter: Callable[[memoryview], list[int]] | None = None
-        self.cur: xxhash.xxh3_128 | None = _h()  # None while blind (end < blind_until)
+        self.cur: Hasher | None = _h()  # None while blind (end < blind_until)
         self.end = 0
         self.ooo: dict[int, bytes] = {}   # segments beyond a gap, until it fills
         self.overflow: str | None = None  # why hashing stopped (None: contiguous)
@@ -417,7 +416,7 @@ class StreamDigest:
             if self.end == nb:
                 self.chunks.append(cur.digest())
                 self.bounds.append(nb)
-                self.cur = _h()
+                cur.reset()  # in place: the fast path may hold this state (appliance.dataplane.offload)
 
     def _skip(self, mv: memoryview) -> memoryview:
         """Count (not hash) the blind bytes at the start of ``mv``."""

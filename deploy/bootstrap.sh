@@ -18,6 +18,7 @@ packages=(iptables nftables iproute2 procps libnetfilter-queue-dev libnfnetlink-
           keepalived  # VRRP for the two-gateway lab (`appliance lab up --gateways 2`)
           redis-server  # the gateway pair's replication transport (and its tests)
           libmnl-dev  # the native NFQUEUE binding (nfq/native) is built from source against it
+          libxxhash-dev  # the stream digest's XXH3 state shared with the fast path (checkpoint/native)
           clang-14 libclang-rt-14-dev)  # its fuzzing harness: libFuzzer, ASan, UBSan
 missing=()
 for p in "${packages[@]}"; do

@@ -15,6 +15,13 @@ without a Python call per packet.
   when the kernel's stateless rule rewrites the service's client packets to the connection's
   backend (the engine would pass them unchanged); backend->client ACKs when there is no
   delayed-ACK gate (memory store: the engine would pass them unchanged).
+* **The server's data** too, when its stream digest can be carried on in compiled code
+  (:meth:`Offload.digest_state`): a full digest (``verify = "full"``) hashing (not blind, not
+  resyncing, nothing out of order, no HTTP cuts) on the shared-state hasher
+  (:mod:`checkpoint.xxh3`), at most one volatile field, and the SIMD search in use.  Then a
+  segment in order, or one wholly retransmitted, is tracked, masked and hashed into the same
+  XXH3 state; the chunks it finishes are handed back at the sync.  Anything else (out of order,
+  overlapping, past the stream's limit) is Python's.
 * **Installed** after a packet of the connection the engine handled (:meth:`after`), with the
   fields of both halves a pure ACK can change.  When the engine handles a later packet of an
   offloaded connection (a data segment, a FIN), the half that packet changed is pushed again,
@@ -40,15 +47,21 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from checkpoint import memsearch
 from checkpoint.addr import is_v6, pack
 from checkpoint.ici import ConnectionRecord, HalfConnection, TcpState
+from checkpoint.seqnum import seq_add
+from checkpoint.streamlog import STREAM_LIMIT, VOLATILE, StreamDigest
+from checkpoint.xxh3 import NativeXXH3
 
 if TYPE_CHECKING:
     from .engine import Dataplane
 
 FPC_CLIENT = 1
 FPC_SERVER = 2
-STAT_FIELDS = ("fast", "punted", "no_flow", "not_pure_ack", "unusual", "stale", "installs", "removes", "full")
+FPC_SERVER_DATA = 4
+STAT_FIELDS = ("fast", "data_fast", "punted", "no_flow", "not_pure_ack", "not_in_order", "unusual", "stale",
+               "installs", "removes", "full")
 
 
 def _lib() -> tuple[Any, Any]:
@@ -73,6 +86,7 @@ class Offload:
         self.slots: dict[int, int] = {}  # conn id -> its slot in the cache
         self._spec = ffi.new("struct fpc_flow *")
         self._touched = ffi.new("const int32_t **")
+        self._chunks = ffi.new("const struct fpc_chunk **")
         dp.offload = self
         dp.table.on_change = self.forget
         dp.modes.on_change = self.forget
@@ -97,7 +111,8 @@ class Offload:
         dp = self.dp
         c, s = rec.client, rec.server
         if (rec.state is not TcpState.ESTABLISHED or rec.rst_seen or c.fin_seq is not None
-                or s.fin_seq is not None or c.next_seq is None or s.next_seq is None):
+                or s.fin_seq is not None or c.next_seq is None or s.next_seq is None or c.data_high is None
+                or s.data_high is None):
             return 0
         cid = rec.id
         if cid in dp.modes or cid in dp.http or dp.suspected(cid):
@@ -110,6 +125,17 @@ class Offload:
         if dp.gate is None:
             dirs |= FPC_SERVER
         return dirs
+
+    @staticmethod
+    def digest_state(rec: ConnectionRecord) -> StreamDigest | None:
+        """The record's digest when compiled code may carry it on (see the module's doc)."""
+        dg = rec.digest
+        if (type(dg) is not StreamDigest or dg.overflow is not None or dg.resync or dg.cutter is not None
+                or dg.ooo or dg.cur is None or dg.end < dg.blind_until or rec.server.isn is None
+                or not isinstance(dg.cur, NativeXXH3) or len(dg.volatile) > 1
+                or memsearch.implementation() != "memfind"):
+            return None
+        return dg
 
     def after(self, rec: ConnectionRecord, from_client: bool) -> None:
         """The engine handled a packet of ``rec``: push what it changed, install, or remove."""
@@ -128,6 +154,7 @@ class Offload:
             self._push(slot, FPC_CLIENT, c)
         else:
             self._push(slot, FPC_SERVER, s)
+            self._push_digest(slot, rec)
 
     def _install(self, rec: ConnectionRecord, dirs: int) -> None:
         ffi, f = self._ffi, self._spec
@@ -143,6 +170,21 @@ class Offload:
         scaled = rec.wscale_ok
         self._fill(f.client, rec.client, scaled)
         self._fill(f.server, rec.server, scaled)
+        d = f.dg
+        d.state = ffi.NULL
+        dg = self.digest_state(rec) if dirs & FPC_SERVER else None
+        if dg is not None:
+            assert rec.server.isn is not None and isinstance(dg.cur, NativeXXH3)
+            pattern, vlen = VOLATILE[dg.volatile[0]] if dg.volatile else (b"", 0)
+            d.plen, d.vlen = len(pattern), vlen
+            ffi.memmove(d.pattern, pattern, len(pattern))
+            d.base_seq = seq_add(rec.server.isn, 1)
+            d.limit = STREAM_LIMIT
+            d.state, d.end, d.grid, d.left = dg.cur.address, dg.end, dg.grid, dg.mask.left
+            tail = dg.mask.tail
+            ffi.memmove(d.tail, tail, len(tail))
+            d.ntail = len(tail)
+            f.dirs = dirs | FPC_SERVER_DATA
         slot = self._lib.fpc_install(self.cache, f)
         if slot >= 0:
             self.slots[rec.id] = slot
@@ -163,13 +205,24 @@ class Offload:
         fh.shift = (h.wscale or 0) if scaled else 0
         fh.segments = h.segments
         fh.out_of_window = h.out_of_window
+        fh.data_high = h.data_high or 0
+        fh.retransmissions = h.retransmissions
 
     def _push(self, slot: int, direction: int, h: HalfConnection) -> None:
         assert h.next_seq is not None
         self._lib.fpc_set_half(
             self.cache, slot, direction, h.next_seq, -1 if h.ack is None else h.ack, h.window_raw, h.window,
             h.max_window, -1 if h.tsval is None else h.tsval, -1 if h.ts_recent is None else h.ts_recent,
-            h.segments, h.out_of_window)
+            h.segments, h.out_of_window, h.data_high or 0, h.retransmissions)
+
+    def _push_digest(self, slot: int, rec: ConnectionRecord) -> None:
+        """The server's digest after the engine fed it: carried on here, or no longer."""
+        dg = self.digest_state(rec)
+        if dg is None or not isinstance(dg.cur, NativeXXH3):
+            self._lib.fpc_set_digest(self.cache, slot, self._ffi.NULL, 0, 0, 0, b"", 0)
+            return
+        tail = dg.mask.tail
+        self._lib.fpc_set_digest(self.cache, slot, dg.cur.address, dg.end, dg.grid, dg.mask.left, tail, len(tail))
 
     # --- after the cache has seen a batch ------------------------------------------------------
     def sync(self, now: float, fast_packets: list[memoryview] | None = None) -> int:
@@ -177,10 +230,19 @@ class Offload:
         lib, cache, dp = self._lib, self.cache, self.dp
         n = lib.fpc_touched(cache, self._touched)
         if n:
-            slots = self._touched[0]
             table, counters, store = dp.table, dp.counters, dp.store
-            for k in range(n):
-                f = lib.fpc_flow(cache, slots[k])
+            k = lib.fpc_chunks(cache, self._chunks)
+            if k:  # chunks the fast path finished, in order: onto their digests
+                chunks = self._chunks[0]
+                for i in range(k):
+                    ch = chunks[i]
+                    rec = table.by_id(lib.fpc_flow(cache, ch.slot).conn_id)
+                    if rec is not None and isinstance(rec.digest, StreamDigest):
+                        rec.digest.chunks.append(bytes(self._ffi.buffer(ch.digest, 16)))
+                        rec.digest.bounds.append(ch.bound)
+            slots = self._touched[0]
+            for j in range(n):
+                f = lib.fpc_flow(cache, slots[j])
                 rec = table.by_id(f.conn_id)
                 if rec is None:  # (removal hooks make this unreachable; never trusted)
                     continue
@@ -194,6 +256,15 @@ class Offload:
                 if sp:
                     _pull(rec.server, f.server, now)
                     counters.server_packets += sp
+                    d = f.dg
+                    if d.bytes:
+                        svc = dp.services[rec.service]
+                        svc.backends[rec.backend].bytes_from_server += d.bytes
+                        dg = rec.digest
+                        if f.dirs & FPC_SERVER_DATA and isinstance(dg, StreamDigest):
+                            dg.end = d.end
+                            dg.mask.tail = bytes(self._ffi.buffer(d.tail, d.ntail))
+                            dg.mask.left = d.left
                 rec.last_seen = now
                 table.touch(rec)
             lib.fpc_synced(cache)
@@ -230,3 +301,5 @@ def _pull(h: HalfConnection, fh: Any, now: float) -> None:
         h.ts_recent = fh.ts_recent
     h.segments = fh.segments
     h.out_of_window = fh.out_of_window
+    h.data_high = fh.data_high
+    h.retransmissions = fh.retransmissions

@@ -3,10 +3,12 @@
 * ``nfq.native._nfqbind``: the NFQUEUE binding (``nfq/native/nfqbind.c``) and the fast path's
   flow cache (``nfq/native/fastpath.c``);
 * ``checkpoint.native._memfind``: the digest's search for volatile fields
-  (``checkpoint/native/memfind.c``).
+  (``checkpoint/native/memfind.c``);
+* ``checkpoint.native._xxh3``: the digest's XXH3-128 state in shared memory
+  (``checkpoint/native/xxh3.c``, over Debian's libxxhash-dev header).
 
 Run by the README's set-up (``deploy/bootstrap.sh``): ``python -m nfq.native.build``.  It needs
-a C compiler, libnetfilter-queue-dev and libmnl-dev (Debian packages), and cffi (pip); nothing
+a C compiler, libnetfilter-queue-dev, libmnl-dev and libxxhash-dev (Debian packages), and cffi (pip); nothing
 prebuilt is downloaded.  ``--check`` exits 1 when a built module is older than its sources.
 """
 
@@ -26,6 +28,7 @@ class Module:
     source: Path         # its C source; the header beside it (same stem) holds the cffi declarations
     libraries: tuple[str, ...] = ()
     extra: tuple[Path, ...] = ()  # more C sources compiled in, each with its header's declarations
+    compiled: tuple[Path, ...] = ()  # C sources compiled in for the C code's own use (no declarations)
 
     @property
     def header(self) -> Path:
@@ -38,6 +41,12 @@ class Module:
     @property
     def headers(self) -> tuple[Path, ...]:
         return tuple(s.with_suffix(".h") for s in self.sources)
+
+    @property
+    def inputs(self) -> tuple[Path, ...]:
+        """Every file the built module depends on."""
+        own = (*self.sources, *self.compiled)
+        return (*own, *(s.with_suffix(".h") for s in own))
 
     @property
     def directory(self) -> Path:
@@ -54,13 +63,16 @@ class Module:
     def up_to_date(self) -> bool:
         so = self.built()
         return so is not None and all(so.stat().st_mtime >= s.stat().st_mtime
-                                      for s in (*self.sources, *self.headers, Path(__file__)))
+                                      for s in (*self.inputs, Path(__file__)))
 
 
 # the binding and the fast path's flow cache, which decides packets of the binding's batches
-NFQBIND = Module("nfq.native._nfqbind", HERE / "nfqbind.c", ("netfilter_queue", "mnl"), (HERE / "fastpath.c",))
+# (and masks volatile fields with the digest's search)
+NFQBIND = Module("nfq.native._nfqbind", HERE / "nfqbind.c", ("netfilter_queue", "mnl"), (HERE / "fastpath.c",),
+                 (ROOT / "checkpoint" / "native" / "memfind.c",))
 MEMFIND = Module("checkpoint.native._memfind", ROOT / "checkpoint" / "native" / "memfind.c")
-MODULES = (NFQBIND, MEMFIND)
+XXH3 = Module("checkpoint.native._xxh3", ROOT / "checkpoint" / "native" / "xxh3.c")
+MODULES = (NFQBIND, MEMFIND, XXH3)
 
 
 def cdef(header: Path) -> str:
@@ -80,7 +92,8 @@ def build(module: Module = NFQBIND) -> Path:
     ffi.cdef("".join(cdef(h) for h in module.headers))
     ffi.set_source(
         module.name, "".join(f'#include "{h.name}"\n' for h in module.headers),
-        sources=[str(s) for s in module.sources], include_dirs=[str(module.directory)],
+        sources=[str(s) for s in (*module.sources, *module.compiled)],
+        include_dirs=sorted({str(s.parent) for s in (*module.sources, *module.compiled)}),
         libraries=list(module.libraries),
         extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
     )

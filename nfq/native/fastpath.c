@@ -40,7 +40,11 @@
 
 #include <linux/netfilter.h>
 
+#define XXH_INLINE_ALL
+#include <xxhash.h>
+
 #include "fastpath.h"
+#include "memfind.h"
 #include "nfqbind.h"
 
 #define MAX_JUMP (1u << 30)
@@ -49,6 +53,8 @@
 #define TH_RST 0x04
 #define TH_ACK 0x10
 #define TH_URG 0x20
+#define MAX_MASKS 64          /* volatile values in one segment, at most (more: Python) */
+#define CHUNK_RING 4096       /* chunks finished between two syncs, at most */
 
 struct fpc {
     struct fpc_flow *flows;
@@ -61,6 +67,8 @@ struct fpc {
     uint32_t nbuckets;       /* of each; a power of two */
     int32_t *touched;        /* slots folded into since the last sync */
     uint32_t ntouched;
+    struct fpc_chunk *chunks; /* chunks finished since the last sync, in order */
+    uint32_t nchunks;
     uint32_t epoch;
     uint32_t gen;            /* the current batch */
     struct fpc_stats stats;
@@ -110,7 +118,8 @@ struct fpc *fpc_new(uint32_t capacity)
     c->cbuckets = malloc(sizeof(*c->cbuckets) * c->nbuckets);
     c->sbuckets = malloc(sizeof(*c->sbuckets) * c->nbuckets);
     c->touched = calloc(capacity, sizeof(*c->touched));
-    if (!c->flows || !c->free_slots || !c->cbuckets || !c->sbuckets || !c->touched) {
+    c->chunks = calloc(CHUNK_RING, sizeof(*c->chunks));
+    if (!c->flows || !c->free_slots || !c->cbuckets || !c->sbuckets || !c->touched || !c->chunks) {
         fpc_free(c);
         return NULL;
     }
@@ -135,6 +144,7 @@ void fpc_free(struct fpc *c)
     free(c->cbuckets);
     free(c->sbuckets);
     free(c->touched);
+    free(c->chunks);
     free(c);
 }
 
@@ -191,6 +201,7 @@ void fpc_clear(struct fpc *c)
     c->nfree = c->capacity;
     c->count = 0;
     c->ntouched = 0;
+    c->nchunks = 0;
     c->epoch++;
 }
 
@@ -221,6 +232,10 @@ int fpc_install(struct fpc *c, const struct fpc_flow *flow)
     f->epoch = c->epoch;
     f->client_packets = f->server_packets = 0;
     f->client.ts_advanced = f->server.ts_advanced = 0;
+    f->dg.bytes = 0;
+    if (!f->dg.state || f->dg.plen > sizeof(f->dg.pattern) || f->dg.ntail > sizeof(f->dg.tail) ||
+        (f->dg.plen && f->dg.ntail >= f->dg.plen) || (!f->dg.plen && f->dg.ntail))
+        f->dirs &= (uint8_t)~FPC_SERVER_DATA;
     f->touched_gen = 0;
     f->punt_gen = 0;
     uint32_t b = client_bucket(c, f);
@@ -243,7 +258,7 @@ struct fpc_flow *fpc_flow(struct fpc *c, int slot)
 
 int fpc_set_half(struct fpc *c, int slot, int dir, uint32_t next_seq, int64_t ack, uint32_t window_raw,
                  uint64_t window, uint64_t max_window, int64_t tsval, int64_t ts_recent, uint64_t segments,
-                 uint64_t out_of_window)
+                 uint64_t out_of_window, uint32_t data_high, uint64_t retransmissions)
 {
     struct fpc_flow *f = fpc_flow(c, slot);
     if (!f || (dir != FPC_CLIENT && dir != FPC_SERVER))
@@ -261,7 +276,38 @@ int fpc_set_half(struct fpc *c, int slot, int dir, uint32_t next_seq, int64_t ac
     h->ts_recent = ts_recent >= 0 ? (uint32_t)ts_recent : 0;
     h->segments = segments;
     h->out_of_window = out_of_window;
+    h->data_high = data_high;
+    h->retransmissions = retransmissions;
     return 0;
+}
+
+int fpc_set_digest(struct fpc *c, int slot, void *state, uint32_t end, uint32_t grid, uint32_t left,
+                   const uint8_t *tail, uint32_t ntail)
+{
+    struct fpc_flow *f = fpc_flow(c, slot);
+    if (!f)
+        return -1;
+    struct fpc_digest *d = &f->dg;
+    if (!state || !(f->dirs & FPC_SERVER) || ntail > sizeof(d->tail) || (d->plen && ntail >= d->plen) ||
+        (!d->plen && ntail)) {
+        f->dirs &= (uint8_t)~FPC_SERVER_DATA;
+        d->state = NULL;
+        return state ? -1 : 0;
+    }
+    d->state = state;
+    d->end = end;
+    d->grid = grid;
+    d->left = left;
+    memcpy(d->tail, tail, ntail);
+    d->ntail = (uint8_t)ntail;
+    f->dirs |= FPC_SERVER_DATA;
+    return 0;
+}
+
+int fpc_chunks(const struct fpc *c, const struct fpc_chunk **chunks)
+{
+    *chunks = c->chunks;
+    return (int)c->nchunks;
 }
 
 static int32_t lookup_client(const struct fpc *c, uint8_t fam, const uint8_t *src, uint16_t sport,
@@ -320,16 +366,24 @@ static long find_option(const unsigned char *buf, size_t start, size_t end, unsi
     return -1;
 }
 
-static void fold(struct fpc_half *me, uint32_t seq, uint32_t ack, uint16_t window, int has_ts, uint32_t tsval,
-                 uint32_t tsecr)
+/* checkpoint.tracker.observe for a segment without SYN, FIN or RST, ACK set, plen bytes of payload */
+static void fold(struct fpc_half *me, uint32_t seq, uint32_t plen, uint32_t ack, uint16_t window, int has_ts,
+                 uint32_t tsval, uint32_t tsecr)
 {
     me->segments++;
     if (sdiff(seq, me->next_seq) >= (int32_t)MAX_JUMP || sdiff(seq, me->next_seq) <= -(int32_t)MAX_JUMP) {
         me->out_of_window++;
         return;
     }
-    if (advances(me->next_seq, seq))
-        me->next_seq = seq;
+    uint32_t end = seq + plen;
+    if (plen) {
+        if (advances(me->data_high, end))
+            me->data_high = end;
+        else
+            me->retransmissions++;
+    }
+    if (advances(me->next_seq, end))
+        me->next_seq = end;
     if (!me->has_ack || advances(me->ack, ack)) {
         me->ack = ack;
         me->has_ack = 1;
@@ -351,6 +405,128 @@ static void fold(struct fpc_half *me, uint32_t seq, uint32_t ack, uint16_t windo
             me->has_ts_recent = 1;
         }
     }
+}
+
+/* --- the stream digest (checkpoint.streamlog.StreamDigest._hash and Masker) ---------------- */
+
+struct masks {
+    uint32_t n;
+    uint32_t start[MAX_MASKS + 1];
+    uint32_t stop[MAX_MASKS + 1];
+    uint32_t left;              /* Masker.left after this data */
+};
+
+/* Where Masker.__call__ would put '*' in data (p, n), reading d's masker state; -1: more values
+ * than MAX_MASKS (Python masks that segment).  Nothing is changed. */
+static int plan_masks(const struct fpc_digest *d, const uint8_t *p, uint32_t n, struct masks *m)
+{
+    m->n = 0;
+    m->left = d->left;
+    if (!d->plen)
+        return 0;
+    uint32_t plen = d->plen, keep = plen - 1;
+    if (m->left) {
+        uint32_t k = m->left < n ? m->left : n;
+        m->start[m->n] = 0;
+        m->stop[m->n++] = k;
+        m->left -= k;
+    }
+    uint32_t ends[MAX_MASKS + 1], ne = 0;
+    uint32_t t = d->ntail;
+    if (t) {   /* a pattern that begins in the tail and ends in this data */
+        uint8_t edge[32];
+        uint32_t ek = keep < n ? keep : n;
+        memcpy(edge, d->tail, t);
+        memcpy(edge + t, p, ek);
+        for (uint32_t i = 0; i < t; i++)
+            if (i + plen <= t + ek && !memcmp(edge + i, d->pattern, plen) && i + plen > t) {
+                if (ne == MAX_MASKS)
+                    return -1;
+                ends[ne++] = i + plen - t;
+            }
+    }
+    size_t from = 0;
+    while (from + plen <= n) {
+        int64_t i = mf_find(p + from, n - from, d->pattern, plen);
+        if (i < 0)
+            break;
+        if (ne == MAX_MASKS)
+            return -1;
+        ends[ne++] = (uint32_t)(from + (size_t)i + plen);
+        from += (size_t)i + 1;
+    }
+    for (uint32_t j = 0; j < ne; j++) {
+        uint32_t start = ends[j], stop = start + d->vlen;
+        uint32_t k = (stop < n ? stop : n) > start ? (stop < n ? stop : n) - start : 0;
+        m->start[m->n] = start;
+        m->stop[m->n++] = start + k;
+        if (stop > n && stop - n > m->left)
+            m->left = stop - n;
+    }
+    return 0;
+}
+
+static void hash_bytes(struct fpc *c, int32_t slot, struct fpc_digest *d, const uint8_t *src, uint32_t len)
+{
+    while (len) {
+        uint32_t nb = d->grid + ((d->end - d->grid) / FPC_CHUNK + 1) * FPC_CHUNK;
+        uint32_t part = len < nb - d->end ? len : nb - d->end;
+        XXH3_128bits_update(d->state, src, part);
+        d->end += part;
+        src += part;
+        len -= part;
+        if (d->end == nb) {   /* a chunk is whole: its digest for the owner, the state afresh */
+            struct fpc_chunk *ch = &c->chunks[c->nchunks++];
+            XXH128_canonical_t can;
+            XXH128_canonicalFromHash(&can, XXH3_128bits_digest(d->state));
+            memcpy(ch->digest, can.digest, 16);
+            ch->slot = slot;
+            ch->bound = nb;
+            XXH3_128bits_reset(d->state);
+        }
+    }
+}
+
+static void hash_masked(struct fpc *c, int32_t slot, struct fpc_digest *d, const uint8_t *p, uint32_t n,
+                        const struct masks *m)
+{
+    static const uint8_t stars[64] = {
+        '*', '*', '*', '*', '*', '*', '*', '*', '*', '*', '*', '*', '*', '*', '*', '*',
+        '*', '*', '*', '*', '*', '*', '*', '*', '*', '*', '*', '*', '*', '*', '*', '*',
+        '*', '*', '*', '*', '*', '*', '*', '*', '*', '*', '*', '*', '*', '*', '*', '*',
+        '*', '*', '*', '*', '*', '*', '*', '*', '*', '*', '*', '*', '*', '*', '*', '*'};
+    uint32_t pos = 0;
+    for (uint32_t j = 0; j < m->n; j++) {   /* starts ascend; a mask may overlap the one before */
+        uint32_t s = m->start[j], e = m->stop[j];
+        if (s > pos) {
+            hash_bytes(c, slot, d, p + pos, s - pos);
+            pos = s;
+        }
+        while (e > pos) {
+            uint32_t k = e - pos < sizeof(stars) ? e - pos : (uint32_t)sizeof(stars);
+            hash_bytes(c, slot, d, stars, k);
+            pos += k;
+        }
+    }
+    if (n > pos)
+        hash_bytes(c, slot, d, p + pos, n - pos);
+    /* the masker's tail: the stream's last keep bytes, unmasked */
+    if (d->plen) {
+        uint32_t keep = d->plen - 1u;
+        if (n >= keep) {
+            memcpy(d->tail, p + n - keep, keep);
+            d->ntail = (uint8_t)keep;
+        } else {
+            uint8_t joined[32];
+            uint32_t t = d->ntail;
+            memcpy(joined, d->tail, t);
+            memcpy(joined + t, p, n);
+            uint32_t total = t + n, k = total < keep ? total : keep;
+            memcpy(d->tail, joined + total - k, k);
+            d->ntail = (uint8_t)k;
+        }
+    }
+    d->left = m->left;
 }
 
 int fpc_packet(struct fpc *c, const unsigned char *pkt, uint32_t len)
@@ -402,13 +578,37 @@ int fpc_packet(struct fpc *c, const unsigned char *pkt, uint32_t len)
         c->stats.stale++;
         goto punt;
     }
-    if (!(flags & TH_ACK) || (flags & (TH_SYN | TH_FIN | TH_RST | TH_URG)) || total != l4 + thl) {
+    if (!(flags & TH_ACK) || (flags & (TH_SYN | TH_FIN | TH_RST | TH_URG))) {
         c->stats.not_pure_ack++;
         goto punt;
     }
+    uint32_t plen = (uint32_t)(total - l4 - thl);
+    uint32_t seq = rd32(pkt + l4 + 4);
+    struct masks m;
+    int hash = 0;
+    if (plen) {   /* a data segment: the server's, in order, hashed here; anything else is Python's */
+        if (dir != FPC_SERVER || !(f->dirs & FPC_SERVER_DATA)) {
+            c->stats.not_pure_ack++;
+            goto punt;
+        }
+        struct fpc_digest *d = &f->dg;
+        int64_t off = (int32_t)(seq - d->base_seq);   /* checkpoint.seqnum.seq_diff */
+        if (off + plen > d->end) {                     /* new bytes (else a retransmission: no digest) */
+            if (off != d->end || (uint64_t)off + plen > d->limit ||
+                c->nchunks + plen / FPC_CHUNK + 2 > CHUNK_RING || plan_masks(d, pkt + l4 + thl, plen, &m) < 0) {
+                c->stats.not_in_order++;
+                goto punt;
+            }
+            hash = 1;
+        }
+        f->dg.bytes += plen;
+        c->stats.data_fast++;
+    }
     long ts = find_option(pkt, l4 + 20, l4 + thl, 8, 10);
-    fold(dir == FPC_CLIENT ? &f->client : &f->server, rd32(pkt + l4 + 4), rd32(pkt + l4 + 8),
-         rd16(pkt + l4 + 14), ts >= 0, ts >= 0 ? rd32(pkt + ts) : 0, ts >= 0 ? rd32(pkt + ts + 4) : 0);
+    fold(dir == FPC_CLIENT ? &f->client : &f->server, seq, plen, rd32(pkt + l4 + 8), rd16(pkt + l4 + 14), ts >= 0,
+         ts >= 0 ? rd32(pkt + ts) : 0, ts >= 0 ? rd32(pkt + ts + 4) : 0);
+    if (hash)
+        hash_masked(c, slot, &f->dg, pkt + l4 + thl, plen, &m);
     if (dir == FPC_CLIENT)
         f->client_packets++;
     else
@@ -443,8 +643,10 @@ void fpc_synced(struct fpc *c)
         f->touched_gen = 0;
         f->client_packets = f->server_packets = 0;
         f->client.ts_advanced = f->server.ts_advanced = 0;
+        f->dg.bytes = 0;
     }
     c->ntouched = 0;
+    c->nchunks = 0;
 }
 
 int fpc_batch(struct fpc *c, struct nfqb *q, int n, int64_t clear_mark, int32_t *punted, int32_t *fast, int *nfast)

@@ -7,7 +7,9 @@
 
 /* cffi-begin */
 #define FPC_CLIENT 1     /* client -> service packets of the flow may take the fast path */
-#define FPC_SERVER 2     /* backend -> client packets */
+#define FPC_SERVER 2     /* backend -> client pure ACKs */
+#define FPC_SERVER_DATA 4  /* backend -> client data segments in order: tracked and hashed here */
+#define FPC_CHUNK 65536    /* checkpoint.streamlog.CHUNK */
 
 /* what one end has put on the wire: the fields of checkpoint.ici.HalfConnection a pure
  * acknowledgment can change, with has_* for the ones Python keeps as None until first seen */
@@ -17,6 +19,7 @@ struct fpc_half {
     uint32_t tsval;
     uint32_t ts_recent;
     uint32_t window_raw;
+    uint32_t data_high;     /* highest end of payload seen (install requires it known) */
     uint8_t has_ack;
     uint8_t has_tsval;
     uint8_t has_ts_recent;
@@ -26,6 +29,31 @@ struct fpc_half {
     uint64_t max_window;
     uint64_t segments;
     uint64_t out_of_window;
+    uint64_t retransmissions;
+};
+
+/* the server stream's digest while its data is hashed here: the fields of
+ * checkpoint.streamlog.StreamDigest and its Masker that a segment in order changes */
+struct fpc_digest {
+    void *state;            /* the running XXH3-128 state, shared with Python (checkpoint.xxh3) */
+    uint32_t base_seq;      /* the sequence number of stream offset 0: the server's ISN + 1 */
+    uint32_t end;           /* stream bytes hashed */
+    uint32_t grid;          /* chunks end at grid + k * FPC_CHUNK */
+    uint32_t limit;         /* the stream's end (2**31): a segment past it goes to Python */
+    uint32_t left;          /* bytes still to mask at the start of the next data */
+    uint8_t tail[16];       /* the last bytes of the stream, where a pattern may have begun */
+    uint8_t ntail;
+    uint8_t plen;           /* the volatile field's pattern (0: nothing masked) */
+    uint8_t pattern[16];
+    uint32_t vlen;          /* the length of its value */
+    uint64_t bytes;         /* payload bytes taken here since the last sync */
+};
+
+/* a chunk finished here, for the owner to append to the digest (fpc_chunks) */
+struct fpc_chunk {
+    int32_t slot;
+    uint32_t bound;
+    uint8_t digest[16];
 };
 
 struct fpc_flow {
@@ -41,6 +69,7 @@ struct fpc_flow {
     uint16_t backend_port;
     struct fpc_half client;
     struct fpc_half server;
+    struct fpc_digest dg;            /* used with FPC_SERVER_DATA */
     uint32_t client_packets;         /* taken by the fast path since the last sync */
     uint32_t server_packets;
     /* the cache's own */
@@ -57,6 +86,8 @@ struct fpc_stats {
     uint64_t not_pure_ack;  /* of those: SYN, FIN, RST, URG, no ACK, or a payload */
     uint64_t unusual;       /* of those: IP options, extension headers, fragments, a truncated copy */
     uint64_t stale;         /* of those: the flow's entry was from an older epoch, or its other packet punted */
+    uint64_t data_fast;     /* data segments hashed here (counted in fast too) */
+    uint64_t not_in_order;  /* punted data: out of order, overlapping, past the limit, too many fields */
     uint64_t installs;
     uint64_t removes;
     uint64_t full;          /* installs refused: the cache was full */
@@ -75,7 +106,10 @@ int fpc_remove(struct fpc *c, int slot, int64_t conn_id);
 struct fpc_flow *fpc_flow(struct fpc *c, int slot);
 int fpc_set_half(struct fpc *c, int slot, int dir, uint32_t next_seq, int64_t ack, uint32_t window_raw,
                  uint64_t window, uint64_t max_window, int64_t tsval, int64_t ts_recent, uint64_t segments,
-                 uint64_t out_of_window);
+                 uint64_t out_of_window, uint32_t data_high, uint64_t retransmissions);
+int fpc_set_digest(struct fpc *c, int slot, void *state, uint32_t end, uint32_t grid, uint32_t left,
+                   const uint8_t *tail, uint32_t ntail);
+int fpc_chunks(const struct fpc *c, const struct fpc_chunk **chunks);
 void fpc_begin(struct fpc *c);
 int fpc_packet(struct fpc *c, const unsigned char *pkt, uint32_t len);
 int fpc_touched(const struct fpc *c, const int32_t **slots);

@@ -14,7 +14,7 @@ and RSTs, in batches of any size.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from appliance.config import parse
 from appliance.dataplane import Dataplane
-from appliance.dataplane.offload import FPC_SERVER, Offload
+from appliance.dataplane.offload import FPC_CLIENT, FPC_SERVER, FPC_SERVER_DATA, Offload
 from checkpoint.seqnum import seq_add
 from nfq.build import tcp_options, tcp_packet
 from nfq.native import _lib
@@ -66,7 +66,7 @@ class Conn:
     s_seq: int
     c_ts: int = 1000
     s_ts: int = 90000
-    sent: list[tuple[str, int]] = field(default_factory=list)
+    s_base: int = 0   # the server's stream offset 0 (its ISN + 1), once the handshake is written
 
     def c2s(self, seq: int, ack: int, flags: int, data: bytes = b"", window: int = 2000,
             tsval: int | None = None, tsecr: int | None = None, syn: bool = False) -> bytes:
@@ -83,6 +83,7 @@ class Conn:
     def handshake(self) -> list[bytes]:
         c, s = self.c_seq, self.s_seq
         self.c_seq, self.s_seq = seq_add(c, 1), seq_add(s, 1)
+        self.s_base = self.s_seq
         return [self.c2s(c, 0, SYN, tsval=self.c_ts, tsecr=0, syn=True),
                 self.s2c(s, self.c_seq, SYN | ACK, tsval=self.s_ts, tsecr=self.c_ts, syn=True),
                 self.c2s(self.c_seq, self.s_seq, ACK, tsval=self.c_ts + 1, tsecr=self.s_ts)]
@@ -90,7 +91,7 @@ class Conn:
 
 # what one step of the writer does: (kind, knobs drawn by hypothesis)
 STEP = st.tuples(
-    st.sampled_from(["c_ack"] * 6 + ["s_ack"] * 6 + ["c_data"] * 3 + ["s_data"] * 3
+    st.sampled_from(["c_ack"] * 6 + ["s_ack"] * 6 + ["c_data"] * 3 + ["s_data"] * 4 + ["s_bulk"] * 3
                     + ["c_odd", "s_odd", "c_fin", "s_fin", "rst"]),
     st.integers(0, 1),                      # which connection
     st.integers(-3, 3),                     # how far the sequence number is from the end's next
@@ -99,7 +100,53 @@ STEP = st.tuples(
     st.sampled_from([None, 0, 1, -1, 2, 1 << 30, 1 << 31]),  # the TSval's step (None: no option)
     st.integers(1, 300),                    # payload length (data steps)
     st.integers(0, 5),                      # 0: a TSecr of 0 (not an echo), else the peer's TSval
+    st.integers(0, 5),                      # server data: where "\r\nDate: " values sit in it
 )
+
+DATE = b"\r\nDate: "
+VALUE = b"Sun, 06 Nov 1994 08:49:37 GMT"
+
+
+def _stream() -> bytes:
+    """What the servers send: bytes with volatile values every few dozen to few thousand bytes
+    (so segments cut patterns and values at every position), 1 MiB, repeated."""
+    rnd = random.Random(7)
+    out = bytearray()
+    while len(out) < 1 << 20:
+        out += bytes(rnd.randrange(256) for _ in range(rnd.choice((3, 40, 700, 3000))))
+        out += DATE + VALUE if rnd.random() < 0.9 else DATE[:rnd.randrange(1, len(DATE))]
+    return bytes(out[:1 << 20])
+
+
+STREAM = _stream()
+
+
+def stream_at(offset: int, n: int) -> bytes:
+    o = offset % len(STREAM)
+    out = STREAM[o:o + n]
+    while len(out) < n:
+        out += STREAM[:n - len(out)]
+    return out
+
+
+def body(n: int, shape: int, salt: int) -> bytes:
+    """n bytes of server data with volatile values where ``shape`` says: none, at the start, a
+    pattern cut by the segment's end, a value cut by it, many, or a value at the very end."""
+    base = bytes((salt + i * 7) & 0xFF for i in range(256)) * (n // 256 + 1)
+    field = DATE + VALUE
+    if shape == 0:
+        b = base
+    elif shape == 1:
+        b = field + base
+    elif shape == 2:
+        b = base[:max(0, n - 4)] + DATE
+    elif shape == 3:
+        b = base[:max(0, n - len(DATE) - 10)] + field
+    elif shape == 4:
+        b = (field + base[:50]) * (n // 87 + 1)
+    else:
+        b = base[:max(0, n - len(field))] + field
+    return b[:n]
 
 
 def writer(steps: list[tuple[Any, ...]], v6: bool) -> list[bytes]:
@@ -110,7 +157,7 @@ def writer(steps: list[tuple[Any, ...]], v6: bool) -> list[bytes]:
     out: list[bytes] = []
     for c in conns:
         out += c.handshake()
-    for kind, which, dseq, dack, window, dts, n, zero_ecr in steps:
+    for kind, which, dseq, dack, window, dts, n, zero_ecr, shape in steps:
         c = conns[which]
         jump = {-3: -(1 << 30), 3: 1 << 30}.get(dseq, dseq * 700)
         ajump = {-3: -(1 << 31), 3: (1 << 30) + 5}.get(dack, dack * 500)
@@ -136,11 +183,15 @@ def writer(steps: list[tuple[Any, ...]], v6: bool) -> list[bytes]:
             seq = seq_add(c.c_seq, min(jump, 0))  # a retransmission, or new data
             out.append(c.c2s(seq, c.s_seq, ACK | PSH, bytes(n), window=window, tsval=ts, tsecr=ecr))
             c.c_seq = max(c.c_seq, seq_add(seq, n)) if abs(dseq) < 3 else c.c_seq
-        elif kind == "s_data":
-            seq = seq_add(c.s_seq, min(jump, 0))
-            out.append(c.s2c(seq, c.c_seq, ACK | PSH, bytes(range(256)) * (n // 256) + bytes(n % 256),
-                             window=window, tsval=ts, tsecr=ecr))
-            c.s_seq = max(c.s_seq, seq_add(seq, n)) if abs(dseq) < 3 else c.s_seq
+        elif kind in ("s_data", "s_bulk"):
+            if kind == "s_bulk":  # a GSO super-packet's worth: chunk boundaries are crossed
+                n = 20000 + n * 150
+            seq = seq_add(c.s_seq, min(jump, 0) if dseq != 2 else n)  # (2: a gap, out of order)
+            n += shape
+            data = stream_at((seq - c.s_base) & 0xFFFFFFFF, n)  # the same bytes again when retransmitted
+            out.append(c.s2c(seq, c.c_seq, ACK | PSH, data, window=window, tsval=ts, tsecr=ecr))
+            if abs(dseq) < 3 and dseq != 2:
+                c.s_seq = seq_add(c.s_seq, n) if seq == c.s_seq else c.s_seq
         elif kind == "c_odd":   # pure ACKs the cache must leave to Python
             out.append(c.c2s(c.c_seq, c.s_seq, ACK | URG, window=window, tsval=ts, tsecr=ecr))
         elif kind == "s_odd":
@@ -184,7 +235,13 @@ def run_both(cfg: dict[str, Any], packets: list[bytes], cuts: list[int], kernel_
         assert got == want, f"batch {b_i}: verdicts differ"
         assert same_records(spec, fast, now)
         assert spec.counters.as_dict() == fast.counters.as_dict(), f"batch {b_i}: counters differ"
+        assert backend_bytes(spec) == backend_bytes(fast), f"batch {b_i}: backend byte counts differ"
     return spec, fast, taken
+
+
+def backend_bytes(dp: Dataplane) -> dict[str, tuple[int, int]]:
+    return {b.name: (b.bytes_from_client, b.bytes_from_server) for s in dp.services.values()
+            for b in s.backends.values()}
 
 
 def same_records(a: Dataplane, b: Dataplane, now: float) -> bool:
@@ -198,6 +255,12 @@ def same_records(a: Dataplane, b: Dataplane, now: float) -> bool:
             ha, hb = getattr(r, side), getattr(o, side)
             assert (ha.window_raw, ha.max_window, ha.out_of_window, ha.ts_first, ha.ts_last, ha.data_high) == \
                    (hb.window_raw, hb.max_window, hb.out_of_window, hb.ts_first, hb.ts_last, hb.data_high), side
+        da_, db_ = r.digest, o.digest
+        assert (da_ is None) == (db_ is None)
+        if da_ is not None and db_ is not None:  # the stream digest, chunk by chunk, and its masker
+            assert da_.snapshot() == db_.snapshot()
+            assert (da_.mask.tail, da_.mask.left, da_.overflow, sorted(da_.ooo)) == \
+                   (db_.mask.tail, db_.mask.left, db_.overflow, sorted(db_.ooo))
     return True
 
 
@@ -216,34 +279,83 @@ def test_they_agree_where_the_appliance_rewrites_client_packets(steps: list[tupl
     _, fast, _ = run_both(config(), writer(steps, False), cuts, kernel_rewrites=False)
     off = fast.offload
     assert off is not None
-    assert all(off._lib.fpc_flow(off.cache, s).dirs == FPC_SERVER for s in off.slots.values())
+    assert all(off._lib.fpc_flow(off.cache, s).dirs & (FPC_CLIENT | FPC_SERVER) == FPC_SERVER
+               for s in off.slots.values())
 
 
-def download(packets: int, v6: bool = False) -> list[bytes]:
+def download(packets: int, v6: bool = False, size: int = 1400, many: set[int] | None = None) -> list[bytes]:
+    """A handshake, a request, then ``packets`` data segments of ``size`` bytes, each
+    acknowledged; volatile values in varied places (``many``: those segments full of them)."""
     c = Conn(CLIENT6 if v6 else CLIENT, PRIMARY6 if v6 else PRIMARY, VIP6 if v6 else VIP, 40000, 1000, 5000)
     out = c.handshake()
     out.append(c.c2s(c.c_seq, c.s_seq, ACK | PSH, b"GET / HTTP/1.1\r\n\r\n", tsval=1002, tsecr=90000))
     c.c_seq = seq_add(c.c_seq, 18)
     for i in range(packets):
-        out.append(c.s2c(c.s_seq, c.c_seq, ACK, bytes(1400), tsval=90001 + i, tsecr=1002 + i))
-        c.s_seq = seq_add(c.s_seq, 1400)
+        shape = (0, 1, 2, 3, 5)[i % 5] if many is None else (4 if i in many else 0)
+        out.append(c.s2c(c.s_seq, c.c_seq, ACK, body(size, shape, i), tsval=90001 + i, tsecr=1002 + i))
+        c.s_seq = seq_add(c.s_seq, size)
         out.append(c.c2s(c.c_seq, c.s_seq, ACK, window=3000 + i, tsval=1003 + i, tsecr=90001 + i))
     return out
 
 
 @pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
-def test_a_downloads_acknowledgments_take_the_fast_path(v6: bool) -> None:
-    """Every client ACK after the first data segment is decided by the cache (the engine sees
-    the handshake, the request and the data); the records still agree.  (A data segment and
-    the ACK after it come on different queues, so in different batches: one packet a batch
-    here.  In one batch the ACK would follow its connection's punted segment to Python.)"""
-    pkts = download(50, v6)
-    _, fast, taken = run_both(config(), pkts, cuts=list(range(len(pkts))))
-    assert taken == 50
+@pytest.mark.parametrize("size", [1400, 65000], ids=["segments", "super-packets"])
+def test_a_downloads_data_and_acknowledgments_take_the_fast_path(v6: bool, size: int) -> None:
+    """After the handshake and the request (which the engine sees), every server data segment
+    (tracked, masked, hashed across chunk boundaries) and every client ACK is decided by the
+    cache; the records, digests included, still agree.  (A data segment and the ACK after it
+    come on different queues, so in different batches: one packet a batch here.  In one batch
+    the ACK would follow its connection's punted segment to Python.)"""
+    pkts = download(50, v6, size)
+    spec, fast, taken = run_both(config(), pkts, cuts=list(range(len(pkts))))
+    assert taken == 100  # the request installed the flow, its digest with it
     off = fast.offload
     assert off is not None
     s = off.stats()
-    assert s["fast"] == 50 and s["flows"] == 1 and s["installs"] == 1
+    assert s["data_fast"] == 50 and s["flows"] == 1 and s["installs"] == 1
+    dg = spec.connections()[0].digest
+    assert dg is not None and dg.end == 50 * size and len(dg.chunks) == 50 * size // 65536
+
+
+def test_every_cut_through_a_volatile_value_is_masked_alike() -> None:
+    """Segments one byte shorter than the stream's period (filler, a pattern, a value): their
+    boundaries fall at every position of the pattern and of the value in turn."""
+    period = b"f" * 37 + DATE + VALUE
+    stream = period * 200
+    c = Conn(CLIENT, PRIMARY, VIP, 40000, 1000, 5000)
+    pkts = c.handshake()
+    pkts.append(c.c2s(c.c_seq, c.s_seq, ACK | PSH, b"GET / HTTP/1.1\r\n\r\n", tsval=1002, tsecr=90000))
+    c.c_seq = seq_add(c.c_seq, 18)
+    size = len(period) - 1
+    for i in range(len(period) + 2):
+        pkts.append(c.s2c(c.s_seq, c.c_seq, ACK, stream[i * size:(i + 1) * size], tsval=90001 + i, tsecr=1002))
+        c.s_seq = seq_add(c.s_seq, size)
+    spec, fast, _ = run_both(config(), pkts, cuts=list(range(len(pkts))))
+    off = fast.offload
+    assert off is not None and off.stats()["data_fast"] == len(period) + 2
+
+
+def test_a_segment_with_more_values_than_the_cache_masks_goes_to_python() -> None:
+    pkts = download(6, size=65000, many={2, 3})  # some 750 values in each of those two
+    _, fast, taken = run_both(config(), pkts, cuts=list(range(len(pkts))))
+    off = fast.offload
+    assert off is not None
+    assert off.stats()["data_fast"] == 4 and off.stats()["not_in_order"] == 2 and taken == 10
+
+
+def test_out_of_order_data_goes_to_python_and_comes_back() -> None:
+    """A gap in the server's stream: the segment past it is the engine's (held aside), and so is
+    every one until the gap fills; then the cache takes the stream again.  Digests agree."""
+    c = Conn(CLIENT, PRIMARY, VIP, 40000, 1000, 5000)
+    pkts = c.handshake()
+    segs = [c.s2c(seq_add(c.s_seq, 1000 * i), c.c_seq, ACK, body(1000, i % 6, i), tsval=90001 + i, tsecr=1002)
+            for i in range(8)]
+    order = [segs[0], segs[2], segs[3], segs[1], segs[4], segs[5], segs[6], segs[7]]
+    spec, fast, taken = run_both(config(), pkts + order, cuts=list(range(len(pkts) + len(order))))
+    off = fast.offload
+    assert off is not None
+    s = off.stats()
+    assert s["not_in_order"] >= 1 and s["data_fast"] >= 3
 
 
 def test_http_replay_connections_are_not_offloaded() -> None:

@@ -656,3 +656,25 @@ def test_a_retransmission_across_the_restore_point_then_a_leap_still_jumps():
     assert not d.ooo and d.end == len(data) and d.overflow is None
     v = StreamVerifier(d.snapshot())
     assert v.add(0, data) and v.done
+
+
+@given(parts=st.lists(st.binary(max_size=3000), max_size=8), cut=st.integers(0, 8))
+@settings(max_examples=200, deadline=None)
+def test_the_shared_state_hasher_gives_xxhashs_digests(parts: list[bytes], cut: int) -> None:
+    """The digest's hasher (checkpoint/native/xxh3.c, whose state the fast path shares) and the
+    xxhash package agree on every digest, split anyhow, through copy and reset."""
+    import xxhash
+
+    from checkpoint import xxh3
+
+    assert xxh3.native()  # built by the README's set-up (python -m nfq.native.build)
+    mine, theirs = xxh3.NativeXXH3(), xxhash.xxh3_128()
+    for i, p in enumerate(parts):
+        mine.update(memoryview(p) if i % 2 else p)
+        theirs.update(p)
+        if i == cut:
+            snap = mine.copy()
+            assert snap.digest() == theirs.digest()
+    assert mine.digest() == theirs.digest() and mine.hexdigest() == theirs.hexdigest()
+    mine.reset()
+    assert mine.digest() == xxhash.xxh3_128().digest()

@@ -68,6 +68,8 @@ import bisect
 from dataclasses import dataclass
 from typing import Callable
 
+import xxhash
+
 from . import memsearch, xxh3
 from .xxh3 import Hasher
 
@@ -85,6 +87,13 @@ VOLATILE: dict[str, tuple[bytes, int]] = {
 
 
 def _h() -> Hasher:
+    """A hasher of the verifiers and samples (Python's xxhash: the cheapest call per segment)."""
+    return xxhash.xxh3_128()
+
+
+def _shared() -> Hasher:
+    """The running hasher of a :class:`StreamDigest`: its state shared with the native engine's
+    fast path when built (:mod:`checkpoint.xxh3`)."""
     return xxh3.new()
 
 
@@ -266,7 +275,7 @@ class StreamDigest:
         # HTTP-aware replay: told the contiguous bytes before they are hashed, it returns
         # the stream offsets in them where a new message starts (there the digest cuts)
         self.cutter: Callable[[memoryview], list[int]] | None = None
-        self.cur: Hasher | None = _h()  # None while blind (end < blind_until)
+        self.cur: Hasher | None = _shared()  # None while blind (end < blind_until)
         self.end = 0
         self.ooo: dict[int, bytes] = {}   # segments beyond a gap, until it fills
         self.overflow: str | None = None  # why hashing stopped (None: contiguous)
@@ -327,7 +336,7 @@ class StreamDigest:
             self.end = self.bounds[-1]
         self.end = offset
         self.mask = Masker(self.volatile)  # its state was for bytes before the gap
-        self.cur = _h()
+        self.cur = _shared()
         self.blind_until = 0
         self._blind_from(offset)
 
@@ -383,7 +392,7 @@ class StreamDigest:
         if not self.cuts or self.cuts[-1] != self.end:
             self.cuts.append(self.end)
         self.mask = Masker(self.volatile)
-        self.cur = _h()
+        self.cur = _shared()
         self.blind_until = 0
 
     def trim(self, to: int) -> int:
@@ -429,7 +438,7 @@ class StreamDigest:
                 self.chunks.append(None)
                 self.bounds.append(nb)
         if self.end >= self.blind_until:
-            self.cur = _h()
+            self.cur = _shared()
         return mv
 
     def snapshot(self) -> DigestSnapshot:

@@ -46,7 +46,7 @@ class Module:
     def inputs(self) -> tuple[Path, ...]:
         """Every file the built module depends on."""
         own = (*self.sources, *self.compiled)
-        return (*own, *(s.with_suffix(".h") for s in own))
+        return (*own, *(h for s in own for h in [s.with_suffix(".h")] if h.exists()))
 
     @property
     def directory(self) -> Path:
@@ -69,9 +69,12 @@ class Module:
 # the binding and the fast path's flow cache, which decides packets of the binding's batches
 # (and masks volatile fields with the digest's search)
 NFQBIND = Module("nfq.native._nfqbind", HERE / "nfqbind.c", ("netfilter_queue", "mnl"), (HERE / "fastpath.c",),
-                 (ROOT / "checkpoint" / "native" / "memfind.c",))
+                 (ROOT / "checkpoint" / "native" / "memfind.c", ROOT / "checkpoint" / "native" / "xxh3.c",
+                  ROOT / "checkpoint" / "native" / "xxh3_avx2.c",
+                  ROOT / "checkpoint" / "native" / "xxh3_avx512.c"))
 MEMFIND = Module("checkpoint.native._memfind", ROOT / "checkpoint" / "native" / "memfind.c")
-XXH3 = Module("checkpoint.native._xxh3", ROOT / "checkpoint" / "native" / "xxh3.c")
+XXH3 = Module("checkpoint.native._xxh3", ROOT / "checkpoint" / "native" / "xxh3.c",
+              compiled=(ROOT / "checkpoint" / "native" / "xxh3_avx2.c", ROOT / "checkpoint" / "native" / "xxh3_avx512.c"))
 MODULES = (NFQBIND, MEMFIND, XXH3)
 
 

@@ -40,12 +40,10 @@
 
 #include <linux/netfilter.h>
 
-#define XXH_INLINE_ALL
-#include <xxhash.h>
-
 #include "fastpath.h"
 #include "memfind.h"
 #include "nfqbind.h"
+#include "xxh3.h"
 
 #define MAX_JUMP (1u << 30)
 #define TH_FIN 0x01
@@ -471,18 +469,16 @@ static void hash_bytes(struct fpc *c, int32_t slot, struct fpc_digest *d, const 
     while (len) {
         uint32_t nb = d->grid + ((d->end - d->grid) / FPC_CHUNK + 1) * FPC_CHUNK;
         uint32_t part = len < nb - d->end ? len : nb - d->end;
-        XXH3_128bits_update(d->state, src, part);
+        xh_update(d->state, src, part);
         d->end += part;
         src += part;
         len -= part;
         if (d->end == nb) {   /* a chunk is whole: its digest for the owner, the state afresh */
             struct fpc_chunk *ch = &c->chunks[c->nchunks++];
-            XXH128_canonical_t can;
-            XXH128_canonicalFromHash(&can, XXH3_128bits_digest(d->state));
-            memcpy(ch->digest, can.digest, 16);
+            xh_digest(d->state, ch->digest);
             ch->slot = slot;
             ch->bound = nb;
-            XXH3_128bits_reset(d->state);
+            xh_reset(d->state);
         }
     }
 }

@@ -9,9 +9,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#define XXH_INLINE_ALL
-#include <xxhash.h>
 #include "fastpath.h"
+#include "xxh3.h"
 
 static void addresses(const uint8_t *p, size_t n, uint8_t fam, uint8_t *src, uint8_t *dst, uint16_t *sport,
                       uint16_t *dport)
@@ -77,8 +76,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     f.client.shift = f.server.shift = (uint8_t)((shape >> 4) % 15);
     f.client.has_ack = (shape >> 5) & 1;
     f.server.has_tsval = (shape >> 6) & 1;
-    XXH3_state_t *state = XXH3_createState();
-    XXH3_128bits_reset(state);
+    void *state = xh_new();
     size_t l4 = f.family == 6 ? 40 : 20;
     uint32_t seq = n >= l4 + 8 ? (uint32_t)pkt[l4 + 4] << 24 | (uint32_t)pkt[l4 + 5] << 16 |
                                      (uint32_t)pkt[l4 + 6] << 8 | pkt[l4 + 7] : 0;
@@ -126,7 +124,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     sink += fpc_count(c) + fpc_stats(c)->fast;
     (void)sink;
     fpc_free(c);
-    XXH3_freeState(state);
+    xh_free(state);
     free(pkt);
     return 0;
 }

@@ -104,7 +104,8 @@ def test_the_fast_paths_parser_survives_the_fuzzer(tmp_path: Path) -> None:
     ack6 = build("2001:db8::1", "2001:db8::2", 40000, 80, 1, 2, 0x10, 2000, ts)
     data4 = build("198.51.100.10", "192.0.2.10", 80, 40000, 1, 2, 0x18, 2000, ts,
                   b"x" * 30 + b"\r\nDate: Sun, 06 Nov 1994 08:49:37 GMT" + b"y" * 100 + b"\r\nDa")
-    fuzz(tmp_path, [HERE / "fuzz_fastpath.c", HERE / "fastpath.c", HERE / "nfqbind.c", MEMFIND / "memfind.c"], HERE,
+    fuzz(tmp_path, [HERE / "fuzz_fastpath.c", HERE / "fastpath.c", HERE / "nfqbind.c", MEMFIND / "memfind.c",
+                    MEMFIND / "xxh3.c", MEMFIND / "xxh3_avx2.c", MEMFIND / "xxh3_avx512.c"], HERE,
          ["-lnetfilter_queue", "-lmnl", f"-I{MEMFIND}"],
          [bytes([0x00]) + ack4, bytes([0x21]) + ack6, bytes([0x4C]) + data4, bytes([0x6C]) + data4,
           bytes([0x5C]) + data4, bytes([0x42]) + ack4[:50]],

@@ -22,6 +22,11 @@ without a Python call per packet.
   segment in order, or one wholly retransmitted, is tracked, masked and hashed into the same
   XXH3 state; the chunks it finishes are handed back at the sync.  Anything else (out of order,
   overlapping, past the stream's limit) is Python's.
+* **The client's data** too, when its byte log is complete and in order (no overflow, nothing
+  held past a gap, no FIN logged): a segment in order (or partly or wholly retransmitted) is
+  tracked and its new bytes are copied into the cache's arena; the sync appends them to the log
+  (and, with the memory store, moves the commit point to the log's end) before any verdict of
+  the batch is sent, so no byte reaches the backend unlogged.
 * **Installed** after a packet of the connection the engine handled (:meth:`after`), with the
   fields of both halves a pure ACK can change.  When the engine handles a later packet of an
   offloaded connection (a data segment, a FIN), the half that packet changed is pushed again,
@@ -51,7 +56,7 @@ from checkpoint import memsearch
 from checkpoint.addr import is_v6, pack
 from checkpoint.ici import ConnectionRecord, HalfConnection, TcpState
 from checkpoint.seqnum import seq_add
-from checkpoint.streamlog import STREAM_LIMIT, VOLATILE, StreamDigest
+from checkpoint.streamlog import STREAM_LIMIT, VOLATILE, ByteLog, StreamDigest
 from checkpoint.xxh3 import NativeXXH3
 
 if TYPE_CHECKING:
@@ -60,8 +65,9 @@ if TYPE_CHECKING:
 FPC_CLIENT = 1
 FPC_SERVER = 2
 FPC_SERVER_DATA = 4
-STAT_FIELDS = ("fast", "data_fast", "punted", "no_flow", "not_pure_ack", "not_in_order", "unusual", "stale",
-               "installs", "removes", "full")
+FPC_CLIENT_DATA = 8
+STAT_FIELDS = ("fast", "data_fast", "logged", "punted", "no_flow", "not_pure_ack", "not_in_order", "unusual",
+               "stale", "installs", "removes", "full")
 
 
 def _lib() -> tuple[Any, Any]:
@@ -87,6 +93,8 @@ class Offload:
         self._spec = ffi.new("struct fpc_flow *")
         self._touched = ffi.new("const int32_t **")
         self._chunks = ffi.new("const struct fpc_chunk **")
+        self._staged = ffi.new("const struct fpc_staged **")
+        self._arena = ffi.new("const uint8_t **")
         dp.offload = self
         dp.table.on_change = self.forget
         dp.modes.on_change = self.forget
@@ -137,6 +145,14 @@ class Offload:
             return None
         return dg
 
+    @staticmethod
+    def log_state(rec: ConnectionRecord) -> ByteLog | None:
+        """The record's client log when compiled code may append to it (see the module's doc)."""
+        log = rec.log
+        if log is None or log.overflow is not None or log.ooo or log.fin_offset is not None or rec.client.isn is None:
+            return None
+        return log
+
     def after(self, rec: ConnectionRecord, from_client: bool) -> None:
         """The engine handled a packet of ``rec``: push what it changed, install, or remove."""
         slot = self.slots.get(rec.id)
@@ -152,6 +168,7 @@ class Offload:
             return
         if from_client:
             self._push(slot, FPC_CLIENT, c)
+            self._push_log(slot, rec)
         else:
             self._push(slot, FPC_SERVER, s)
             self._push_digest(slot, rec)
@@ -185,6 +202,12 @@ class Offload:
             ffi.memmove(d.tail, tail, len(tail))
             d.ntail = len(tail)
             f.dirs = dirs | FPC_SERVER_DATA
+        log = self.log_state(rec) if dirs & FPC_CLIENT else None
+        if log is not None:
+            assert rec.client.isn is not None
+            f.lg.base_seq = seq_add(rec.client.isn, 1)
+            f.lg.end, f.lg.room = log.end, log.limit - len(log.data)
+            f.dirs |= FPC_CLIENT_DATA
         slot = self._lib.fpc_install(self.cache, f)
         if slot >= 0:
             self.slots[rec.id] = slot
@@ -215,6 +238,14 @@ class Offload:
             h.max_window, -1 if h.tsval is None else h.tsval, -1 if h.ts_recent is None else h.ts_recent,
             h.segments, h.out_of_window, h.data_high or 0, h.retransmissions)
 
+    def _push_log(self, slot: int, rec: ConnectionRecord) -> None:
+        """The client's log after the engine appended to it: carried on here, or no longer."""
+        log = self.log_state(rec)
+        if log is None:
+            self._lib.fpc_set_log(self.cache, slot, 0, 0, 0)
+        else:
+            self._lib.fpc_set_log(self.cache, slot, 1, log.end, log.limit - len(log.data))
+
     def _push_digest(self, slot: int, rec: ConnectionRecord) -> None:
         """The server's digest after the engine fed it: carried on here, or no longer."""
         dg = self.digest_state(rec)
@@ -231,6 +262,14 @@ class Offload:
         n = lib.fpc_touched(cache, self._touched)
         if n:
             table, counters, store = dp.table, dp.counters, dp.store
+            k = lib.fpc_staged(cache, self._staged, self._arena)
+            if k:  # client bytes logged by the fast path, in order: into their logs
+                staged, arena, buffer = self._staged[0], self._arena[0], self._ffi.buffer
+                for i in range(k):
+                    sg = staged[i]
+                    rec = table.by_id(lib.fpc_flow(cache, sg.slot).conn_id)
+                    if rec is not None and rec.log is not None:
+                        rec.log.add(sg.offset, buffer(arena + sg.at, sg.len))
             k = lib.fpc_chunks(cache, self._chunks)
             if k:  # chunks the fast path finished, in order: onto their digests
                 chunks = self._chunks[0]
@@ -251,8 +290,14 @@ class Offload:
                     _pull(rec.client, f.client, now)
                     counters.client_packets += cp
                     counters.kernel_rewrites += cp
+                    if f.lg.bytes:
+                        svc = dp.services[rec.service]
+                        svc.backends[rec.backend].bytes_from_client += f.lg.bytes
                     if store is not None:
                         store.touch(rec)
+                    elif rec.log is not None:  # memory: logged is committed (the engine's rule)
+                        rec.commit_offset = rec.log.end
+                        rec.commit_fin = rec.log.fin_offset is not None and rec.log.fin_offset == rec.commit_offset
                 if sp:
                     _pull(rec.server, f.server, now)
                     counters.server_packets += sp

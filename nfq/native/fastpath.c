@@ -1,4 +1,4 @@
-/* The compiled fast path: pure acknowledgments of ordinary connections, decided without Python.
+/* The compiled fast path: the plain packets of ordinary connections, decided without Python.
  *
  * Theory of operation
  * -------------------
@@ -6,31 +6,39 @@
  * specification of what a packet does.  For a connection in the plainest state it can be in —
  * ESTABLISHED, no FIN or RST seen, in its ordinary mode (not being moved, held, resumed or
  * resynced), its client packets rewritten by the kernel's stateless rule, no HTTP framing to
- * feed and, for the return direction, no delayed-ACK gate — a *pure acknowledgment* (ACK set;
- * no SYN, FIN, RST or URG; no payload) does only this in the Python engine: fold its sequence,
- * acknowledgment, window and timestamps into the sending end's half of the record (the tracker,
- * checkpoint/tracker.py) and accept it unchanged.  The owner *offloads* such a connection: it
- * installs a flow here (fpc_install) holding a copy of both halves' fields a pure ACK can change.
+ * feed and, for the return direction, no delayed-ACK gate — the Python engine does little with a
+ * segment without SYN, FIN, RST or URG: it folds it into the sender's half of the record (the
+ * tracker, checkpoint/tracker.py), appends a client segment's new bytes to the client's log,
+ * masks and hashes a server segment's new bytes into the stream digest, and accepts the packet
+ * unchanged.  The owner *offloads* such a connection: it installs a flow here (fpc_install)
+ * holding a copy of the fields those segments change — both halves of the tracker, the log's
+ * end and room (FPC_CLIENT_DATA), the digest's end, chunk grid and masker state, with a pointer
+ * to the digest's own XXH3 state (FPC_SERVER_DATA; checkpoint/native/xxh3.c).
  *
  * For each packet of a batch (fpc_packet; fpc_batch for a queue's batch) the cache parses the
  * headers, finds the flow by the packet's addresses and ports (client -> VIP, or backend ->
- * client), and when the packet is a pure ACK of an offloaded flow in a direction allowed, folds it
- * exactly as checkpoint.tracker.observe does and gives the verdict: accept.  Every other packet
- * is *punted*: left to Python, and so is every later packet of the same flow in the same batch
- * (fpc_begin starts a batch), so the packets of one connection are folded in the order they
- * came.  After the cache has seen the batch and before Python handles the punted packets, the
- * owner copies the touched flows' fields back into its records (fpc_touched, fpc_synced): the
- * records are exact at every point where Python looks at them.  When Python has handled a packet
- * of an offloaded flow it pushes the half that packet changed (fpc_set_half) or removes the flow
- * (its state changed); any change of mode or service removes the flow or bumps the epoch, which
- * invalidates every flow at once.
+ * client) and, when the packet is one it can take, folds it exactly as the Python engine would
+ * and gives the verdict: accept.  A pure ACK is always one it can take; a data segment when its
+ * stream is in order: a client's new bytes are copied into the arena (fpc_staged), a server's are
+ * masked (the one volatile field, with checkpoint/native/memfind.c) and hashed, each chunk that
+ * completes leaving its digest in a ring (fpc_chunks).  A wholly retransmitted segment only
+ * counts.  Every other packet is *punted*: left to Python, and so is every later packet of the
+ * same flow in the same batch (fpc_begin starts a batch), so the packets of one connection are
+ * folded in the order they came.  After the cache has seen the batch and before Python handles
+ * the punted packets (and before any verdict leaves), the owner copies the touched flows' fields,
+ * the staged bytes and the finished chunks into its records (fpc_touched, fpc_synced): the
+ * records are exact at every point where Python looks at them, and no client byte reaches a
+ * backend unlogged.  When Python has handled a packet of an offloaded flow it pushes the state
+ * that packet changed (fpc_set_half, fpc_set_log, fpc_set_digest) or removes the flow (its state
+ * changed); any change of mode or service removes the flow or clears the cache.
  *
- * The fold is the tracker's for a segment without SYN, FIN or RST and without payload:
- * segments counted; a sequence number 2**30 or more from the end's next_seq is counted in
- * out_of_window and nothing else changes; next_seq, the acknowledgment, TSval and TSecr move
- * only forward by less than 2**30; the window is taken from a segment carrying the newest
- * acknowledgment, shifted by the end's scale.  The state cannot change (no FIN is known either
- * way), so it is not derived.  tests/unit/test_fastpath.py runs the two side by side.
+ * The fold is the tracker's for a segment without SYN, FIN or RST: segments counted; a sequence
+ * number 2**30 or more from the end's next_seq is counted in out_of_window and nothing else
+ * changes; data_high, next_seq, the acknowledgment, TSval and TSecr move only forward by less than
+ * 2**30 (a segment that does not move data_high is a retransmission); the window is taken from a
+ * segment carrying the newest acknowledgment, shifted by the end's scale.  The state cannot
+ * change (no FIN is known either way), so it is not derived.  tests/unit/test_fastpath.py runs
+ * the two side by side.
  *
  * Nothing here allocates after fpc_new; nothing trusts a length it did not check; a packet the
  * parser does not like is punted, never refused (Python counts malformed packets).
@@ -53,6 +61,8 @@
 #define TH_URG 0x20
 #define MAX_MASKS 64          /* volatile values in one segment, at most (more: Python) */
 #define CHUNK_RING 4096       /* chunks finished between two syncs, at most */
+#define STAGED_MAX 4096       /* client segments logged between two syncs, at most */
+#define ARENA (16u << 20)     /* their bytes */
 
 struct fpc {
     struct fpc_flow *flows;
@@ -67,6 +77,10 @@ struct fpc {
     uint32_t ntouched;
     struct fpc_chunk *chunks; /* chunks finished since the last sync, in order */
     uint32_t nchunks;
+    struct fpc_staged *staged; /* client bytes logged since the last sync, in order */
+    uint32_t nstaged;
+    uint8_t *arena;           /* ... their bytes */
+    uint32_t arena_used;
     uint32_t epoch;
     uint32_t gen;            /* the current batch */
     struct fpc_stats stats;
@@ -117,7 +131,10 @@ struct fpc *fpc_new(uint32_t capacity)
     c->sbuckets = malloc(sizeof(*c->sbuckets) * c->nbuckets);
     c->touched = calloc(capacity, sizeof(*c->touched));
     c->chunks = calloc(CHUNK_RING, sizeof(*c->chunks));
-    if (!c->flows || !c->free_slots || !c->cbuckets || !c->sbuckets || !c->touched || !c->chunks) {
+    c->staged = calloc(STAGED_MAX, sizeof(*c->staged));
+    c->arena = malloc(ARENA);
+    if (!c->flows || !c->free_slots || !c->cbuckets || !c->sbuckets || !c->touched || !c->chunks || !c->staged ||
+        !c->arena) {
         fpc_free(c);
         return NULL;
     }
@@ -143,6 +160,8 @@ void fpc_free(struct fpc *c)
     free(c->sbuckets);
     free(c->touched);
     free(c->chunks);
+    free(c->staged);
+    free(c->arena);
     free(c);
 }
 
@@ -200,6 +219,8 @@ void fpc_clear(struct fpc *c)
     c->count = 0;
     c->ntouched = 0;
     c->nchunks = 0;
+    c->nstaged = 0;
+    c->arena_used = 0;
     c->epoch++;
 }
 
@@ -231,6 +252,9 @@ int fpc_install(struct fpc *c, const struct fpc_flow *flow)
     f->client_packets = f->server_packets = 0;
     f->client.ts_advanced = f->server.ts_advanced = 0;
     f->dg.bytes = 0;
+    f->lg.bytes = 0;
+    if (!(f->dirs & FPC_CLIENT))
+        f->dirs &= (uint8_t)~FPC_CLIENT_DATA;
     if (!f->dg.state || f->dg.plen > sizeof(f->dg.pattern) || f->dg.ntail > sizeof(f->dg.tail) ||
         (f->dg.plen && f->dg.ntail >= f->dg.plen) || (!f->dg.plen && f->dg.ntail))
         f->dirs &= (uint8_t)~FPC_SERVER_DATA;
@@ -300,6 +324,28 @@ int fpc_set_digest(struct fpc *c, int slot, void *state, uint32_t end, uint32_t 
     d->ntail = (uint8_t)ntail;
     f->dirs |= FPC_SERVER_DATA;
     return 0;
+}
+
+int fpc_set_log(struct fpc *c, int slot, int enabled, uint32_t end, uint32_t room)
+{
+    struct fpc_flow *f = fpc_flow(c, slot);
+    if (!f)
+        return -1;
+    if (!enabled || !(f->dirs & FPC_CLIENT)) {
+        f->dirs &= (uint8_t)~FPC_CLIENT_DATA;
+        return enabled ? -1 : 0;
+    }
+    f->lg.end = end;
+    f->lg.room = room;
+    f->dirs |= FPC_CLIENT_DATA;
+    return 0;
+}
+
+int fpc_staged(const struct fpc *c, const struct fpc_staged **staged, const uint8_t **arena)
+{
+    *staged = c->staged;
+    *arena = c->arena;
+    return (int)c->nstaged;
 }
 
 int fpc_chunks(const struct fpc *c, const struct fpc_chunk **chunks)
@@ -582,8 +628,33 @@ int fpc_packet(struct fpc *c, const unsigned char *pkt, uint32_t len)
     uint32_t seq = rd32(pkt + l4 + 4);
     struct masks m;
     int hash = 0;
-    if (plen) {   /* a data segment: the server's, in order, hashed here; anything else is Python's */
-        if (dir != FPC_SERVER || !(f->dirs & FPC_SERVER_DATA)) {
+    const uint8_t *payload = pkt + l4 + thl;
+    uint32_t stage_from = 0, stage_len = 0;
+    if (plen && dir == FPC_CLIENT) {   /* the client's data in order, logged (staged) here */
+        if (!(f->dirs & FPC_CLIENT_DATA)) {
+            c->stats.not_pure_ack++;
+            goto punt;
+        }
+        struct fpc_log *lg = &f->lg;
+        int64_t off = (int32_t)(seq - lg->base_seq);
+        if (off < 0) {   /* before the stream: the engine does not log it */
+            c->stats.not_in_order++;
+            goto punt;
+        }
+        if (off + plen > lg->end) {   /* new bytes (else a retransmission: nothing to log) */
+            uint32_t skip = (uint32_t)(lg->end - off);
+            stage_len = plen - (off <= lg->end ? skip : 0);
+            if (off > lg->end || stage_len > lg->room || c->nstaged == STAGED_MAX ||
+                stage_len > ARENA - c->arena_used) {
+                c->stats.not_in_order++;
+                goto punt;
+            }
+            stage_from = skip;
+        }
+        f->lg.bytes += plen;
+        c->stats.logged++;
+    } else if (plen) {   /* a data segment: the server's, in order, hashed here; anything else is Python's */
+        if (!(f->dirs & FPC_SERVER_DATA)) {
             c->stats.not_pure_ack++;
             goto punt;
         }
@@ -591,7 +662,7 @@ int fpc_packet(struct fpc *c, const unsigned char *pkt, uint32_t len)
         int64_t off = (int32_t)(seq - d->base_seq);   /* checkpoint.seqnum.seq_diff */
         if (off + plen > d->end) {                     /* new bytes (else a retransmission: no digest) */
             if (off != d->end || (uint64_t)off + plen > d->limit ||
-                c->nchunks + plen / FPC_CHUNK + 2 > CHUNK_RING || plan_masks(d, pkt + l4 + thl, plen, &m) < 0) {
+                c->nchunks + plen / FPC_CHUNK + 2 > CHUNK_RING || plan_masks(d, payload, plen, &m) < 0) {
                 c->stats.not_in_order++;
                 goto punt;
             }
@@ -604,7 +675,18 @@ int fpc_packet(struct fpc *c, const unsigned char *pkt, uint32_t len)
     fold(dir == FPC_CLIENT ? &f->client : &f->server, seq, plen, rd32(pkt + l4 + 8), rd16(pkt + l4 + 14), ts >= 0,
          ts >= 0 ? rd32(pkt + ts) : 0, ts >= 0 ? rd32(pkt + ts + 4) : 0);
     if (hash)
-        hash_masked(c, slot, &f->dg, pkt + l4 + thl, plen, &m);
+        hash_masked(c, slot, &f->dg, payload, plen, &m);
+    if (stage_len) {
+        struct fpc_staged *st = &c->staged[c->nstaged++];
+        st->slot = slot;
+        st->offset = f->lg.end;
+        st->at = c->arena_used;
+        st->len = stage_len;
+        memcpy(c->arena + c->arena_used, payload + stage_from, stage_len);
+        c->arena_used += stage_len;
+        f->lg.end += stage_len;
+        f->lg.room -= stage_len;
+    }
     if (dir == FPC_CLIENT)
         f->client_packets++;
     else
@@ -640,9 +722,12 @@ void fpc_synced(struct fpc *c)
         f->client_packets = f->server_packets = 0;
         f->client.ts_advanced = f->server.ts_advanced = 0;
         f->dg.bytes = 0;
+        f->lg.bytes = 0;
     }
     c->ntouched = 0;
     c->nchunks = 0;
+    c->nstaged = 0;
+    c->arena_used = 0;
 }
 
 int fpc_batch(struct fpc *c, struct nfqb *q, int n, int64_t clear_mark, int32_t *punted, int32_t *fast, int *nfast)

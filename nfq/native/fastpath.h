@@ -9,6 +9,7 @@
 #define FPC_CLIENT 1     /* client -> service packets of the flow may take the fast path */
 #define FPC_SERVER 2     /* backend -> client pure ACKs */
 #define FPC_SERVER_DATA 4  /* backend -> client data segments in order: tracked and hashed here */
+#define FPC_CLIENT_DATA 8  /* client -> service data segments in order: tracked and logged here */
 #define FPC_CHUNK 65536    /* checkpoint.streamlog.CHUNK */
 
 /* what one end has put on the wire: the fields of checkpoint.ici.HalfConnection a pure
@@ -49,6 +50,23 @@ struct fpc_digest {
     uint64_t bytes;         /* payload bytes taken here since the last sync */
 };
 
+/* the client's byte log while its data is logged here: checkpoint.streamlog.ByteLog's fields a
+ * segment in order changes; the bytes themselves wait in the cache's arena for the sync */
+struct fpc_log {
+    uint32_t base_seq;      /* the sequence number of stream offset 0: the client's ISN + 1 */
+    uint32_t end;           /* the stream offset after the bytes logged */
+    uint32_t room;          /* bytes the log may still take before its limit */
+    uint64_t bytes;         /* payload bytes taken here since the last sync */
+};
+
+/* client bytes staged for the owner to append to a log (fpc_staged), in order */
+struct fpc_staged {
+    int32_t slot;
+    uint32_t offset;        /* their stream offset */
+    uint32_t at;            /* where they are in the arena */
+    uint32_t len;
+};
+
 /* a chunk finished here, for the owner to append to the digest (fpc_chunks) */
 struct fpc_chunk {
     int32_t slot;
@@ -70,6 +88,7 @@ struct fpc_flow {
     struct fpc_half client;
     struct fpc_half server;
     struct fpc_digest dg;            /* used with FPC_SERVER_DATA */
+    struct fpc_log lg;               /* used with FPC_CLIENT_DATA */
     uint32_t client_packets;         /* taken by the fast path since the last sync */
     uint32_t server_packets;
     /* the cache's own */
@@ -88,6 +107,7 @@ struct fpc_stats {
     uint64_t stale;         /* of those: the flow's entry was from an older epoch, or its other packet punted */
     uint64_t data_fast;     /* data segments hashed here (counted in fast too) */
     uint64_t not_in_order;  /* punted data: out of order, overlapping, past the limit, too many fields */
+    uint64_t logged;        /* client data segments logged here (counted in fast too) */
     uint64_t installs;
     uint64_t removes;
     uint64_t full;          /* installs refused: the cache was full */
@@ -110,6 +130,8 @@ int fpc_set_half(struct fpc *c, int slot, int dir, uint32_t next_seq, int64_t ac
 int fpc_set_digest(struct fpc *c, int slot, void *state, uint32_t end, uint32_t grid, uint32_t left,
                    const uint8_t *tail, uint32_t ntail);
 int fpc_chunks(const struct fpc *c, const struct fpc_chunk **chunks);
+int fpc_set_log(struct fpc *c, int slot, int enabled, uint32_t end, uint32_t room);
+int fpc_staged(const struct fpc *c, const struct fpc_staged **staged, const uint8_t **arena);
 void fpc_begin(struct fpc *c);
 int fpc_packet(struct fpc *c, const unsigned char *pkt, uint32_t len);
 int fpc_touched(const struct fpc *c, const int32_t **slots);

@@ -5,7 +5,7 @@
  * parser's every path after the lookup is reached, not only "no flow".  The packet sits in a
  * heap block of its exact size: a read past its end is caught.  The server's data is hashed
  * into a real XXH3 state with the "\r\nDate: " field masked, from the packet's own sequence
- * number (so in order) or the byte before it. */
+ * number (so in order) or the byte before it; the client's data is logged into the arena. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -48,7 +48,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             pkt[3] = (uint8_t)n;
         }
     }
-    struct fpc *c = fpc_new(4);
+    static struct fpc *c;   /* one cache for the run (its arena is 16 MiB), emptied after each input */
+    if (!c)
+        c = fpc_new(4);
     if (!c) {
         free(pkt);
         return 0;
@@ -80,7 +82,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     size_t l4 = f.family == 6 ? 40 : 20;
     uint32_t seq = n >= l4 + 8 ? (uint32_t)pkt[l4 + 4] << 24 | (uint32_t)pkt[l4 + 5] << 16 |
                                      (uint32_t)pkt[l4 + 6] << 8 | pkt[l4 + 7] : 0;
-    f.dirs |= FPC_SERVER_DATA;
+    f.dirs |= FPC_SERVER_DATA | FPC_CLIENT_DATA;
+    f.lg.base_seq = seq - (shape & 0x10 ? 100u : 0u);     /* in order, or the first 100 bytes logged */
+    f.lg.end = shape & 0x10 ? 100u : 0u;
+    f.lg.room = shape & 0x20 ? 50u : 1u << 20;
     f.dg.state = state;
     f.dg.base_seq = seq - (shape & 0x10 ? 65530u : 1u);   /* stream offset end: in order */
     f.dg.end = shape & 0x10 ? 65530u : 1u;
@@ -111,6 +116,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             if (t)
                 sink += t->client.segments + t->server.segments + t->client.window + t->server.max_window;
         }
+        const struct fpc_staged *staged;
+        const uint8_t *arena;
+        k = fpc_staged(c, &staged, &arena);
+        for (int i = 0; i < k; i++)
+            for (uint32_t j = 0; j < staged[i].len; j++)
+                sink += arena[staged[i].at + j];
         const struct fpc_chunk *chunks;
         k = fpc_chunks(c, &chunks);
         for (int i = 0; i < k; i++)
@@ -119,11 +130,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     }
     if (shape & 0x80)
         fpc_remove(c, slot, 7);
-    else
-        fpc_clear(c);
     sink += fpc_count(c) + fpc_stats(c)->fast;
     (void)sink;
-    fpc_free(c);
+    fpc_clear(c);
     xh_free(state);
     free(pkt);
     return 0;

@@ -3,11 +3,12 @@
 Theory of operation
 -------------------
 The Python engine (:class:`~appliance.dataplane.engine.Dataplane`) owns every record and stays
-the specification.  Most packets of a bulk transfer are *pure acknowledgments* of a connection
-in its plainest state, and for those the engine does nothing but fold the segment into the
-sender's half of the record and accept it.  :class:`Offload` hands such connections to the
-native binding's flow cache, which then decides their pure ACKs inside the queue's batch,
-without a Python call per packet.
+the specification.  Nearly every packet of a connection in its plainest state is a pure
+acknowledgment or a data segment in order, and for those the engine only folds the segment
+into the sender's half of the record, logs a client's new bytes, hashes a server's, and
+accepts the packet.  :class:`Offload` hands such connections to the native binding's flow
+cache, which then decides those packets inside the queue's batch, without a Python call per
+packet.
 
 * **Eligible** (:meth:`Offload.eligible`): ESTABLISHED, no FIN or RST either way, both halves'
   ``next_seq`` known, the ordinary mode (not moving, moved, held, resumed, resyncing), no HTTP

@@ -103,16 +103,28 @@ def test_twenty_parallel_downloads_one_failover(fresh: dict, tmp_path: Path) -> 
             downloads.append(start_download("10M.bin", tmp_path / f"d{i}.bin", rate="300K"))
             time.sleep(0.15)  # pacing, not a wait: different start times (and sequence positions) at the cut
         # all 20 tracked and receiving before the cut, so that all 20 have to move
+        polls: list[tuple[float, int, int, int]] = []  # (s since the first start, receiving, established, done)
+        t0 = time.monotonic() - 0.15 * 20
+
+        def under_way() -> bool:
+            receiving = sum(1 for d in downloads if d.out.exists() and d.out.stat().st_size > 0)
+            est = len(established("web"))
+            polls.append((round(time.monotonic() - t0, 2), receiving, est,
+                          sum(1 for d in downloads if d.proc.poll() is not None)))
+            return receiving == 20 and est >= 20
+
         try:
-            wait_for(lambda: all(d.out.exists() and d.out.stat().st_size > 0 for d in downloads)
-                     and len(established("web")) >= 20, timeout=60, interval=0.2, what="20 downloads under way")
-        except AssertionError:  # say which did not start, and what the gateway tracks
+            wait_for(under_way, timeout=60, interval=0.2, what="20 downloads under way")
+        except AssertionError:  # say which did not start, what the polls saw, what the gateway tracks
             slow = [(i, d.proc.poll(), d.out.stat().st_size if d.out.exists() else None)
                     for i, d in enumerate(downloads) if not (d.out.exists() and d.out.stat().st_size > 0)]
             conns = [(c["client"], c["state"], c["bytes_from_server"]) for c in api("/api/v1/connections?service=web")]
             st = api("/api/v1/status")
+            most = max(polls, key=lambda p: p[2]) if polls else None
             raise AssertionError(f"20 downloads not under way in 60 s: without bytes (index, curl rc, size) {slow}; "
-                                 f"tracked {conns}; data plane {st['dataplane']}, queues {st['queues']}") from None
+                                 f"{len(polls)} polls, most established at once {most}, first {polls[:5]}, "
+                                 f"last {polls[-5:]}; tracked {conns}; data plane {st['dataplane']}, "
+                                 f"fast path {st['fastpath']}, queues {st['queues']}") from None
         lab.cut_link("primary")
         results = [d.wait(timeout=120) for d in downloads]
     assert [rc for rc, _ in results] == [0] * 20

@@ -268,7 +268,7 @@ class Offload:
                 staged, arena, buffer = self._staged[0], self._arena[0], self._ffi.buffer
                 for i in range(k):
                     sg = staged[i]
-                    rec = table.by_id(lib.fpc_flow(cache, sg.slot).conn_id)
+                    rec = self._record(sg.slot)
                     if rec is not None and rec.log is not None:
                         rec.log.add(sg.offset, buffer(arena + sg.at, sg.len))
             k = lib.fpc_chunks(cache, self._chunks)
@@ -276,14 +276,14 @@ class Offload:
                 chunks = self._chunks[0]
                 for i in range(k):
                     ch = chunks[i]
-                    rec = table.by_id(lib.fpc_flow(cache, ch.slot).conn_id)
+                    rec = self._record(ch.slot)
                     if rec is not None and isinstance(rec.digest, StreamDigest):
                         rec.digest.chunks.append(bytes(self._ffi.buffer(ch.digest, 16)))
                         rec.digest.bounds.append(ch.bound)
             slots = self._touched[0]
             for j in range(n):
                 f = lib.fpc_flow(cache, slots[j])
-                rec = table.by_id(f.conn_id)
+                rec = None if f == self._ffi.NULL else table.by_id(f.conn_id)
                 if rec is None:  # (removal hooks make this unreachable; never trusted)
                     continue
                 cp, sp = f.client_packets, f.server_packets
@@ -319,6 +319,10 @@ class Offload:
             for p in fast_packets:
                 record(p, now)
         return int(n)
+
+    def _record(self, slot: int) -> ConnectionRecord | None:
+        f = self._lib.fpc_flow(self.cache, slot)
+        return None if f == self._ffi.NULL else self.dp.table.by_id(f.conn_id)
 
     def stats(self) -> dict[str, int | bool]:
         s = self._lib.fpc_stats(self.cache)

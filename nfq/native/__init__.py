@@ -239,8 +239,13 @@ class NativeQueue:
                     st.packets += nf
                     st.accepted += nf
                     fast = self._fast
-                    fp.sync(self.clock(), [memoryview(ffi.buffer(pkts[fast[j]].data, pkts[fast[j]].len))
-                                           for j in range(nf)] if fp.wants_packets else None)
+                    try:
+                        fp.sync(self.clock(), [memoryview(ffi.buffer(pkts[fast[j]].data, pkts[fast[j]].len))
+                                               for j in range(nf)] if fp.wants_packets else None)
+                    except Exception as exc:  # the batch's verdicts go out whatever happens here
+                        st.handler_errors += 1
+                        st.last_error = f"fast path sync: {type(exc).__name__}: {exc}"
+                        log.exception("fast path sync failed")
                 order = self._punted[0:k] if k < n else range(n)
             for i in order:
                 self._current = i

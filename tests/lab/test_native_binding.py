@@ -176,6 +176,56 @@ def test_every_packet_gets_a_verdict_when_the_handler_raises_or_drops(pair: None
     assert st["batch_verdicts"] >= 1
 
 
+def test_every_packet_gets_a_verdict_when_the_fast_paths_sync_raises(pair: None) -> None:
+    """A fast path (a real flow cache, one flow: this connection's client side) whose sync raises:
+    the packets it decided still get their verdicts (counted accepted), the error is counted, the
+    rest of the batch is handled, the stream arrives whole."""
+    script = PRELUDE.format(root=str(ROOT)) + textwrap.dedent("""
+        from nfq.native import _lib
+        ffi, lib = _lib()
+
+        class Failing:
+            enabled = True
+            wants_packets = False
+
+            def __init__(self):
+                self.cache = ffi.gc(lib.fpc_new(8), lib.fpc_free)
+                f = ffi.new("struct fpc_flow *")
+                f.conn_id, f.family, f.dirs = 1, 4, 1   # the client's pure ACKs (FPC_CLIENT)
+                ffi.memmove(f.client_addr, socket.inet_aton("192.0.2.201"), 4)
+                ffi.memmove(f.vip, socket.inet_aton("192.0.2.202"), 4)
+                ffi.memmove(f.backend_addr, socket.inet_aton("192.0.2.203"), 4)
+                f.client_port, f.vport, f.backend_port = 40123, 7777, 1
+                assert lib.fpc_install(self.cache, f) >= 0
+                self.calls = 0
+
+            def sync(self, now, packets=None):
+                self.calls += 1
+                lib.fpc_synced(self.cache)
+                raise RuntimeError("sync bug")
+
+        fp = Failing()
+        q = NativeQueue(9, lambda buf: Verdict.ACCEPT, fastpath=fp)
+        serve(q)
+        msg = bytes(range(256)) * 4000
+        c = socket.create_connection(("192.0.2.202", 7777), timeout=60, source_address=("192.0.2.201", 40123))
+        c.sendall(msg); c.shutdown(socket.SHUT_WR)
+        got = c.recv(100).decode(); c.close()
+        deadline = time.time() + 10  # the client's ACK of the answer (delayed) goes through the queue
+        while q.fast < 1 and time.time() < deadline:
+            time.sleep(0.01)
+        st = settled(q)
+        print(json.dumps({"ok": got == hashlib.sha256(msg).hexdigest(), "stats": st, "fast": q.fast,
+                          "syncs": fp.calls}))
+    """)
+    out = run_in_a(script)
+    st = out["stats"]
+    assert out["ok"]
+    assert out["fast"] >= 1 and out["syncs"] >= 1
+    assert st["handler_errors"] == out["syncs"] and "fast path sync" in str(st["last_error"])
+    assert st["accepted"] == st["packets"]
+
+
 def test_enobufs_and_the_kernels_drops_are_counted_not_hidden(pair: None) -> None:
     """A tiny socket buffer and a reader that sleeps: the kernel cannot deliver, the next read
     sees ENOBUFS and the binding counts it; the kernel's own per-queue counter shows the packets

@@ -181,8 +181,8 @@ class GatewayConfig:
     on_failure: str = "open"        # appliance gone: "open" bypasses the queue (kernel fallback NAT), "closed" holds
     queue_full: str = "drop"        # queue overflow: "drop" (TCP retransmits) or "accept" unseen
     engine: str = "native"          # the NFQUEUE binding: "native" (nfq.native) or "python" (NetfilterQueue)
-    # the native engine decides pure ACKs of ordinary connections in compiled code
-    # (appliance.dataplane.offload); false: every packet runs the Python engine
+    # the native engine decides the pure ACKs and in-order data of ordinary connections in
+    # compiled code (appliance.dataplane.offload); false: every packet runs the Python engine
     fastpath: bool = True
     timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)
     failover_batch: int = 32        # connections a failover moves before the loop reads the queues again

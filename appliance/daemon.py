@@ -116,7 +116,8 @@ def open_queues(g: GatewayConfig, handle: Handler, gate: Callable[[], bool] | No
     so the full-copy queues see whole super-packets; the observed queue copies the headers and a
     sample's prefix (4016 bytes).  The python binding (NetfilterQueue) copies at most 4016 bytes,
     so only its observed queue can take super-packets.  ``fastpath`` (native only): the offload
-    whose flow cache decides the pure ACKs of ordinary connections in each batch."""
+    whose flow cache decides the pure ACKs and in-order data of ordinary connections in each
+    batch."""
     accept = g.queue_full == "accept"
     if g.engine == "native":
         from nfq.native import NativeQueue

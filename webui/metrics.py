@@ -161,11 +161,14 @@ class Metrics:
                  [({"queue": qn, "cause": c}, q.get(f"kernel_{c}_dropped", 0)) for qn, q in queues
                   for c in ("queue", "user")])
         fp = st.get("fastpath") or {}
+        data, logged = fp.get("data_fast", 0), fp.get("logged", 0)
         w.family("gateway_fastpath_packets", "counter",
-                 "Packets the compiled fast path decided (fast) or left to the Python engine, by reason.",
-                 [({"path": "fast", "reason": "pure_ack"}, fp.get("fast", 0))]
+                 "Packets the compiled fast path decided (fast: pure ACKs, server data hashed, client data "
+                 "logged) or left to the Python engine (python), by reason.",
+                 [({"path": "fast", "reason": "ack"}, fp.get("fast", 0) - data - logged),
+                  ({"path": "fast", "reason": "server_data"}, data), ({"path": "fast", "reason": "client_data"}, logged)]
                  + [({"path": "python", "reason": r}, fp.get(r, 0))
-                    for r in ("no_flow", "not_pure_ack", "unusual", "stale")])
+                    for r in ("no_flow", "not_pure_ack", "not_in_order", "unusual", "stale")])
         w.family("gateway_fastpath_flows", "gauge", "Connections offloaded to the compiled fast path.",
                  [({}, fp.get("flows", 0))])
         dp = st.get("dataplane") or {}

@@ -70,7 +70,7 @@ def _latency(host: str, port: int, n: int = 2000) -> dict[str, float]:
 VARIANTS: dict[str, tuple[str, str, tuple[str, ...], dict[str, object], dict[str, object]]] = {
     # name: (engine, store mode, the cases it runs, [testing] settings, more [gateway] settings)
     "native": ("native", "memory", ("download, verify=full", "upload, store=memory", "latency"), {}, {}),
-    # the native engine without its compiled fast path: every pure ACK runs the Python engine
+    # the native engine without its compiled fast path: every packet runs the Python engine
     "native no-fastpath": ("native", "memory", ("download, verify=full", "upload, store=memory", "latency"), {},
                            {"fastpath": False}),
     # the native engine with the digest's search before our SIMD one (glibc's memmem): old path, new path

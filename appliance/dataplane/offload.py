@@ -29,9 +29,10 @@ packet.
   (and, with the memory store, moves the commit point to the log's end) before any verdict of
   the batch is sent, so no byte reaches the backend unlogged.
 * **Installed** after a packet of the connection the engine handled (:meth:`after`), with the
-  fields of both halves a pure ACK can change.  When the engine handles a later packet of an
-  offloaded connection (a data segment, a FIN), the half that packet changed is pushed again,
-  or the flow is removed when the connection is no longer eligible.
+  fields of both halves a segment can change, and the log's and digest's state.  When the
+  engine handles a later packet of an offloaded connection (out of order, a FIN), the half that
+  packet changed is written again with its log or digest state, or the flow is removed when the
+  connection is no longer eligible.
 * **Removed** when anything else changes what a packet of it would do: a mode set or cleared,
   the record's state or backend changed outside the tracker (``ConnectionTable.reindex``), the
   record gone from the table.  A change of a service (the kernel's rule repointed) clears the
@@ -116,7 +117,8 @@ class Offload:
         self._lib.fpc_clear(self.cache)
 
     def eligible(self, rec: ConnectionRecord) -> int:
-        """The directions whose pure ACKs the cache may decide for ``rec`` (0: none)."""
+        """The directions whose packets the cache may decide for ``rec`` (0: none); whether it
+        takes their data too is :meth:`log_state`'s and :meth:`digest_state`'s to say."""
         dp = self.dp
         c, s = rec.client, rec.server
         if (rec.state is not TcpState.ESTABLISHED or rec.rst_seen or c.fin_seq is not None
@@ -167,11 +169,15 @@ class Offload:
         if rec.state is not TcpState.ESTABLISHED or c.fin_seq is not None or s.fin_seq is not None:
             self.forget(rec.id)
             return
+        f = self._lib.fpc_flow(self.cache, slot)  # the half that packet changed, written in place
+        if f == self._ffi.NULL:  # (removal hooks make this unreachable; never trusted)
+            self.slots.pop(rec.id, None)
+            return
         if from_client:
-            self._push(slot, FPC_CLIENT, c)
+            self._fill(f.client, c, rec.wscale_ok)
             self._push_log(slot, rec)
         else:
-            self._push(slot, FPC_SERVER, s)
+            self._fill(f.server, s, rec.wscale_ok)
             self._push_digest(slot, rec)
 
     def _install(self, rec: ConnectionRecord, dirs: int) -> None:
@@ -232,12 +238,6 @@ class Offload:
         fh.data_high = h.data_high or 0
         fh.retransmissions = h.retransmissions
 
-    def _push(self, slot: int, direction: int, h: HalfConnection) -> None:
-        assert h.next_seq is not None
-        self._lib.fpc_set_half(
-            self.cache, slot, direction, h.next_seq, -1 if h.ack is None else h.ack, h.window_raw, h.window,
-            h.max_window, -1 if h.tsval is None else h.tsval, -1 if h.ts_recent is None else h.ts_recent,
-            h.segments, h.out_of_window, h.data_high or 0, h.retransmissions)
 
     def _push_log(self, slot: int, rec: ConnectionRecord) -> None:
         """The client's log after the engine appended to it: carried on here, or no longer."""
@@ -292,8 +292,7 @@ class Offload:
                     counters.client_packets += cp
                     counters.kernel_rewrites += cp
                     if f.lg.bytes:
-                        svc = dp.services[rec.service]
-                        svc.backends[rec.backend].bytes_from_client += f.lg.bytes
+                        dp.services[rec.service].backends[rec.backend].bytes_from_client += f.lg.bytes
                     if store is not None:
                         store.touch(rec)
                     elif rec.log is not None:  # memory: logged is committed (the engine's rule)
@@ -304,8 +303,7 @@ class Offload:
                     counters.server_packets += sp
                     d = f.dg
                     if d.bytes:
-                        svc = dp.services[rec.service]
-                        svc.backends[rec.backend].bytes_from_server += d.bytes
+                        dp.services[rec.service].backends[rec.backend].bytes_from_server += d.bytes
                         dg = rec.digest
                         if f.dirs & FPC_SERVER_DATA and isinstance(dg, StreamDigest):
                             dg.end = d.end

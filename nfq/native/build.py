@@ -68,13 +68,12 @@ class Module:
 
 # the binding and the fast path's flow cache, which decides packets of the binding's batches
 # (and masks volatile fields with the digest's search)
+MODEL = ROOT / "checkpoint" / "native"
+XXH3_WIDE = (MODEL / "xxh3_avx2.c", MODEL / "xxh3_avx512.c")  # the update at each CPU width
 NFQBIND = Module("nfq.native._nfqbind", HERE / "nfqbind.c", ("netfilter_queue", "mnl"), (HERE / "fastpath.c",),
-                 (ROOT / "checkpoint" / "native" / "memfind.c", ROOT / "checkpoint" / "native" / "xxh3.c",
-                  ROOT / "checkpoint" / "native" / "xxh3_avx2.c",
-                  ROOT / "checkpoint" / "native" / "xxh3_avx512.c"))
-MEMFIND = Module("checkpoint.native._memfind", ROOT / "checkpoint" / "native" / "memfind.c")
-XXH3 = Module("checkpoint.native._xxh3", ROOT / "checkpoint" / "native" / "xxh3.c",
-              compiled=(ROOT / "checkpoint" / "native" / "xxh3_avx2.c", ROOT / "checkpoint" / "native" / "xxh3_avx512.c"))
+                 (MODEL / "memfind.c", MODEL / "xxh3.c", *XXH3_WIDE))
+MEMFIND = Module("checkpoint.native._memfind", MODEL / "memfind.c")
+XXH3 = Module("checkpoint.native._xxh3", MODEL / "xxh3.c", compiled=XXH3_WIDE)
 MODULES = (NFQBIND, MEMFIND, XXH3)
 
 

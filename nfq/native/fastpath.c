@@ -29,7 +29,7 @@
  * the staged bytes and the finished chunks into its records (fpc_touched, fpc_synced): the
  * records are exact at every point where Python looks at them, and no client byte reaches a
  * backend unlogged.  When Python has handled a packet of an offloaded flow it pushes the state
- * that packet changed (fpc_set_half, fpc_set_log, fpc_set_digest) or removes the flow (its state
+ * that packet changed (its half of the flow, fpc_set_log, fpc_set_digest) or removes the flow (its state
  * changed); any change of mode or service removes the flow or clears the cache.
  *
  * The fold is the tracker's for a segment without SYN, FIN or RST: segments counted; a sequence
@@ -138,14 +138,7 @@ struct fpc *fpc_new(uint32_t capacity)
         fpc_free(c);
         return NULL;
     }
-    for (uint32_t i = 0; i < c->nbuckets; i++)
-        c->cbuckets[i] = c->sbuckets[i] = -1;
-    for (uint32_t i = 0; i < capacity; i++) {
-        c->flows[i].conn_id = -1;
-        c->free_slots[i] = (int32_t)(capacity - 1 - i);
-    }
-    c->nfree = capacity;
-    c->epoch = 1;
+    fpc_clear(c);   /* every slot free, every chain empty; epoch 1 */
     c->gen = 1;
     return c;
 }
@@ -229,6 +222,18 @@ static int32_t lookup_client(const struct fpc *c, uint8_t fam, const uint8_t *sr
 static int32_t lookup_server(const struct fpc *c, uint8_t fam, const uint8_t *src, uint16_t sport,
                              const uint8_t *dst, uint16_t dport);
 
+/* A direction's data is taken here only with the direction itself, and the server's only with
+ * a digest state and a masker the cache can carry on. */
+static void settle_dirs(struct fpc_flow *f)
+{
+    const struct fpc_digest *d = &f->dg;
+    if (!(f->dirs & FPC_CLIENT))
+        f->dirs &= (uint8_t)~FPC_CLIENT_DATA;
+    if (!(f->dirs & FPC_SERVER) || !d->state || d->plen > sizeof(d->pattern) || d->ntail > sizeof(d->tail) ||
+        (d->plen ? d->ntail >= d->plen : d->ntail != 0))
+        f->dirs &= (uint8_t)~FPC_SERVER_DATA;
+}
+
 int fpc_install(struct fpc *c, const struct fpc_flow *flow)
 {
     if (flow->conn_id < 0 || (flow->family != 4 && flow->family != 6))
@@ -253,11 +258,7 @@ int fpc_install(struct fpc *c, const struct fpc_flow *flow)
     f->client.ts_advanced = f->server.ts_advanced = 0;
     f->dg.bytes = 0;
     f->lg.bytes = 0;
-    if (!(f->dirs & FPC_CLIENT))
-        f->dirs &= (uint8_t)~FPC_CLIENT_DATA;
-    if (!f->dg.state || f->dg.plen > sizeof(f->dg.pattern) || f->dg.ntail > sizeof(f->dg.tail) ||
-        (f->dg.plen && f->dg.ntail >= f->dg.plen) || (!f->dg.plen && f->dg.ntail))
-        f->dirs &= (uint8_t)~FPC_SERVER_DATA;
+    settle_dirs(f);
     f->touched_gen = 0;
     f->punt_gen = 0;
     uint32_t b = client_bucket(c, f);
@@ -278,31 +279,6 @@ struct fpc_flow *fpc_flow(struct fpc *c, int slot)
     return &c->flows[slot];
 }
 
-int fpc_set_half(struct fpc *c, int slot, int dir, uint32_t next_seq, int64_t ack, uint32_t window_raw,
-                 uint64_t window, uint64_t max_window, int64_t tsval, int64_t ts_recent, uint64_t segments,
-                 uint64_t out_of_window, uint32_t data_high, uint64_t retransmissions)
-{
-    struct fpc_flow *f = fpc_flow(c, slot);
-    if (!f || (dir != FPC_CLIENT && dir != FPC_SERVER))
-        return -1;
-    struct fpc_half *h = dir == FPC_CLIENT ? &f->client : &f->server;
-    h->next_seq = next_seq;
-    h->has_ack = ack >= 0;
-    h->ack = ack >= 0 ? (uint32_t)ack : 0;
-    h->window_raw = window_raw;
-    h->window = window;
-    h->max_window = max_window;
-    h->has_tsval = tsval >= 0;
-    h->tsval = tsval >= 0 ? (uint32_t)tsval : 0;
-    h->has_ts_recent = ts_recent >= 0;
-    h->ts_recent = ts_recent >= 0 ? (uint32_t)ts_recent : 0;
-    h->segments = segments;
-    h->out_of_window = out_of_window;
-    h->data_high = data_high;
-    h->retransmissions = retransmissions;
-    return 0;
-}
-
 int fpc_set_digest(struct fpc *c, int slot, void *state, uint32_t end, uint32_t grid, uint32_t left,
                    const uint8_t *tail, uint32_t ntail)
 {
@@ -310,20 +286,17 @@ int fpc_set_digest(struct fpc *c, int slot, void *state, uint32_t end, uint32_t 
     if (!f)
         return -1;
     struct fpc_digest *d = &f->dg;
-    if (!state || !(f->dirs & FPC_SERVER) || ntail > sizeof(d->tail) || (d->plen && ntail >= d->plen) ||
-        (!d->plen && ntail)) {
-        f->dirs &= (uint8_t)~FPC_SERVER_DATA;
-        d->state = NULL;
-        return state ? -1 : 0;
+    d->state = ntail <= sizeof(d->tail) ? state : NULL;
+    if (d->state) {
+        d->end = end;
+        d->grid = grid;
+        d->left = left;
+        memcpy(d->tail, tail, ntail);
+        d->ntail = (uint8_t)ntail;
     }
-    d->state = state;
-    d->end = end;
-    d->grid = grid;
-    d->left = left;
-    memcpy(d->tail, tail, ntail);
-    d->ntail = (uint8_t)ntail;
     f->dirs |= FPC_SERVER_DATA;
-    return 0;
+    settle_dirs(f);
+    return state && !(f->dirs & FPC_SERVER_DATA) ? -1 : 0;
 }
 
 int fpc_set_log(struct fpc *c, int slot, int enabled, uint32_t end, uint32_t room)
@@ -331,14 +304,11 @@ int fpc_set_log(struct fpc *c, int slot, int enabled, uint32_t end, uint32_t roo
     struct fpc_flow *f = fpc_flow(c, slot);
     if (!f)
         return -1;
-    if (!enabled || !(f->dirs & FPC_CLIENT)) {
-        f->dirs &= (uint8_t)~FPC_CLIENT_DATA;
-        return enabled ? -1 : 0;
-    }
     f->lg.end = end;
     f->lg.room = room;
-    f->dirs |= FPC_CLIENT_DATA;
-    return 0;
+    f->dirs = enabled ? f->dirs | FPC_CLIENT_DATA : f->dirs & (uint8_t)~FPC_CLIENT_DATA;
+    settle_dirs(f);
+    return enabled && !(f->dirs & FPC_CLIENT_DATA) ? -1 : 0;
 }
 
 int fpc_staged(const struct fpc *c, const struct fpc_staged **staged, const uint8_t **arena)

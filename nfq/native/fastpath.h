@@ -124,9 +124,6 @@ void fpc_clear(struct fpc *c);
 int fpc_install(struct fpc *c, const struct fpc_flow *flow);
 int fpc_remove(struct fpc *c, int slot, int64_t conn_id);
 struct fpc_flow *fpc_flow(struct fpc *c, int slot);
-int fpc_set_half(struct fpc *c, int slot, int dir, uint32_t next_seq, int64_t ack, uint32_t window_raw,
-                 uint64_t window, uint64_t max_window, int64_t tsval, int64_t ts_recent, uint64_t segments,
-                 uint64_t out_of_window, uint32_t data_high, uint64_t retransmissions);
 int fpc_set_digest(struct fpc *c, int slot, void *state, uint32_t end, uint32_t grid, uint32_t left,
                    const uint8_t *tail, uint32_t ntail);
 int fpc_chunks(const struct fpc *c, const struct fpc_chunk **chunks);

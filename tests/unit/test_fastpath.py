@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from appliance.config import parse
 from appliance.dataplane import Dataplane
-from appliance.dataplane.offload import FPC_CLIENT, FPC_SERVER, FPC_SERVER_DATA, Offload
+from appliance.dataplane.offload import FPC_CLIENT, FPC_SERVER, Offload
 from checkpoint.seqnum import seq_add
 from nfq.build import tcp_options, tcp_packet
 from nfq.native import _lib
